@@ -1,0 +1,158 @@
+"""The one typed, validated view of ``params.yaml``.
+
+Every stage calls :func:`load_config` first, so a wrong key or value fails before any work starts,
+with one line naming the key and what is allowed.
+"""
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.backbones import BACKBONES, Backbone
+from pipeline.cli import UserError
+
+PARAMS_FILE = Path("params.yaml")
+
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+AreaFraction = Annotated[float, Field(gt=0, le=1)]
+BackboneName = Literal[tuple(BACKBONES)]  # type: ignore[valid-type]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataParams(Section):
+    url: str = Field(min_length=1)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    max_per_class: Annotated[int, Field(gt=0)] | None = None
+
+
+class SplitParams(Section):
+    val: Fraction
+    test: Fraction
+
+    @model_validator(mode="after")
+    def _leave_room_for_train(self) -> "SplitParams":
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test must be below 1 so that some images train (got {self.val + self.test:g})")
+        return self
+
+
+class PrepareParams(Section):
+    split: SplitParams
+    max_side: Annotated[int, Field(ge=32)]  # longest side of the normalized images
+
+
+class ModelParams(Section):
+    backbone: BackboneName
+    weights: str = Field(min_length=1)  # imagenet | none | path to a weights file
+    image_size: Annotated[int, Field(gt=0)] | None = None
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+
+    @field_validator("weights")
+    @classmethod
+    def _known_weights(cls, value: str) -> str:
+        if value not in ("imagenet", "none") and not Path(value).is_file():
+            raise ValueError(f"no weights file at '{value}'; use imagenet, none, or the path of a weights file")
+        return value
+
+    @model_validator(mode="after")
+    def _size_fits_backbone(self) -> "ModelParams":
+        minimum = BACKBONES[self.backbone].min_size
+        if self.image_size is not None and self.image_size < minimum:
+            raise ValueError(f"image_size {self.image_size} is below {self.backbone}'s minimum of {minimum}")
+        return self
+
+    @property
+    def spec(self) -> Backbone:
+        return BACKBONES[self.backbone]
+
+    @property
+    def input_size(self) -> int:
+        """The size images are fed at: ``image_size``, or the backbone's native size when null."""
+        return self.image_size or self.spec.native_size
+
+
+class AugmentParams(Section):
+    copies: Annotated[int, Field(ge=0)]
+    crop_scale: tuple[AreaFraction, AreaFraction] = Field(strict=False)  # YAML lists become tuples
+    hflip: Annotated[float, Field(ge=0, le=1)]
+    brightness: Annotated[float, Field(ge=0, le=1)]
+    contrast: Annotated[float, Field(ge=0, le=1)]
+
+    @model_validator(mode="after")
+    def _ordered_range(self) -> "AugmentParams":
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale must be [min, max] with min <= max (got {list(self.crop_scale)})")
+        return self
+
+
+class TrainParams(Section):
+    epochs: Annotated[int, Field(gt=0)]
+    batch_size: Annotated[int, Field(gt=0)]
+    learning_rate: Annotated[float, Field(gt=0)]
+
+
+class MlflowParams(Section):
+    experiment_name: str = Field(min_length=1)
+    registered_model_name: str | None = None
+
+
+class Config(Section):
+    seed: Annotated[int, Field(ge=0)]
+    data: DataParams
+    prepare: PrepareParams
+    model: ModelParams
+    augment: AugmentParams
+    train: TrainParams
+    mlflow: MlflowParams
+
+    def flat(self) -> dict[str, Any]:
+        """Params as dotted names (``train.learning_rate``), the way MLflow and DVC show them."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_config(path: Path = PARAMS_FILE) -> Config:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run from the project root (where dvc.yaml is)") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    try:
+        return Config.model_validate(raw or {})
+    except ValidationError as err:
+        raise UserError(f"{path}: {_describe(err)}") from None
+
+
+def _describe(err: ValidationError) -> str:
+    """The first problem as one line: the dotted key, what is wrong, and what was given."""
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{key}' (allowed here: {', '.join(_keys_beside(first['loc']))})"
+    if first["type"] == "missing":
+        return f"missing key '{key}'"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {first['input']!r})"
+
+
+def _keys_beside(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the section that holds ``loc``."""
+    section: type[BaseModel] = Config
+    for part in loc[:-1]:
+        section = section.model_fields[part].annotation
+    return list(section.model_fields)

@@ -1,0 +1,82 @@
+"""Shared fixtures: generated image folders and throw-away copies of the project to run DVC in."""
+
+import colorsys
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["pipeline", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config"]
+
+
+def make_images(root: Path, per_class: dict[str, int], size: tuple[int, int] = (64, 48), seed: int = 0) -> Path:
+    """Write ``per_class`` JPEGs per class: each class a distinct hue, each image distinct noise."""
+    rng = np.random.default_rng(seed)
+    for index, (label, count) in enumerate(per_class.items()):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        base = 255 * np.array(colorsys.hsv_to_rgb(index / len(per_class), 0.8, 0.8))
+        for i in range(count):
+            noise = rng.integers(-40, 40, size=(size[1], size[0], 3))
+            pixels = np.clip(base + noise, 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(root / label / f"{label}_{i:03d}.jpg", quality=95)
+    return root
+
+
+def run(args: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env or project_env(cwd))
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def project_env(cwd: Path) -> dict[str, str]:
+    """The environment a user has after `make setup`: the venv first on PATH, default MLflow store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PIPELINE_CACHE_DIR"] = str(cwd / ".cache-test")
+    return env
+
+
+def set_params(project: Path, **dotted) -> None:
+    """set_params(p, **{"model.weights": "none"}): edit params.yaml like `dvc exp run -S` does."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A fresh git + DVC project holding this repo's pipeline, set up for tiny, fast runs."""
+    root = tmp_path / "project"
+    for name in PROJECT_FILES:
+        source, target = REPO / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "test@example.com"], root)
+    run(["git", "config", "user.name", "test"], root)
+    set_params(root, **{
+        "data.url": str(make_images(tmp_path / "images", {"red": 12, "green": 12, "blue": 12})),
+        "model.weights": "none",
+        "model.image_size": 75,
+        "augment.copies": 1,
+        "train.epochs": 3,
+        "train.batch_size": 8,
+    })
+    return root

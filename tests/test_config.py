@@ -1,0 +1,50 @@
+"""params.yaml validation: every mistake is one line naming the key, before any work starts."""
+
+import sys
+
+import pytest
+
+from conftest import run, set_params
+from pipeline.cli import UserError
+from pipeline.config import load_config
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("train.epochz", 3, "unknown key 'train.epochz' (allowed here: epochs, batch_size, learning_rate)"),
+        ("train.epochs", "ten", "train.epochs: Input should be a valid integer (got 'ten')"),
+        ("train.learning_rate", -0.1, "train.learning_rate: Input should be greater than 0 (got -0.1)"),
+        ("prepare.split.val", 0.9, "prepare.split: val + test must be below 1"),
+        ("model.backbone", "vgg99", "model.backbone: Input should be 'inception_v3', 'resnet50'"),
+        ("model.image_size", 60, "image_size 60 is below inception_v3's minimum of 75"),
+        ("model.weights", "missing.weights.h5", "no weights file at 'missing.weights.h5'"),
+        ("augment.crop_scale", [0.9, 0.5], "crop_scale must be [min, max] with min <= max"),
+        ("data.sha256", "abc", "data.sha256: String should match pattern"),
+    ],
+)
+def test_bad_params_fail_naming_the_key(tmp_path, key, value, expected):
+    params = tmp_path / "params.yaml"
+    params.write_bytes(open("params.yaml", "rb").read())
+    set_params(tmp_path, **{key: value})
+    with pytest.raises(UserError) as err:
+        load_config(params)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_defaults_resolve_native_size():
+    cfg = load_config()
+    assert cfg.model.weights == "imagenet"
+    assert cfg.model.input_size == 299
+    assert cfg.flat()["train.learning_rate"] == cfg.train.learning_rate
+
+
+def test_stage_reports_bad_params_in_one_line(project):
+    set_params(project, **{"train.learning_rate": -1})
+    result = run([sys.executable, "-m", "pipeline.download"], project, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: train.learning_rate: Input should be greater than 0 (got -1)"
+    ]
+    assert not (project / "data" / "raw").exists()
