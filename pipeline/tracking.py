@@ -10,6 +10,10 @@ from pathlib import Path
 
 import keras
 import mlflow
+import numpy as np
+import tensorflow as tf
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 from pipeline.files import read_json, write_json
 
@@ -43,6 +47,22 @@ def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
     return keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()},
                                                              step=epoch + 1)
+    )
+
+
+def log_model(model: keras.Model, n_classes: int, registered_name: str | None) -> None:
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3), "image")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, n_classes), "probabilities")]),
+    )
+    mlflow.keras.log_model(
+        model,
+        name="model",
+        signature=signature,
+        # No input_example: MLflow 3.17's keras flavor writes it before creating the model folder
+        # (FileNotFoundError); the signature documents the input.
+        registered_model_name=registered_name,
+        pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"],
     )
 
 

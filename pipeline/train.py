@@ -15,8 +15,6 @@ import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
-from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
 
 from pipeline import models, tracking
 from pipeline.cli import UserError, run_stage
@@ -59,22 +57,6 @@ def write_history(history: keras.callbacks.History, path: Path) -> None:
             writer.writerow([epoch + 1, *(f"{history.history[n][epoch]:.6f}" for n in names)])
 
 
-def log_model(model: keras.Model, n_classes: int, registered_name: str | None) -> None:
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3), "image")]),
-        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, n_classes), "probabilities")]),
-    )
-    mlflow.keras.log_model(
-        model,
-        name="model",
-        signature=signature,
-        # No input_example: MLflow 3.17's keras flavor writes it before creating the model folder
-        # (FileNotFoundError); the signature documents the input.
-        registered_model_name=registered_name,
-        pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"],
-    )
-
-
 def main() -> None:
     cfg = load_config()
     if not (FEATURES_DIR / "meta.json").is_file():
@@ -90,7 +72,7 @@ def main() -> None:
         shutil.copy(PREPARED_DIR / "labels.json", out / "labels.json")
         write_history(history, out / "history.csv")
         mlflow.log_artifact(str(out / "labels.json"))
-        log_model(model, len(labels), cfg.mlflow.registered_model_name)
+        tracking.log_model(model, len(labels), cfg.mlflow.registered_model_name)
         tracking.record_run(run, out)
     print(f"train: val accuracy {history.history['val_accuracy'][-1]:.3f}; model in {MODEL_DIR}, "
           f"MLflow run {run.info.run_id}")
