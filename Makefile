@@ -1,16 +1,24 @@
 # Quick start: `make run` (sets itself up, then runs the whole pipeline) and `make test`.
-# Override params for one run without editing params.yaml:
+# Override params for one run without editing params.yaml (the run becomes a DVC experiment):
 #   make run SET="data.url=/path/to/flower_photos.tgz model.weights=none data.max_per_class=50"
 
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
+# Every target talks to the same MLflow store as the pipeline (override for a team server).
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 SET ?=
 MLFLOW_PORT ?= 5000
+SERVE_PORT ?= 5001
+MODEL ?= models:/$(shell sed -n 's/^ *registered_model_name: *\([^ #]*\).*/\1/p' params.yaml)/latest
+PATHS ?= data/prepared/images
+# `make exp` queues one DVC experiment per combination (DVC's -S a=1,2 sweep syntax), then runs them.
+EXP_GRID ?= -S model.backbone=inception_v3,resnet50 -S train.fine_tune.blocks=0,2
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup setup-gpu run test ui clean lock
+.PHONY: setup setup-gpu run test ui serve predict exp compare push pull lock clean bench
 
 setup: $(STAMP)
 
@@ -40,13 +48,42 @@ test: setup
 	pytest
 
 ui: setup
-	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port $(MLFLOW_PORT)
+	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_PORT)
 
-# Regenerate requirements.lock from pyproject.toml (needs network).
+# Serves the registered model (latest version): POST base64 JPEG/PNG to /invocations (see README).
+serve: setup
+	mlflow models serve -m $(MODEL) --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+
+predict: setup
+	python -m pipeline.predict $(PATHS)
+
+exp: setup
+	dvc exp run --queue $(EXP_GRID)
+	dvc exp run --run-all --jobs 1
+	@if dvc queue status | grep -qw Failed; then dvc queue status; \
+	  echo "some experiments failed: see dvc queue logs <name>; clear with dvc queue remove --failed" >&2; exit 1; fi
+
+compare: setup
+	python -m pipeline.compare
+
+# Speed benchmarks on a slice of the archive (~15 min on 2 CPU cores); writes bench/results.md.
+BENCH_ARCHIVE ?= /work/shared/datasets/flower_photos.tgz
+BENCH_PER_CLASS ?= 60
+BENCH_ARGS ?= --image-size 150 --epochs 10
+bench: setup
+	python bench/run_all.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) $(BENCH_ARGS)
+
+# Data, features and models to/from the DVC remote you configured (README: "Sharing").
+push: setup
+	dvc push
+pull: setup
+	dvc pull
+
+# Regenerate requirements.lock from pyproject.toml (needs the package index).
 lock:
 	$(PYTHON) -m pip install --quiet uv
 	$(PYTHON) -m uv pip compile --python-version 3.11 --extra test pyproject.toml -o requirements.lock
 
 clean:
-	rm -rf data/raw data/prepared data/augmented data/features data/model eval reports
+	rm -rf data/raw data/prepared data/augmented data/features data/checkpoints data/model data/export eval reports
 	rm -rf .pytest_cache

@@ -1,69 +1,175 @@
-"""Stage 3, augment: write augmented training images at the backbone's input size (albumentations).
+"""Stage 3, augment: the training images' random variants at the backbone's input size, and a preview.
 
-Input: ``data/prepared``. Output: ``data/augmented/<split>/<class>/<name>_<copy>.jpg`` and
-``data/augmented/manifest.csv`` (path, label, split, copy, source). Every training image gets its
-resized original (copy 0) plus ``augment.copies`` random variants (random resized crop, horizontal
-flip, brightness/contrast); val and test images are only resized and center-cropped.
+Input: ``data/prepared``. Outputs:
+- ``data/augmented/<split>/<class>/<name>_<copy>.jpg`` and ``data/augmented/manifest.csv`` (path,
+  label, split, copy, source): every image's resized, center-cropped original (copy 0) and, for
+  training images, copies ``1..augment.copies`` drawn from the policy in pipeline/augmentation.py
+  (none when ``augment.mode`` is ``online``: training then augments each batch instead);
+- ``reports/augment_gallery.png``: one training image per class beside variants from the offline
+  policy and from the online Keras layers (a DVC plot; the same seeds, so the same picture each run).
 
-Each variant's randomness is seeded from ``seed``, the image's content hash and the copy number,
-so outputs are byte-identical across runs, whatever the order or number of worker processes.
+Each variant's randomness comes from ``seed``, the image's content hash and the copy number, so
+outputs are byte-identical across runs, whatever the order or number of worker processes.
+
+DVC deletes ``data/augmented`` before running the stage, so rendered files are also kept in a
+content-addressed cache (``$PIPELINE_CACHE_DIR/augment``, default ``~/.cache/transfer-pipeline``).
+An entry's key covers everything its bytes depend on: the prepared file's bytes, the copy number,
+the seed, the policy, the image size, the JPEG quality, this code and the imaging libraries'
+versions. A re-run after adding images renders only the new ones; any other change misses the
+cache rather than reuse a stale file. The cache only grows; deleting it is always safe.
 """
 
 import hashlib
+import io
+import json
+import shutil
 from concurrent.futures import ProcessPoolExecutor
-from functools import cache
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
-import albumentations as A
+import cv2
+import matplotlib
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import augmentation
+from pipeline.augmentation import offline_policy, offline_variant, online_augmentation, resize_only, variant_seed
 from pipeline.cli import UserError, run_stage
-from pipeline.config import AugmentParams, Config, load_config
+from pipeline.config import Config, load_config
 from pipeline.data import AUGMENTED_DIR, JPEG_QUALITY, PREPARED_DIR, read_manifest, write_manifest
-from pipeline.files import atomic_dir
+from pipeline.files import atomic_dir, atomic_file, cache_root
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+GALLERY = Path("reports/augment_gallery.png")
+GALLERY_CLASSES = 10
+GALLERY_VARIANTS = 4
+MANIFEST_HEADER = ["path", "label", "split", "copy", "source"]
 
 
-@cache
-def resize_only(size: int) -> A.Compose:
-    """Deterministic: shortest side to ``size``, then the central square (what inference does)."""
-    return A.Compose([A.SmallestMaxSize(max_size=size), A.CenterCrop(size, size)])
+def render_cache_dir() -> Path:
+    return cache_root() / "augment"
 
 
-@cache
-def random_policy(size: int, policy: AugmentParams) -> A.Compose:
-    return A.Compose(
-        [
-            A.RandomResizedCrop(size=(size, size), scale=policy.crop_scale),
-            A.HorizontalFlip(p=policy.hflip),
-            A.RandomBrightnessContrast(brightness_limit=policy.brightness, contrast_limit=policy.contrast, p=1.0),
-        ]
-    )
+def digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def variant_seed(seed: int, sha256: str, copy: int) -> int:
-    return int(hashlib.sha256(f"{seed}:{sha256}:{copy}".encode()).hexdigest()[:8], 16)
+def fingerprints(cfg: Config) -> tuple[str, str]:
+    """What decides a file's bytes besides the image and copy number: for originals, for variants."""
+    common = {
+        "size": cfg.model.input_size,
+        "jpeg_quality": JPEG_QUALITY,
+        "code": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (augmentation.__file__, __file__)],
+        "libraries": [version(name) for name in ("albumentations", "albucore", "pillow", "numpy")] + [cv2.__version__],
+    }
+    policy = cfg.augment.model_dump(mode="json", exclude={"mode", "copies"})
+    return digest(common), digest({**common, "seed": cfg.seed, "policy": policy})
 
 
-def render(job: tuple[dict[str, str], int, Config, Path]) -> list[list]:
-    """Write copy ``0..copies`` of one image; returns its manifest rows."""
-    row, copies, cfg, out = job
+def render_copy(pixels: np.ndarray, copy: int, sha256: str, cfg: Config) -> np.ndarray:
+    """Copy 0 is the resized original; copy k > 0 the policy seeded by (seed, image, k)."""
     size = cfg.model.input_size
-    pixels = np.asarray(Image.open(PREPARED_DIR / row["path"]).convert("RGB"))
-    stem = Path(row["path"]).stem
-    rows = []
-    for copy in range(copies + 1):
-        if copy == 0:
-            image = resize_only(size)(image=pixels)["image"]
-        else:
-            transform = random_policy(size, cfg.augment)
-            transform.set_random_seed(variant_seed(cfg.seed, row["sha256"], copy))
-            image = transform(image=pixels)["image"]
-        relative = Path(row["split"]) / row["label"] / f"{stem}_{copy}.jpg"
-        Image.fromarray(image).save(out / relative, quality=JPEG_QUALITY)
+    if copy == 0:
+        return resize_only(size)(image=pixels)["image"]
+    return offline_variant(offline_policy(size, cfg.augment), pixels, variant_seed(cfg.seed, sha256, copy))
+
+
+def encode_jpeg(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prepared image to write copies 0..copies of (picklable, for the worker processes)."""
+
+    row: dict[str, str]
+    copies: int
+    cfg: Config
+    out: Path
+    cache: Path
+    fingerprints: tuple[str, str]
+
+
+def render(job: Job) -> tuple[list[list], int]:
+    """Write one image's copies into ``job.out``, rendering only those not in the cache.
+
+    Returns its manifest rows and how many copies were rendered.
+    """
+    row = job.row
+    data = (PREPARED_DIR / row["path"]).read_bytes()
+    file_sha = hashlib.sha256(data).hexdigest()
+    pixels, rendered, rows = None, 0, []
+    for copy in range(job.copies + 1):
+        key = digest([file_sha, row["sha256"], copy, job.fingerprints[copy > 0]])
+        cached = job.cache / key[:2] / f"{key}.jpg"
+        if not cached.is_file():
+            pixels = decode(data) if pixels is None else pixels
+            with atomic_file(cached, "wb") as fh:  # concurrent runs write identical bytes; rename is atomic
+                fh.write(encode_jpeg(render_copy(pixels, copy, row["sha256"], job.cfg)))
+            rendered += 1
+        relative = Path(row["split"]) / row["label"] / f"{Path(row['path']).stem}_{copy}.jpg"
+        shutil.copyfile(cached, job.out / relative)  # a copy, so edits in the workspace never reach the cache
         rows.append([str(relative), row["label"], row["split"], copy, row["path"]])
-    return rows
+    return rows, rendered
+
+
+def render_all(jobs: list[Job]) -> tuple[list[list], int]:
+    # One process per core, so one OpenCV thread per process.
+    with ProcessPoolExecutor(initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+        results = list(tqdm(pool.map(render, jobs, chunksize=8), total=len(jobs), desc="augment", unit="image"))
+    return [r for rows, _ in results for r in rows], sum(n for _, n in results)
+
+
+def gallery_samples(manifest: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The first training image of each class (of the first ``GALLERY_CLASSES`` classes)."""
+    first: dict[str, dict[str, str]] = {}
+    for row in manifest:
+        if row["split"] == "train":
+            first.setdefault(row["label"], row)
+    return [first[label] for label in sorted(first)[:GALLERY_CLASSES]]
+
+
+def write_gallery(manifest: list[dict[str, str]], cfg: Config) -> None:
+    """One row per sample: the resized original, offline variants (as the stage writes them), online variants."""
+    samples = gallery_samples(manifest)
+    pixels = [np.asarray(Image.open(PREPARED_DIR / r["path"]).convert("RGB")) for r in samples]
+    originals = np.stack([render_copy(p, 0, r["sha256"], cfg) for p, r in zip(pixels, samples)])
+    offline = [[render_copy(p, k, r["sha256"], cfg) for k in range(1, GALLERY_VARIANTS + 1)]
+               for p, r in zip(pixels, samples)]
+    batch = np.repeat(originals.astype("float32"), GALLERY_VARIANTS, axis=0)
+    online = np.asarray(online_augmentation(cfg)(batch, training=True)).round().clip(0, 255).astype("uint8")
+    online = online.reshape(len(samples), GALLERY_VARIANTS, *originals.shape[1:])
+
+    titles = ["original", *(f"offline {k}" for k in range(1, GALLERY_VARIANTS + 1)),
+              *(f"online {k}" for k in range(1, GALLERY_VARIANTS + 1))]
+    fig, axes = plt.subplots(len(samples), len(titles), squeeze=False,
+                             figsize=(1.4 * len(titles), 1.4 * len(samples) + 0.5))
+    for i, row in enumerate(samples):
+        for ax, image in zip(axes[i], [originals[i], *offline[i], *online[i]]):
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i, 0].set_ylabel(row["label"], fontsize=9)
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"augment.mode={cfg.augment.mode}: offline = albumentations (augment stage), online = Keras layers",
+                 fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    with atomic_file(GALLERY, "wb") as fh:  # a 256-colour palette: a third of the size, plenty for a preview
+        Image.open(buffer).convert("RGB").quantize(256).save(fh, format="PNG", optimize=True)
 
 
 def main() -> None:
@@ -72,15 +178,22 @@ def main() -> None:
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} is missing: run the prepare stage first (dvc repro)")
     manifest = read_manifest(manifest_path)
+    cache = render_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the render cache {cache} ({err.strerror}): "
+                        "set PIPELINE_CACHE_DIR to a writable folder") from None
+    keys = fingerprints(cfg)
     with atomic_dir(AUGMENTED_DIR) as out:
         for split, label in {(r["split"], r["label"]) for r in manifest}:
             (out / split / label).mkdir(parents=True, exist_ok=True)
-        jobs = [(r, cfg.augment.copies if r["split"] == "train" else 0, cfg, out) for r in manifest]
-        with ProcessPoolExecutor() as pool:
-            rows = [row for rows in tqdm(pool.map(render, jobs, chunksize=8), total=len(jobs), desc="augment")
-                    for row in rows]
-        write_manifest(out / "manifest.csv", ["path", "label", "split", "copy", "source"], rows)
-    print(f"augment: {len(rows)} images at {cfg.model.input_size}px in {AUGMENTED_DIR}")
+        copies = {"train": cfg.augment.offline_copies}
+        rows, rendered = render_all([Job(r, copies.get(r["split"], 0), cfg, out, cache, keys) for r in manifest])
+        write_manifest(out / "manifest.csv", MANIFEST_HEADER, rows)
+    write_gallery(manifest, cfg)
+    print(f"augment: {len(rows)} images at {cfg.model.input_size}px in {AUGMENTED_DIR} "
+          f"({rendered} rendered, {len(rows) - rendered} from the cache in {cache}); preview in {GALLERY}")
 
 
 if __name__ == "__main__":

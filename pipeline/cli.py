@@ -1,7 +1,18 @@
 """Entry-point wrapper shared by every stage: user mistakes become one line, not a traceback."""
 
+import errno
 import sys
 from collections.abc import Callable
+
+# Write failures a user fixes on their side (space, permissions), not bugs in the stage.
+STORAGE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system or process limits",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
 
 
 class UserError(Exception):
@@ -13,6 +24,13 @@ def run_stage(main: Callable[[], None]) -> None:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: {STORAGE_ERRORS[err.errno]}{where}: free space or fix permissions and rerun; "
+              "outputs of earlier runs are untouched", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

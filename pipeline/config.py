@@ -28,6 +28,8 @@ class DataParams(Section):
     url: str = Field(min_length=1)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     max_per_class: Annotated[int, Field(gt=0)] | None = None
+    max_files: Annotated[int, Field(gt=0)] = 1_000_000  # archive bomb caps: files and bytes unpacked
+    max_bytes: Annotated[int, Field(gt=0)] = 20_000_000_000
 
 
 class SplitParams(Section):
@@ -44,13 +46,22 @@ class SplitParams(Section):
 class PrepareParams(Section):
     split: SplitParams
     max_side: Annotated[int, Field(ge=32)]  # longest side of the normalized images
+    min_side: Annotated[int, Field(ge=1)] = 32  # images with a shorter side are quarantined
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = 6  # perceptual-hash bits
+
+
+class HeadParams(Section):
+    """The new classifier on the pooled backbone features (pipeline.models.head)."""
+
+    dense_units: Annotated[int, Field(ge=0)]  # 0 = softmax right on the features; else one ReLU layer this wide first
+    dropout: Annotated[float, Field(ge=0, lt=1)]  # dropout before the softmax layer
 
 
 class ModelParams(Section):
     backbone: BackboneName
     weights: str = Field(min_length=1)  # imagenet | none | path to a weights file
     image_size: Annotated[int, Field(gt=0)] | None = None
-    dropout: Annotated[float, Field(ge=0, lt=1)]
+    head: HeadParams
 
     @field_validator("weights")
     @classmethod
@@ -76,24 +87,98 @@ class ModelParams(Section):
         return self.image_size or self.spec.native_size
 
 
+Probability = Annotated[float, Field(ge=0, le=1)]
+AspectRatio = Annotated[float, Field(gt=0, le=10)]
+
+
 class AugmentParams(Section):
-    copies: Annotated[int, Field(ge=0)]
+    """One policy for the offline augment stage and the online training layers (pipeline/augmentation.py)."""
+
+    mode: Literal["offline", "online", "both"]
+    copies: Annotated[int, Field(ge=0, le=100)]
     crop_scale: tuple[AreaFraction, AreaFraction] = Field(strict=False)  # YAML lists become tuples
-    hflip: Annotated[float, Field(ge=0, le=1)]
+    crop_ratio: tuple[AspectRatio, AspectRatio] = Field(strict=False)
+    hflip: Probability
+    vflip: Probability
     brightness: Annotated[float, Field(ge=0, le=1)]
     contrast: Annotated[float, Field(ge=0, le=1)]
+    saturation: Annotated[float, Field(ge=0, le=1)]
+    hue: Annotated[float, Field(ge=0, le=0.5)]
+    pca_std: Annotated[float, Field(ge=0, le=1)]
 
     @model_validator(mode="after")
-    def _ordered_range(self) -> "AugmentParams":
-        if self.crop_scale[0] > self.crop_scale[1]:
-            raise ValueError(f"crop_scale must be [min, max] with min <= max (got {list(self.crop_scale)})")
+    def _ordered_ranges(self) -> "AugmentParams":
+        for name in ("crop_scale", "crop_ratio"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name} must be [min, max] with min <= max (got {[low, high]})")
         return self
+
+    @property
+    def offline_copies(self) -> int:
+        """Random variants the augment stage writes per training image: none when augmenting online only."""
+        return 0 if self.mode == "online" else self.copies
+
+
+class FineTuneParams(Section):
+    """Phase 2: unfreeze the top of the backbone and train it with the head on images."""
+
+    blocks: Annotated[int, Field(ge=0)]  # top named blocks to unfreeze (backbones.py); 0 = no fine-tuning
+    layers: Annotated[int, Field(ge=0)]  # or: top layers to unfreeze, counted like model.layers; 0 = unused
+    epochs: Annotated[int, Field(gt=0)]
+    batch_size: Annotated[int, Field(gt=0)]  # per replica, like train.batch_size
+    learning_rate: Annotated[float, Field(gt=0)]
+
+    @model_validator(mode="after")
+    def _one_way_to_count(self) -> "FineTuneParams":
+        if self.blocks and self.layers:
+            raise ValueError(f"set blocks or layers, not both (got blocks={self.blocks}, layers={self.layers})")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.blocks or self.layers)
 
 
 class TrainParams(Section):
     epochs: Annotated[int, Field(gt=0)]
-    batch_size: Annotated[int, Field(gt=0)]
+    batch_size: Annotated[int, Field(gt=0)]  # per replica: the global batch is this times the GPUs used
     learning_rate: Annotated[float, Field(gt=0)]
+    lr_schedule: Literal["constant", "cosine", "plateau"]
+    early_stopping_patience: Annotated[int, Field(gt=0)] | None  # null = train every epoch
+    class_weight: Literal["auto", "none"]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    mixed_precision: Literal["auto"] | bool
+    fine_tune: FineTuneParams
+
+
+class EvaluateParams(Section):
+    top_k: Annotated[int, Field(ge=1)]
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+Tolerance = Annotated[float, Field(gt=0, le=1)]
+TfliteVariant = Literal["float32", "float16", "dynamic_range"]
+
+
+class ToleranceParams(Section):
+    """Largest probability difference from the Keras model allowed on any test image, per precision."""
+
+    float32: Tolerance  # the SavedModel and TFLite float32
+    float16: Tolerance
+    dynamic_range: Tolerance
+
+
+class ExportParams(Section):
+    tflite: tuple[TfliteVariant, ...] = Field(strict=False)  # YAML lists become tuples
+    tolerance: ToleranceParams
+
+    @field_validator("tflite")
+    @classmethod
+    def _each_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) < len(value):
+            raise ValueError(f"lists a variant more than once (got {list(value)})")
+        return value
 
 
 class MlflowParams(Section):
@@ -108,6 +193,8 @@ class Config(Section):
     model: ModelParams
     augment: AugmentParams
     train: TrainParams
+    evaluate: EvaluateParams
+    export: ExportParams
     mlflow: MlflowParams
 
     def flat(self) -> dict[str, Any]:

@@ -1,48 +1,60 @@
 """Stage 1, download: fetch the image archive (or take a local folder) and extract it safely.
 
-Output: ``data/raw/`` with one sub-folder per class, and ``reports/download.json`` recording the
-source and the archive's sha256 (so ``dvc.lock`` pins exactly what was used).
+``data.url`` is an http(s):// or file:// URL of an archive, a local archive (.tgz, .tar.gz, .tar,
+.zip; recognised by content, not by name), or a local folder with one sub-folder per class.
+
+Outputs:
+- ``data/raw/``: one sub-folder per class, as in the source (a single wrapping folder such as
+  ``flower_photos/`` is skipped). Only regular files and folders: links inside the source become
+  copies of what they point to; names that are not valid UTF-8 get ``\\xNN`` escapes instead.
+- ``reports/download.json``: the source, the archive's sha256 (so ``dvc.lock`` pins exactly what
+  was used even when ``data.sha256`` is null), the file and byte counts, and every link skipped.
 
 Downloads go to a per-user cache (``$PIPELINE_CACHE_DIR``, default ``~/.cache/transfer-pipeline``)
-through a ``.part`` file that is renamed only once complete and verified, so a re-run with the
-archive already there touches no network, and an interrupted one resumes where it stopped.
+through a ``.part`` file that is renamed only once it is complete, matches ``data.sha256`` and is
+an archive. A cached archive is used without any network access. Network errors are retried with
+backoff and resume the ``.part`` with an HTTP Range request; after the last try the ``.part`` is
+kept so that the next run resumes it. A ``.part`` with the wrong content is deleted.
+
+Extraction refuses absolute paths, ``..``, links pointing outside the archive, device files and
+archives over ``data.max_files`` / ``data.max_bytes``, naming the bad member. It writes into a
+temporary folder that replaces ``data/raw`` only on success.
 """
 
 import hashlib
-import os
+import posixpath
 import shutil
+import stat
+import sys
 import tarfile
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO, NoReturn
 from urllib.parse import unquote, urlparse
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 from pipeline.cli import UserError, run_stage
-from pipeline.config import load_config
+from pipeline.config import DataParams, load_config
 from pipeline.data import RAW_DIR
-from pipeline.files import atomic_dir, write_json
+from pipeline.files import atomic_dir, cache_root, readable, write_json
 
 REPORT = Path("reports/download.json")
-MAX_FILES = 1_000_000
-MAX_BYTES = 64 * 2**30  # refuse archives that would unpack to more than this (zip/tar bombs)
 RETRIES = 4
+RETRY_WAIT_S = 1.0  # doubles after each failed try
+TIMEOUT_S = (10, 60)  # (connect, read)
 CHUNK = 2**20
+IGNORED_TOP_LEVEL = ("__MACOSX",)  # macOS zip metadata
 
 
 def cache_dir() -> Path:
-    default = Path.home() / ".cache" / "transfer-pipeline"
-    return Path(os.environ.get("PIPELINE_CACHE_DIR", default)) / "downloads"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return cache_root() / "downloads"
 
 
 def local_source(url: str) -> Path | None:
@@ -57,143 +69,364 @@ def local_source(url: str) -> Path | None:
     return Path(url).expanduser()
 
 
-def fetch(url: str) -> Path:
-    """Download ``url`` into the cache (resuming a partial file) and return the complete file."""
-    name = PurePosixPath(urlparse(url).path).name or "download"
-    target = cache_dir() / hashlib.sha1(url.encode()).hexdigest()[:12] / name
-    if target.is_file():
-        print(f"using cached download {target}")
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    for attempt in range(1, RETRIES + 1):
-        try:
-            _fetch_into(url, part)
-            part.rename(target)
-            return target
-        except requests.RequestException as err:
-            if attempt == RETRIES:
-                raise UserError(
-                    f"could not download data.url {url} ({type(err).__name__}) after {RETRIES} tries; "
-                    "offline? set data.url to a local archive or folder"
-                ) from None
-            wait = 2**attempt
-            print(f"download failed ({type(err).__name__}); retrying in {wait}s ({attempt}/{RETRIES})")
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+# --- Checksums and what a file is -------------------------------------------------------------
 
 
-def _fetch_into(url: str, part: Path) -> None:
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with requests.get(url, headers=headers, stream=True, timeout=(10, 60)) as response:
-        response.raise_for_status()
-        if response.status_code != 206:  # server ignored the range: start over
-            have = 0
-        total = int(response.headers.get("Content-Length", 0)) + have
-        with open(part, "ab" if have else "wb") as fh, tqdm(
-            total=total or None, initial=have, unit="B", unit_scale=True, desc="download"
-        ) as bar:
-            for chunk in response.iter_content(CHUNK):
-                fh.write(chunk)
-                bar.update(len(chunk))
-    if total and part.stat().st_size != total:
-        raise requests.ConnectionError(f"got {part.stat().st_size} of {total} bytes")
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def verify(path: Path, expected: str | None) -> str:
+def verify(path: Path, expected: str | None, origin: str) -> str:
+    """The sha256 of ``path``; fails naming both hashes when it is not ``expected`` (if set)."""
     actual = sha256_of(path)
     if expected and actual != expected:
-        raise UserError(f"sha256 mismatch for {path}: expected data.sha256={expected}, got {actual}")
+        raise UserError(
+            f"sha256 mismatch for {origin}: expected data.sha256={expected}, got {actual} "
+            "(wrong or changed archive: fix data.url, or set data.sha256 to the new hash if you trust it)"
+        )
     return actual
 
 
-def describe_non_archive(path: Path) -> str:
+def archive_format(path: Path, origin: str) -> str:
+    """'tar' or 'zip' by content; anything else fails saying what the file actually is."""
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if tarfile.is_tarfile(path):
+        return "tar"
+    raise UserError(f"data.url: {origin} is not a tar or zip archive: it is {describe(path)}")
+
+
+def describe(path: Path) -> str:
     with open(path, "rb") as fh:
-        head = fh.read(512).lstrip().lower()
-    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
-        return "an HTML page (an error page saved under the archive's name?)"
+        head = fh.read(512)
+    text = head.lstrip().lower()
     if not head:
-        return "empty"
-    return f"not a tar or zip archive (starts with {head[:16]!r})"
+        return "an empty file"
+    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text:
+        return "an HTML page (an error or login page saved under the archive's name?)"
+    if head.startswith(b"PK\x03\x04"):
+        return "a damaged or truncated zip archive"
+    for magic, kind in ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ", "xz")):
+        if head.startswith(magic):
+            return f"{kind}-compressed data that is not a complete tar archive (truncated?)"
+    return f"unknown data starting with {head[:16]!r}"
 
 
-def extract(archive: Path, dest: Path) -> None:
-    if tarfile.is_tarfile(archive):
-        _extract_tar(archive, dest)
-    elif zipfile.is_zipfile(archive):
-        _extract_zip(archive, dest)
-    else:
-        raise UserError(f"data.url: {archive} is {describe_non_archive(archive)}")
+# --- Downloading ------------------------------------------------------------------------------
 
 
-def _check_caps(count: int, size: int, archive: Path) -> None:
-    if count > MAX_FILES or size > MAX_BYTES:
-        raise UserError(
-            f"{archive} would unpack to {count} files / {size / 2**30:.1f} GiB, over the limit of "
-            f"{MAX_FILES} files / {MAX_BYTES / 2**30:.0f} GiB (an archive bomb?)"
-        )
+class Retryable(Exception):
+    """A failed attempt worth repeating: network trouble, a server error, an incomplete body."""
 
 
-def _extract_tar(archive: Path, dest: Path) -> None:
+def fetch(url: str, expected: str | None) -> tuple[Path, str]:
+    """The archive at ``url`` in the cache, downloading it only if needed, and its sha256."""
+    name = PurePosixPath(unquote(urlparse(url).path)).name or "download"
+    target = cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    if target.is_file():
+        actual = sha256_of(target)
+        if not expected or actual == expected:
+            print(f"download: using cached {target} (no network access)")
+            return target, actual
+        print(f"download: cached {target} does not match data.sha256; downloading again", file=sys.stderr)
+        target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f"{name}.part")
+    download_with_retries(url, part)
     try:
-        with tarfile.open(archive) as tar:
-            members = tar.getmembers()
-            _check_caps(len(members), sum(m.size for m in members), archive)
-            for member in tqdm(members, desc="extract", unit="file"):
-                # The "data" filter refuses absolute paths, "..", links leaving dest and device files.
-                tar.extract(member, dest, filter="data")
-    except tarfile.FilterError as err:
-        raise UserError(f"{archive}: refusing unsafe member '{err.tarinfo.name}' ({type(err).__name__})") from None
-    except (tarfile.TarError, EOFError, OSError) as err:
+        actual = verify(part, expected, url)
+        archive_format(part, url)
+    except UserError:
+        part.unlink()  # wrong content: resuming it would only repeat the failure
+        raise
+    part.rename(target)
+    return target, actual
+
+
+def download_with_retries(url: str, part: Path) -> None:
+    for attempt in range(1, RETRIES + 1):
+        try:
+            download_into(url, part)
+            return
+        except (requests.RequestException, urllib3.exceptions.HTTPError, Retryable) as err:
+            problem = str(err) if isinstance(err, Retryable) else type(err).__name__
+            if attempt == RETRIES:
+                kept = f"; the partial file {part} is kept and resumes next run" if part.exists() else ""
+                raise UserError(
+                    f"could not download data.url {url} ({problem}) after {RETRIES} tries{kept}; "
+                    "offline? set data.url to a local archive or folder, e.g. data.url=/path/to/flower_photos.tgz"
+                ) from None
+            wait = RETRY_WAIT_S * 2 ** (attempt - 1)
+            print(f"download: {problem}; retrying in {wait:g}s ({attempt}/{RETRIES})", file=sys.stderr)
+            time.sleep(wait)
+
+
+def download_into(url: str, part: Path) -> None:
+    """Fetch ``url`` into ``part``, continuing after the bytes already there when the server allows."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
+        if response.status_code == 416 and response.headers.get("Content-Range") == f"bytes */{have}":
+            return  # the .part already holds the whole file (an earlier run stopped before renaming it)
+        if response.status_code == 416:  # the .part is longer than what the server has now
+            part.unlink()
+            raise Retryable("server refused to resume; starting over")
+        if response.status_code in (408, 429) or response.status_code >= 500:
+            raise Retryable(f"server answered {response.status_code} {response.reason}")
+        if response.status_code >= 400:
+            raise UserError(f"data.url {url}: server answered {response.status_code} {response.reason}; check the URL")
+        start = resume_offset(response)
+        if start not in (0, have):
+            part.unlink()
+            raise Retryable(f"server resumed at byte {start} instead of {have}; starting over")
+        total = expected_size(response)
+        with open(part, "r+b" if start else "wb") as fh, tqdm(
+            total=total, initial=start, unit="B", unit_scale=True, desc="download", disable=None
+        ) as bar:
+            fh.seek(start)
+            fh.truncate()
+            # read1 hands over whatever has arrived, so an interrupted transfer keeps every byte it got.
+            while chunk := response.raw.read1(CHUNK):
+                fh.write(chunk)
+                bar.update(len(chunk))
+    if total is not None and part.stat().st_size != total:
+        raise Retryable(f"got {part.stat().st_size} of {total} bytes")
+
+
+def resume_offset(response: requests.Response) -> int:
+    """Where the body starts in the file: the Content-Range start of a 206, else 0 (whole file)."""
+    if response.status_code != 206:
+        return 0
+    return int(response.headers["Content-Range"].split()[1].split("-")[0])
+
+
+def expected_size(response: requests.Response) -> int | None:
+    if response.status_code == 206:
+        total = response.headers["Content-Range"].rsplit("/", 1)[1]
+        return None if total == "*" else int(total)
+    length = response.headers.get("Content-Length")
+    return int(length) if length else None
+
+
+# --- Safe extraction --------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """One archive entry, the same for tar and zip."""
+
+    name: str
+    kind: str  # file | dir | link | special
+    link: str | None = None  # for links: the target's path from the archive root, as written
+    stream: IO[bytes] | None = None  # for files
+    detail: str = ""  # for specials and unsafe links: what it is
+
+
+def extract(archive: Path, dest: Path, limits: DataParams) -> None:
+    """Unpack ``archive`` into ``dest``: regular files and folders only, within the size caps."""
+    written: set[PurePosixPath] = set()
+    links: list[tuple[PurePosixPath, PurePosixPath, str]] = []
+    size = 0
+    fmt = archive_format(archive, str(archive))
+    try:
+        with open(archive, "rb") as fh, tqdm.wrapattr(
+            fh, "read", total=archive.stat().st_size, desc="extract", disable=None
+        ) as raw, open_members(raw, fmt) as members:
+            for member in members:
+                path = member_path(archive, member.name)
+                if member.kind == "special":
+                    refuse(archive, member.name, f"{member.detail}; only files and folders are extracted")
+                if member.kind == "dir":
+                    (dest / path).mkdir(parents=True, exist_ok=True)
+                    continue
+                check_count(archive, len(written) + len(links) + 1, limits)
+                if member.kind == "link":
+                    links.append((path, link_target(archive, member), member.name))
+                    continue
+                size = write_capped(member.stream, dest / path, size, archive, limits)
+                written.add(path)
+            # Links become copies, made last because a symlink may point to a later member.
+            for path, target, name in links:
+                if target not in written:
+                    refuse(archive, name, f"link to '{target}', which is not a file in the archive")
+                size += (dest / target).stat().st_size
+                check_size(archive, size, limits)
+                (dest / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(dest / target, dest / path)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
         raise UserError(f"{archive} is damaged or truncated ({err}); delete it and download again") from None
+    except OSError as err:
+        raise UserError(f"could not extract {archive}: {err}") from None
 
 
-def _extract_zip(archive: Path, dest: Path) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        _check_caps(len(infos), sum(i.file_size for i in infos), archive)
-        for info in tqdm(infos, desc="extract", unit="file"):
-            name = PurePosixPath(info.filename)
-            is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-            if name.is_absolute() or ".." in name.parts or is_link:
-                raise UserError(f"{archive}: refusing unsafe member '{info.filename}'")
-            try:
-                zf.extract(info, dest)
-            except (zipfile.BadZipFile, OSError) as err:
-                raise UserError(f"{archive} is damaged or truncated ({err})") from None
+@contextmanager
+def open_members(raw: IO[bytes], fmt: str) -> Iterator[Iterator[Member]]:
+    if fmt == "zip":
+        with zipfile.ZipFile(raw) as zf:
+            yield zip_members(zf)
+    else:
+        with tarfile.open(fileobj=raw, mode="r|*") as tar:  # one streaming pass, any compression
+            yield tar_members(tar)
+
+
+def tar_members(tar: tarfile.TarFile) -> Iterator[Member]:
+    for info in tar:
+        if info.isreg():
+            yield Member(info.name, "file", stream=tar.extractfile(info))
+        elif info.isdir():
+            yield Member(info.name, "dir")
+        elif info.issym():
+            yield Member(info.name, "link", link=posixpath.join(posixpath.dirname(info.name), info.linkname),
+                         detail=f"symlink to '{info.linkname}'")
+        elif info.islnk():  # hard links name their target from the archive root
+            yield Member(info.name, "link", link=info.linkname, detail=f"hard link to '{info.linkname}'")
+        else:
+            yield Member(info.name, "special", detail="a device file" if info.ischr() or info.isblk() else "a FIFO")
+
+
+def zip_members(zf: zipfile.ZipFile) -> Iterator[Member]:
+    for info in zf.infolist():
+        mode = info.external_attr >> 16  # Unix mode bits, 0 when the zip tool stored none
+        if info.is_dir():
+            yield Member(info.filename, "dir")
+        elif stat.S_ISLNK(mode):  # a zip symlink stores its target as the member's content
+            with zf.open(info) as fh:
+                target = fh.read(4096).decode("utf-8", "backslashreplace")
+            yield Member(info.filename, "link", link=posixpath.join(posixpath.dirname(info.filename), target),
+                         detail=f"symlink to '{target}'")
+        elif stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: only permissions stored
+            yield Member(info.filename, "special", detail="a device file or FIFO")
+        else:
+            yield Member(info.filename, "file", stream=zf.open(info))
+
+
+def refuse(archive: Path, name: str, why: str) -> NoReturn:
+    raise UserError(f"{archive}: refusing member {readable(name)!r}: {why} "
+                    "(unsafe archive: get it from a trusted source)")
+
+
+def member_path(archive: Path, name: str) -> PurePosixPath:
+    path = PurePosixPath(readable(name))
+    if path.is_absolute():
+        refuse(archive, name, "absolute path")
+    if ".." in path.parts:
+        refuse(archive, name, "'..' in path")
+    return path
+
+
+def link_target(archive: Path, member: Member) -> PurePosixPath:
+    """The archive path a link points to; links that leave the archive are refused."""
+    target = readable(member.link)
+    resolved = posixpath.normpath(target)
+    if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
+        refuse(archive, member.name, f"{member.detail} points outside the archive")
+    return PurePosixPath(resolved)
+
+
+def write_capped(stream: IO[bytes], path: Path, size: int, archive: Path, limits: DataParams) -> int:
+    """Copy ``stream`` to ``path``, counting bytes as they come (declared sizes can lie); the new total."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with stream, open(path, "wb") as out:
+        while chunk := stream.read(CHUNK):
+            size += len(chunk)
+            check_size(archive, size, limits)
+            out.write(chunk)
+    return size
+
+
+def check_count(archive: Path, count: int, limits: DataParams) -> None:
+    if count > limits.max_files:
+        raise UserError(f"{archive} holds more than data.max_files={limits.max_files} files (an archive bomb?): "
+                        "raise data.max_files if the archive is genuine")
+
+
+def check_size(archive: Path, size: int, limits: DataParams) -> None:
+    if size > limits.max_bytes:
+        raise UserError(f"{archive} unpacks to more than data.max_bytes={limits.max_bytes} bytes (an archive bomb?): "
+                        "raise data.max_bytes if the archive is genuine")
+
+
+# --- Local folders ----------------------------------------------------------------------------
+
+
+def copy_folder(folder: Path, dest: Path, root: Path, skipped: list[dict], visiting: frozenset = frozenset()) -> None:
+    """Copy ``folder`` into ``dest`` with links replaced by what they point to.
+
+    Links are followed only while they stay inside ``root`` (the source folder). Links leading
+    outside it, broken links, links back into a folder being copied (loops) and special files are
+    skipped and listed in ``skipped``.
+    """
+    for entry in sorted(folder.iterdir()):
+        real, target = entry.resolve(), dest / readable(entry.name)
+        why = skip_reason(entry, real, root, visiting)
+        if why:
+            skipped.append({"path": readable(str(entry.relative_to(root))), "reason": why})
+        elif real.is_dir():
+            target.mkdir()
+            copy_folder(entry, target, root, skipped, visiting | {real})
+        else:
+            shutil.copyfile(real, target)
+
+
+def skip_reason(entry: Path, real: Path, root: Path, visiting: frozenset) -> str | None:
+    if entry.is_symlink() and not real.is_relative_to(root):
+        return f"link to {readable(str(real))}, outside the source folder"
+    if not real.exists():
+        return "broken link"
+    if real.is_dir() and (real in visiting or entry.parent.resolve().is_relative_to(real)):
+        return "link loop (points to a folder that contains it)"
+    if not (real.is_dir() or real.is_file()):
+        return "not a regular file or folder"
+    return None
 
 
 def dataset_root(folder: Path) -> Path:
     """Descend through a single wrapping folder (``flower_photos/``) to the class folders."""
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]
-    dirs = [p for p in entries if p.is_dir()]
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in IGNORED_TOP_LEVEL]
+    dirs = [p for p in entries if p.is_dir() and not p.is_symlink()]
     if len(dirs) == 1 and all(p.is_dir() or p.suffix.lower() in (".txt", ".md") for p in entries):
         return dataset_root(dirs[0])
     return folder
 
 
+# --- The stage --------------------------------------------------------------------------------
+
+
 def main() -> None:
-    cfg = load_config()
-    source = local_source(cfg.data.url)
+    cfg = load_config().data
+    source = local_source(cfg.url)
     if source is not None and not source.exists():
         raise UserError(f"data.url: {source} does not exist")
+    skipped: list[dict] = []
     with atomic_dir(RAW_DIR) as staging:
         if source is not None and source.is_dir():
+            if cfg.sha256:
+                raise UserError("data.sha256 applies to archives, but data.url is a folder: set data.sha256 to null")
             # A local folder is copied, so DVC versions exactly what was trained on.
-            shutil.copytree(dataset_root(source), staging, dirs_exist_ok=True)
+            root = source.resolve()
+            try:
+                copy_folder(dataset_root(root), staging, root, skipped)
+            except OSError as err:
+                raise UserError(f"data.url: could not copy {source}: {err}") from None
             sha256 = None
         else:
-            archive = source if source is not None else fetch(cfg.data.url)
-            sha256 = verify(archive, cfg.data.sha256)
+            archive, sha256 = (source, verify(source, cfg.sha256, cfg.url)) if source else fetch(cfg.url, cfg.sha256)
             unpacked = staging / ".unpacked"
-            extract(archive, unpacked)
+            extract(archive, unpacked, cfg)
             for entry in dataset_root(unpacked).iterdir():
                 entry.rename(staging / entry.name)
             shutil.rmtree(unpacked)
-        files = sum(1 for p in staging.rglob("*") if p.is_file())
-    write_json(REPORT, {"url": cfg.data.url, "sha256": sha256, "files": files})
-    print(f"download: {files} files in {RAW_DIR} (sha256 {sha256 or 'n/a: local folder'})")
+        files = [p for p in staging.rglob("*") if p.is_file()]
+        size = sum(p.stat().st_size for p in files)
+    write_json(REPORT, {"url": cfg.url, "sha256": sha256, "files": len(files), "bytes": size, "skipped": skipped})
+    for item in skipped:
+        print(f"download: skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    pinned = f"sha256 {sha256}" if sha256 else "local folder, no archive hash"
+    print(f"download: {len(files)} files ({size / 2**20:.1f} MiB) in {RAW_DIR}; {pinned}; {len(skipped)} skipped")
 
 
 if __name__ == "__main__":

@@ -1,43 +1,70 @@
-"""Stage 6, evaluate: score the exported model on the test split.
+"""Stage 6, evaluate: score the exported model on the test split, draw the plots, gate on accuracy.
 
-Inputs: ``data/model/model.keras`` and the test images of ``data/augmented`` (resized and
-center-cropped, never randomly changed). Outputs in ``eval/`` (small, meant for git):
-``metrics.json`` (``dvc metrics show``), ``predictions.csv`` (DVC's confusion-matrix plot) and
-``plots/confusion_matrix.png``. The same figures are logged to the training run in MLflow.
+Inputs: ``data/model/`` (``model.keras``, ``labels.json``, ``history.csv``) and the test images of
+``data/augmented`` (resized and center-cropped, never randomly changed).
+Outputs in ``eval/`` (small, meant for git):
+- ``metrics.json``: accuracy, top-k accuracy, log loss, expected calibration error, macro and
+  weighted precision/recall/F1, per-class precision/recall/F1/support (``dvc metrics show``);
+- ``predictions.csv``: one row per test image (DVC's confusion-matrix plot reads it);
+- ``plots/``: confusion matrices (counts, row-normalized), reliability diagram, training curves,
+  the most confident mistakes, and Grad-CAM overlays.
+Everything is also logged to the pipeline run in MLflow. With ``evaluate.min_accuracy`` set, the
+stage fails (after writing all of the above) when test accuracy is below it.
 """
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display needed
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
-from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score
+from PIL import Image
 
-from pipeline import models, tracking
+from pipeline import gradcam, metrics, models, plots, tracking
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
 from pipeline.data import AUGMENTED_DIR, MODEL_DIR, image_batches, read_labels, read_manifest, write_manifest
-from pipeline.files import write_json
+from pipeline.files import atomic_dir, write_json
 
 EVAL_DIR = Path("eval")
+TOP_LOSSES = 12
+GRADCAM_PER_CLASS = 2
+EXTRA_ARTIFACTS = [Path("reports/data.json"), Path("reports/download.json"), MODEL_DIR / "labels.json",
+                   MODEL_DIR / "history.csv", Path("data/prepared/quarantine.csv")]
 
 
-def test_rows() -> list[dict[str, str]]:
-    return [r for r in read_manifest(AUGMENTED_DIR / "manifest.csv") if r["split"] == "test" and r["copy"] == "0"]
+def load_images(paths: list[str]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(AUGMENTED_DIR / p).convert("RGB")) for p in paths])
 
 
-def plot_confusion(actual: list[str], predicted: list[str], labels: list[str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.2 * len(labels) + 2))
-    ConfusionMatrixDisplay.from_predictions(actual, predicted, labels=labels, ax=ax, colorbar=False,
-                                            xticks_rotation=45)
-    ax.set_title("Test confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def most_confident_mistakes(y_true: np.ndarray, probabilities: np.ndarray, n: int) -> np.ndarray:
+    wrong = np.flatnonzero(probabilities.argmax(axis=1) != y_true)
+    return wrong[np.argsort(-probabilities[wrong].max(axis=1))][:n]
+
+
+def first_per_class(y_true: np.ndarray, n: int) -> np.ndarray:
+    return np.array([i for c in np.unique(y_true) for i in np.flatnonzero(y_true == c)[:n]], dtype=int)
+
+
+def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path) -> None:
+    y_pred = probabilities.argmax(axis=1)
+    plots.confusion_matrices(y_true, y_pred, labels, out)
+    plots.reliability_diagram(*metrics.reliability(y_true, probabilities), report["ece"], out / "reliability.png")
+    if (MODEL_DIR / "history.csv").is_file():
+        plots.training_curves(MODEL_DIR / "history.csv", out / "training_curves.png")
+
+    mistakes = most_confident_mistakes(y_true, probabilities, TOP_LOSSES)
+    plots.image_grid(
+        list(load_images([rows[i]["path"] for i in mistakes])) if len(mistakes) else [],
+        [f"{labels[y_true[i]]} → {labels[y_pred[i]]} ({probabilities[i].max():.2f})" for i in mistakes],
+        out / "top_losses.png",
+    )
+    chosen = first_per_class(y_true, GRADCAM_PER_CLASS)
+    images = load_images([rows[i]["path"] for i in chosen])
+    plots.image_grid(
+        list(images),
+        [f"{labels[y_true[i]]}: pred {labels[y_pred[i]]}" for i in chosen],
+        out / "gradcam.png",
+        overlays=list(gradcam.heatmaps(model, images, y_pred[chosen])),
+    )
 
 
 def main() -> None:
@@ -46,23 +73,45 @@ def main() -> None:
     if not model_path.is_file():
         raise UserError(f"{model_path} is missing: run the train stage first (dvc repro)")
     labels = read_labels(MODEL_DIR / "labels.json")
-    rows = test_rows()
+    rows = [r for r in read_manifest(AUGMENTED_DIR / "manifest.csv") if r["split"] == "test" and r["copy"] == "0"]
     model = models.load(model_path)
-    probabilities = model.predict(image_batches([str(AUGMENTED_DIR / r["path"]) for r in rows],
-                                                cfg.train.batch_size), verbose=0)
-    actual = [r["label"] for r in rows]
-    predicted = [labels[i] for i in np.argmax(probabilities, axis=1)]
-    metrics = {"accuracy": round(float(accuracy_score(actual, predicted)), 4), "test_images": len(rows)}
-    write_json(EVAL_DIR / "metrics.json", metrics)
-    write_manifest(EVAL_DIR / "predictions.csv", ["path", "actual", "predicted"],
-                   [[r["path"], a, p] for r, a, p in zip(rows, actual, predicted, strict=True)])
-    plot_path = EVAL_DIR / "plots" / "confusion_matrix.png"
-    plot_confusion(actual, predicted, labels, plot_path)
+    paths = [str(AUGMENTED_DIR / r["path"]) for r in rows]
+    probabilities = model.predict(image_batches(paths, cfg.train.batch_size), verbose=0)
+    y_true = np.array([labels.index(r["label"]) for r in rows])
+    report = metrics.classification_report(y_true, probabilities, labels, cfg.evaluate.top_k)
+
+    EVAL_DIR.mkdir(exist_ok=True)
+    write_json(EVAL_DIR / "metrics.json", report)
+    write_manifest(EVAL_DIR / "predictions.csv", ["path", "actual", "predicted", "confidence"],
+                   [[r["path"], labels[t], labels[p.argmax()], f"{p.max():.4f}"]
+                    for r, t, p in zip(rows, y_true, probabilities, strict=True)])
+    with atomic_dir(EVAL_DIR / "plots") as out:
+        draw_plots(model, rows, y_true, probabilities, labels, report, out)
+
     with tracking.resume_recorded_run():
-        mlflow.log_metric("test_accuracy", metrics["accuracy"])
-        mlflow.log_artifact(str(plot_path), artifact_path="plots")
-        mlflow.log_artifact(str(EVAL_DIR / "metrics.json"))
-    print(f"evaluate: test accuracy {metrics['accuracy']:.3f} on {len(rows)} images")
+        mlflow.log_metrics({f"test_{k}": v for k, v in _flat_scores(report).items()})
+        mlflow.log_artifacts(str(EVAL_DIR / "plots"), artifact_path="plots")
+        for path in [EVAL_DIR / "metrics.json", EVAL_DIR / "predictions.csv", *EXTRA_ARTIFACTS]:
+            if path.is_file():
+                mlflow.log_artifact(str(path), artifact_path="reports")
+
+    print(f"evaluate: test accuracy {report['accuracy']:.3f} on {len(rows)} images "
+          f"(macro F1 {report['macro']['f1']:.3f}); plots in {EVAL_DIR / 'plots'}")
+    gate = cfg.evaluate.min_accuracy
+    if gate is not None and report["accuracy"] < gate:
+        raise UserError(f"test accuracy {report['accuracy']:.4f} is below evaluate.min_accuracy {gate}")
+
+
+def _flat_scores(report: dict, prefix: str = "") -> dict[str, float]:
+    """MLflow metric names: accuracy, macro_f1, per_class_daisy_recall, ... (numbers only)."""
+    flat = {}
+    for key, value in report.items():
+        name = f"{prefix}{key}".replace(" ", "_")
+        if isinstance(value, dict):
+            flat.update(_flat_scores(value, f"{name}_"))
+        else:
+            flat[name] = value
+    return flat
 
 
 if __name__ == "__main__":

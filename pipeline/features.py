@@ -5,12 +5,14 @@ computing it once here turns each training epoch from minutes into milliseconds.
 stage only when the augmented images or the backbone, weights or image size change.
 
 Outputs in ``data/features/``: ``<split>.npy`` (float32, one row per row of the augmented
-manifest's split, in order), ``<split>_labels.npy`` (class indices), ``meta.json``, and
-``extractor.keras``: the exact backbone that made them, which the train stage builds the final
-model from (with ``model.weights: none`` a rebuilt backbone would have other random weights).
-Rows are written batch by batch into memory-mapped files, so memory stays flat on big datasets.
+manifest's split, in order), ``<split>_labels.npy`` (class indices into ``labels.json``),
+``meta.json``, and ``backbone.weights.h5``: the exact backbone weights that made them, which the
+train stage builds the final model from (with ``model.weights: none`` a rebuilt backbone would have
+other random weights). Rows are written batch by batch into memory-mapped files, so memory stays
+flat on big datasets.
 """
 
+import shutil
 import time
 
 import keras
@@ -19,9 +21,9 @@ from tqdm import tqdm
 
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
-from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, SPLITS, image_batches, read_labels, read_manifest
+from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, PREPARED_DIR, SPLITS, image_batches, read_labels, read_manifest
 from pipeline.files import atomic_dir, write_json
-from pipeline.models import feature_extractor
+from pipeline.models import BACKBONE_WEIGHTS, backbone_of, feature_extractor
 
 
 def main() -> None:
@@ -38,7 +40,8 @@ def main() -> None:
     with atomic_dir(FEATURES_DIR) as out:
         for split in SPLITS:
             rows = [r for r in manifest if r["split"] == split]
-            features = np.lib.format.open_memmap(out / f"{split}.npy", mode="w+", dtype="float32", shape=(len(rows), dim))
+            features = np.lib.format.open_memmap(out / f"{split}.npy", mode="w+", dtype="float32",
+                                                 shape=(len(rows), dim))
             batches = image_batches([str(AUGMENTED_DIR / r["path"]) for r in rows], cfg.train.batch_size)
             start = 0
             for batch in tqdm(batches, desc=f"features {split}", unit="batch"):
@@ -49,7 +52,8 @@ def main() -> None:
             del features
             np.save(out / f"{split}_labels.npy", np.array([class_index[r["label"]] for r in rows], dtype="int32"))
         seconds = time.perf_counter() - started
-        extractor.save(out / "extractor.keras")
+        backbone_of(extractor).save_weights(out / BACKBONE_WEIGHTS)
+        shutil.copy(PREPARED_DIR / "labels.json", out / "labels.json")
         write_json(out / "meta.json", {"backbone": cfg.model.backbone, "weights": cfg.model.weights,
                                        "image_size": cfg.model.input_size, "dim": dim, "images": len(manifest),
                                        "seconds": round(seconds, 2)})

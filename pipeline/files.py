@@ -50,6 +50,16 @@ def atomic_file(final: Path, mode: str = "w") -> Iterator[Any]:
         raise
 
 
+def cache_root() -> Path:
+    """Per-user cache shared by all projects: downloads and rendered augmentations."""
+    return Path(os.environ.get("PIPELINE_CACHE_DIR", Path.home() / ".cache" / "transfer-pipeline"))
+
+
+def readable(name: str) -> str:
+    """``name`` as valid UTF-8: bytes that were not UTF-8 (surrogate escapes) become ``\\xNN`` text."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def write_json(path: Path, obj: Any) -> None:
     with atomic_file(path) as fh:
         json.dump(obj, fh, indent=2, sort_keys=False)

@@ -1,10 +1,14 @@
-"""Keras models built from the backbone registry: feature extractor, head, and the exported model.
+"""Keras models built from the backbone registry: feature extractor, head, fine-tuning, exported model.
 
 The exported model takes raw RGB uint8 images of any size: resizing (center crop to square, like
 the augment stage) and the backbone's ``preprocess_input`` are layers inside it, built only from
 core Keras layers so it loads with ``keras.saving.load_model(safe_mode=True)`` and no code of ours.
+Its shape, which ``pipeline.gradcam`` relies on: ``image -> resize -> extractor -> head``, where the
+extractor is ``preprocess -> backbone -> pool`` and the head a chain ending in ``probabilities``.
 """
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -12,9 +16,11 @@ import numpy as np
 
 from pipeline.backbones import Backbone
 from pipeline.cli import UserError
-from pipeline.config import ModelParams
+from pipeline.config import FineTuneParams, HeadParams, ModelParams
 
 IMAGENET_BGR_MEANS = np.array([103.939, 116.779, 123.68], dtype="float32")
+# In the features stage's output: the exact backbone weights that made the cached features.
+BACKBONE_WEIGHTS = "backbone.weights.h5"
 
 
 def preprocessing(spec: Backbone) -> keras.layers.Layer:
@@ -58,24 +64,35 @@ def feature_extractor(params: ModelParams) -> keras.Model:
     size = params.input_size
     inputs = keras.Input(shape=(size, size, 3), name="pixels")
     x = preprocessing(params.spec)(inputs)
-    x = backbone(params)(x, training=False)  # training=False keeps BatchNorm in inference mode
+    x = backbone(params)(x, training=False)  # training=False keeps BatchNorm in inference mode, even when fine-tuned
     outputs = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, outputs, name=f"{params.backbone}_features")
 
 
-def head(train_features: np.ndarray, n_classes: int, dropout: float) -> keras.Model:
-    """Standardize -> dropout -> softmax, over pooled features.
+def saved_feature_extractor(params: ModelParams, features_dir: Path) -> keras.Model:
+    """The extractor whose backbone made the features in ``features_dir`` (weights ``none`` is random)."""
+    return feature_extractor(params.model_copy(update={"weights": str(features_dir / BACKBONE_WEIGHTS)}))
 
-    Standardizing with the training features' mean and variance (fixed, not trained) keeps the
+
+def backbone_of(extractor: keras.Model) -> keras.Model:
+    return next(layer for layer in extractor.layers if isinstance(layer, keras.Model))
+
+
+def head(train_features: np.ndarray, n_classes: int, params: HeadParams) -> keras.Model:
+    """Standardize -> [dense ReLU] -> dropout -> softmax, over pooled features; float32 even in mixed precision.
+
+    Standardizing with the training features' mean and variance (constants, not trained) keeps the
     head's learning rate meaningful whatever the backbone's output scale: random-init backbones
     (``model.weights: none``) emit features around 1e-4, ImageNet ones around 1.
     """
     inputs = keras.Input(shape=(train_features.shape[1],), name="features")
-    standardize = keras.layers.Normalization(name="standardize")
-    standardize.adapt(train_features)
-    x = standardize(inputs)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+    mean = np.mean(train_features, axis=0, dtype="float64")
+    variance = np.var(train_features, axis=0, dtype="float64")
+    x = keras.layers.Normalization(mean=mean, variance=variance, name="standardize", dtype="float32")(inputs)
+    if params.dense_units:
+        x = keras.layers.Dense(params.dense_units, activation="relu", name="hidden", dtype="float32")(x)
+    x = keras.layers.Dropout(params.dropout, name="dropout", dtype="float32")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="head")
 
 
@@ -83,8 +100,71 @@ def classifier(extractor: keras.Model, head_model: keras.Model, size: int) -> ke
     """The exported model: raw uint8 images of any size -> class probabilities."""
     inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
     x = keras.layers.Resizing(size, size, crop_to_aspect_ratio=True, name="resize")(inputs)
-    return keras.Model(inputs, head_model(extractor(x)), name="classifier")
+    # training=False pinned: Keras 3.15 would otherwise let a plain model(x) call run Dropout.
+    return keras.Model(inputs, head_model(extractor(x, training=False), training=False), name="classifier")
+
+
+def on_pixels(extractor: keras.Model, head_model: keras.Model, size: int,
+              augmentation: keras.Sequential | None = None) -> keras.Model:
+    """The fine-tuning model: float pixels at the input size -> [online augmentation] -> probabilities."""
+    inputs = keras.Input(shape=(size, size, 3), name="pixels")
+    x = augmentation(inputs) if augmentation is not None else inputs
+    return keras.Model(inputs, head_model(extractor(x)), name="fine_tune")
+
+
+# ---- fine-tuning: the split between a frozen prefix and a trainable top ------------------------
+
+
+def trainable_top_start(base: keras.Model, spec: Backbone, fine_tune: FineTuneParams) -> int:
+    """Index in ``base.layers`` of the first layer to train; everything below it stays frozen.
+
+    With ``blocks`` the split is the end of the last frozen block, a single tensor (a frozen prefix
+    whose output could be cached); with ``layers`` it is simply that many layers from the top.
+    """
+    if fine_tune.blocks:
+        if fine_tune.blocks > len(spec.blocks):
+            raise UserError(f"train.fine_tune.blocks={fine_tune.blocks}, but {spec.name} has {len(spec.blocks)} blocks")
+        if fine_tune.blocks == len(spec.blocks):
+            return 1  # every block: all but the input layer
+        last_frozen = spec.blocks[-fine_tune.blocks - 1]
+        return [layer.name for layer in base.layers].index(last_frozen) + 1
+    if fine_tune.layers >= len(base.layers):
+        raise UserError(f"train.fine_tune.layers={fine_tune.layers}, but {spec.name} has "
+                        f"{len(base.layers) - 1} layers besides its input")
+    return len(base.layers) - fine_tune.layers
+
+
+def unfreeze_top(base: keras.Model, start: int) -> None:
+    """Make ``base.layers[start:]`` trainable, except BatchNormalization layers.
+
+    Their statistics and scales were fitted on far more data than ours; the backbone is also always
+    called with ``training=False``, so they keep running in inference mode.
+    """
+    base.trainable = True
+    for index, layer in enumerate(base.layers):
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+# ---- precision --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Build layers under the dtype policy ``name`` (e.g. float32 while training in mixed precision)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def load(path: Path) -> keras.Model:
-    return keras.saving.load_model(path, safe_mode=True)
+    """Load a .keras file in Keras safe mode: a file carrying Python code (Lambda layers) is refused."""
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except ValueError as err:
+        if "safe_mode" not in str(err):
+            raise
+        raise UserError(f"{path} contains Python code (a Lambda layer); refusing to run it (Keras safe mode): "
+                        "load only models you trust, built from Keras layers") from None

@@ -1,45 +1,126 @@
 """MLflow set-up shared by the stages that log: where runs go and which run a pipeline run is.
 
 By default runs go to a local SQLite store, ``mlflow.db`` in the project root, with artifacts in
-``mlartifacts/`` (``make ui`` shows them). ``MLFLOW_TRACKING_URI`` points everything at another
-store, e.g. a team's ``mlflow server``.
+``mlartifacts/`` beside it (``make ui`` shows them). The project root is DVC's ``DVC_ROOT``, which
+DVC points at the main workspace even for queued experiments that run in a temporary copy, so
+``dvc exp run --queue`` runs land in the same store. ``MLFLOW_TRACKING_URI`` points everything at
+another store, e.g. a team's ``mlflow server``.
+
+One pipeline run is one MLflow run: ``train`` starts it and records its id in
+``data/model/mlflow_run.json`` (a DVC output); ``evaluate`` reopens it to add test metrics and plots.
 """
 
+import hashlib
 import os
+import re
+import subprocess
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import keras
 import mlflow
 import numpy as np
+import requests
 import tensorflow as tf
 from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
+from pipeline.cli import UserError
 from pipeline.files import read_json, write_json
 
-LOCAL_DB = Path("mlflow.db")
-LOCAL_ARTIFACTS = Path("mlartifacts")
+SECRET_KEY = re.compile(r"password|passwd|secret|token|api_?key|credential", re.IGNORECASE)
 RUN_FILE = Path("data/model/mlflow_run.json")  # written by train, read by evaluate
 
 
-def use_tracking_store() -> bool:
-    """Point MLflow at the configured store; True when that is the default local one."""
-    configured = os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports it
-    mlflow.set_tracking_uri(configured or f"sqlite:///{LOCAL_DB.resolve()}")
-    return not configured
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT", ".")).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside its database; a server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+def check_reachable() -> None:
+    """Fail before any training when a tracking server is configured but does not answer.
+
+    Training is not started against a store that cannot take its results; once a run has started,
+    the model files are written to ``data/model`` before anything is sent to MLflow.
+    """
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+    except requests.RequestException as err:
+        raise UserError(
+            f"MLflow tracking server {redact_url(uri)} does not answer ({type(err).__name__}): start it, "
+            "or unset MLFLOW_TRACKING_URI to log to the local store"
+        ) from None
+
+
+def redact_url(value: str) -> str:
+    """``https://user:token@host/x?sig=...`` -> ``https://user:***@host/x?sig=***``."""
+    parsed = urlsplit(value)
+    if not parsed.scheme or not parsed.netloc:
+        return value
+    netloc = parsed.netloc
+    if parsed.password:
+        netloc = netloc.replace(f":{parsed.password}@", ":***@")
+    query = "&".join(f"{k}=***" if v else k for k, v in parse_qsl(parsed.query, keep_blank_values=True))
+    return urlunsplit((parsed.scheme, netloc, parsed.path, query, parsed.fragment))
+
+
+def loggable_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Params safe to log: secret-looking keys masked, credentials stripped from URLs."""
+    return {
+        key: "***" if SECRET_KEY.search(key) and value is not None
+        else redact_url(value) if isinstance(value, str) else value
+        for key, value in params.items()
+    }
 
 
 def start_new_run(experiment_name: str) -> mlflow.ActiveRun:
     """A new run in ``experiment_name``, named after the DVC experiment when there is one."""
-    local = use_tracking_store()
+    check_reachable()
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:
-        # The local store keeps artifacts beside it, not in a folder relative to the working dir.
-        artifact_location = LOCAL_ARTIFACTS.resolve().as_uri() if local else None
-        experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location)
+        experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location(uri))
     else:
         experiment_id = experiment.experiment_id
-    return mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"))
+    return mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
+                            tags=lineage_tags())
+
+
+def lineage_tags() -> dict[str, str]:
+    """Tags that tie the run to its code (git commit), DVC experiment and data."""
+    tags = {}
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git_head()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    manifest = Path("data/prepared/manifest.csv")
+    if manifest.is_file():  # files, labels and split of every image: one hash for "the data"
+        tags["data.manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    download = Path("reports/download.json")
+    if download.is_file() and read_json(download).get("sha256"):
+        tags["data.archive_sha256"] = read_json(download)["sha256"]
+    return tags
+
+
+def _git_head() -> str | None:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    return result.stdout.strip() or None
 
 
 def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
@@ -50,29 +131,55 @@ def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
     )
 
 
-def log_model(model: keras.Model, n_classes: int, registered_name: str | None) -> None:
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3), "image")]),
-        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, n_classes), "probabilities")]),
-    )
+def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) -> None:
+    """Log the trained model twice: as Keras (tensors in) and as a servable image-bytes model.
+
+    - ``model``: the ``mlflow.keras`` flavor, uint8 batches ``(n, h, w, 3)`` -> probabilities,
+      registered as ``<name>-keras``.
+    - ``image_classifier``: a pyfunc taking a column ``image`` of JPEG/PNG bytes (base64 in JSON)
+      and returning the top labels with probabilities, registered as ``<name>``, so
+      ``mlflow models serve -m models:/<name>/<version>`` answers HTTP requests carrying images.
+    """
+    from pipeline.serving import ImageClassifier, example_request
+
+    labels = read_json(model_dir / "labels.json")
+    requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "pandas"]
     mlflow.keras.log_model(
         model,
         name="model",
-        signature=signature,
-        # No input_example: MLflow 3.17's keras flavor writes it before creating the model folder
-        # (FileNotFoundError); the signature documents the input.
+        signature=ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3), "image")]),
+            outputs=Schema([TensorSpec(np.dtype("float32"), (-1, len(labels)), "probabilities")]),
+        ),
+        # No input_example here: MLflow 3.17's keras flavor writes it before creating the model
+        # folder (FileNotFoundError). The image_classifier model below carries one.
+        registered_model_name=f"{registered_name}-keras" if registered_name else None,
+        pip_requirements=requirements,
+    )
+    mlflow.pyfunc.log_model(
+        name="image_classifier",
+        python_model=ImageClassifier(),
+        artifacts={"keras_model": str(model_dir / "model.keras"), "labels": str(model_dir / "labels.json")},
+        code_paths=[str(Path(__file__).parent)],  # the pickled model refers to pipeline.serving
+        signature=ModelSignature(
+            inputs=Schema([ColSpec("binary", "image")]),
+            outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
+                            ColSpec("string", "top_k")]),
+            params=ParamSchema([ParamSpec("top_k", "long", 3)]),
+        ),
+        input_example=example_request(),
         registered_model_name=registered_name,
-        pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"],
+        pip_requirements=requirements,
     )
 
 
 def record_run(run: mlflow.ActiveRun, out_dir: Path) -> None:
     """Write the run's id next to the model, so DVC outputs and the MLflow run find each other."""
     write_json(out_dir / RUN_FILE.name, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                         "tracking_uri": mlflow.get_tracking_uri()})
+                                         "tracking_uri": redact_url(mlflow.get_tracking_uri())})
 
 
 def resume_recorded_run() -> mlflow.ActiveRun:
     recorded = read_json(RUN_FILE)
-    use_tracking_store()
+    mlflow.set_tracking_uri(tracking_uri())
     return mlflow.start_run(run_id=recorded["run_id"])

@@ -1,14 +1,37 @@
-"""Stage 5, train: fit a new classification head on the cached backbone features.
+"""Stage 5, train: a new head on the cached features, then optional fine-tuning; one exported model.
 
-Input: ``data/features`` (features, labels, and the frozen extractor that made them).
-Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities),
-``labels.json``, ``history.csv`` (per-epoch metrics) and ``mlflow_run.json``.
-The run is logged to MLflow: every param, per-epoch metrics, and the model with its signature,
-registered under ``mlflow.registered_model_name``.
+Phase ``head``: the backbone is frozen, so the head (``model.head``) trains on ``data/features``,
+one row per image and offline-augmented copy, computed once by the features stage: an epoch is a
+pass over a small matrix, not over the backbone.
+Phase ``fine_tune`` (``train.fine_tune.blocks`` or ``layers`` > 0): the top of the backbone is
+unfrozen (BatchNorm layers excepted) and trained with the head on the images of
+``data/augmented``, offline variants included, through online augmentation layers when
+``augment.mode`` is online or both, at ``train.fine_tune.learning_rate``.
+
+Both phases: early stopping on val_loss keeping the best epoch, ``train.lr_schedule``, class weights,
+label smoothing, a stop with a clear message on a NaN loss, float16 compute on GPUs, and
+tf.distribute over all GPUs (or all workers under TF_CONFIG) with per-replica batch sizes. Epochs
+are numbered on from one phase to the next. After every epoch the training state is saved
+(``pipeline.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch.
+
+Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
+float32), ``labels.json``, ``history.csv`` (phase, epoch, seconds, metrics) and ``mlflow_run.json``.
+The MLflow run gets every param, the per-epoch metrics (fine-tuning ones prefixed ``finetune_``,
+at their epoch numbers) and the model.
 """
 
+import contextlib
 import csv
+import hashlib
+import json
+import math
+import os
 import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -16,66 +39,322 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import models, tracking
+from pipeline import checkpoints, models, tracking
+from pipeline.augmentation import online_augmentation
 from pipeline.cli import UserError, run_stage
-from pipeline.config import Config, load_config
-from pipeline.data import FEATURES_DIR, MODEL_DIR, PREPARED_DIR, read_labels
+from pipeline.config import Config, ModelParams, load_config
+from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, MODEL_DIR, read_labels, read_manifest
 from pipeline.files import atomic_dir, atomic_file
 
+PLATEAU_FACTOR = 0.2  # lr_schedule plateau: multiply the learning rate by this...
+PLATEAU_PATIENCE = 2  # ...after this many epochs without val_loss progress
 
-def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    return np.load(FEATURES_DIR / f"{split}.npy", mmap_mode="r"), np.load(FEATURES_DIR / f"{split}_labels.npy")
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # history.csv's phase column, and the checkpoint folder
+    metric_prefix: str  # of its metrics in MLflow
+    first_epoch: int  # epochs done before it: numbering goes on across phases
+    epochs: int
+    batch_size: int  # global: per replica times replicas
+    learning_rate: float
+    learning_rate_param: str  # named when the loss becomes NaN
+
+    @property
+    def last_epoch(self) -> int:
+        return self.first_epoch + self.epochs
 
 
-def fit_head(cfg: Config, n_classes: int) -> tuple[keras.Model, keras.callbacks.History]:
-    x_train, y_train = load_split("train")
-    x_val, y_val = load_split("val")
-    head = models.head(x_train, n_classes, cfg.model.dropout)
-    head.compile(
-        optimizer=keras.optimizers.Adam(cfg.train.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+@dataclass(frozen=True)
+class Examples:
+    """One split: ``example(index) -> (input, one-hot label)`` as tf ops, and the class indices."""
+
+    example: Callable
+    labels: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def load_features(split: str) -> tuple[np.ndarray, np.ndarray]:
+    return np.load(FEATURES_DIR / f"{split}.npy"), np.load(FEATURES_DIR / f"{split}_labels.npy")
+
+
+def feature_examples(features: np.ndarray, labels: np.ndarray, n_classes: int) -> Examples:
+    x, y = tf.constant(features), tf.constant(keras.utils.to_categorical(labels, n_classes))
+    return Examples(lambda i: (tf.gather(x, i), tf.gather(y, i)), labels)
+
+
+def image_examples(split: str, n_classes: int, size: int) -> Examples:
+    """The split's images in ``data/augmented`` (offline variants included), in the features' row order."""
+    rows = [r for r in read_manifest(AUGMENTED_DIR / "manifest.csv") if r["split"] == split]
+    labels = np.load(FEATURES_DIR / f"{split}_labels.npy")
+    if len(rows) != len(labels):
+        raise UserError(f"{FEATURES_DIR} does not match {AUGMENTED_DIR} ({len(labels)} vs {len(rows)} {split} "
+                        "images): run dvc repro")
+    paths = tf.constant([str(AUGMENTED_DIR / r["path"]) for r in rows])
+    y = tf.constant(keras.utils.to_categorical(labels, n_classes))
+
+    def example(i):
+        image = tf.io.decode_jpeg(tf.io.read_file(tf.gather(paths, i)), channels=3)
+        return tf.cast(tf.ensure_shape(image, (size, size, 3)), "float32"), tf.gather(y, i)
+
+    return Examples(example, labels)
+
+
+def shuffled_epochs(examples: Examples, batch_size: int, seed: int, epochs: range) -> tf.data.Dataset:
+    """The batches of every epoch in ``epochs``, each epoch's order a function of (seed, epoch) alone,
+    so that a resumed run sees exactly the batches an uninterrupted one would have."""
+
+    def one_epoch(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(examples.count),
+                                                         seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return (tf.data.Dataset.from_tensor_slices(order)
+                .map(examples.example, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size))
+
+    epoch_numbers = tf.data.Dataset.from_tensor_slices(np.arange(epochs.start, epochs.stop, dtype="int64"))
+    return epoch_numbers.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def in_order(examples: Examples, batch_size: int) -> tf.data.Dataset:
+    return (tf.data.Dataset.range(examples.count).map(examples.example, num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+# ---- set-up -----------------------------------------------------------------------------------
+
+
+def distribution_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirrored under TF_CONFIG; else mirrored over all GPUs, or over the logical CPU
+    devices when the CPU was split into several (how the tests run it); else the default strategy."""
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    if len(devices) > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    return tf.distribute.get_strategy()
+
+
+def set_precision(setting: str | bool) -> bool:
+    """Mixed precision (float16 compute, float32 weights) when asked, or on ``auto`` when a GPU is present."""
+    mixed = bool(tf.config.list_physical_devices("GPU")) if setting == "auto" else setting
+    keras.config.set_dtype_policy("mixed_float16" if mixed else "float32")
+    return mixed
+
+
+def class_weights(labels: np.ndarray, n_classes: int, setting: str) -> dict[int, float] | None:
+    """``auto``: n / (classes x count), inverse to the class frequency, so every class weighs the same in total."""
+    if setting == "none":
+        return None
+    counts = np.bincount(labels, minlength=n_classes)
+    return {c: len(labels) / (n_classes * max(count, 1)) for c, count in enumerate(counts.tolist())}
+
+
+def resume_key(cfg: Config) -> str:
+    """What checkpoints are valid for: the params that shape training and the content of the inputs."""
+    params = cfg.model_dump(mode="json", include={"seed", "model", "augment", "train"})
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for path in [*sorted(FEATURES_DIR.iterdir()), AUGMENTED_DIR / "manifest.csv"]:
+        with open(path, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
+
+
+def take_over(killed: dict | None, key: str, run: mlflow.ActiveRun) -> None:
+    """Mark the MLflow run of a killed attempt as such; this run now owns the checkpoints."""
+    if killed:
+        client = mlflow.MlflowClient()
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # e.g. another tracking store now
+            if client.get_run(killed["mlflow_run_id"]).info.status == "RUNNING":
+                client.set_terminated(killed["mlflow_run_id"], "KILLED")
+    checkpoints.record_run(key, run.info.run_id)
+
+
+# ---- one phase --------------------------------------------------------------------------------
+
+
+class EpochStats(keras.callbacks.Callback):
+    """Adds to each epoch's logs its ``seconds`` (wall time, validation included) and ``learning_rate``
+    (Keras logs it only with ReduceLROnPlateau; here also for constant and cosine)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["seconds"] = time.perf_counter() - self.started
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Ends the stage at the first NaN or infinite loss, naming the learning rate, its usual cause."""
+
+    def __init__(self, phase: Phase):
+        super().__init__()
+        self.phase = phase
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise UserError(f"the training loss became {loss} in epoch {self.epoch} ({self.phase.name} phase): "
+                            f"{self.phase.learning_rate_param}={self.phase.learning_rate:g} is probably too high; "
+                            "lower it")
+
+
+def compile_for(model: keras.Model, phase: Phase, steps_per_epoch: int, cfg: Config) -> None:
+    learning_rate = phase.learning_rate
+    if cfg.train.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, phase.epochs * steps_per_epoch)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
-    history = head.fit(
-        x_train, y_train,
-        validation_data=(x_val, y_val),
-        epochs=cfg.train.epochs,
-        batch_size=cfg.train.batch_size,
-        shuffle=True,
-        callbacks=[tracking.log_epoch_metrics()],
-        verbose=2,
+
+
+def callbacks_for(phase: Phase, cfg: Config) -> tuple[list[keras.callbacks.Callback], checkpoints.EpochCheckpoint]:
+    stateful = []
+    if cfg.train.early_stopping_patience:
+        stateful.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.train.early_stopping_patience,
+                                                      restore_best_weights=True, verbose=1))
+    if cfg.train.lr_schedule == "plateau":
+        stateful.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=PLATEAU_FACTOR,
+                                                          patience=PLATEAU_PATIENCE, verbose=1))
+    checkpoint = checkpoints.EpochCheckpoint(phase.name, stateful)  # last: saves what the others did this epoch
+    return [EpochStats(), StopOnNaN(phase), *stateful, tracking.log_epoch_metrics(phase.metric_prefix), checkpoint], \
+        checkpoint
+
+
+def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, cfg: Config) -> list[dict]:
+    """Train ``model`` through ``phase``, from where a killed run stopped if it left a checkpoint."""
+    callbacks, checkpoint = callbacks_for(phase, cfg)
+    steps_per_epoch = math.ceil(train.count / phase.batch_size)
+    compile_for(model, phase, steps_per_epoch, cfg)
+    checkpoint.restore_variables(model)
+    start = checkpoint.epochs_done or phase.first_epoch
+    end = start if checkpoint.stopped else phase.last_epoch
+    if checkpoint.epochs_done:
+        print(f"train: resuming the {phase.name} phase after epoch {start} "
+              f"(checkpoint in {checkpoints.CHECKPOINT_DIR})")
+    for row in checkpoint.history:  # the killed run's epochs, into this run
+        mlflow.log_metrics({f"{phase.metric_prefix}{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    model.fit(
+        shuffled_epochs(train, phase.batch_size, cfg.seed, range(start, end)),
+        validation_data=in_order(val, phase.batch_size),
+        initial_epoch=start,
+        epochs=end,  # start == end still runs on_train_end: early stopping puts its best weights back
+        steps_per_epoch=steps_per_epoch,
+        shuffle=False,  # shuffled_epochs did
+        class_weight=class_weights(train.labels, model.output_shape[-1], cfg.train.class_weight),
+        callbacks=callbacks,
+        verbose=1 if sys.stdout.isatty() else 2,  # progress bars on a terminal, one line per epoch in logs
     )
-    return head, history
+    return [{"phase": phase.name, **row} for row in checkpoint.history]
 
 
-def write_history(history: keras.callbacks.History, path: Path) -> None:
-    names = list(history.history)
+# ---- the two phases and the exported model ------------------------------------------------------
+
+
+def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model, list[dict]]:
+    x_train, y_train = load_features("train")
+    extractor = models.saved_feature_extractor(cfg.model, FEATURES_DIR)
+    head = models.head(x_train, n_classes, cfg.model.head)
+    fine_tune = cfg.train.fine_tune
+    base = models.backbone_of(extractor)
+    top_start = models.trainable_top_start(base, cfg.model.spec, fine_tune) if fine_tune.enabled else None
+
+    head_phase = Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size * replicas, cfg.train.learning_rate,
+                       "train.learning_rate")
+    history = fit_phase(head, head_phase, feature_examples(x_train, y_train, n_classes),
+                        feature_examples(*load_features("val"), n_classes), cfg)
+    if fine_tune.enabled:
+        models.unfreeze_top(base, top_start)
+        size = cfg.model.input_size
+        augmentation = online_augmentation(cfg) if cfg.augment.mode in ("online", "both") else None
+        network = models.on_pixels(extractor, head, size, augmentation)
+        tune_phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs,
+                           fine_tune.batch_size * replicas, fine_tune.learning_rate, "train.fine_tune.learning_rate")
+        history += fit_phase(network, tune_phase, image_examples("train", n_classes, size),
+                             image_examples("val", n_classes, size), cfg)
+    return exported(cfg.model, extractor, head, x_train, n_classes), history
+
+
+def exported(params: ModelParams, extractor: keras.Model, head: keras.Model, x_train: np.ndarray,
+             n_classes: int) -> keras.Model:
+    """The deliverable, in float32 even after mixed-precision training (float16 is slow on CPUs)."""
+    model = models.classifier(extractor, head, params.input_size)
+    if keras.config.dtype_policy().name == "float32":
+        return model
+    with models.dtype_policy("float32"):
+        copy = models.classifier(models.feature_extractor(params.model_copy(update={"weights": "none"})),
+                                 models.head(x_train, n_classes, params.head), params.input_size)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def write_history(rows: list[dict], path: Path) -> None:
+    names = list(dict.fromkeys(name for row in rows for name in row))  # phase, epoch, then metrics
     with atomic_file(path) as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["epoch", *names])
-        for epoch in range(len(history.epoch)):
-            writer.writerow([epoch + 1, *(f"{history.history[n][epoch]:.6f}" for n in names)])
+        writer = csv.DictWriter(fh, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def describe(history: list[dict]) -> str:
+    """Per phase: epochs, time per epoch (the first one apart: it includes building the graph), last val_accuracy."""
+    parts = []
+    for phase in dict.fromkeys(row["phase"] for row in history):
+        rows = [row for row in history if row["phase"] == phase]
+        timing = f"first {rows[0]['seconds']:.2f} s"
+        if len(rows) > 1:
+            timing += f", then median {statistics.median(r['seconds'] for r in rows[1:]):.2f} s/epoch"
+        parts.append(f"{phase} {len(rows)} epochs ({timing}), last val_accuracy {rows[-1]['val_accuracy']:.3f}")
+    return "; ".join(parts)
 
 
 def main() -> None:
     cfg = load_config()
     if not (FEATURES_DIR / "meta.json").is_file():
         raise UserError(f"{FEATURES_DIR} is missing: run the features stage first (dvc repro)")
+    blocks = cfg.model.spec.blocks
+    if cfg.train.fine_tune.blocks > len(blocks):
+        raise UserError(f"train.fine_tune.blocks={cfg.train.fine_tune.blocks}, but {cfg.model.backbone} has "
+                        f"{len(blocks)} blocks ({blocks[0]} ... {blocks[-1]})")
+    strategy = distribution_strategy()  # first: MultiWorkerMirroredStrategy must come before other TF ops
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
-    labels = read_labels()
-    with tracking.start_new_run(cfg.mlflow.experiment_name) as run, atomic_dir(MODEL_DIR) as out:
-        mlflow.log_params(cfg.flat())
-        head, history = fit_head(cfg, len(labels))
-        model = models.classifier(models.load(FEATURES_DIR / "extractor.keras"), head, cfg.model.input_size)
-        model.save(out / "model.keras")
-        shutil.copy(PREPARED_DIR / "labels.json", out / "labels.json")
-        write_history(history, out / "history.csv")
-        mlflow.log_artifact(str(out / "labels.json"))
-        tracking.log_model(model, len(labels), cfg.mlflow.registered_model_name)
-        tracking.record_run(run, out)
-    print(f"train: val accuracy {history.history['val_accuracy'][-1]:.3f}; model in {MODEL_DIR}, "
-          f"MLflow run {run.info.run_id}")
+    mixed = set_precision(cfg.train.mixed_precision)
+    print(f"train: {strategy.num_replicas_in_sync} replica(s), mixed precision {'on' if mixed else 'off'}")
+    labels = read_labels(FEATURES_DIR / "labels.json")
+    key = resume_key(cfg)
+    killed = checkpoints.open_run(key)
+    # Fails here, before any training, when a configured tracking server does not answer.
+    with tracking.start_new_run(cfg.mlflow.experiment_name) as run:
+        mlflow.log_params(tracking.loggable_params(cfg.flat()))
+        take_over(killed, key, run)
+        with strategy.scope():
+            model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync)
+        with atomic_dir(MODEL_DIR) as out:
+            model.save(out / "model.keras")
+            shutil.copy(FEATURES_DIR / "labels.json", out / "labels.json")
+            write_history(history, out / "history.csv")
+            tracking.record_run(run, out)
+        # The model is on disk before anything more goes to MLflow: a logging failure loses no
+        # training (and the checkpoints stay, so a rerun only logs again).
+        try:
+            tracking.log_model(model, MODEL_DIR, cfg.mlflow.registered_model_name)
+        except Exception as err:  # MLflow raises many types (HTTP, database, artifact store)
+            raise UserError(f"training finished and the model is in {MODEL_DIR}, but logging it to MLflow "
+                            f"failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                            "rerun dvc repro once the tracking store is back") from None
+    checkpoints.remove()
+    print(f"train: {describe(history)}; model in {MODEL_DIR}, MLflow run {run.info.run_id}")
 
 
 if __name__ == "__main__":

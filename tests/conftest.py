@@ -57,10 +57,9 @@ def set_params(project: Path, **dotted) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A fresh git + DVC project holding this repo's pipeline, set up for tiny, fast runs."""
-    root = tmp_path / "project"
+def new_project(root: Path, images: Path) -> Path:
+    """A fresh git + DVC project at ``root`` holding this repo's pipeline, set up for tiny, fast
+    runs on the class folders in ``images``."""
     for name in PROJECT_FILES:
         source, target = REPO / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,11 +71,28 @@ def project(tmp_path: Path) -> Path:
     run(["git", "config", "user.email", "test@example.com"], root)
     run(["git", "config", "user.name", "test"], root)
     set_params(root, **{
-        "data.url": str(make_images(tmp_path / "images", {"red": 12, "green": 12, "blue": 12})),
+        "data.url": str(images),
         "model.weights": "none",
         "model.image_size": 75,
         "augment.copies": 1,
         "train.epochs": 3,
         "train.batch_size": 8,
     })
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A fresh project (see new_project) on 3 classes x 12 generated images."""
+    return new_project(tmp_path / "project", make_images(tmp_path / "images", {"red": 12, "green": 12, "blue": 12}))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch) -> Path:
+    """An empty project folder as the current directory, with this repo's params.yaml and its own cache."""
+    root = tmp_path / "work"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
     return root

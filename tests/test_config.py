@@ -12,7 +12,7 @@ from pipeline.config import load_config
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("train.epochz", 3, "unknown key 'train.epochz' (allowed here: epochs, batch_size, learning_rate)"),
+        ("train.epochz", 3, "unknown key 'train.epochz' (allowed here: epochs, batch_size, learning_rate, lr_schedule"),
         ("train.epochs", "ten", "train.epochs: Input should be a valid integer (got 'ten')"),
         ("train.learning_rate", -0.1, "train.learning_rate: Input should be greater than 0 (got -0.1)"),
         ("prepare.split.val", 0.9, "prepare.split: val + test must be below 1"),
@@ -48,3 +48,13 @@ def test_stage_reports_bad_params_in_one_line(project):
         "error: params.yaml: train.learning_rate: Input should be greater than 0 (got -1)"
     ]
     assert not (project / "data" / "raw").exists()
+
+
+def test_image_size_below_resnet_minimum_is_refused(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_bytes(open("params.yaml", "rb").read())
+    set_params(tmp_path, **{"model.backbone": "resnet50", "model.image_size": 31})
+    with pytest.raises(UserError, match="image_size 31 is below resnet50's minimum of 32"):
+        load_config(params)
+    set_params(tmp_path, **{"model.image_size": 32})
+    assert load_config(params).model.input_size == 32

@@ -1,20 +1,71 @@
-"""Backbones and the exported model."""
+"""Backbones, fine-tuning splits and the exported model."""
 
 import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
-from conftest import REPO, run, set_params
+from conftest import run, set_params
 from pipeline import models
 from pipeline.backbones import BACKBONES
-from pipeline.config import ModelParams
+from pipeline.cli import UserError
+from pipeline.config import FineTuneParams, HeadParams, ModelParams
+
+HEAD = HeadParams(dense_units=0, dropout=0.1)
 
 
 def params(backbone: str, size: int, weights: str = "none") -> ModelParams:
-    return ModelParams(backbone=backbone, weights=weights, image_size=size, dropout=0.1)
+    return ModelParams(backbone=backbone, weights=weights, image_size=size, head=HEAD)
+
+
+def fine_tune(blocks: int = 0, layers: int = 0) -> FineTuneParams:
+    return FineTuneParams(blocks=blocks, layers=layers, epochs=1, batch_size=2, learning_rate=1e-3)
+
+
+def random_features(extractor: keras.Model, rows: int = 10) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(rows, extractor.output_shape[-1])).astype("float32")
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_builds_and_takes_a_fine_tuning_step(name):
+    spec = BACKBONES[name]
+    size = max(spec.min_size, 32)
+    extractor = models.feature_extractor(params(name, size))
+    base = models.backbone_of(extractor)
+    assert [layer.name for layer in base.layers if layer.name in spec.blocks] == list(spec.blocks)
+    models.unfreeze_top(base, models.trainable_top_start(base, spec, fine_tune(blocks=1)))
+    network = models.on_pixels(extractor, models.head(random_features(extractor), 3, HEAD), size)
+    network.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+    frozen_before = [w.numpy() for w in base.non_trainable_weights]  # BatchNorm statistics included
+    trainable_before = [w.numpy() for w in base.trainable_weights]
+    images = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
+    loss = network.train_on_batch(images, np.eye(3, dtype="float32")[[0, 2]])
+    assert np.isfinite(loss)
+    for before, after in zip(frozen_before, base.non_trainable_weights, strict=True):
+        np.testing.assert_array_equal(before, after.numpy())
+    assert any(not np.array_equal(b, a.numpy()) for b, a in zip(trainable_before, base.trainable_weights, strict=True))
+
+
+def test_fine_tuning_unfreezes_only_the_top_blocks_and_never_batchnorm():
+    spec = BACKBONES["inception_v3"]
+    base = models.backbone(params("inception_v3", 75))
+    start = models.trainable_top_start(base, spec, fine_tune(blocks=2))
+    models.unfreeze_top(base, start)
+    assert base.layers[start - 1].name == "mixed8"  # the cut: mixed9 and mixed10 train
+    batchnorm = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batchnorm and not any(layer.trainable for layer in batchnorm)
+    with_weights = [(i, layer) for i, layer in enumerate(base.layers) if layer.weights and layer not in batchnorm]
+    assert all(layer.trainable == (i >= start) for i, layer in with_weights)
+    assert {w.path.split("/")[0] for w in base.trainable_weights} == {
+        layer.name for i, layer in with_weights if i >= start}
+
+    assert models.trainable_top_start(base, spec, fine_tune(layers=10)) == len(base.layers) - 10
+    assert models.trainable_top_start(base, spec, fine_tune(blocks=11)) == 1  # every block
+    with pytest.raises(UserError, match="train.fine_tune.blocks=12, but inception_v3 has 11 blocks"):
+        models.trainable_top_start(base, spec, fine_tune(blocks=12))
 
 
 def test_caffe_preprocessing_matches_keras():
@@ -37,8 +88,7 @@ def test_tf_preprocessing_matches_keras():
 
 def test_classifier_takes_raw_uint8_of_any_size(tmp_path):
     extractor = models.feature_extractor(params("resnet50", 32))
-    train_features = np.random.default_rng(0).normal(size=(10, extractor.output_shape[-1])).astype("float32")
-    model = models.classifier(extractor, models.head(train_features, 4, 0.1), 32)
+    model = models.classifier(extractor, models.head(random_features(extractor), 4, HEAD), 32)
     model.save(tmp_path / "m.keras")
     loaded = models.load(tmp_path / "m.keras")
     for shape in [(2, 32, 32, 3), (1, 57, 91, 3)]:
@@ -53,8 +103,6 @@ def test_weights_file_is_loaded_and_checked(tmp_path):
     loaded = models.backbone(params("resnet50", 32, str(tmp_path / "resnet50.weights.h5")))
     for ours, saved in zip(loaded.get_weights(), base.get_weights(), strict=True):
         np.testing.assert_array_equal(ours, saved)
-    from pipeline.cli import UserError
-
     with pytest.raises(UserError, match="does not fit inception_v3"):
         models.backbone(params("inception_v3", 75, str(tmp_path / "resnet50.weights.h5")))
 
@@ -67,7 +115,7 @@ def test_imagenet_download_failure_is_one_line(project, tmp_path):
     env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras-home"),  # nothing cached
            "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # no network
     result = subprocess.run([sys.executable, "-m", "pipeline.features"], cwd=project, capture_output=True,
-                            text=True, env=env)
+                            text=True, env=env, check=False)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model.weights=imagenet: could not download the ImageNet weights for inception_v3")

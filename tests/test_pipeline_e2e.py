@@ -1,56 +1,201 @@
-"""The whole pipeline, for real: `dvc repro` on generated images, MLflow store, fresh-process load."""
+"""The whole pipeline, for real: one `dvc repro` on generated images, then everything a user does
+with the result — MLflow runs and registry, a model server, DVC plots, the accuracy gate, sharing
+through a DVC remote, and what reruns when something changes."""
 
+import base64
 import json
 import re
+import shutil
+import socket
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
 
-from conftest import run, set_params
+from conftest import make_images, new_project, project_env, run, set_params
+
+CLASSES = {"red": 12, "green": 12, "blue": 12}
 
 
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-def test_dvc_repro_end_to_end(project):
-    first = run(["dvc", "repro"], project)
-    assert stages_run(first.stdout) == ["download", "prepare", "augment", "features", "train", "evaluate"]
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, str]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    project = new_project(tmp / "project", make_images(tmp / "images", CLASSES))
+    return project, run(["dvc", "repro"], project).stdout
 
+
+@pytest.fixture
+def client(trained) -> mlflow.MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{trained[0] / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def in_fresh_process(code: str, cwd: Path) -> str:
+    return run([sys.executable, "-c", code], cwd).stdout.strip().splitlines()[-1]
+
+
+def jpeg_bytes(project: Path) -> bytes:
+    return next((project / "data" / "prepared" / "images" / "red").glob("*.jpg")).read_bytes()
+
+
+def test_all_stages_run_and_write_metrics(trained):
+    project, output = trained
+    assert stages_run(output) == ["download", "prepare", "augment", "features", "train", "evaluate", "export"]
     metrics = json.loads((project / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert metrics["test_images"] == 6  # 3 classes x round(12 * 0.15)
-    assert "accuracy" in run(["dvc", "metrics", "show", "--json"], project).stdout
+    assert set(metrics["per_class"]) == set(CLASSES)
+    assert sum(c["support"] for c in metrics["per_class"].values()) == 6
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    assert shown[""]["data"]["eval/metrics.json"]["data"]["accuracy"] == metrics["accuracy"]
 
-    # MLflow: one finished run with every param, per-epoch and test metrics, and a registered model.
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+
+def test_mlflow_run_has_params_tags_metrics_and_artifacts(trained, client):
+    project, _ = trained
     runs = mlflow.search_runs(experiment_names=["flowers"], output_format="list")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = runs[0]
     assert logged.data.params["model.backbone"] == "inception_v3"
-    assert logged.data.params["train.epochs"] == "3"
+    assert logged.data.params["prepare.split.val"] == "0.15"
+    assert logged.data.tags["mlflow.source.git.commit"] is not None
+    assert len(logged.data.tags["data.manifest_sha256"]) == 64
+    metrics = json.loads((project / "eval" / "metrics.json").read_text())
     assert logged.data.metrics["test_accuracy"] == metrics["accuracy"]
-    history = mlflow.MlflowClient().get_metric_history(logged.info.run_id, "val_accuracy")
-    assert [m.step for m in history] == [1, 2, 3]
+    assert logged.data.metrics["test_macro_f1"] == metrics["macro"]["f1"]
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "val_accuracy")] == [1, 2, 3]
     recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
     assert recorded["run_id"] == logged.info.run_id
-    versions = mlflow.MlflowClient().search_model_versions("name='flowers-classifier'")
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/reliability.png", "plots/gradcam.png"} <= artifacts
+    reports = {a.path for a in client.list_artifacts(logged.info.run_id, "reports")}
+    assert {"reports/metrics.json", "reports/data.json", "reports/labels.json"} <= reports
+    versions = client.search_model_versions("name='flowers-classifier'")
     assert [v.run_id for v in versions] == [logged.info.run_id]
 
-    # The logged model loads in a fresh process (no code of ours) and gives one row per raw image.
-    load = (
-        "import mlflow, numpy as np, sys;"
+
+def test_registered_model_classifies_image_bytes_in_a_fresh_process(trained):
+    project, _ = trained
+    image = project / "data" / "prepared" / "images" / "red"
+    code = (
+        "import mlflow, pandas as pd, pathlib, json;"
         f"mlflow.set_tracking_uri('sqlite:///{project / 'mlflow.db'}');"
         "m = mlflow.pyfunc.load_model('models:/flowers-classifier/1');"
+        f"files = sorted(pathlib.Path('{image}').glob('*.jpg'))[:3];"
+        "out = m.predict(pd.DataFrame({'image': [f.read_bytes() for f in files]}), params={'top_k': 2});"
+        "print(json.dumps({'labels': out['label'].tolist(), 'k': [len(json.loads(t)) for t in out['top_k']]}))"
+    )
+    answer = json.loads(in_fresh_process(code, project.parent))
+    assert set(answer["labels"]) <= set(CLASSES) and len(answer["labels"]) == 3
+    assert answer["k"] == [2, 2, 2]
+
+
+def test_keras_flavor_takes_raw_uint8_batches_of_any_size(trained):
+    project, _ = trained
+    run_id = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())["run_id"]
+    code = (
+        "import mlflow, numpy as np;"
+        f"mlflow.set_tracking_uri('sqlite:///{project / 'mlflow.db'}');"
+        f"m = mlflow.pyfunc.load_model('runs:/{run_id}/model');"
         "p = m.predict(np.random.default_rng(0).integers(0, 255, (4, 90, 120, 3), dtype='uint8'));"
         "print(p.shape, bool(np.allclose(p.sum(axis=1), 1, atol=1e-4)))"
     )
-    fresh = run([sys.executable, "-c", load], project.parent)
-    assert fresh.stdout.strip().splitlines()[-1] == "(4, 3) True"
+    assert in_fresh_process(code, project.parent) == "(4, 3) True"
 
-    # Nothing changed: nothing runs. A training param changed: only train and evaluate run.
-    again = run(["dvc", "repro"], project)
-    assert stages_run(again.stdout) == []
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_model_server_answers_a_jpeg_request(trained):
+    project, _ = trained
+    port = free_port()
+    env = {**project_env(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", "models:/flowers-classifier/1", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        image = jpeg_bytes(project)
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        served = response.json()["predictions"][0]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    # The server's answer is the model's answer for that image.
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    local = mlflow.pyfunc.load_model("models:/flowers-classifier/1")
+    expected = local.predict(pd.DataFrame({"image": [image]})).iloc[0]
+    assert served["label"] == expected["label"]
+    assert served["probability"] == pytest.approx(expected["probability"], abs=1e-5)
+
+
+def test_dvc_plots_render_to_html(trained, tmp_path):
+    project, _ = trained
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], project)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "Test confusion matrix" in html and "Training loss" in html
+    images = list((tmp_path / "plots" / "static").glob("*.png"))
+    assert any("gradcam" in p.name for p in images) and any("reliability" in p.name for p in images)
+
+
+def test_accuracy_gate_fails_the_stage_with_one_line(trained, tmp_path):
+    project = Path(shutil.copytree(trained[0], tmp_path / "copy", symlinks=True))
+    # A model that always answers the first class: exactly 2 of 6 test images right.
+    from pipeline import models
+
+    model = models.load(project / "data" / "model" / "model.keras")
+    dense = model.get_layer("head").get_layer("probabilities")
+    kernel, bias = dense.get_weights()
+    dense.set_weights([np.zeros_like(kernel), np.eye(len(bias))[0] * 10])
+    model.save(project / "data" / "model" / "model.keras")
+    set_params(project, **{"evaluate.min_accuracy": 0.5})
+    result = run([sys.executable, "-m", "pipeline.evaluate"], project, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: test accuracy 0.3333 is below evaluate.min_accuracy 0.5")
+    assert json.loads((project / "eval" / "metrics.json").read_text())["accuracy"] == 0.3333
+
+
+def test_push_then_pull_into_a_fresh_clone_runs_nothing(trained, tmp_path):
+    project, _ = trained
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "trained"], project)
+    run(["dvc", "push"], project)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run(["dvc", "pull"], clone)
+    assert (clone / "data" / "model" / "model.keras").is_file()
+    assert stages_run(run(["dvc", "repro"], clone).stdout) == []
+
+
+def test_only_what_changed_reruns(trained, client):
+    project, _ = trained
+    assert stages_run(run(["dvc", "repro"], project).stdout) == []
     set_params(project, **{"train.epochs": 2})
-    assert stages_run(run(["dvc", "repro"], project).stdout) == ["train", "evaluate"]
+    assert stages_run(run(["dvc", "repro"], project).stdout) == ["train", "evaluate", "export"]
     assert len(mlflow.search_runs(experiment_names=["flowers"], output_format="list")) == 2

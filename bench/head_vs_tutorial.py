@@ -1,0 +1,163 @@
+"""Head phase vs the keras.io transfer-learning recipe, same split, backbone, weights, size, epochs, batch.
+
+Ours: ``python -m pipeline.augment``, ``pipeline.features``, ``pipeline.train`` (head phase only)
+as subprocesses in a scratch project; their total wall time is the honest cost (offline augmentation
+and feature extraction included, each with its own Python + TensorFlow start-up).
+The recipe: train/val folders built from our prepared split manifest, then
+``keras.utils.image_dataset_from_directory``, a frozen ``keras.applications`` backbone with Keras
+augmentation layers (flip, zoom, brightness, contrast) inside the model, and ``model.fit``, timed
+in this process from dataset creation to the end of ``fit`` (TensorFlow import not counted).
+Both run exactly ``--epochs`` epochs (our early stopping off) and report their last epoch's
+val_accuracy on the same val images. Optionally times fine-tuning epochs (no activation cache yet).
+
+    python bench/head_vs_tutorial.py --per-class 60 --image-size 150 --epochs 10
+"""
+
+import argparse
+import csv
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import (
+    ARCHIVE,
+    load_average,
+    manifest_rows,
+    new_workdir,
+    run_stage,
+    set_params,
+)
+
+
+def ours(workdir: Path) -> dict:
+    shutil.rmtree(workdir / "cache" / "augment", ignore_errors=True)  # every variant rendered, none reused
+    seconds = {name: run_stage(name, workdir).seconds for name in ("augment", "features", "train")}
+    history = read_history(workdir)
+    head = [row for row in history if row["phase"] == "head"]
+    return {"seconds": seconds, "total": sum(seconds.values()),
+            "epoch": statistics.median(float(r["seconds"]) for r in head[1:] or head),
+            "val_accuracy": float(head[-1]["val_accuracy"]), "epochs": len(head)}
+
+
+def read_history(workdir: Path) -> list[dict]:
+    with open(workdir / "data/model/history.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def split_folders(workdir: Path) -> Path:
+    """``recipe/{train,val}/<class>/`` links to the prepared images of our split."""
+    root = workdir / "recipe"
+    shutil.rmtree(root, ignore_errors=True)
+    for row in manifest_rows(workdir / "data/prepared/manifest.csv"):
+        if row["split"] in ("train", "val"):
+            source = workdir / "data/prepared" / row["path"]
+            target = root / row["split"] / row["label"] / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(source, target)
+    return root
+
+
+def tutorial(workdir: Path, backbone: str, size: int, epochs: int, batch_size: int, seed: int) -> dict:
+    import keras
+
+    from pipeline.backbones import BACKBONES
+
+    folders = split_folders(workdir)
+    keras.utils.set_random_seed(seed)
+    started = time.perf_counter()
+    options = {"image_size": (size, size), "batch_size": batch_size, "crop_to_aspect_ratio": True, "seed": seed}
+    train = keras.utils.image_dataset_from_directory(folders / "train", shuffle=True, **options)
+    val = keras.utils.image_dataset_from_directory(folders / "val", shuffle=False, **options)
+    n_classes = len(train.class_names)
+    spec = BACKBONES[backbone]
+    application = getattr(keras.applications, spec.application)
+    preprocess = getattr(keras.applications, application.__module__.split(".")[-1]).preprocess_input
+    base = application(include_top=False, weights=None, input_shape=(size, size, 3))
+    base.trainable = False
+    augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal"),
+                                     keras.layers.RandomZoom((-0.25, 0.0)),  # ~ our crop_scale 0.6..1
+                                     keras.layers.RandomBrightness(0.2), keras.layers.RandomContrast(0.2)])
+    inputs = keras.Input(shape=(size, size, 3))
+    x = preprocess(augmentation(inputs))
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    model = keras.Model(inputs, keras.layers.Dense(n_classes, activation="softmax")(x))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    epoch_seconds = []
+    timer = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: epoch_seconds.append(time.perf_counter()),
+        on_epoch_end=lambda epoch, logs: epoch_seconds.append(time.perf_counter() - epoch_seconds.pop()))
+    history = model.fit(train, validation_data=val, epochs=epochs, callbacks=[timer], verbose=2)
+    total = time.perf_counter() - started
+    return {"total": total, "epoch": statistics.median(epoch_seconds[1:] or epoch_seconds),
+            "val_accuracy": history.history["val_accuracy"][-1], "epochs": len(epoch_seconds)}
+
+
+def fine_tune(workdir: Path, epochs: int) -> dict:
+    """Our current fine-tuning (top 2 blocks, images through the whole backbone every epoch)."""
+    set_params(workdir, {"train.fine_tune.blocks": 2, "train.fine_tune.epochs": epochs})
+    try:
+        run_stage("train", workdir)
+    finally:
+        set_params(workdir, {"train.fine_tune.blocks": 0})
+    rows = [row for row in read_history(workdir) if row["phase"] == "fine_tune"]
+    return {"first": float(rows[0]["seconds"]), "epoch": statistics.median(float(r["seconds"]) for r in rows[1:] or rows),
+            "images": len([r for r in manifest_rows(workdir / "data/augmented/manifest.csv") if r["split"] == "train"])}
+
+
+def run(workdir: Path, epochs: int, fine_tune_epochs: int) -> list[tuple[str, str]]:
+    """Needs ``data/prepared`` in ``workdir`` (bench/data_stages.py, or download + prepare)."""
+    import yaml
+
+    if not (workdir / "data/prepared/manifest.csv").is_file():
+        run_stage("download", workdir), run_stage("prepare", workdir)
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    a = ours(workdir)
+    b = tutorial(workdir, params["model"]["backbone"], params["model"]["image_size"], epochs,
+                 params["train"]["batch_size"], params["seed"])
+    split = [r["split"] for r in manifest_rows(workdir / "data/prepared/manifest.csv")]
+    recipe_forwards = epochs * (split.count("train") + split.count("val"))
+    our_forwards = len(manifest_rows(workdir / "data/augmented/manifest.csv"))
+    stages = ", ".join(f"{name} {s:.1f}" for name, s in a["seconds"].items())
+    rows = [("ours: augment + features + train (head), wall", f"{a['total']:.1f} s ({stages})"),
+            ("recipe: image_dataset_from_directory + fit, wall", f"{b['total']:.1f} s"),
+            ("speed-up, whole (recipe / ours)", f"{b['total'] / a['total']:.2f}x"),
+            ("backbone forward passes (recipe: epochs x (train + val) / ours: every augmented image once)",
+             f"{recipe_forwards} / {our_forwards}: at most {recipe_forwards / our_forwards:.1f}x less backbone work"),
+            ("head epoch, median of epochs 2.. (ours / recipe)", f"{a['epoch']:.3f} s / {b['epoch']:.2f} s"),
+            ("speed-up, per epoch (recipe / ours)", f"{b['epoch'] / a['epoch']:.0f}x"),
+            ("val_accuracy after the last epoch (ours / recipe)",
+             f"{a['val_accuracy']:.3f} / {b['val_accuracy']:.3f} ({a['epochs']} / {b['epochs']} epochs)"),
+            ("goal: whole >= 10x faster at equal or better val_accuracy",
+             "met" if b["total"] / a["total"] >= 10 and a["val_accuracy"] >= b["val_accuracy"] else "NOT met")]
+    if fine_tune_epochs:
+        f = fine_tune(workdir, fine_tune_epochs)
+        rows.append(("fine-tune epoch, top 2 blocks, no activation cache yet (first / median of the rest)",
+                     f"{f['first']:.1f} s / {f['epoch']:.1f} s ({f['images']} train images)"))
+    rows.append(("load average (1 min) after", load_average()))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", type=Path, default=ARCHIVE)
+    parser.add_argument("--per-class", type=int, default=60, help="data.max_per_class")
+    parser.add_argument("--image-size", type=int, default=150, help="model.image_size")
+    parser.add_argument("--copies", type=int, default=2, help="augment.copies")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--fine-tune-epochs", type=int, default=0, help="also time this many fine-tuning epochs")
+    parser.add_argument("--workdir", type=Path, help="scratch folder to use or reuse (default: a new temporary one)")
+    args = parser.parse_args()
+    workdir = new_workdir(args.workdir or Path(tempfile.mkdtemp(prefix="bench-")), args.archive, args.per_class,
+                          args.image_size, args.copies, args.epochs)
+    for name, value in run(workdir, args.epochs, args.fine_tune_epochs):
+        print(f"{name}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Classification metrics over predicted probabilities: plain functions, no I/O.
+
+``y_true`` holds class indices, ``probabilities`` one row per image (columns in label order).
+"""
+
+import numpy as np
+from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support, top_k_accuracy_score
+
+CALIBRATION_BINS = 10
+
+
+def classification_report(y_true: np.ndarray, probabilities: np.ndarray, labels: list[str], top_k: int) -> dict:
+    """Nested metrics for ``eval/metrics.json`` (DVC flattens them to ``macro.f1`` and so on)."""
+    classes = np.arange(len(labels))
+    y_pred = probabilities.argmax(axis=1)
+    k = min(top_k, len(labels))
+    report = {
+        "accuracy": accuracy_score(y_true, y_pred),
+        f"top_{k}_accuracy": top_k_accuracy_score(y_true, probabilities, k=k, labels=classes),
+        "log_loss": log_loss(y_true, probabilities, labels=classes),
+        "ece": expected_calibration_error(y_true, probabilities),
+    }
+    for average in ("macro", "weighted"):
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=classes, average=average, zero_division=0
+        )
+        report[average] = {"precision": precision, "recall": recall, "f1": f1}
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, average=None, zero_division=0
+    )
+    report["per_class"] = {
+        name: {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": int(support[i])}
+        for i, name in enumerate(labels)
+    }
+    report["test_images"] = len(y_true)
+    return _rounded(report)
+
+
+def reliability(y_true: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS):
+    """Per confidence bin (equal width over [0, 1]): mean confidence, accuracy and image count."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    # Bin i holds confidences in (i/bins, (i+1)/bins]; confidence 0 can't occur with >= 1 class.
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore"):
+        mean_confidence = np.bincount(index, weights=confidence, minlength=bins) / counts
+        accuracy = np.bincount(index, weights=correct, minlength=bins) / counts
+    return mean_confidence, accuracy, counts
+
+
+def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """Sum over bins of |accuracy - confidence|, weighted by the share of images in the bin."""
+    mean_confidence, accuracy, counts = reliability(y_true, probabilities, bins)
+    filled = counts > 0
+    return float(np.sum(np.abs(accuracy[filled] - mean_confidence[filled]) * counts[filled]) / counts.sum())
+
+
+def _rounded(tree):
+    if isinstance(tree, dict):
+        return {k: _rounded(v) for k, v in tree.items()}
+    if isinstance(tree, (float, np.floating)):
+        return round(float(tree), 4)
+    return tree

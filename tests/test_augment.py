@@ -1,0 +1,263 @@
+"""The augmentation policy, offline (albumentations, the augment stage) and online (Keras layers).
+
+Policy tests measure generated images whose content encodes what a transform did: a coordinate
+gradient (crop size, flips), flat colours (brightness, contrast, saturation, hue, PCA lighting).
+Stage tests run `python -m pipeline.augment` for real and compare every output file with the same
+image rendered here, in this one process: equal bytes mean the stage is deterministic, independent
+of its worker processes, and that nothing stale came from its render cache.
+"""
+
+import colorsys
+import csv
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, make_images, project_env, run, set_params
+from pipeline.augment import decode, encode_jpeg, render_copy
+from pipeline.augmentation import IMAGENET_EIGVAL, IMAGENET_EIGVEC, offline_policy, offline_variant, online_augmentation
+from pipeline.cli import UserError
+from pipeline.config import Config, load_config
+
+SIZE = 128
+N = 300  # samples per statistical check: standard errors of a few percent
+OFF = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0, "vflip": 0.0, "brightness": 0.0,
+       "contrast": 0.0, "saturation": 0.0, "hue": 0.0, "pca_std": 0.0}
+ALL_ON = {"crop_scale": (0.3, 1.0), "crop_ratio": (0.75, 4 / 3), "hflip": 0.5, "vflip": 0.5, "brightness": 0.4,
+          "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "pca_std": 0.3}
+
+
+def config(**policy) -> Config:
+    """The repo's params with every augmentation off except ``policy``, at SIZE px."""
+    cfg = load_config(REPO / "params.yaml")
+    return cfg.model_copy(update={"augment": cfg.augment.model_copy(update={**OFF, **policy}),
+                                  "model": cfg.model.model_copy(update={"image_size": SIZE})})
+
+
+def augmented(path: str, image: np.ndarray, n: int = N, **policy) -> np.ndarray:
+    """``n`` augmented versions of ``image`` (SIZE x SIZE uint8) by one path, as float (n, SIZE, SIZE, 3)."""
+    cfg = config(**policy)
+    if path == "offline":
+        transform = offline_policy(SIZE, cfg.augment)
+        return np.stack([offline_variant(transform, image, seed) for seed in range(n)]).astype("float32")
+    batch = np.repeat(image[None].astype("float32"), n, axis=0)
+    return np.asarray(online_augmentation(cfg)(batch, training=True))
+
+
+def gradient() -> np.ndarray:
+    """Red = 2 * column, green = 2 * row: an output pixel tells where in the input it came from."""
+    x = np.arange(SIZE) * 2
+    return np.stack([np.tile(x, (SIZE, 1)), np.tile(x[:, None], (1, SIZE)), np.full((SIZE, SIZE), 128)],
+                    axis=-1).astype("uint8")
+
+
+def flat(rgb) -> np.ndarray:
+    return np.tile(np.array(rgb, dtype="uint8"), (SIZE, SIZE, 1))
+
+
+def crop_sides(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Width and height of each crop as fractions of the input, read off the gradient."""
+    span = SIZE / (SIZE - 1) / (2 * SIZE)  # output end-to-end span -> fraction of the input
+    width = (images[:, :, -1, 0] - images[:, :, 0, 0]).mean(axis=1) * span
+    height = (images[:, -1, :, 1] - images[:, 0, :, 1]).mean(axis=1) * span
+    return np.abs(width), np.abs(height)
+
+
+def pca_alpha(images: np.ndarray) -> np.ndarray:
+    """The weight of ImageNet's first RGB principal component in each image's shift from grey 128."""
+    shift = images.mean(axis=(1, 2)) - 128
+    return shift @ IMAGENET_EIGVEC[:, 0] / (255 * IMAGENET_EIGVAL[0])
+
+
+PATHS = ["offline", "online"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_outputs_have_the_input_size_and_pixel_range(path):
+    images = augmented(path, gradient(), n=8, **ALL_ON)
+    assert images.shape == (8, SIZE, SIZE, 3)
+    assert images.min() >= 0 and images.max() <= 255 + 1e-3
+    assert len({im.tobytes() for im in images}) == 8  # every sample differs
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_flips_actually_flip(path):
+    image = gradient()
+    assert np.allclose(augmented(path, image, n=2, hflip=1.0), image[:, ::-1], atol=1e-3)
+    assert np.allclose(augmented(path, image, n=2, vflip=1.0), image[::-1], atol=1e-3)
+    assert np.allclose(augmented(path, image, n=2, hflip=0.0, vflip=0.0), image, atol=1e-3)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_crops_stay_within_the_area_and_ratio_bounds(path):
+    width, height = crop_sides(augmented(path, gradient(), crop_scale=(0.3, 0.6), crop_ratio=(0.75, 4 / 3)))
+    area = width * height
+    assert area.min() >= 0.3 - 0.02 and area.max() <= 0.6 + 0.02
+    assert area.max() - area.min() > 0.2  # the range is used, not a fixed crop
+    assert (width / height).min() >= 0.75 - 0.03 and (width / height).max() <= 4 / 3 + 0.03
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_lighting_stays_within_bounds(path):
+    shift = augmented(path, flat([128] * 3), brightness=0.2).mean(axis=(1, 2, 3)) - 128
+    assert np.abs(shift).max() <= 0.2 * 255 + 1
+
+    halves = np.concatenate([flat([64] * 3)[:, : SIZE // 2], flat([192] * 3)[:, SIZE // 2 :]], axis=1)
+    out = augmented(path, halves, contrast=0.3)
+    factor = (out[:, :, -1] - out[:, :, 0]).mean(axis=(1, 2)) / 128
+    assert factor.min() >= 0.7 - 0.02 and factor.max() <= 1.3 + 0.02 and factor.std() > 0.1
+
+    colour = [160, 120, 100]
+    out = augmented(path, flat(colour), saturation=0.3).mean(axis=(1, 2))
+    chroma = (out.max(axis=1) - out.min(axis=1)) / 60  # max - min of the colour, 60 before
+    assert chroma.min() >= 0.7 - 0.03 and chroma.max() <= 1.3 + 0.03 and chroma.std() > 0.1
+
+    green = [80, 200, 80]
+    out = augmented(path, flat(green), hue=0.05).mean(axis=(1, 2)) / 255
+    turn = np.array([colorsys.rgb_to_hsv(*rgb)[0] for rgb in out]) - 1 / 3
+    assert np.abs(turn).max() <= 0.05 + 0.01 and turn.std() > 0.02
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_pca_lighting_shifts_every_pixel_alike_along_imagenet_components(path):
+    out = augmented(path, flat([128] * 3), pca_std=0.5)
+    assert out.std(axis=(1, 2)).max() < 0.6  # one RGB offset per image, not noise
+    assert pca_alpha(out).std() == pytest.approx(0.5, rel=0.15)
+
+
+def test_offline_and_online_policies_agree_statistically():
+    flips = {p: (lambda im: im[:, :, 0, 0] > im[:, :, -1, 0])(augmented(p, gradient(), n=400, hflip=0.3)).mean()
+             for p in PATHS}
+    assert flips["offline"] == pytest.approx(0.3, abs=0.07) and flips["online"] == pytest.approx(0.3, abs=0.07)
+
+    shifts = {p: augmented(p, flat([128] * 3), brightness=0.2).mean(axis=(1, 2, 3)) - 128 for p in PATHS}
+    for shift in shifts.values():  # uniform in [-51, 51]: mean 0, standard deviation 51 / sqrt(3)
+        assert shift.mean() == pytest.approx(0, abs=5)
+        assert shift.std() == pytest.approx(0.2 * 255 / 3**0.5, rel=0.15)
+
+    # Both redraw crops that do not fit, which pulls the mean area below the middle of crop_scale.
+    areas = {p: np.prod(crop_sides(augmented(p, gradient(), crop_scale=(0.6, 1.0), crop_ratio=(0.75, 4 / 3))), axis=0)
+             for p in PATHS}
+    assert areas["offline"].mean() == pytest.approx(0.744, abs=0.02)
+    assert areas["online"].mean() == pytest.approx(areas["offline"].mean(), abs=0.02)
+
+    alphas = {p: pca_alpha(augmented(p, flat([128] * 3), pca_std=0.5)) for p in PATHS}
+    assert alphas["online"].std() == pytest.approx(alphas["offline"].std(), rel=0.2)
+
+
+def test_offline_variant_depends_only_on_its_seed(tmp_path):
+    transform = offline_policy(SIZE, config(**ALL_ON).augment)
+    image = np.asarray(Image.open(next(make_images(tmp_path, {"x": 1}, size=(160, 120)).rglob("*.jpg"))))
+    first = offline_variant(transform, image, 7)
+    offline_variant(transform, image, 8)
+    assert offline_variant(transform, image, 7).tobytes() == first.tobytes()
+    assert offline_variant(transform, image, 8).tobytes() != first.tobytes()
+
+
+def test_online_layers_do_nothing_at_inference():
+    cfg = config(**ALL_ON)
+    batch = np.repeat(gradient()[None].astype("float32"), 4, axis=0)
+    assert np.allclose(online_augmentation(cfg)(batch, training=False), batch, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("augment.crop_ratio", [1.3, 0.7], "augment: crop_ratio must be [min, max] with min <= max"),
+        ("augment.mode", "sometimes", "augment.mode: Input should be 'offline', 'online' or 'both'"),
+        ("augment.hue", 0.6, "augment.hue: Input should be less than or equal to 0.5"),
+    ],
+)
+def test_bad_policy_fails_naming_the_key(tmp_path, key, value, expected):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    set_params(tmp_path, **{key: value})
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_config(tmp_path / "params.yaml")
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+
+def run_augment(project: Path, cache: Path) -> tuple[list[dict[str, str]], int]:
+    """Run the stage with render cache ``cache``; its manifest and how many files it rendered."""
+    result = run([sys.executable, "-m", "pipeline.augment"], project,
+                 env={**project_env(project), "PIPELINE_CACHE_DIR": str(cache)})
+    with open(project / "data" / "augmented" / "manifest.csv", newline="") as fh:
+        return list(csv.DictReader(fh)), int(re.search(r"\((\d+) rendered", result.stdout).group(1))
+
+
+def prepare(project: Path) -> None:
+    for stage in ("download", "prepare"):
+        run([sys.executable, "-m", f"pipeline.{stage}"], project)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_matches_a_fresh_render(project: Path, manifest: list[dict[str, str]]) -> None:
+    """Every output file has the bytes this process renders for it from the prepared image."""
+    cfg = load_config(project / "params.yaml")
+    with open(project / "data" / "prepared" / "manifest.csv", newline="") as fh:
+        sha256 = {r["path"]: r["sha256"] for r in csv.DictReader(fh)}
+    for row in manifest:
+        pixels = decode((project / "data" / "prepared" / row["source"]).read_bytes())
+        expected = encode_jpeg(render_copy(pixels, int(row["copy"]), sha256[row["source"]], cfg))
+        assert (project / "data" / "augmented" / row["path"]).read_bytes() == expected, row
+
+
+def test_stage_writes_the_manifest_contract_deterministically(project, tmp_path):
+    prepare(project)
+    manifest, rendered = run_augment(project, tmp_path / "cache1")
+    assert list(manifest[0]) == ["path", "label", "split", "copy", "source"]
+    copies = {(r["split"], r["copy"]) for r in manifest}
+    assert copies == {("train", "0"), ("train", "1"), ("val", "0"), ("test", "0")}  # val/test: resized only
+    assert rendered == len(manifest)
+    for row in manifest[:: len(manifest) // 7]:
+        assert Image.open(project / "data" / "augmented" / row["path"]).size == (75, 75)
+    assert_matches_a_fresh_render(project, manifest)
+    gallery = project / "reports" / "augment_gallery.png"
+    assert Image.open(gallery).format == "PNG"
+
+    first = tree(project / "data" / "augmented"), gallery.read_bytes()
+    run_augment(project, tmp_path / "cache2")  # from scratch again: byte-identical
+    assert (tree(project / "data" / "augmented"), gallery.read_bytes()) == first
+
+
+def test_stage_renders_only_what_is_new_and_never_reuses_stale_files(project, tmp_path):
+    prepare(project)
+    cache = tmp_path / "cache"
+    before, _ = run_augment(project, cache)
+
+    extra = make_images(tmp_path / "extra", {"red": 4}, seed=99)
+    for i, path in enumerate(sorted((extra / "red").glob("*.jpg"))):
+        shutil.copy(path, tmp_path / "images" / "red" / f"extra_{i}.jpg")
+    prepare(project)
+    after, rendered = run_augment(project, cache)
+    new = {(r["source"], r["copy"]) for r in after} - {(r["source"], r["copy"]) for r in before}
+    assert len(after) > len(before) and rendered == len(new) > 0
+    assert_matches_a_fresh_render(project, after)
+
+    set_params(project, **{"augment.brightness": 0.35})
+    changed, rendered = run_augment(project, cache)
+    assert rendered == sum(r["copy"] != "0" for r in changed)  # originals reused, every variant redone
+    assert_matches_a_fresh_render(project, changed)
+
+    set_params(project, **{"augment.mode": "online"})
+    online, rendered = run_augment(project, cache)
+    assert rendered == 0 and {r["copy"] for r in online} == {"0"}
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    result = run([sys.executable, "-m", "pipeline.augment"], project, check=False,
+                 env={**project_env(project), "PIPELINE_CACHE_DIR": str(blocked)})
+    # One line from us, after whatever TensorFlow logs when it loads; no traceback.
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.fullmatch(r"error: cannot create the render cache .* set PIPELINE_CACHE_DIR to a writable folder",
+                        result.stderr.strip().splitlines()[-1])
+    assert len(list((project / "data" / "augmented").rglob("*.jpg"))) == len(online)  # last output kept

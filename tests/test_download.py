@@ -1,0 +1,369 @@
+"""download: every kind of source, checksums, safe extraction, resumable downloads, offline re-runs.
+
+The stage runs in-process in a throw-away folder (params.yaml + its own download cache), against
+generated archives and a real HTTP server on 127.0.0.1. Retries wait 10 ms instead of seconds.
+"""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, set_params
+from fixtures_bad import HTML_PAGE, jpeg_bytes, tar_entry, tar_with, write_pictures, zip_with
+from pipeline import download
+from pipeline.cli import UserError
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch) -> None:
+    monkeypatch.setattr(download, "RETRY_WAIT_S", 0.01)
+
+
+def download_from(url, **params) -> dict:
+    set_params(Path.cwd(), **{"data.url": str(url), **params})
+    download.main()
+    return json.loads(Path("reports/download.json").read_text())
+
+
+def refused(url, **params) -> str:
+    """The one-line error for ``url``; checks that nothing was left in data/raw."""
+    with pytest.raises(UserError) as err:
+        download_from(url, **params)
+    assert "\n" not in str(err.value)
+    assert not Path("data/raw").exists()
+    assert not list(Path("data").glob(".raw.tmp-*"))  # no staging folder left either
+    return str(err.value)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def flowers(tmp_path: Path) -> Path:
+    """A source folder shaped like flower_photos: a wrapping folder, a LICENSE, two classes."""
+    root = tmp_path / "src" / "flowers"
+    write_pictures(root, {"daisy": 2, "tulips": 2})
+    (root / "LICENSE.txt").write_text("CC-BY\n")
+    return root
+
+
+def cached_files(workdir: Path) -> list[Path]:
+    return sorted(p for p in (workdir.parent / "cache").rglob("*") if p.is_file())
+
+
+# --- Sources ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["gztar", "tar", "zip"])
+def test_local_archive_unpacks_to_class_folders(workdir, flowers, fmt):
+    archive = Path(shutil.make_archive(str(workdir.parent / "flowers"), fmt, flowers.parent))
+    report = download_from(archive)
+    assert sorted(p.name for p in Path("data/raw").iterdir()) == ["LICENSE.txt", "daisy", "tulips"]
+    assert (Path("data/raw/daisy") / "img_0000.jpg").read_bytes() == (flowers / "daisy" / "img_0000.jpg").read_bytes()
+    assert report["sha256"] == sha256(archive) and report["files"] == 5
+
+
+def test_file_url_and_matching_sha256(workdir, flowers):
+    archive = Path(shutil.make_archive(str(workdir.parent / "flowers"), "gztar", flowers.parent))
+    report = download_from(archive.as_uri(), **{"data.sha256": sha256(archive)})
+    assert report["sha256"] == sha256(archive)
+    assert len(list(Path("data/raw/tulips").iterdir())) == 2
+
+
+def test_checksum_mismatch_names_both_hashes(workdir, flowers):
+    archive = Path(shutil.make_archive(str(workdir.parent / "flowers"), "gztar", flowers.parent))
+    message = refused(archive, **{"data.sha256": "0" * 64})
+    assert "0" * 64 in message and sha256(archive) in message
+
+
+def test_local_folder_is_copied_following_only_links_inside(workdir, flowers):
+    outside = workdir.parent / "outside.jpg"
+    outside.write_bytes(jpeg_bytes(99))
+    (flowers / "daisy" / "linked.jpg").symlink_to(flowers / "tulips" / "img_0002.jpg")
+    (flowers / "roses").symlink_to(flowers / "tulips", target_is_directory=True)
+    (flowers / "daisy" / "escape.jpg").symlink_to(outside)
+    (flowers / "daisy" / "broken.jpg").symlink_to(flowers / "missing.jpg")
+    (flowers / "daisy" / "loop").symlink_to(flowers, target_is_directory=True)
+    report = download_from(flowers)
+    raw = Path("data/raw")
+    assert not [p for p in raw.rglob("*") if p.is_symlink()]
+    assert (raw / "daisy" / "linked.jpg").read_bytes() == (flowers / "tulips" / "img_0002.jpg").read_bytes()
+    assert sorted(p.name for p in (raw / "roses").iterdir()) == ["img_0002.jpg", "img_0003.jpg"]
+    assert sorted(p.name for p in (raw / "daisy").iterdir()) == ["img_0000.jpg", "img_0001.jpg", "linked.jpg"]
+    reasons = {item["path"]: item["reason"] for item in report["skipped"]}
+    assert reasons["daisy/escape.jpg"].endswith("outside the source folder")
+    assert reasons["daisy/broken.jpg"] == "broken link"
+    assert reasons["daisy/loop"].startswith("link loop")
+    assert report["sha256"] is None and report["files"] == 8
+
+
+def test_folder_with_sha256_set_is_a_user_error(workdir, flowers):
+    assert "set data.sha256 to null" in refused(flowers, **{"data.sha256": "a" * 64})
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_non_utf8_unicode_and_spaced_names_arrive_readable(workdir, tmp_path, kind):
+    odd = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: not valid UTF-8
+    if kind == "folder":
+        source = tmp_path / "odd"
+        for folder in ("rosé rouge", "tulips"):
+            (source / folder).mkdir(parents=True)
+        (source / "rosé rouge" / odd).write_bytes(jpeg_bytes(1))
+        (source / "tulips" / "花.jpg").write_bytes(jpeg_bytes(2))
+    else:
+        source = tmp_path / "odd.tar"
+        with tarfile.open(source, "w", encoding="utf-8", errors="surrogateescape") as tar:
+            for name, seed in ((f"rosé rouge/{odd}", 1), ("tulips/花.jpg", 2)):
+                info = tarfile.TarInfo(name)
+                data = jpeg_bytes(seed)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    download_from(source)
+    names = sorted(str(p.relative_to("data/raw")) for p in Path("data/raw").rglob("*.jpg"))
+    assert names == ["rosé rouge/caf\\xe9.jpg", "tulips/花.jpg"]
+
+
+# --- Safe extraction --------------------------------------------------------------------------
+
+DATA = jpeg_bytes(0)
+
+
+@pytest.mark.parametrize(
+    ("members", "expected"),
+    [
+        ([(tar_entry("flowers/../../evil.jpg"), DATA)], "'flowers/../../evil.jpg': '..' in path"),
+        ([(tar_entry("/tmp/evil.jpg"), DATA)], "'/tmp/evil.jpg': absolute path"),
+        ([(tar_entry("flowers/a/x.jpg", tarfile.SYMTYPE, "../../../outside.jpg"), b"")],
+         "'flowers/a/x.jpg': symlink to '../../../outside.jpg' points outside the archive"),
+        ([(tar_entry("flowers/a/x.jpg", tarfile.SYMTYPE, "/etc/passwd"), b"")],
+         "'flowers/a/x.jpg': symlink to '/etc/passwd' points outside the archive"),
+        ([(tar_entry("flowers/a/x.jpg", tarfile.LNKTYPE, "../outside.jpg"), b"")],
+         "'flowers/a/x.jpg': hard link to '../outside.jpg' points outside the archive"),
+        ([(tar_entry("flowers/a/x.jpg", tarfile.LNKTYPE, "flowers/a/missing.jpg"), b"")],
+         "link to 'flowers/a/missing.jpg', which is not a file in the archive"),
+        ([(tar_entry("flowers/a/tty", tarfile.CHRTYPE), b"")], "'flowers/a/tty': a device file"),
+        ([(tar_entry("flowers/a/fifo", tarfile.FIFOTYPE), b"")], "'flowers/a/fifo': a FIFO"),
+    ],
+    ids=["dotdot", "absolute", "symlink-out", "symlink-abs", "hardlink-out", "link-missing", "device", "fifo"],
+)
+def test_unsafe_tar_members_are_refused(workdir, members, expected):
+    archive = tar_with(workdir.parent / "evil.tgz", [(tar_entry("flowers/a/ok.jpg"), DATA), *members])
+    message = refused(archive)
+    assert expected in message and "refusing member" in message
+    assert not list(workdir.parent.parent.rglob("evil.jpg"))
+
+
+@pytest.mark.parametrize(
+    ("members", "symlinks", "expected"),
+    [
+        ([("../evil.jpg", DATA)], {}, "'../evil.jpg': '..' in path"),
+        ([("/abs/evil.jpg", DATA)], {}, "'/abs/evil.jpg': absolute path"),
+        ([], {"a/x.jpg": "../../outside.jpg"}, "'a/x.jpg': symlink to '../../outside.jpg' points outside"),
+    ],
+    ids=["dotdot", "absolute", "symlink-out"],
+)
+def test_unsafe_zip_members_are_refused(workdir, members, symlinks, expected):
+    archive = zip_with(workdir.parent / "evil.zip", [("a/ok.jpg", DATA), *members], symlinks)
+    assert expected in refused(archive)
+
+
+def test_links_inside_the_archive_become_copies(workdir):
+    archive = tar_with(workdir.parent / "links.tgz", [
+        (tar_entry("flowers/a/y.jpg", tarfile.SYMTYPE, "x.jpg"), b""),  # before its target: resolved at the end
+        (tar_entry("flowers/a/x.jpg"), DATA),
+        (tar_entry("flowers/b/z.jpg", tarfile.LNKTYPE, "flowers/a/x.jpg"), b""),
+        (tar_entry("flowers/b/w.jpg", tarfile.SYMTYPE, "../a/x.jpg"), b""),
+    ])
+    download_from(archive)
+    files = sorted(Path("data/raw").rglob("*.jpg"))
+    assert [str(p.relative_to("data/raw")) for p in files] == ["a/x.jpg", "a/y.jpg", "b/w.jpg", "b/z.jpg"]
+    assert all(not p.is_symlink() and p.read_bytes() == DATA for p in files)
+
+
+def test_zip_symlink_inside_becomes_a_copy(workdir):
+    download_from(zip_with(workdir.parent / "links.zip", [("a/x.jpg", DATA), ("b/y.jpg", DATA)], {"a/s.jpg": "x.jpg"}))
+    assert Path("data/raw/a/s.jpg").read_bytes() == DATA and not Path("data/raw/a/s.jpg").is_symlink()
+
+
+@pytest.mark.parametrize("fmt", ["tgz", "zip"])
+def test_archive_bombs_hit_the_caps(workdir, fmt):
+    zeros = bytes(3_000_000)  # compresses to a few KB
+    if fmt == "tgz":
+        archive = tar_with(workdir.parent / "bomb.tgz", [(tar_entry("a/big.jpg"), zeros), (tar_entry("b/x.jpg"), DATA)])
+    else:
+        archive = zip_with(workdir.parent / "bomb.zip", [("a/big.jpg", zeros), ("b/x.jpg", DATA)])
+    assert archive.stat().st_size < 100_000
+    message = refused(archive, **{"data.max_bytes": 1_000_000})
+    assert "unpacks to more than data.max_bytes=1000000 bytes (an archive bomb?)" in message
+    many = [(tar_entry(f"a/{i}.jpg"), DATA) for i in range(5)]
+    message = refused(tar_with(workdir.parent / "many.tgz", many), **{"data.max_files": 3, "data.max_bytes": 10**9})
+    assert "more than data.max_files=3 files" in message
+
+
+def test_html_page_instead_of_archive_says_so(workdir):
+    page = workdir.parent / "flower_photos.tgz"
+    page.write_bytes(HTML_PAGE)
+    assert "is not a tar or zip archive: it is an HTML page" in refused(page)
+    page.write_bytes(b"")
+    assert "it is an empty file" in refused(page)
+
+
+@pytest.mark.parametrize("fmt", ["gztar", "zip"])
+def test_truncated_archive_is_reported(workdir, flowers, fmt):
+    archive = Path(shutil.make_archive(str(workdir.parent / "flowers"), fmt, flowers.parent))
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size * 6 // 10])
+    expected = "is damaged or truncated" if fmt == "gztar" else "it is a damaged or truncated zip archive"
+    assert expected in refused(archive)
+
+
+def test_stage_prints_one_line_for_a_bad_archive(workdir):
+    (workdir / "page.tgz").write_bytes(HTML_PAGE)
+    set_params(workdir, **{"data.url": "page.tgz"})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "pipeline.download"], cwd=workdir, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: data.url: page.tgz is not a tar or zip archive: it is an HTML page "
+        "(an error or login page saved under the archive's name?)"
+    ]
+
+
+# --- Downloading over HTTP --------------------------------------------------------------------
+
+
+class ArchiveServer(ThreadingHTTPServer):
+    """Serves ``payload`` with Range support; ``cuts`` makes the next responses stop after N bytes."""
+
+    def __init__(self, payload: bytes):
+        super().__init__(("127.0.0.1", 0), ArchiveHandler)
+        self.payload, self.cuts, self.ranges, self.page, self.status = payload, [], [], None, 200
+        self.url = f"http://127.0.0.1:{self.server_port}/data/flower_photos.tgz"
+
+
+class ArchiveHandler(BaseHTTPRequestHandler):
+    server: ArchiveServer
+
+    def do_GET(self):
+        requested = self.headers.get("Range")
+        self.server.ranges.append(requested)
+        if self.server.status != 200:
+            return self.send_error(self.server.status)
+        start = int(requested.removeprefix("bytes=").rstrip("-")) if requested else 0
+        if start >= len(self.server.payload):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(self.server.payload)}")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        body = self.server.page or self.server.payload[start:]
+        self.send_response(206 if start else 200)
+        if start:
+            size = len(self.server.payload)
+            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        cut = self.server.cuts.pop(0) if self.server.cuts else len(body)
+        self.wfile.write(body[:cut])  # then the connection closes: an interrupted transfer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(flowers, tmp_path):
+    archive = Path(shutil.make_archive(str(tmp_path / "served"), "gztar", flowers.parent))
+    httpd = ArchiveServer(archive.read_bytes())
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_interrupted_download_resumes_with_range(workdir, server):
+    third = len(server.payload) // 3
+    server.cuts = [third]
+    report = download_from(server.url)
+    assert server.ranges == [None, f"bytes={third}-"]
+    [cached] = cached_files(workdir)
+    assert cached.name == "flower_photos.tgz" and cached.read_bytes() == server.payload
+    assert report["sha256"] == hashlib.sha256(server.payload).hexdigest()
+    assert len(list(Path("data/raw/daisy").iterdir())) == 2
+
+
+def test_failed_download_keeps_the_part_and_the_next_run_resumes(workdir, server):
+    server.cuts = [1000] * download.RETRIES
+    message = refused(server.url)
+    assert f"after {download.RETRIES} tries" in message and "is kept and resumes next run" in message
+    [part] = cached_files(workdir)
+    assert part.name == "flower_photos.tgz.part" and part.stat().st_size == 1000 * download.RETRIES
+    download_from(server.url)
+    assert server.ranges[-1] == f"bytes={1000 * download.RETRIES}-"
+    assert [p.read_bytes() for p in cached_files(workdir)] == [server.payload]
+
+
+def test_a_complete_part_left_by_a_killed_run_is_used(workdir, server):
+    server.cuts = [1000] * download.RETRIES
+    refused(server.url)
+    [part] = cached_files(workdir)
+    part.write_bytes(server.payload)  # as if the previous run died between the last byte and the rename
+    download_from(server.url)
+    assert server.ranges[-1] == f"bytes={len(server.payload)}-"
+    assert [p.name for p in cached_files(workdir)] == ["flower_photos.tgz"]
+
+
+def test_wrong_checksum_download_leaves_nothing_behind(workdir, server):
+    message = refused(server.url, **{"data.sha256": "f" * 64})
+    assert "f" * 64 in message and hashlib.sha256(server.payload).hexdigest() in message
+    assert cached_files(workdir) == []
+
+
+def test_html_error_page_from_the_server_is_not_cached(workdir, server):
+    server.page = HTML_PAGE
+    assert f"data.url: {server.url} is not a tar or zip archive: it is an HTML page" in refused(server.url)
+    assert cached_files(workdir) == []
+    server.page = None
+    download_from(server.url)
+    assert server.ranges == [None, None]
+
+
+def test_client_errors_are_not_retried(workdir, server):
+    server.status = 404
+    assert f"data.url {server.url}: server answered 404 Not Found; check the URL" in refused(server.url)
+    assert server.ranges == [None] and cached_files(workdir) == []
+
+
+def test_server_errors_are_retried(workdir, server):
+    server.status = 503
+    assert "(server answered 503 Service Unavailable) after 4 tries" in refused(server.url)
+    assert len(server.ranges) == download.RETRIES
+
+
+def test_cached_archive_is_used_without_network(workdir, server):
+    first = download_from(server.url)
+    server.shutdown()
+    server.server_close()  # nothing listens any more: any network access would fail
+    shutil.rmtree("data/raw")
+    again = download_from(server.url)
+    assert again == first and len(list(Path("data/raw/tulips").iterdir())) == 2
+
+
+def test_offline_with_nothing_cached_is_one_line(workdir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connections are refused
+    message = refused(f"http://127.0.0.1:{port}/flower_photos.tgz")
+    assert f"could not download data.url http://127.0.0.1:{port}/flower_photos.tgz (ConnectionError)" in message
+    assert "offline? set data.url to a local archive or folder" in message

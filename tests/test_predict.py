@@ -1,0 +1,148 @@
+"""The predict CLI on files and folders, from a model file or an MLflow URI, and the shared decoder."""
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, make_images, project_env, run
+from pipeline import models, predict
+from pipeline.cli import UserError
+from pipeline.images import read_rgb
+
+LABELS = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A folder like data/model: model.keras and labels.json. The exported model's structure
+    (models.classifier: resize, extractor, models.head) around a one-layer extractor, so that
+    loading it takes a moment; the export tests use a real backbone."""
+    import keras
+
+    from pipeline.config import HeadParams
+
+    keras.utils.set_random_seed(0)
+    root = tmp_path_factory.mktemp("model")
+    extractor = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3), keras.layers.GlobalAveragePooling2D()])
+    pixels = np.stack([np.asarray(Image.open(p)) for p in make_images(root / "images", {"a": 6}, (32, 32)).rglob("*.jpg")])
+    head = models.head(extractor.predict(pixels, verbose=0), len(LABELS), HeadParams(dense_units=0, dropout=0.5))
+    models.classifier(extractor, head, 32).save(root / "model.keras")
+    (root / "labels.json").write_text(json.dumps(LABELS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return models.load(model_dir / "model.keras")
+
+
+def expected_top(model, path: Path, k: int = 3) -> list[tuple[str, float]]:
+    probabilities = model.predict(read_rgb(path)[np.newaxis], verbose=0)[0]
+    return sorted(zip(LABELS, probabilities.tolist()), key=lambda pair: -pair[1])[:k]
+
+
+def parse_line(line: str) -> tuple[str, list[tuple[str, float]]]:
+    path, *ranked = line.split("\t")
+    return path, [(label, float(p)) for label, p in (item.split(" ") for item in ranked)]
+
+
+def test_folder_with_a_corrupt_file_prints_the_rest_and_exits_1(tmp_path, model_dir, model):
+    folder = make_images(tmp_path / "photos", {"red": 2, "green": 1}, size=(50, 40))
+    Image.new("RGBA", (30, 60), (255, 0, 0, 128)).save(folder / "green" / "transparent.png")
+    (folder / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (folder / "notes.txt").write_text("not an image, not a candidate")
+    result = run([sys.executable, "-m", "pipeline.predict", str(folder), "--model", str(model_dir / "model.keras")],
+                 tmp_path, check=False, env={**project_env(tmp_path), "PYTHONPATH": str(REPO)})
+
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.strip().splitlines()
+    images = sorted(p for p in folder.rglob("*") if p.suffix in (".jpg", ".png") and p.name != "broken.jpg")
+    assert [parse_line(line)[0] for line in lines] == [str(p) for p in images]
+    for line, image in zip(lines, images, strict=True):
+        ranked, expected = parse_line(line)[1], expected_top(model, image)
+        assert [label for label, _ in ranked] == [label for label, _ in expected]
+        assert [p for _, p in ranked] == pytest.approx([p for _, p in expected], abs=5e-4)  # printed with 3 decimals
+    broken = folder / "red" / "broken.jpg"
+    assert [line for line in result.stderr.splitlines() if line.startswith("skipped ")] == [
+        f"skipped {broken}: cannot read image (UnidentifiedImageError: cannot identify image file '{broken}')"]
+    assert "Traceback" not in result.stderr
+
+
+def test_single_file_as_json_with_top_k_capped(tmp_path, model_dir, model, capsys):
+    image = next(make_images(tmp_path, {"blue": 1}, size=(64, 33)).rglob("*.jpg"))
+    predict.main([str(image), "--model", str(model_dir / "model.keras"), "--json", "--top-k", "7"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    answer = json.loads(out[0])
+    assert answer["path"] == str(image)
+    expected = expected_top(model, image)
+    assert [p["label"] for p in answer["predictions"]] == [label for label, _ in expected]  # 3 classes, not 7
+    assert [p["probability"] for p in answer["predictions"]] == pytest.approx([p for _, p in expected], abs=1e-5)
+
+
+class Echo(mlflow.pyfunc.PythonModel):
+    """A model of another flavor, like the image_classifier the train stage registers."""
+
+    def predict(self, context, model_input):
+        return model_input
+
+
+def test_model_from_mlflow_runs_and_models_uris(tmp_path, model, monkeypatch, capsys):
+    """Logged like the train stage does: the Keras flavor as ``model``, labels.json as a run artifact."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("predict-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(LABELS))
+    with mlflow.start_run(experiment_id=experiment) as logged:
+        mlflow.keras.log_model(model, name="model", registered_model_name="tiny")
+        mlflow.log_artifact(str(labels))
+        mlflow.pyfunc.log_model(name="bytes_model", python_model=Echo(), pip_requirements=[],
+                                registered_model_name="not-keras")
+    image = next(make_images(tmp_path / "photos", {"red": 1}).rglob("*.jpg"))
+    expected = expected_top(model, image)
+
+    predict.main([str(image), "--model", f"runs:/{logged.info.run_id}/model"])
+    path, ranked = parse_line(capsys.readouterr().out.strip())
+    assert path == str(image) and [label for label, _ in ranked] == [label for label, _ in expected]
+    predict.main([str(image), "--model", "models:/tiny/1", "--top-k", "1"])
+    assert capsys.readouterr().out == f"{image}\t{expected[0][0]} {expected[0][1]:.3f}\n"
+
+    with pytest.raises(UserError, match=r"^--model runs:/0123456789abcdef/model: "):
+        predict.main([str(image), "--model", "runs:/0123456789abcdef/model"])
+    with pytest.raises(UserError, match=rf"^--model models:/not-keras/1 is not a Keras model \(flavors: "
+                                        rf"python_function\); use the run's Keras model, runs:/{logged.info.run_id}/model$"):
+        predict.main([str(image), "--model", "models:/not-keras/1"])
+
+
+def test_usage_errors_are_one_line(tmp_path, model_dir):
+    image = next(make_images(tmp_path, {"red": 1}).rglob("*.jpg"))
+    with pytest.raises(UserError, match=r"^no model at .*missing\.keras: run the pipeline first \(dvc repro\)"):
+        predict.main([str(image), "--model", str(tmp_path / "missing.keras")])
+    (tmp_path / "labels.json").write_text('["only", "two"]')
+    with pytest.raises(UserError, match=r"^the model has 3 classes but the labels list 2: pass the labels\.json"):
+        predict.main([str(image), "--model", str(model_dir / "model.keras"), "--labels", str(tmp_path / "labels.json")])
+
+
+def test_decoder_makes_upright_8_bit_rgb(tmp_path):
+    grey16 = np.full((4, 6), 128 * 257, dtype=np.uint16)  # 16-bit grey that is 128 in 8 bits
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    assert read_rgb(tmp_path / "grey16.png").tolist() == np.full((4, 6, 3), 128).tolist()  # Pillow alone: 255
+
+    Image.new("RGBA", (3, 2), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert (read_rgb(tmp_path / "clear.png") == 255).all()  # transparent -> white, not the black below
+
+    Image.new("CMYK", (2, 2), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    assert read_rgb(tmp_path / "cmyk.jpg")[0, 0].tolist() == pytest.approx([255, 0, 0], abs=3)
+
+    rotated = Image.new("RGB", (8, 2), (0, 0, 255))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display upright
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    assert read_rgb(tmp_path / "rotated.jpg").shape == (8, 2, 3)
