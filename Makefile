@@ -13,7 +13,8 @@ SET ?=
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
 MODEL ?= models:/$(shell sed -n 's/^ *registered_model_name: *\([^ #]*\).*/\1/p' params.yaml)/latest
-PATHS ?= data/prepared/images
+PATHS ?=
+ARGS ?=
 # `make exp` queues one DVC experiment per combination (DVC's -S a=1,2 sweep syntax), then runs them.
 EXP_GRID ?= -S model.backbone=inception_v3,resnet50 -S train.fine_tune.blocks=0,2
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
@@ -55,7 +56,8 @@ serve: setup
 	mlflow models serve -m $(MODEL) --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 predict: setup
-	python -m pipeline.predict $(PATHS)
+	@test -n "$(PATHS)" || { echo 'usage: make predict PATHS="photo.jpg folder/" [ARGS="--top-k 5 --json"]' >&2; exit 2; }
+	python -m pipeline.predict $(PATHS) $(ARGS)
 
 exp: setup
 	dvc exp run --queue $(EXP_GRID)
@@ -66,7 +68,7 @@ exp: setup
 compare: setup
 	python -m pipeline.compare
 
-# Speed benchmarks on a slice of the archive (~15 min on 2 CPU cores); writes bench/results.md.
+# Speed benchmarks on a slice of the archive (~10 min on 2 CPU cores); writes bench/results.md.
 BENCH_ARCHIVE ?= /work/shared/datasets/flower_photos.tgz
 BENCH_PER_CLASS ?= 60
 BENCH_ARGS ?= --image-size 150 --epochs 10

@@ -4,6 +4,7 @@ peak memory, and a description of the machine.
 Stages run as DVC would run them: ``python -m pipeline.<stage>`` in the project folder.
 """
 
+import argparse
 import csv
 import os
 import platform
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import yaml
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from augment_throughput import write_params
+
+from pipeline.config import override_params
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = Path("/work/shared/datasets/flower_photos.tgz")
@@ -39,22 +41,18 @@ def new_workdir(workdir: Path, archive: Path, per_class: int, image_size: int, c
         sys.exit("--workdir must be outside the repository")
     workdir.mkdir(parents=True, exist_ok=True)
     write_params(workdir, archive.resolve(), copies, image_size)
-    set_params(workdir, {"data.max_per_class": per_class, "train.epochs": epochs,
+    override_params(workdir / "params.yaml", {"data.max_per_class": per_class, "train.epochs": epochs,
                          # Exactly `epochs` epochs, as the tutorial recipe runs.
                          "train.early_stopping_patience": None})
     return workdir
 
 
-def set_params(workdir: Path, dotted: dict) -> None:
-    path = workdir / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, value in dotted.items():
-        *parents, leaf = key.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the data slice and sizes, shared by every benchmark."""
+    parser.add_argument("--archive", type=Path, default=ARCHIVE)
+    parser.add_argument("--per-class", type=int, default=60, help="data.max_per_class")
+    parser.add_argument("--image-size", type=int, default=150, help="model.image_size (inception_v3)")
+    parser.add_argument("--copies", type=int, default=2, help="augment.copies")
 
 
 def stage_env(workdir: Path) -> dict[str, str]:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 # common puts the repository on sys.path, so pipeline is importable from here on.
-from common import ARCHIVE, load_average, manifest_rows, new_workdir, run_stage
+from common import add_slice_arguments, load_average, manifest_rows, new_workdir, run_stage
 
 from pipeline.images import IMAGE_SUFFIXES
 
@@ -42,10 +42,7 @@ def run(workdir: Path) -> list[tuple[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", type=Path, default=ARCHIVE)
-    parser.add_argument("--per-class", type=int, default=60, help="data.max_per_class")
-    parser.add_argument("--image-size", type=int, default=150, help="model.image_size")
-    parser.add_argument("--copies", type=int, default=2, help="augment.copies")
+    add_slice_arguments(parser)
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a new temporary one)")
     args = parser.parse_args()
     workdir = new_workdir(args.workdir or Path(tempfile.mkdtemp(prefix="bench-")), args.archive, args.per_class,

@@ -36,7 +36,8 @@ def run(workdir: Path, repeats: int) -> list[tuple[str, str]]:
 
     cfg = load_config(workdir / "params.yaml")
     batch_size = cfg.train.batch_size
-    paths = [str(workdir / "data/augmented" / r["path"]) for r in manifest_rows(workdir / "data/augmented/manifest.csv")]
+    augmented = workdir / "data/augmented"
+    paths = [str(augmented / row["path"]) for row in manifest_rows(augmented / "manifest.csv")]
     extractor = feature_extractor(cfg.model)
     pixels = np.concatenate([batch.numpy() for batch in image_batches(paths, batch_size)])
 

@@ -22,14 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (
-    ARCHIVE,
-    load_average,
-    manifest_rows,
-    new_workdir,
-    run_stage,
-    set_params,
-)
+from common import add_slice_arguments, load_average, manifest_rows, new_workdir, run_stage
+
+from pipeline.config import override_params
 
 
 def ours(workdir: Path) -> dict:
@@ -100,13 +95,14 @@ def tutorial(workdir: Path, backbone: str, size: int, epochs: int, batch_size: i
 
 def fine_tune(workdir: Path, epochs: int) -> dict:
     """Our current fine-tuning (top 2 blocks, images through the whole backbone every epoch)."""
-    set_params(workdir, {"train.fine_tune.blocks": 2, "train.fine_tune.epochs": epochs})
+    override_params(workdir / "params.yaml", {"train.fine_tune.blocks": 2, "train.fine_tune.epochs": epochs})
     try:
         run_stage("train", workdir)
     finally:
-        set_params(workdir, {"train.fine_tune.blocks": 0})
+        override_params(workdir / "params.yaml", {"train.fine_tune.blocks": 0})
     rows = [row for row in read_history(workdir) if row["phase"] == "fine_tune"]
-    return {"first": float(rows[0]["seconds"]), "epoch": statistics.median(float(r["seconds"]) for r in rows[1:] or rows),
+    return {"first": float(rows[0]["seconds"]),
+            "epoch": statistics.median(float(r["seconds"]) for r in rows[1:] or rows),
             "images": len([r for r in manifest_rows(workdir / "data/augmented/manifest.csv") if r["split"] == "train"])}
 
 
@@ -145,10 +141,7 @@ def run(workdir: Path, epochs: int, fine_tune_epochs: int) -> list[tuple[str, st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", type=Path, default=ARCHIVE)
-    parser.add_argument("--per-class", type=int, default=60, help="data.max_per_class")
-    parser.add_argument("--image-size", type=int, default=150, help="model.image_size")
-    parser.add_argument("--copies", type=int, default=2, help="augment.copies")
+    add_slice_arguments(parser)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--fine-tune-epochs", type=int, default=0, help="also time this many fine-tuning epochs")
     parser.add_argument("--workdir", type=Path, help="scratch folder to use or reuse (default: a new temporary one)")

@@ -212,6 +212,18 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def override_params(path: Path, overrides: dict[str, Any]) -> None:
+    """Set dotted keys (``train.epochs``) in a params file, as ``dvc exp run -S key=value`` does."""
+    params = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    for key, value in overrides.items():
+        *sections, leaf = key.split(".")
+        node = params
+        for section in sections:
+            node = node[section]
+        node[leaf] = value
+    Path(path).write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
 def load_config(path: Path = PARAMS_FILE) -> Config:
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))

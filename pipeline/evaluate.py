@@ -27,8 +27,8 @@ from pipeline.files import atomic_dir, write_json
 EVAL_DIR = Path("eval")
 TOP_LOSSES = 12
 GRADCAM_PER_CLASS = 2
-EXTRA_ARTIFACTS = [Path("reports/data.json"), Path("reports/download.json"), MODEL_DIR / "labels.json",
-                   MODEL_DIR / "history.csv", Path("data/prepared/quarantine.csv")]
+EXTRA_ARTIFACTS = [Path("reports/data.json"), Path("reports/download.json"), Path("reports/augment_gallery.png"),
+                   MODEL_DIR / "labels.json", MODEL_DIR / "history.csv", Path("data/prepared/quarantine.csv")]
 
 
 def load_images(paths: list[str]) -> np.ndarray:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
+
+from pipeline.config import override_params
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["pipeline", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config"]
@@ -46,15 +47,7 @@ def project_env(cwd: Path) -> dict[str, str]:
 
 def set_params(project: Path, **dotted) -> None:
     """set_params(p, **{"model.weights": "none"}): edit params.yaml like `dvc exp run -S` does."""
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, value in dotted.items():
-        *parents, leaf = key.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    override_params(project / "params.yaml", dotted)
 
 
 def new_project(root: Path, images: Path) -> Path:

@@ -78,7 +78,8 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(trained, client):
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/reliability.png", "plots/gradcam.png"} <= artifacts
     reports = {a.path for a in client.list_artifacts(logged.info.run_id, "reports")}
-    assert {"reports/metrics.json", "reports/data.json", "reports/labels.json"} <= reports
+    assert {"reports/metrics.json", "reports/data.json", "reports/labels.json", "reports/augment_gallery.png",
+            "reports/quarantine.csv"} <= reports
     versions = client.search_model_versions("name='flowers-classifier'")
     assert [v.run_id for v in versions] == [logged.info.run_id]
 
@@ -177,6 +178,18 @@ def test_accuracy_gate_fails_the_stage_with_one_line(trained, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: test accuracy 0.3333 is below evaluate.min_accuracy 0.5")
     assert json.loads((project / "eval" / "metrics.json").read_text())["accuracy"] == 0.3333
+
+
+def test_unreachable_tracking_server_stops_training_before_it_starts(trained):
+    project, _ = trained
+    model = project / "data" / "model" / "model.keras"
+    before = model.read_bytes()
+    env = {**project_env(project), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    result = run([sys.executable, "-m", "pipeline.train"], project, check=False, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: MLflow tracking server http://127.0.0.1:")
+    assert "Epoch" not in result.stdout  # no training happened
+    assert model.read_bytes() == before
 
 
 def test_push_then_pull_into_a_fresh_clone_runs_nothing(trained, tmp_path):
