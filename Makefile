@@ -19,7 +19,7 @@ ARGS ?=
 EXP_GRID ?= -S model.backbone=inception_v3,resnet50 -S train.fine_tune.blocks=0,2
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup setup-gpu run test ui serve predict exp compare push pull lock clean bench
+.PHONY: setup setup-gpu run test chromium ui serve predict exp compare push pull lock clean bench
 
 setup: $(STAMP)
 
@@ -46,7 +46,12 @@ endif
 	dvc metrics show
 
 test: setup
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || $(MAKE) --no-print-directory chromium
 	pytest
+
+# The MLflow UI test renders the UI in headless Chromium: Debian's package (needs root).
+chromium:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
 ui: setup
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_PORT)

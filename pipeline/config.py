@@ -246,6 +246,8 @@ def _describe(err: ValidationError) -> str:
     if first["type"] == "missing":
         return f"missing key '{key}'"
     message = first["msg"].removeprefix("Value error, ")
+    if isinstance(first["input"], dict):  # a check across a section's keys: the message names them
+        return f"{key}: {message}"
     return f"{key}: {message} (got {first['input']!r})"
 
 
