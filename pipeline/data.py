@@ -27,6 +27,11 @@ def write_manifest(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
+def test_images() -> list[dict[str, str]]:
+    """The test split's rows of the augmented manifest: copy 0 only, resized, never randomly changed."""
+    return [r for r in read_manifest(AUGMENTED_DIR / "manifest.csv") if r["split"] == "test" and r["copy"] == "0"]
+
+
 def read_labels(path: Path = PREPARED_DIR / "labels.json") -> list[str]:
     return read_json(path)
 

@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline import gradcam, metrics, models, plots, tracking
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
-from pipeline.data import AUGMENTED_DIR, MODEL_DIR, image_batches, read_labels, read_manifest, write_manifest
+from pipeline.data import AUGMENTED_DIR, MODEL_DIR, image_batches, read_labels, test_images, write_manifest
 from pipeline.files import atomic_dir, write_json
 
 EVAL_DIR = Path("eval")
@@ -73,7 +73,7 @@ def main() -> None:
     if not model_path.is_file():
         raise UserError(f"{model_path} is missing: run the train stage first (dvc repro)")
     labels = read_labels(MODEL_DIR / "labels.json")
-    rows = [r for r in read_manifest(AUGMENTED_DIR / "manifest.csv") if r["split"] == "test" and r["copy"] == "0"]
+    rows = test_images()
     model = models.load(model_path)
     paths = [str(AUGMENTED_DIR / r["path"]) for r in rows]
     probabilities = model.predict(image_batches(paths, cfg.train.batch_size), verbose=0)

@@ -28,7 +28,7 @@ import tensorflow as tf
 from pipeline import models
 from pipeline.cli import UserError, run_stage
 from pipeline.config import ToleranceParams, load_config
-from pipeline.data import AUGMENTED_DIR, MODEL_DIR, image_batches, read_manifest
+from pipeline.data import AUGMENTED_DIR, MODEL_DIR, image_batches, test_images
 from pipeline.files import atomic_dir, write_json
 
 EXPORT_DIR = Path("data/export")
@@ -125,8 +125,7 @@ def main() -> None:
     for path in (model_path, manifest_path):
         if not path.is_file():
             raise UserError(f"{path} is missing: run the earlier stages first (dvc repro)")
-    paths = [str(AUGMENTED_DIR / r["path"]) for r in read_manifest(manifest_path)
-             if r["split"] == "test" and r["copy"] == "0"]
+    paths = [str(AUGMENTED_DIR / r["path"]) for r in test_images()]
     if not paths:
         raise UserError(f"{manifest_path} lists no test images (split test, copy 0) to check the exports on")
     model = models.load(model_path)
