@@ -8,6 +8,7 @@ extractor is ``preprocess -> backbone -> pool`` and the head a chain ending in `
 """
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,15 +42,22 @@ def backbone(params: ModelParams) -> keras.Model:
     application = getattr(keras.applications, spec.application)
     size = params.input_size
     weights = {"imagenet": "imagenet", "none": None}.get(params.weights, params.weights)
-    try:
-        base = application(include_top=False, weights=weights, input_shape=(size, size, 3))
-    except Exception as err:  # Keras raises bare Exception/ValueError for download and shape problems
-        raise UserError(_weights_problem(params, err)) from None
+    # Keras warns once per layer it cannot fill from a weights file before it raises: keep those
+    # for our one-line error instead of printing a wall of them, and treat a partial load as a misfit.
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            base = application(include_top=False, weights=weights, input_shape=(size, size, 3))
+        except Exception as err:  # Keras raises bare Exception/ValueError for download and shape problems
+            raise UserError(_weights_problem(params, err)) from None
+    not_loaded = [w for w in skipped if "could not be loaded" in str(w.message) or "Skipping" in str(w.message)]
+    if not_loaded:
+        raise UserError(_weights_problem(params, not_loaded[0].message))
     base.trainable = False
     return base
 
 
-def _weights_problem(params: ModelParams, err: Exception) -> str:
+def _weights_problem(params: ModelParams, err: Exception | Warning) -> str:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if params.weights == "imagenet":
         return (

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -103,8 +104,12 @@ def test_weights_file_is_loaded_and_checked(tmp_path):
     loaded = models.backbone(params("resnet50", 32, str(tmp_path / "resnet50.weights.h5")))
     for ours, saved in zip(loaded.get_weights(), base.get_weights(), strict=True):
         np.testing.assert_array_equal(ours, saved)
-    with pytest.raises(UserError, match="does not fit inception_v3"):
-        models.backbone(params("inception_v3", 75, str(tmp_path / "resnet50.weights.h5")))
+    for other, size in (("inception_v3", 75), ("resnet101", 32)):  # another shape; more blocks of the same kind
+        with warnings.catch_warnings(record=True) as printed:
+            warnings.simplefilter("always")
+            with pytest.raises(UserError, match=f"does not fit {other} without its top"):
+                models.backbone(params(other, size, str(tmp_path / "resnet50.weights.h5")))
+        assert not [w for w in printed if issubclass(w.category, UserWarning)]  # one line, no wall of warnings
 
 
 def test_imagenet_download_failure_is_one_line(project, tmp_path):
