@@ -19,6 +19,17 @@ class UserError(Exception):
     """A problem the user can fix (bad params, bad input file, no network): shown as one line."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def error_summary(err: BaseException) -> str:
+    """``TypeName: first line``, to quote a library's error inside one of ours."""
+    return f"{type(err).__name__}: {first_line(err)}" if str(err).strip() else first_line(err)
+
+
 def run_stage(main: Callable[[], None]) -> None:
     try:
         main()

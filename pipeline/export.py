@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import models
-from pipeline.cli import UserError, run_stage
+from pipeline.cli import UserError, first_line, run_stage
 from pipeline.config import ToleranceParams, load_config
 from pipeline.data import AUGMENTED_DIR, MODEL_DIR, image_batches, test_images
 from pipeline.files import atomic_dir, write_json
@@ -61,8 +61,7 @@ def convert_to_tflite(saved_model: Path, variant: str) -> bytes:
     try:
         return converter.convert()
     except Exception as err:  # ConverterError and friends; the converter has logged the details above
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"export: TFLite {variant} conversion failed ({first_line[:200]}); "
+        raise UserError(f"export: TFLite {variant} conversion failed ({first_line(err)[:200]}); "
                         "leave the variant out of export.tflite") from None
 
 

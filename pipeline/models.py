@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from pipeline.backbones import Backbone
-from pipeline.cli import UserError
+from pipeline.cli import UserError, first_line
 from pipeline.config import FineTuneParams, HeadParams, ModelParams
 
 IMAGENET_BGR_MEANS = np.array([103.939, 116.779, 123.68], dtype="float32")
@@ -58,13 +58,13 @@ def backbone(params: ModelParams) -> keras.Model:
 
 
 def _weights_problem(params: ModelParams, err: Exception | Warning) -> str:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    message = first_line(err)
     if params.weights == "imagenet":
         return (
             f"model.weights=imagenet: could not download the ImageNet weights for {params.backbone} "
-            f"({first_line[:160]}); offline? set model.weights to a local weights file or to none"
+            f"({message[:160]}); offline? set model.weights to a local weights file or to none"
         )
-    return f"model.weights: {params.weights} does not fit {params.backbone} without its top ({first_line[:200]})"
+    return f"model.weights: {params.weights} does not fit {params.backbone} without its top ({message[:200]})"
 
 
 def feature_extractor(params: ModelParams) -> keras.Model:

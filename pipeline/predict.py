@@ -26,7 +26,7 @@ import mlflow
 import numpy as np
 
 from pipeline import models, tracking
-from pipeline.cli import UserError, run_stage
+from pipeline.cli import UserError, error_summary, run_stage
 from pipeline.data import MODEL_DIR
 from pipeline.files import read_json
 from pipeline.images import IMAGE_SUFFIXES, read_rgb
@@ -70,7 +70,7 @@ def load_keras_file(path: Path) -> keras.Model:
     try:
         return models.load(path)
     except Exception as err:  # Keras raises ValueError, OSError, zipfile errors... for files it cannot load
-        raise UserError(f"cannot load a Keras model from {path} ({first_line(err)})") from None
+        raise UserError(f"cannot load a Keras model from {path} ({error_summary(err)})") from None
 
 
 def load_mlflow_model(uri: str, labels_path: Path | None) -> tuple[keras.Model, list[str]]:
@@ -78,7 +78,7 @@ def load_mlflow_model(uri: str, labels_path: Path | None) -> tuple[keras.Model, 
     try:
         info = mlflow.models.get_model_info(uri)
     except Exception as err:  # MLflow raises MlflowException, OSError, ... for unknown URIs
-        raise UserError(f"--model {uri}: {first_line(err)}") from None
+        raise UserError(f"--model {uri}: {error_summary(err)}") from None
     if "keras" not in info.flavors:
         raise UserError(f"--model {uri} is not a Keras model (flavors: {', '.join(info.flavors)}); "
                         f"use the run's Keras model, runs:/{info.run_id}/model")
@@ -97,7 +97,7 @@ def read_labels(path: Path) -> list[str]:
     try:
         labels = read_json(path)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read labels from {path} ({first_line(err)}): pass --labels FILE") from None
+        raise UserError(f"cannot read labels from {path} ({error_summary(err)}): pass --labels FILE") from None
     if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
         raise UserError(f"{path} must hold a JSON list of class names")
     return labels
@@ -124,7 +124,7 @@ def predictions(model: keras.Model, paths: list[Path]) -> Iterator[tuple[Path, n
         try:
             pixels = read_rgb(path)
         except Exception as err:  # Pillow raises many types for unreadable files; each is reported
-            yield path, f"cannot read image ({first_line(err)})"
+            yield path, f"cannot read image ({error_summary(err)})"
             continue
         # Images differ in size, so each is its own batch; the model resizes internally.
         yield path, model.predict_on_batch(pixels[np.newaxis])[0]
@@ -140,11 +140,6 @@ def format_line(path: Path, ranked: list[tuple[str, float]], as_json: bool) -> s
         return json.dumps({"path": str(path), "predictions": [{"label": label, "probability": round(p, 6)}
                                                                for label, p in ranked]})
     return "\t".join([str(path), *(f"{label} {p:.3f}" for label, p in ranked)])
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -113,8 +113,9 @@ def lineage_tags() -> dict[str, str]:
     if manifest.is_file():  # files, labels and split of every image: one hash for "the data"
         tags["data.manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
     download = Path("reports/download.json")
-    if download.is_file() and read_json(download).get("sha256"):
-        tags["data.archive_sha256"] = read_json(download)["sha256"]
+    archive_sha256 = read_json(download).get("sha256") if download.is_file() else None
+    if archive_sha256:  # null for a local folder source
+        tags["data.archive_sha256"] = archive_sha256
     return tags
 
 

@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from pipeline import checkpoints, models, tracking
 from pipeline.augmentation import online_augmentation
-from pipeline.cli import UserError, run_stage
+from pipeline.cli import UserError, error_summary, run_stage
 from pipeline.config import Config, ModelParams, load_config
 from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, MODEL_DIR, read_labels, read_manifest
 from pipeline.files import atomic_dir, atomic_file
@@ -351,7 +351,7 @@ def main() -> None:
             tracking.log_model(model, MODEL_DIR, cfg.mlflow.registered_model_name)
         except Exception as err:  # MLflow raises many types (HTTP, database, artifact store)
             raise UserError(f"training finished and the model is in {MODEL_DIR}, but logging it to MLflow "
-                            f"failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                            f"failed ({error_summary(err)[:200]}); "
                             "rerun dvc repro once the tracking store is back") from None
     checkpoints.remove()
     print(f"train: {describe(history)}; model in {MODEL_DIR}, MLflow run {run.info.run_id}")
