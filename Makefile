@@ -73,10 +73,10 @@ exp: setup
 compare: setup
 	python -m pipeline.compare
 
-# Speed benchmarks on a slice of the archive (~10 min on 2 CPU cores); writes bench/results.md.
+# Speed benchmarks on a slice of the archive (~15 min on 2 CPU cores); writes bench/results.md.
 BENCH_ARCHIVE ?= /work/shared/datasets/flower_photos.tgz
-BENCH_PER_CLASS ?= 60
-BENCH_ARGS ?= --image-size 150 --epochs 10
+BENCH_PER_CLASS ?= 40
+BENCH_ARGS ?= --image-size 299 --epochs 10 --more-epochs 20
 bench: setup
 	python bench/run_all.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) $(BENCH_ARGS)
 

@@ -50,8 +50,8 @@ def new_workdir(workdir: Path, archive: Path, per_class: int, image_size: int, c
 def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose the data slice and sizes, shared by every benchmark."""
     parser.add_argument("--archive", type=Path, default=ARCHIVE)
-    parser.add_argument("--per-class", type=int, default=60, help="data.max_per_class")
-    parser.add_argument("--image-size", type=int, default=150, help="model.image_size (inception_v3)")
+    parser.add_argument("--per-class", type=int, default=40, help="data.max_per_class")
+    parser.add_argument("--image-size", type=int, default=299, help="model.image_size (inception_v3)")
     parser.add_argument("--copies", type=int, default=2, help="augment.copies")
 
 

@@ -26,6 +26,7 @@ from albumentations.core.transforms_interface import BaseTransformInitSchema
 from keras import ops
 
 from pipeline.config import AugmentParams, Config
+from pipeline.models import dtype_policy
 
 # Principal components of ImageNet's RGB pixel covariance (pixels in 0..1), as used by AlexNet-style
 # lighting in fb.resnet.torch: eigenvalues, and eigenvectors as columns.
@@ -202,6 +203,13 @@ def online_augmentation(cfg: Config) -> keras.Sequential:
     Call it on batches inside the training graph (or a tf.data map); it augments only when
     ``training=True``, so keep it out of the model you export. Layers whose field is 0 are left out.
     """
+    # float32 whatever model.precision says: 16-bit pixel arithmetic is coarse, and the layers mix
+    # in float32 constants. The backbone after them casts to its own compute dtype.
+    with dtype_policy("float32"):
+        return _layers(cfg)
+
+
+def _layers(cfg: Config) -> keras.Sequential:
     policy, size = cfg.augment, cfg.model.input_size
     seeds = itertools.count(cfg.seed * 1000)  # one seed per layer: layers sharing a seed draw the same numbers
     unit = {"value_range": (0, 1)}

@@ -61,6 +61,7 @@ class ModelParams(Section):
     backbone: BackboneName
     weights: str = Field(min_length=1)  # imagenet | none | path to a weights file
     image_size: Annotated[int, Field(gt=0)] | None = None
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
     head: HeadParams
 
     @field_validator("weights")
@@ -128,6 +129,7 @@ class FineTuneParams(Section):
     epochs: Annotated[int, Field(gt=0)]
     batch_size: Annotated[int, Field(gt=0)]  # per replica, like train.batch_size
     learning_rate: Annotated[float, Field(gt=0)]
+    cache_activations: bool  # fine-tune the top on the frozen prefix's cached outputs, when possible
 
     @model_validator(mode="after")
     def _one_way_to_count(self) -> "FineTuneParams":
@@ -148,7 +150,6 @@ class TrainParams(Section):
     early_stopping_patience: Annotated[int, Field(gt=0)] | None  # null = train every epoch
     class_weight: Literal["auto", "none"]
     label_smoothing: Annotated[float, Field(ge=0, lt=1)]
-    mixed_precision: Literal["auto"] | bool
     fine_tune: FineTuneParams
 
 
@@ -196,6 +197,18 @@ class Config(Section):
     evaluate: EvaluateParams
     export: ExportParams
     mlflow: MlflowParams
+
+    @property
+    def activation_cut(self) -> str | None:
+        """The block whose output the features stage caches for fine-tuning, or None when there is none.
+
+        Caching needs a clean cut (``fine_tune.blocks``, not ``layers``, and not every block) and
+        inputs that are the same every epoch (offline augmentation only: online layers change them).
+        """
+        fine_tune, blocks = self.train.fine_tune, self.model.spec.blocks
+        if not (fine_tune.cache_activations and self.augment.mode == "offline" and 0 < fine_tune.blocks < len(blocks)):
+            return None
+        return blocks[-fine_tune.blocks - 1]
 
     def flat(self) -> dict[str, Any]:
         """Params as dotted names (``train.learning_rate``), the way MLflow and DVC show them."""

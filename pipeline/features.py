@@ -2,28 +2,67 @@
 
 The backbone is frozen during head training, so its output for a given image never changes:
 computing it once here turns each training epoch from minutes into milliseconds. DVC reruns this
-stage only when the augmented images or the backbone, weights or image size change.
+stage only when the augmented images or the backbone, weights, image size or precision change.
 
 Outputs in ``data/features/``: ``<split>.npy`` (float32, one row per row of the augmented
 manifest's split, in order), ``<split>_labels.npy`` (class indices into ``labels.json``),
 ``meta.json``, and ``backbone.weights.h5``: the exact backbone weights that made them, which the
 train stage builds the final model from (with ``model.weights: none`` a rebuilt backbone would have
-other random weights). Rows are written batch by batch into memory-mapped files, so memory stays
-flat on big datasets.
+other random weights).
+
+When fine-tuning will train only the top blocks on offline-augmented images
+(``Config.activation_cut``), the same pass also stores the frozen prefix's output for the train and
+val images, ``<split>_activations.npy`` (16-bit, see ``activation_storage``): fine-tuning then
+runs only the unfrozen top.
+
+Rows are written batch by batch into memory-mapped files, so memory stays flat on big datasets.
 """
 
 import shutil
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
 from tqdm import tqdm
 
+from pipeline import models
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
 from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, PREPARED_DIR, SPLITS, image_batches, read_labels, read_manifest
 from pipeline.files import atomic_dir, write_json
-from pipeline.models import BACKBONE_WEIGHTS, backbone_of, feature_extractor
+
+CACHED_SPLITS = ("train", "val")  # the splits fine-tuning reads; test images go through the exported model
+
+
+def new_rows(path: Path, dtype: str, shape: tuple[int, ...]) -> np.memmap:
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+def activation_storage(policy: str) -> str:
+    """The 16-bit type the activations are stored in: float16 when the backbone computes in float16,
+    else bfloat16, which is lossless for bfloat16 compute and keeps float32's range. (float16 would
+    not do: a random-init backbone's activations at mixed8 are around 6e-4, and 6 % of them fall
+    below float16's normal range, losing precision or flushing to zero.)"""
+    return "float16" if policy == "mixed_float16" else "bfloat16"
+
+
+def as_stored(values: np.ndarray, storage: str) -> np.ndarray:
+    """numpy has no bfloat16 of its own: its 16-bit patterns go to the file as uint16."""
+    if storage == "float16":
+        return values.astype("float16")
+    return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(values, "bfloat16"))).view("uint16")
+
+
+def predict(network: keras.Model, batch, batch_size: int) -> list[np.ndarray]:
+    """The network's outputs for ``batch``, always run at the full batch size: a short last batch is
+    padded, as every new input shape costs a retrace (~2 s each for a big backbone)."""
+    batch = np.asarray(batch)
+    count = len(batch)
+    if count < batch_size:
+        batch = np.concatenate([batch, np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)])
+    outputs = network.predict_on_batch(batch)
+    return [values[:count] for values in (outputs if isinstance(outputs, list) else [outputs])]
 
 
 def main() -> None:
@@ -32,33 +71,47 @@ def main() -> None:
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} is missing: run the augment stage first (dvc repro)")
     keras.utils.set_random_seed(cfg.seed)
+    policy = models.compute_policy(cfg.model.precision)
+    keras.config.set_dtype_policy(policy)
     manifest = read_manifest(manifest_path)
     class_index = {name: i for i, name in enumerate(read_labels())}
-    extractor = feature_extractor(cfg.model)
+    extractor = models.feature_extractor(cfg.model)
+    cut = cfg.activation_cut
+    network = models.with_activations(extractor, cut) if cut else extractor
     dim = extractor.output_shape[-1]
+    storage = activation_storage(policy)
     started = time.perf_counter()
     with atomic_dir(FEATURES_DIR) as out:
         for split in SPLITS:
             rows = [r for r in manifest if r["split"] == split]
-            features = np.lib.format.open_memmap(out / f"{split}.npy", mode="w+", dtype="float32",
-                                                 shape=(len(rows), dim))
+            features = new_rows(out / f"{split}.npy", "float32", (len(rows), dim))
+            activations = None
+            if cut and split in CACHED_SPLITS:
+                activations = new_rows(out / f"{split}_activations.npy", "float16" if storage == "float16" else "uint16",
+                                       (len(rows), *network.output_shape[1][1:]))
             batches = image_batches([str(AUGMENTED_DIR / r["path"]) for r in rows], cfg.train.batch_size)
             start = 0
             for batch in tqdm(batches, desc=f"features {split}", unit="batch"):
-                values = extractor.predict_on_batch(batch)
+                values, *cut_values = predict(network, batch, cfg.train.batch_size)
+                if activations is not None:
+                    activations[start : start + len(values)] = as_stored(cut_values[0], storage)
                 features[start : start + len(values)] = values
                 start += len(values)
-            features.flush()
-            del features
+            for array in (features, activations):
+                if array is not None:
+                    array.flush()
+            del features, activations
             np.save(out / f"{split}_labels.npy", np.array([class_index[r["label"]] for r in rows], dtype="int32"))
         seconds = time.perf_counter() - started
-        backbone_of(extractor).save_weights(out / BACKBONE_WEIGHTS)
+        models.backbone_of(extractor).save_weights(out / models.BACKBONE_WEIGHTS)
         shutil.copy(PREPARED_DIR / "labels.json", out / "labels.json")
         write_json(out / "meta.json", {"backbone": cfg.model.backbone, "weights": cfg.model.weights,
-                                       "image_size": cfg.model.input_size, "dim": dim, "images": len(manifest),
+                                       "image_size": cfg.model.input_size, "precision": policy, "dim": dim,
+                                       "activation_cut": cut, "activation_dtype": storage if cut else None, "images": len(manifest),
                                        "seconds": round(seconds, 2)})
+    cached = f"; activations at {cut} cached for fine-tuning" if cut else ""
     print(f"features: {len(manifest)} images -> {dim}-d features in {seconds:.1f}s "
-          f"({len(manifest) / seconds:.1f} images/s)")
+          f"({len(manifest) / seconds:.1f} images/s, {policy}){cached}")
 
 
 if __name__ == "__main__":

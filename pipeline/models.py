@@ -73,7 +73,8 @@ def feature_extractor(params: ModelParams) -> keras.Model:
     inputs = keras.Input(shape=(size, size, 3), name="pixels")
     x = preprocessing(params.spec)(inputs)
     x = backbone(params)(x, training=False)  # training=False keeps BatchNorm in inference mode, even when fine-tuned
-    outputs = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    # Pooled in float32 whatever the compute precision: features are averaged over many positions.
+    outputs = keras.layers.GlobalAveragePooling2D(name="pool", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"{params.backbone}_features")
 
 
@@ -94,14 +95,27 @@ def head(train_features: np.ndarray, n_classes: int, params: HeadParams) -> kera
     (``model.weights: none``) emit features around 1e-4, ImageNet ones around 1.
     """
     inputs = keras.Input(shape=(train_features.shape[1],), name="features")
-    mean = np.mean(train_features, axis=0, dtype="float64")
-    variance = np.var(train_features, axis=0, dtype="float64")
+    mean, variance = column_stats(train_features)
     x = keras.layers.Normalization(mean=mean, variance=variance, name="standardize", dtype="float32")(inputs)
     if params.dense_units:
         x = keras.layers.Dense(params.dense_units, activation="relu", name="hidden", dtype="float32")(x)
     x = keras.layers.Dropout(params.dropout, name="dropout", dtype="float32")(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="head")
+
+
+def column_stats(rows: np.ndarray, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and variance, a chunk at a time (Chan et al.'s merge), so that a memory-mapped
+    feature file larger than RAM is read once and never copied whole."""
+    count, mean, squares = 0, np.zeros(rows.shape[1]), np.zeros(rows.shape[1])  # squares: sum of squared deviations
+    for start in range(0, len(rows), chunk_rows):
+        block = np.asarray(rows[start : start + chunk_rows], dtype="float64")
+        block_mean = block.mean(axis=0)
+        delta, total = block_mean - mean, count + len(block)
+        squares += ((block - block_mean) ** 2).sum(axis=0) + delta**2 * count * len(block) / total
+        mean += delta * len(block) / total
+        count = total
+    return mean, squares / max(count, 1)
 
 
 def classifier(extractor: keras.Model, head_model: keras.Model, size: int) -> keras.Model:
@@ -121,6 +135,34 @@ def on_pixels(extractor: keras.Model, head_model: keras.Model, size: int,
 
 
 # ---- fine-tuning: the split between a frozen prefix and a trainable top ------------------------
+
+
+def split_at(base: keras.Model, cut: str) -> tuple[keras.Model, keras.Model]:
+    """The backbone as ``prefix`` (input -> output of layer ``cut``) and ``top`` (that -> output).
+
+    Both share ``base``'s layers: training ``top`` trains the backbone itself. ``cut`` must be a
+    block end (``backbones.py``), the only tensor the layers above it read.
+    """
+    boundary = base.get_layer(cut).output
+    return keras.Model(base.input, boundary, name="prefix"), keras.Model(boundary, base.output, name="top")
+
+
+def with_activations(extractor: keras.Model, cut: str) -> keras.Model:
+    """The extractor with a second output, the activations at ``cut``: one pass gives both."""
+    prefix, top = split_at(backbone_of(extractor), cut)
+    inputs = keras.Input(shape=extractor.input_shape[1:], name="pixels")
+    activations = prefix(extractor.get_layer("preprocess")(inputs), training=False)
+    features = extractor.get_layer("pool")(top(activations, training=False))
+    return keras.Model(inputs, [features, activations], name=f"{extractor.name}_and_activations")
+
+
+def on_activations(extractor: keras.Model, head_model: keras.Model, cut: str) -> keras.Model:
+    """The cached fine-tuning model: activations at ``cut`` -> unfrozen top -> pool -> head."""
+    _, top = split_at(backbone_of(extractor), cut)
+    inputs = keras.Input(shape=top.input_shape[1:], name="activations")
+    features = extractor.get_layer("pool")(top(inputs, training=False))
+    return keras.Model(inputs, head_model(features), name="fine_tune_cached")
+
 
 
 def trainable_top_start(base: keras.Model, spec: Backbone, fine_tune: FineTuneParams) -> int:
@@ -154,6 +196,33 @@ def unfreeze_top(base: keras.Model, start: int) -> None:
 
 
 # ---- precision --------------------------------------------------------------------------------
+
+# CPU flags of the units that run bfloat16 natively (oneDNN uses them): Intel AMX and AVX512-BF16.
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def compute_policy(setting: str) -> str:
+    """The Keras dtype policy ``model.precision`` asks for; ``auto`` picks the fastest safe one here.
+
+    Mixed policies compute in 16 bits and keep the weights in float32. float16 needs loss scaling
+    (Keras adds it) and is only fast on GPUs; bfloat16 keeps float32's range, and CPUs with AMX or
+    AVX512-BF16 run it several times faster than float32. Elsewhere float32 is the fast one.
+    """
+    if setting != "auto":
+        return setting
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    return "mixed_bfloat16" if any(flag in _cpu_flags() for flag in BFLOAT16_CPU_FLAGS) else "float32"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return {flag for line in fh if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:  # not Linux: no cheap way to ask, stay with float32
+        return set()
 
 
 @contextlib.contextmanager

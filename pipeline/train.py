@@ -4,12 +4,16 @@ Phase ``head``: the backbone is frozen, so the head (``model.head``) trains on `
 one row per image and offline-augmented copy, computed once by the features stage: an epoch is a
 pass over a small matrix, not over the backbone.
 Phase ``fine_tune`` (``train.fine_tune.blocks`` or ``layers`` > 0): the top of the backbone is
-unfrozen (BatchNorm layers excepted) and trained with the head on the images of
+unfrozen (BatchNorm layers excepted) and trained with the head at
+``train.fine_tune.learning_rate``: on the frozen prefix's activations cached by the features stage
+when there are some (``Config.activation_cut``: only the unfrozen top runs), else on the images of
 ``data/augmented``, offline variants included, through online augmentation layers when
-``augment.mode`` is online or both, at ``train.fine_tune.learning_rate``.
+``augment.mode`` is online or both.
+Features and activations are memory-mapped and gathered a batch at a time: datasets larger than
+RAM stream from disk.
 
 Both phases: early stopping on val_loss keeping the best epoch, ``train.lr_schedule``, class weights,
-label smoothing, a stop with a clear message on a NaN loss, float16 compute on GPUs, and
+label smoothing, a stop with a clear message on a NaN loss, 16-bit compute (``model.precision``), and
 tf.distribute over all GPUs (or all workers under TF_CONFIG) with per-replica batch sizes. Epochs
 are numbered on from one phase to the next. After every epoch the training state is saved
 (``pipeline.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch.
@@ -44,7 +48,7 @@ from pipeline.augmentation import online_augmentation
 from pipeline.cli import UserError, error_summary, run_stage
 from pipeline.config import Config, ModelParams, load_config
 from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, MODEL_DIR, read_labels, read_manifest
-from pipeline.files import atomic_dir, atomic_file
+from pipeline.files import atomic_dir, atomic_file, read_json
 
 PLATEAU_FACTOR = 0.2  # lr_schedule plateau: multiply the learning rate by this...
 PLATEAU_PATIENCE = 2  # ...after this many epochs without val_loss progress
@@ -67,9 +71,10 @@ class Phase:
 
 @dataclass(frozen=True)
 class Examples:
-    """One split: ``example(index) -> (input, one-hot label)`` as tf ops, and the class indices."""
+    """One split: ``batches(indices, batch_size)`` turns a dataset of row indices into batches of
+    (inputs, one-hot labels) with tf ops; ``labels`` are the class indices."""
 
-    example: Callable
+    batches: Callable[[tf.data.Dataset, int], tf.data.Dataset]
     labels: np.ndarray
 
     @property
@@ -80,30 +85,48 @@ class Examples:
 # ---- data -------------------------------------------------------------------------------------
 
 
-def load_features(split: str) -> tuple[np.ndarray, np.ndarray]:
-    return np.load(FEATURES_DIR / f"{split}.npy"), np.load(FEATURES_DIR / f"{split}_labels.npy")
+def split_labels(split: str) -> np.ndarray:
+    return np.load(FEATURES_DIR / f"{split}_labels.npy")
 
 
-def feature_examples(features: np.ndarray, labels: np.ndarray, n_classes: int) -> Examples:
-    x, y = tf.constant(features), tf.constant(keras.utils.to_categorical(labels, n_classes))
-    return Examples(lambda i: (tf.gather(x, i), tf.gather(y, i)), labels)
+def open_rows(name: str) -> np.ndarray:
+    """A features-stage array, memory-mapped: the OS keeps in RAM what fits and streams the rest."""
+    return np.load(FEATURES_DIR / name, mmap_mode="r")
+
+
+def row_examples(rows: np.ndarray, labels: np.ndarray, n_classes: int, bfloat16_bits: bool = False) -> Examples:
+    """Batches gathered from ``rows`` (features or cached activations) by index, a batch per call:
+    never the whole array in memory, no Python loop per example. 16-bit rows become float32;
+    ``bfloat16_bits``: the rows are bfloat16 stored as their uint16 bit patterns."""
+    one_hot = tf.constant(keras.utils.to_categorical(labels, n_classes))
+
+    def gather(indices):
+        x = tf.numpy_function(lambda i: rows[i], [indices], tf.as_dtype(rows.dtype), stateful=False)
+        if bfloat16_bits:
+            x = tf.bitcast(x, tf.bfloat16)
+        x = tf.ensure_shape(tf.cast(x, "float32"), (None, *rows.shape[1:]))
+        return x, tf.gather(one_hot, indices)
+
+    return Examples(lambda indices, size: indices.batch(size).map(gather, num_parallel_calls=tf.data.AUTOTUNE),
+                    labels)
 
 
 def image_examples(split: str, n_classes: int, size: int) -> Examples:
     """The split's images in ``data/augmented`` (offline variants included), in the features' row order."""
     rows = [r for r in read_manifest(AUGMENTED_DIR / "manifest.csv") if r["split"] == split]
-    labels = np.load(FEATURES_DIR / f"{split}_labels.npy")
+    labels = split_labels(split)
     if len(rows) != len(labels):
         raise UserError(f"{FEATURES_DIR} does not match {AUGMENTED_DIR} ({len(labels)} vs {len(rows)} {split} "
                         "images): run dvc repro")
     paths = tf.constant([str(AUGMENTED_DIR / r["path"]) for r in rows])
-    y = tf.constant(keras.utils.to_categorical(labels, n_classes))
+    one_hot = tf.constant(keras.utils.to_categorical(labels, n_classes))
 
     def example(i):
         image = tf.io.decode_jpeg(tf.io.read_file(tf.gather(paths, i)), channels=3)
-        return tf.cast(tf.ensure_shape(image, (size, size, 3)), "float32"), tf.gather(y, i)
+        return tf.cast(tf.ensure_shape(image, (size, size, 3)), "float32"), tf.gather(one_hot, i)
 
-    return Examples(example, labels)
+    return Examples(lambda indices, batch_size: indices.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+                    .batch(batch_size), labels)
 
 
 def shuffled_epochs(examples: Examples, batch_size: int, seed: int, epochs: range) -> tf.data.Dataset:
@@ -111,18 +134,16 @@ def shuffled_epochs(examples: Examples, batch_size: int, seed: int, epochs: rang
     so that a resumed run sees exactly the batches an uninterrupted one would have."""
 
     def one_epoch(epoch):
-        order = tf.random.experimental.stateless_shuffle(tf.range(examples.count),
+        order = tf.random.experimental.stateless_shuffle(tf.range(examples.count, dtype=tf.int64),
                                                          seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        return (tf.data.Dataset.from_tensor_slices(order)
-                .map(examples.example, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size))
+        return examples.batches(tf.data.Dataset.from_tensor_slices(order), batch_size)
 
     epoch_numbers = tf.data.Dataset.from_tensor_slices(np.arange(epochs.start, epochs.stop, dtype="int64"))
     return epoch_numbers.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
 
 
 def in_order(examples: Examples, batch_size: int) -> tf.data.Dataset:
-    return (tf.data.Dataset.range(examples.count).map(examples.example, num_parallel_calls=tf.data.AUTOTUNE)
-            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    return examples.batches(tf.data.Dataset.range(examples.count), batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 # ---- set-up -----------------------------------------------------------------------------------
@@ -137,13 +158,6 @@ def distribution_strategy() -> tf.distribute.Strategy:
     if len(devices) > 1:
         return tf.distribute.MirroredStrategy([d.name for d in devices])
     return tf.distribute.get_strategy()
-
-
-def set_precision(setting: str | bool) -> bool:
-    """Mixed precision (float16 compute, float32 weights) when asked, or on ``auto`` when a GPU is present."""
-    mixed = bool(tf.config.list_physical_devices("GPU")) if setting == "auto" else setting
-    keras.config.set_dtype_policy("mixed_float16" if mixed else "float32")
-    return mixed
 
 
 def class_weights(labels: np.ndarray, n_classes: int, setting: str) -> dict[int, float] | None:
@@ -262,7 +276,7 @@ def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, 
 
 
 def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model, list[dict]]:
-    x_train, y_train = load_features("train")
+    x_train = open_rows("train.npy")
     extractor = models.saved_feature_extractor(cfg.model, FEATURES_DIR)
     head = models.head(x_train, n_classes, cfg.model.head)
     fine_tune = cfg.train.fine_tune
@@ -271,31 +285,46 @@ def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model
 
     head_phase = Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size * replicas, cfg.train.learning_rate,
                        "train.learning_rate")
-    history = fit_phase(head, head_phase, feature_examples(x_train, y_train, n_classes),
-                        feature_examples(*load_features("val"), n_classes), cfg)
+    history = fit_phase(head, head_phase, row_examples(x_train, split_labels("train"), n_classes),
+                        row_examples(open_rows("val.npy"), split_labels("val"), n_classes), cfg)
     if fine_tune.enabled:
         models.unfreeze_top(base, top_start)
-        size = cfg.model.input_size
-        augmentation = online_augmentation(cfg) if cfg.augment.mode in ("online", "both") else None
-        network = models.on_pixels(extractor, head, size, augmentation)
+        network, train, val = fine_tune_inputs(cfg, extractor, head, n_classes)
         tune_phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs,
                            fine_tune.batch_size * replicas, fine_tune.learning_rate, "train.fine_tune.learning_rate")
-        history += fit_phase(network, tune_phase, image_examples("train", n_classes, size),
-                             image_examples("val", n_classes, size), cfg)
-    return exported(cfg.model, extractor, head, x_train, n_classes), history
+        history += fit_phase(network, tune_phase, train, val, cfg)
+    return exported(cfg.model, extractor, head), history
 
 
-def exported(params: ModelParams, extractor: keras.Model, head: keras.Model, x_train: np.ndarray,
-             n_classes: int) -> keras.Model:
-    """The deliverable, in float32 even after mixed-precision training (float16 is slow on CPUs)."""
-    model = models.classifier(extractor, head, params.input_size)
+def fine_tune_inputs(cfg: Config, extractor: keras.Model, head: keras.Model,
+                     n_classes: int) -> tuple[keras.Model, Examples, Examples]:
+    """The model fine-tuning trains and its train and val examples: the unfrozen top on the cached
+    activations when the features stage stored them, else the whole network on the images."""
+    cut = cfg.activation_cut
+    if cut:
+        meta = read_json(FEATURES_DIR / "meta.json")
+        if meta.get("activation_cut") != cut:
+            raise UserError(f"{FEATURES_DIR} holds no activations at {cut}: run dvc repro (the features stage)")
+        print(f"train: fine-tuning on the activations at {cut} cached by the features stage")
+        bfloat16_bits = meta["activation_dtype"] == "bfloat16"
+        return (models.on_activations(extractor, head, cut),
+                *(row_examples(open_rows(f"{split}_activations.npy"), split_labels(split), n_classes, bfloat16_bits)
+                  for split in ("train", "val")))
+    size = cfg.model.input_size
+    augmentation = online_augmentation(cfg) if cfg.augment.mode in ("online", "both") else None
+    return (models.on_pixels(extractor, head, size, augmentation),
+            *(image_examples(split, n_classes, size) for split in ("train", "val")))
+
+
+def exported(params: ModelParams, extractor: keras.Model, head: keras.Model) -> keras.Model:
+    """The deliverable, in float32 even after mixed-precision training (16-bit is slow on many CPUs).
+    The head is float32 already; a mixed-precision extractor is rebuilt in float32 with its weights."""
     if keras.config.dtype_policy().name == "float32":
-        return model
-    with models.dtype_policy("float32"):
-        copy = models.classifier(models.feature_extractor(params.model_copy(update={"weights": "none"})),
-                                 models.head(x_train, n_classes, params.head), params.input_size)
-    copy.set_weights(model.get_weights())
-    return copy
+        return models.classifier(extractor, head, params.input_size)
+    with models.dtype_policy("float32"):  # the resize layer too
+        copy = models.feature_extractor(params.model_copy(update={"weights": "none"}))
+        copy.set_weights(extractor.get_weights())
+        return models.classifier(copy, head, params.input_size)
 
 
 def write_history(rows: list[dict], path: Path) -> None:
@@ -329,8 +358,9 @@ def main() -> None:
     strategy = distribution_strategy()  # first: MultiWorkerMirroredStrategy must come before other TF ops
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
-    mixed = set_precision(cfg.train.mixed_precision)
-    print(f"train: {strategy.num_replicas_in_sync} replica(s), mixed precision {'on' if mixed else 'off'}")
+    policy = models.compute_policy(cfg.model.precision)
+    keras.config.set_dtype_policy(policy)
+    print(f"train: {strategy.num_replicas_in_sync} replica(s), backbone computes in {policy}")
     labels = read_labels(FEATURES_DIR / "labels.json")
     key = resume_key(cfg)
     killed = checkpoints.open_run(key)

@@ -21,6 +21,7 @@ from pipeline.config import load_config
         ("model.weights", "missing.weights.h5", "no weights file at 'missing.weights.h5'"),
         ("augment.crop_scale", [0.9, 0.5], "crop_scale must be [min, max] with min <= max"),
         ("data.sha256", "abc", "data.sha256: String should match pattern"),
+        ("model.precision", "bfloat16", "model.precision: Input should be 'auto', 'float32', 'mixed_float16'"),
     ],
 )
 def test_bad_params_fail_naming_the_key(tmp_path, key, value, expected):
@@ -38,6 +39,22 @@ def test_defaults_resolve_native_size():
     assert cfg.model.weights == "imagenet"
     assert cfg.model.input_size == 299
     assert cfg.flat()["train.learning_rate"] == cfg.train.learning_rate
+
+
+@pytest.mark.parametrize(("overrides", "cut"), [
+    ({}, None),  # no fine-tuning
+    ({"train.fine_tune.blocks": 2}, "mixed8"),
+    ({"train.fine_tune.blocks": 1, "model.backbone": "resnet50"}, "conv5_block2_out"),
+    ({"train.fine_tune.blocks": 2, "augment.mode": "both"}, None),  # online layers change the inputs every epoch
+    ({"train.fine_tune.blocks": 2, "augment.mode": "online"}, None),
+    ({"train.fine_tune.blocks": 2, "train.fine_tune.cache_activations": False}, None),
+    ({"train.fine_tune.layers": 20}, None),  # no clean cut between layers
+    ({"train.fine_tune.blocks": 11}, None),  # every block: nothing frozen to cache
+])
+def test_activations_are_cached_only_where_fine_tuning_has_a_fixed_frozen_prefix(tmp_path, overrides, cut):
+    (tmp_path / "params.yaml").write_bytes(open("params.yaml", "rb").read())
+    set_params(tmp_path, **overrides)
+    assert load_config(tmp_path / "params.yaml").activation_cut == cut
 
 
 def test_stage_reports_bad_params_in_one_line(project):

@@ -27,7 +27,8 @@ def tiny_model(tmp_path_factory) -> Path:
     probabilities; ResNet50 at 32 px with random weights, so only for plumbing) and ``labels.json``."""
     keras.utils.set_random_seed(0)
     root = tmp_path_factory.mktemp("tiny_model")
-    params = ModelParams(backbone="resnet50", weights="none", image_size=32, head=HeadParams(dense_units=0, dropout=0.1))
+    params = ModelParams(backbone="resnet50", weights="none", image_size=32, precision="float32",
+                         head=HeadParams(dense_units=0, dropout=0.1))
     extractor = models.feature_extractor(params)
     images = make_images(root / "images", {label: 4 for label in LABELS}, size=(32, 32))
     pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(images.rglob("*.jpg"))])

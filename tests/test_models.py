@@ -19,11 +19,12 @@ HEAD = HeadParams(dense_units=0, dropout=0.1)
 
 
 def params(backbone: str, size: int, weights: str = "none") -> ModelParams:
-    return ModelParams(backbone=backbone, weights=weights, image_size=size, head=HEAD)
+    return ModelParams(backbone=backbone, weights=weights, image_size=size, precision="float32", head=HEAD)
 
 
 def fine_tune(blocks: int = 0, layers: int = 0) -> FineTuneParams:
-    return FineTuneParams(blocks=blocks, layers=layers, epochs=1, batch_size=2, learning_rate=1e-3)
+    return FineTuneParams(blocks=blocks, layers=layers, epochs=1, batch_size=2, learning_rate=1e-3,
+                          cache_activations=True)
 
 
 def random_features(extractor: keras.Model, rows: int = 10) -> np.ndarray:
@@ -48,6 +49,60 @@ def test_every_backbone_builds_and_takes_a_fine_tuning_step(name):
     for before, after in zip(frozen_before, base.non_trainable_weights, strict=True):
         np.testing.assert_array_equal(before, after.numpy())
     assert any(not np.array_equal(b, a.numpy()) for b, a in zip(trainable_before, base.trainable_weights, strict=True))
+
+
+@pytest.mark.parametrize("name", ["inception_v3", "resnet50"])
+def test_the_cached_activations_model_computes_what_the_whole_network_does(name):
+    spec = BACKBONES[name]
+    size = max(spec.min_size, 32)
+    extractor = models.feature_extractor(params(name, size))
+    head = models.head(random_features(extractor), 3, HEAD)
+    cut = spec.blocks[-2]
+    images = np.random.default_rng(1).uniform(0, 255, (4, size, size, 3)).astype("float32")
+    features, activations = models.with_activations(extractor, cut).predict_on_batch(images)
+    np.testing.assert_allclose(features, extractor.predict_on_batch(images), rtol=1e-5, atol=1e-7)
+    assert activations.shape[1:] == models.backbone_of(extractor).get_layer(cut).output.shape[1:]
+
+    # The fine-tuning model on the activations gives the whole network's output and trains only
+    # the unfrozen top: the weights it changes are the backbone's own.
+    base = models.backbone_of(extractor)
+    models.unfreeze_top(base, models.trainable_top_start(base, spec, fine_tune(blocks=1)))
+    cached = models.on_activations(extractor, head, cut)
+    whole = models.on_pixels(extractor, head, size)
+    np.testing.assert_allclose(cached.predict_on_batch(activations), whole.predict_on_batch(images), rtol=1e-5)
+    assert {id(w) for w in cached.trainable_weights} == {id(w) for w in whole.trainable_weights}
+    cached.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    before = [w.numpy() for w in base.trainable_weights]
+    cached.train_on_batch(activations, np.eye(3, dtype="float32")[[0, 1, 2, 0]])
+    assert all(not np.array_equal(b, w.numpy()) for b, w in zip(before, base.trainable_weights, strict=True)
+               if w.path.endswith("kernel"))
+
+
+def test_column_stats_streams_in_chunks_and_matches_numpy(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = np.lib.format.open_memmap(tmp_path / "rows.npy", mode="w+", dtype="float16", shape=(1000, 6))
+    rows[:] = 1000 + rng.normal(scale=[0.5, 1, 2, 4, 8, 16], size=(1000, 6))  # big mean, small spread
+    mean, variance = models.column_stats(np.load(tmp_path / "rows.npy", mmap_mode="r"), chunk_rows=7)
+    exact = np.asarray(rows, dtype="float64")
+    np.testing.assert_allclose(mean, exact.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(variance, exact.var(axis=0), rtol=1e-9)
+
+
+@pytest.mark.parametrize(("setting", "gpu", "flags", "expected"), [
+    ("float32", False, {"amx_bf16"}, "float32"),
+    ("mixed_bfloat16", False, set(), "mixed_bfloat16"),
+    ("auto", False, {"avx2", "amx_bf16"}, "mixed_bfloat16"),
+    ("auto", False, {"avx512_bf16"}, "mixed_bfloat16"),
+    ("auto", False, {"avx2", "avx512f"}, "float32"),
+    ("auto", True, {"amx_bf16"}, "mixed_float16"),
+])
+def test_precision_auto_picks_float16_on_gpus_bfloat16_on_cpus_that_have_it(monkeypatch, setting, gpu, flags,
+                                                                            expected):
+    import tensorflow as tf
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["gpu0"] if gpu and kind == "GPU" else [])
+    monkeypatch.setattr(models, "_cpu_flags", lambda: flags)
+    assert models.compute_policy(setting) == expected
 
 
 def test_fine_tuning_unfreezes_only_the_top_blocks_and_never_batchnorm():

@@ -19,6 +19,7 @@ from PIL import Image
 
 from conftest import make_images, new_project, project_env, run, set_params
 from pipeline import models
+from pipeline.config import load_config
 
 TINY = {"model.backbone": "resnet50", "model.image_size": 32, "augment.mode": "both", "train.epochs": 2}
 
@@ -125,6 +126,100 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_r
     assert [m.step for m in client.get_metric_history(last, "finetune_val_accuracy")] == fine_tune_epochs
 
 
+def test_cached_fine_tuning_trains_like_fine_tuning_on_the_images(featured_template, tmp_path):
+    # Offline augmentation and a block cut: the features stage caches the prefix's output and
+    # fine-tuning runs only the top. Without the cache the same training runs on the images.
+    # bfloat16 compute: the cache holds exactly what the prefix computed, so both must agree.
+    tune = {"augment.mode": "offline", "model.precision": "mixed_bfloat16", "train.fine_tune.blocks": 1,
+            "train.fine_tune.epochs": 2, "train.early_stopping_patience": None, "train.lr_schedule": "constant",
+            "train.fine_tune.learning_rate": 1e-3}
+    cached, plain = (Path(shutil.copytree(featured_template, tmp_path / name, symlinks=True))
+                     for name in ("cached", "plain"))
+    set_params(cached, **tune)
+    set_params(plain, **tune, **{"train.fine_tune.cache_activations": False})
+    output = run(["dvc", "repro", "train"], cached).stdout
+    assert "fine-tuning on the activations at conv5_block2_out cached by the features stage" in output
+    features = cached / "data" / "features"
+    assert json.loads((features / "meta.json").read_text())["activation_dtype"] == "bfloat16"
+    for split in ("train", "val"):
+        activations = np.load(features / f"{split}_activations.npy", mmap_mode="r")
+        assert activations.dtype == np.uint16  # bfloat16 bit patterns
+        assert activations.shape == (len(np.load(features / f"{split}_labels.npy")), 1, 1, 2048)
+    assert not (features / "test_activations.npy").exists()
+
+    assert "fine-tuning on the activations" not in run(["dvc", "repro", "train"], plain).stdout
+    assert not list((plain / "data" / "features").glob("*_activations.npy"))
+    rows = {name: metrics_only(history(project)) for name, project in (("cached", cached), ("plain", plain))}
+    assert [r["phase"] for r in history(cached)] == ["head", "head", "fine_tune", "fine_tune"]
+    for with_cache, without in zip(rows["cached"], rows["plain"], strict=True):
+        for key in ("loss", "val_loss"):
+            assert float(with_cache[key]) == pytest.approx(float(without[key]), rel=2e-3)
+    val_images = sorted((cached / "data" / "augmented" / "val").rglob("*.jpg"))
+    images = np.stack([np.asarray(Image.open(path)) for path in val_images])
+    tuned = {name: models.load(project / "data" / "model" / "model.keras") for name, project in
+             (("cached", cached), ("plain", plain))}
+    np.testing.assert_allclose(*(model.predict(images, verbose=0) for model in tuned.values()), atol=2e-3)
+    untuned = models.saved_feature_extractor(load_config(cached / "params.yaml").model, features)
+    top = models.backbone_of(untuned).get_layer("conv5_block3_3_conv").get_weights()[0]
+    assert not np.allclose(top, models.backbone_of(tuned["cached"].get_layer(untuned.name))
+                           .get_layer("conv5_block3_3_conv").get_weights()[0])
+
+
+@pytest.mark.parametrize(("policy", "rtol"), [("mixed_bfloat16", 2**-8), ("mixed_float16", 2**-11)])
+def test_stored_activations_read_back_as_computed(tmp_path, policy, rtol):
+    from pipeline.features import activation_storage, as_stored
+    from pipeline.train import in_order, row_examples
+
+    storage = activation_storage(policy)
+    rng = np.random.default_rng(0)
+    low = 1e-8 if storage == "bfloat16" else 1e-4  # bfloat16 keeps float32's range: tiny values survive
+    values = (rng.choice([-1, 1], (6, 4)) * np.exp(rng.uniform(np.log(low), np.log(1e4), (6, 4)))).astype("float32")
+    np.save(tmp_path / "rows.npy", as_stored(values, storage))
+    examples = row_examples(np.load(tmp_path / "rows.npy", mmap_mode="r"), np.zeros(6, int), 2,
+                            bfloat16_bits=storage == "bfloat16")
+    read = np.concatenate([x.numpy() for x, _ in in_order(examples, batch_size=4)])
+    np.testing.assert_allclose(read, values, rtol=rtol)
+
+
+def anonymous_memory_mib() -> float:
+    """RssAnon: memory only swap could free. Pages of a memory-mapped file are page cache the OS
+    drops and re-reads at will, so they are no part of what a dataset larger than RAM would need."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssAnon")) / 1024
+
+
+def test_features_far_larger_than_a_memory_cap_stream_from_disk(tmp_path):
+    from pipeline.train import row_examples, shuffled_epochs
+
+    cap_mib, count, dim = 100, 24_000, 8192  # a 375 MiB float16 file
+    rows = np.lib.format.open_memmap(tmp_path / "train.npy", mode="w+", dtype="float16", shape=(count, dim))
+    for start in range(0, count, 1000):  # row i holds its number in its first two columns (exact in float16)
+        ids = np.arange(start, start + 1000)
+        rows[start : start + 1000, :2] = np.stack([ids % 1024, ids // 1024], axis=1)
+    rows.flush()
+    del rows
+    labels = np.arange(count) % 3
+    examples = row_examples(np.load(tmp_path / "train.npy", mmap_mode="r"), labels, n_classes=3)
+    batches = iter(shuffled_epochs(examples, batch_size=256, seed=0, epochs=range(1)))
+    ids, classes = [], []
+
+    def keep_ids(batch):  # only the ids and labels are kept: the rows themselves are let go
+        x, y = batch
+        ids.append((x[:, 0] + 1024 * x[:, 1]).numpy().astype(int))
+        classes.append(y.numpy().argmax(axis=1))
+
+    keep_ids(next(batches))
+    baseline, peak = anonymous_memory_mib(), 0.0
+    for batch in batches:
+        peak = max(peak, anonymous_memory_mib())
+        keep_ids(batch)
+    order = np.concatenate(ids)
+    np.testing.assert_array_equal(np.sort(order), np.arange(count))  # every row once, in a shuffled order
+    assert not np.array_equal(order, np.arange(count))
+    np.testing.assert_array_equal(np.concatenate(classes), labels[order])
+    assert peak - baseline < cap_mib, f"reading a {count * dim * 2 / 2**20:.0f} MiB file took {peak - baseline:.0f} MiB"
+
+
 def test_mirrored_strategy_trains_on_two_logical_cpus(featured):
     set_params(featured, **{"train.lr_schedule": "cosine", "train.class_weight": "none"})
     script = (
@@ -153,21 +248,23 @@ def test_nan_loss_stops_the_stage_naming_the_learning_rate(featured):
     assert not (featured / "data" / "model").exists()
 
 
-def test_mixed_precision_training_exports_a_float32_model(tmp_path):
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_training_exports_a_float32_model(tmp_path, policy):
     from pipeline.config import HeadParams, ModelParams
     from pipeline.train import exported
 
-    params = ModelParams(backbone="resnet50", weights="none", image_size=32,
+    params = ModelParams(backbone="resnet50", weights="none", image_size=32, precision="float32",
                          head=HeadParams(dense_units=8, dropout=0.1))
     x_train = np.random.default_rng(0).normal(size=(10, 2048)).astype("float32")
     images = np.random.default_rng(1).integers(0, 255, (2, 40, 50, 3), dtype="uint8")
-    with models.dtype_policy("mixed_float16"):
+    with models.dtype_policy(policy):
         extractor, head = models.feature_extractor(params), models.head(x_train, 3, params.head)
         trained = models.classifier(extractor, head, 32)
-        assert models.backbone_of(extractor).layers[2].compute_dtype == "float16"
-        model = exported(params, extractor, head, x_train, 3)
+        assert models.backbone_of(extractor).layers[2].compute_dtype == policy.removeprefix("mixed_")
+        model = exported(params, extractor, head)
     model.save(tmp_path / "model.keras")
     loaded = models.load(tmp_path / "model.keras")
     backbone = models.backbone_of(loaded.get_layer(extractor.name))
     assert {layer.compute_dtype for layer in backbone.layers[1:]} == {"float32"}
+    assert {layer.compute_dtype for layer in loaded.layers[1:]} == {"float32"}  # resize, extractor, head
     np.testing.assert_allclose(loaded.predict(images, verbose=0), trained.predict(images, verbose=0), atol=2e-2)
