@@ -151,7 +151,7 @@ def fine_tune_rows(workdir: Path, epochs: int) -> list[tuple[str, str]]:
             ("fine-tune epoch ratio (cache / no cache); goal <= 0.5", f"{ratio:.2f}: {'met' if ratio <= 0.5 else 'NOT met'}"),
             ("fine-tune val_accuracy after the last epoch (no cache / activation cache)",
              f"{plain['val_accuracy']:.3f} / {cached['val_accuracy']:.3f} ({epochs} epochs)"),
-            ("the cache's price: features stage storing the activations (float16 on disk)",
+            ("the cache's price: features stage storing the activations (16-bit, on disk)",
              f"{cached['features']:.1f} s, {cached['cache_mb']:.0f} MiB (train + val)")]
 
 
