@@ -33,6 +33,7 @@ from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, PREPARED_DIR, SPLITS, ima
 from pipeline.files import atomic_dir, write_json
 
 CACHED_SPLITS = ("train", "val")  # the splits fine-tuning reads; test images go through the exported model
+FILE_DTYPE = {"float16": "float16", "bfloat16": "uint16"}  # activations' storage type -> the .npy's dtype
 
 
 def new_rows(path: Path, dtype: str, shape: tuple[int, ...]) -> np.memmap:
@@ -87,7 +88,7 @@ def main() -> None:
             features = new_rows(out / f"{split}.npy", "float32", (len(rows), dim))
             activations = None
             if cut and split in CACHED_SPLITS:
-                activations = new_rows(out / f"{split}_activations.npy", "float16" if storage == "float16" else "uint16",
+                activations = new_rows(out / f"{split}_activations.npy", FILE_DTYPE[storage],
                                        (len(rows), *network.output_shape[1][1:]))
             batches = image_batches([str(AUGMENTED_DIR / r["path"]) for r in rows], cfg.train.batch_size)
             start = 0
@@ -107,8 +108,8 @@ def main() -> None:
         shutil.copy(PREPARED_DIR / "labels.json", out / "labels.json")
         write_json(out / "meta.json", {"backbone": cfg.model.backbone, "weights": cfg.model.weights,
                                        "image_size": cfg.model.input_size, "precision": policy, "dim": dim,
-                                       "activation_cut": cut, "activation_dtype": storage if cut else None, "images": len(manifest),
-                                       "seconds": round(seconds, 2)})
+                                       "activation_cut": cut, "activation_dtype": storage if cut else None,
+                                       "images": len(manifest), "seconds": round(seconds, 2)})
     cached = f"; activations at {cut} cached for fine-tuning" if cut else ""
     print(f"features: {len(manifest)} images -> {dim}-d features in {seconds:.1f}s "
           f"({len(manifest) / seconds:.1f} images/s, {policy}){cached}")

@@ -104,7 +104,7 @@ def head(train_features: np.ndarray, n_classes: int, params: HeadParams) -> kera
     return keras.Model(inputs, outputs, name="head")
 
 
-def column_stats(rows: np.ndarray, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def column_stats(rows: np.ndarray, chunk_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and variance, a chunk at a time (Chan et al.'s merge), so that a memory-mapped
     feature file larger than RAM is read once and never copied whole."""
     count, mean, squares = 0, np.zeros(rows.shape[1]), np.zeros(rows.shape[1])  # squares: sum of squared deviations
@@ -162,7 +162,6 @@ def on_activations(extractor: keras.Model, head_model: keras.Model, cut: str) ->
     inputs = keras.Input(shape=top.input_shape[1:], name="activations")
     features = extractor.get_layer("pool")(top(inputs, training=False))
     return keras.Model(inputs, head_model(features), name="fine_tune_cached")
-
 
 
 def trainable_top_start(base: keras.Model, spec: Backbone, fine_tune: FineTuneParams) -> int:
