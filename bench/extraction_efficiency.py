@@ -29,17 +29,15 @@ def best_of(repeats: int, work) -> float:
 
 
 def run(workdir: Path, repeats: int) -> list[tuple[str, str]]:
-    import keras
     import numpy as np
 
     from pipeline.config import load_config
     from pipeline.data import image_batches
     from pipeline.features import predict
-    from pipeline.models import compute_policy, feature_extractor
+    from pipeline.models import feature_extractor, use_precision
 
     cfg = load_config(workdir / "params.yaml")
-    policy = compute_policy(cfg.model.precision)
-    keras.config.set_dtype_policy(policy)
+    policy = use_precision(cfg.model.precision)
     batch_size = cfg.train.batch_size
     augmented = workdir / "data/augmented"
     paths = [str(augmented / row["path"]) for row in manifest_rows(augmented / "manifest.csv")]

@@ -72,8 +72,7 @@ def main() -> None:
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} is missing: run the augment stage first (dvc repro)")
     keras.utils.set_random_seed(cfg.seed)
-    policy = models.compute_policy(cfg.model.precision)
-    keras.config.set_dtype_policy(policy)
+    policy = models.use_precision(cfg.model.precision)
     manifest = read_manifest(manifest_path)
     class_index = {name: i for i, name in enumerate(read_labels())}
     extractor = models.feature_extractor(cfg.model)

@@ -216,6 +216,13 @@ def compute_policy(setting: str) -> str:
     return "mixed_bfloat16" if any(flag in _cpu_flags() for flag in BFLOAT16_CPU_FLAGS) else "float32"
 
 
+def use_precision(setting: str) -> str:
+    """Build every later layer under ``model.precision``'s policy; returns the policy's name."""
+    policy = compute_policy(setting)
+    keras.config.set_dtype_policy(policy)
+    return policy
+
+
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:

@@ -358,8 +358,7 @@ def main() -> None:
     strategy = distribution_strategy()  # first: MultiWorkerMirroredStrategy must come before other TF ops
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
-    policy = models.compute_policy(cfg.model.precision)
-    keras.config.set_dtype_policy(policy)
+    policy = models.use_precision(cfg.model.precision)
     print(f"train: {strategy.num_replicas_in_sync} replica(s), backbone computes in {policy}")
     labels = read_labels(FEATURES_DIR / "labels.json")
     key = resume_key(cfg)
