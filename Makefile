@@ -12,7 +12,8 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 SET ?=
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
-MODEL ?= models:/$(shell sed -n 's/^ *registered_model_name: *\([^ #]*\).*/\1/p' params.yaml)/latest
+# make serve's model; empty = the latest version registered under pipeline.config's registered_model_name
+MODEL ?=
 PATHS ?=
 ARGS ?=
 # `make exp` queues one DVC experiment per combination (DVC's -S a=1,2 sweep syntax), then runs them.
@@ -58,7 +59,7 @@ ui: setup
 
 # Serves the registered model (latest version): POST base64 JPEG/PNG to /invocations (see README).
 serve: setup
-	mlflow models serve -m $(MODEL) --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+	mlflow models serve -m "$(or $(MODEL),models:/$$(python -m pipeline.config registered_model_name)/latest)" --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 predict: setup
 	@test -n "$(PATHS)" || { echo 'usage: make predict PATHS="photo.jpg folder/" [ARGS="--top-k 5 --json"]' >&2; exit 2; }

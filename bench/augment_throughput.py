@@ -7,7 +7,7 @@ DVC would run it, on all cores: first with an empty render cache (every file ren
 second (whole stage wall time, start-up and gallery included), the CPU time it took, and the
 command to reproduce.
 
-    python bench/augment_throughput.py --archive /work/shared/datasets/flower_photos.tgz
+    python bench/augment_throughput.py --archive flower_photos.tgz
 """
 
 import argparse
@@ -52,7 +52,7 @@ def write_params(workdir: Path, archive: Path, copies: int, image_size: int | No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", type=Path, default=Path("/work/shared/datasets/flower_photos.tgz"))
+    parser.add_argument("--archive", type=Path, required=True, help="the flowers archive (.tgz)")
     parser.add_argument("--workdir", type=Path, help="scratch folder to use or reuse (default: a new temporary one)")
     parser.add_argument("--copies", type=int, default=2, help="augment.copies (default 2)")
     parser.add_argument("--image-size", type=int, default=None, help="model.image_size (default: inception_v3's 299)")

@@ -23,7 +23,6 @@ from augment_throughput import write_params
 from pipeline.config import override_params
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHIVE = Path("/work/shared/datasets/flower_photos.tgz")
 POLL_SECONDS = 0.05
 
 
@@ -49,7 +48,7 @@ def new_workdir(workdir: Path, archive: Path, per_class: int, image_size: int, c
 
 def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose the data slice and sizes, shared by every benchmark."""
-    parser.add_argument("--archive", type=Path, default=ARCHIVE)
+    parser.add_argument("--archive", type=Path, required=True, help="the flowers archive (.tgz)")
     parser.add_argument("--per-class", type=int, default=40, help="data.max_per_class")
     parser.add_argument("--image-size", type=int, default=299, help="model.image_size (inception_v3)")
     parser.add_argument("--copies", type=int, default=2, help="augment.copies")
@@ -118,3 +117,10 @@ def machine() -> dict[str, str]:
 
 def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}"
+
+
+def section(title: str, rows: list[tuple[str, ...]], command: str, header: tuple[str, ...] = ("figure", "value")) -> str:
+    """A results.md section: a table of ``rows`` under ``header``, then the command reproducing it."""
+    lines = [f"## {title}", "", f"| {' | '.join(header)} |", f"|{' --- |' * len(header)}"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join([*lines, "", f"Reproduce: `{command}`", ""])

@@ -5,7 +5,7 @@ all cores, with an empty augment render cache. Peak memory is polled RSS of the 
 process tree (ProcessPoolExecutor workers included): the peak of the sum, and the largest single
 process. Prints the figures and the command to reproduce.
 
-    python bench/data_stages.py --per-class 40 --image-size 299
+    python bench/data_stages.py --archive flower_photos.tgz --per-class 40 --image-size 299
 """
 
 import argparse

@@ -1,11 +1,11 @@
 """Feature extraction efficiency: our end-to-end extraction vs the model alone on in-memory tensors.
 
-End to end is what ``pipeline/features.py`` does: ``data.image_batches`` (read + decode JPEGs with
-tf.data, in parallel, prefetched) feeding ``features.predict`` (``predict_on_batch``, the last
-batch padded), at the stage's precision (``model.precision``). The references run the same
-extractor, same batch size, on the same images already decoded into one numpy array: with
-``model.predict`` (the issue's reference) and with a bare ``predict_on_batch`` loop over slices
-(the pure forward pass). Each is timed ``--repeats`` times after a warm-up; the best run counts.
+End to end is what ``pipeline/features.py`` does: ``features.extract`` (read + decode JPEGs with
+tf.data, in parallel, prefetched, the last batch padded, on every device of ``pipeline.devices``),
+at the stage's precision (``model.precision``). The references run the same extractor, same batch
+size, on the same images already decoded into one numpy array: with ``model.predict`` (the
+issue's reference) and with a bare ``predict_on_batch`` loop over slices (the pure forward pass).
+Each is timed ``--repeats`` times after a warm-up; the best run counts.
 Needs ``data/augmented`` in the workdir (bench/data_stages.py or bench/head_vs_tutorial.py).
 
     python bench/extraction_efficiency.py --workdir /tmp/bench-xyz
@@ -33,26 +33,32 @@ def run(workdir: Path, repeats: int) -> list[tuple[str, str]]:
 
     from pipeline.config import load_config
     from pipeline.data import image_batches
-    from pipeline.features import predict
+    from pipeline.devices import distribution_strategy
+    from pipeline.features import extract, on_every_replica
     from pipeline.models import feature_extractor, use_precision
 
+    strategy = distribution_strategy()
     cfg = load_config(workdir / "params.yaml")
     policy = use_precision(cfg.model.precision)
     batch_size = cfg.train.batch_size
     augmented = workdir / "data/augmented"
     paths = [str(augmented / row["path"]) for row in manifest_rows(augmented / "manifest.csv")]
-    extractor = feature_extractor(cfg.model)
+    with strategy.scope():
+        extractor = feature_extractor(cfg.model)
+    on_replicas = on_every_replica(extractor, strategy)
     pixels = np.concatenate([batch.numpy() for batch in image_batches(paths, batch_size)])
+    padded = np.concatenate([pixels, pixels[: -len(pixels) % batch_size]])  # whole batches: one trace
 
     def end_to_end():
-        for batch in image_batches(paths, batch_size):
-            predict(extractor, batch, batch_size)
+        for _ in extract(on_replicas, strategy, paths, batch_size, desc="end to end"):
+            pass
 
     def forward_only():
-        for start in range(0, len(pixels), batch_size):
-            predict(extractor, pixels[start : start + batch_size], batch_size)
+        for start in range(0, len(padded), batch_size):
+            extractor.predict_on_batch(padded[start : start + batch_size])
 
-    extractor.predict_on_batch(pixels[:batch_size])  # warm-up: builds the graph
+    next(extract(on_replicas, strategy, paths[:batch_size], batch_size, desc="warm-up"))  # warm-ups: build the graphs
+    extractor.predict_on_batch(pixels[:batch_size])
     extractor.predict(pixels[:batch_size], batch_size=batch_size, verbose=0)
     e2e = best_of(repeats, end_to_end)
     with_predict = best_of(repeats, lambda: extractor.predict(pixels, batch_size=batch_size, verbose=0))

@@ -3,34 +3,30 @@
 Ours: ``python -m pipeline.augment``, ``pipeline.features``, ``pipeline.train`` (head phase only)
 as subprocesses in a scratch project; their total wall time is the honest cost (offline augmentation
 and feature extraction included, each with its own Python + TensorFlow start-up).
-The recipe: train/val folders built from our prepared split manifest, then
-``keras.utils.image_dataset_from_directory``, a frozen ``keras.applications`` backbone with Keras
-augmentation layers (flip, zoom, brightness, contrast) inside the model, and ``model.fit``, in
-float32 as the recipe is written, run as a subprocess like our stages: its wall time includes its
-Python + TensorFlow start-up too (its time from dataset creation to the end of ``fit`` is shown apart).
+The recipe: ``recipe.py`` (the keras.io one, on our prepared split, in float32 as written), run as
+a subprocess like our stages: its wall time includes its Python + TensorFlow start-up too (its time
+from dataset creation to the end of ``fit`` is shown apart).
 Ours computes at ``model.precision: auto`` (bfloat16 on CPUs with AMX / AVX512-BF16); the features
 stage is also timed at float32 to show what that precision is worth.
 Both run exactly ``--epochs`` epochs (our early stopping off) and report their last epoch's
 val_accuracy on the same val images. Optionally times fine-tuning epochs of the top 2 blocks with
 and without the activation cache (``train.fine_tune.cache_activations``).
 
-    python bench/head_vs_tutorial.py --per-class 60 --image-size 150 --epochs 10
+    python bench/head_vs_tutorial.py --archive flower_photos.tgz --per-class 60 --image-size 150 --epochs 10
 """
 
 import argparse
 import csv
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import add_slice_arguments, load_average, manifest_rows, new_workdir, run_stage, stage_env
+import recipe
+from common import add_slice_arguments, load_average, manifest_rows, new_workdir, run_stage
 
+from pipeline.backbones import BACKBONES
 from pipeline.config import override_params
 
 
@@ -60,67 +56,6 @@ def features_at(workdir: Path, precision: str) -> float:
 def read_history(workdir: Path) -> list[dict]:
     with open(workdir / "data/model/history.csv", newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-def split_folders(workdir: Path) -> Path:
-    """``recipe/{train,val}/<class>/`` links to the prepared images of our split."""
-    root = workdir / "recipe"
-    shutil.rmtree(root, ignore_errors=True)
-    for row in manifest_rows(workdir / "data/prepared/manifest.csv"):
-        if row["split"] in ("train", "val"):
-            source = workdir / "data/prepared" / row["path"]
-            target = root / row["split"] / row["label"] / source.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(source, target)
-    return root
-
-
-def tutorial(workdir: Path, backbone: str, size: int, epochs: int, batch_size: int, seed: int) -> dict:
-    import keras
-
-    from pipeline.backbones import BACKBONES
-
-    folders = split_folders(workdir)
-    keras.utils.set_random_seed(seed)
-    started = time.perf_counter()
-    options = {"image_size": (size, size), "batch_size": batch_size, "crop_to_aspect_ratio": True, "seed": seed}
-    train = keras.utils.image_dataset_from_directory(folders / "train", shuffle=True, **options)
-    val = keras.utils.image_dataset_from_directory(folders / "val", shuffle=False, **options)
-    n_classes = len(train.class_names)
-    spec = BACKBONES[backbone]
-    application = getattr(keras.applications, spec.application)
-    preprocess = getattr(keras.applications, application.__module__.split(".")[-1]).preprocess_input
-    base = application(include_top=False, weights=None, input_shape=(size, size, 3))
-    base.trainable = False
-    augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal"),
-                                     keras.layers.RandomZoom((-0.25, 0.0)),  # ~ our crop_scale 0.6..1
-                                     keras.layers.RandomBrightness(0.2), keras.layers.RandomContrast(0.2)])
-    inputs = keras.Input(shape=(size, size, 3))
-    x = preprocess(augmentation(inputs))
-    x = base(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dropout(0.2)(x)
-    model = keras.Model(inputs, keras.layers.Dense(n_classes, activation="softmax")(x))
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    epoch_seconds = []
-    timer = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: epoch_seconds.append(time.perf_counter()),
-        on_epoch_end=lambda epoch, logs: epoch_seconds.append(time.perf_counter() - epoch_seconds.pop()))
-    history = model.fit(train, validation_data=val, epochs=epochs, callbacks=[timer], verbose=2)
-    fit = time.perf_counter() - started
-    return {"fit": fit, "epoch": statistics.median(epoch_seconds[1:] or epoch_seconds),
-            "val_accuracy": history.history["val_accuracy"][-1], "epochs": len(epoch_seconds)}
-
-
-def tutorial_process(workdir: Path, backbone: str, size: int, epochs: int, batch_size: int, seed: int) -> dict:
-    """``tutorial`` in a fresh Python, as a user runs a script: the wall time includes its start-up."""
-    started = time.perf_counter()
-    command = [sys.executable, __file__, "--recipe", json.dumps([str(workdir), backbone, size, epochs, batch_size, seed])]
-    result = subprocess.run(command, env=stage_env(workdir), capture_output=True, text=True, check=False)
-    if result.returncode:
-        sys.exit(f"the recipe failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return {**json.loads(result.stdout.strip().splitlines()[-1]), "total": time.perf_counter() - started}
 
 
 def fine_tune(workdir: Path, epochs: int, cached: bool) -> dict:
@@ -164,8 +99,8 @@ def run(workdir: Path, epochs: int, fine_tune_epochs: int, float32_features: boo
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     a = ours(workdir)
     float32_seconds = features_at(workdir, "float32") if float32_features else None
-    b = tutorial_process(workdir, params["model"]["backbone"], params["model"]["image_size"], epochs,
-                 params["train"]["batch_size"], params["seed"])
+    b = recipe.run(workdir, BACKBONES[params["model"]["backbone"]].application, None, params["model"]["image_size"],
+                   epochs, params["train"]["batch_size"], params["seed"])
     split = [r["split"] for r in manifest_rows(workdir / "data/prepared/manifest.csv")]
     recipe_forwards = epochs * (split.count("train") + split.count("val"))
     our_forwards = len(manifest_rows(workdir / "data/augmented/manifest.csv"))
@@ -195,12 +130,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--fine-tune-epochs", type=int, default=0, help="also time this many fine-tuning epochs")
     parser.add_argument("--workdir", type=Path, help="scratch folder to use or reuse (default: a new temporary one)")
-    parser.add_argument("--recipe", help=argparse.SUPPRESS)  # internal: run the recipe, print its figures as JSON
     args = parser.parse_args()
-    if args.recipe:
-        workdir, *settings = json.loads(args.recipe)
-        print(json.dumps(tutorial(Path(workdir), *settings)))
-        return
     workdir = new_workdir(args.workdir or Path(tempfile.mkdtemp(prefix="bench-")), args.archive, args.per_class,
                           args.image_size, args.copies, args.epochs)
     for name, value in run(workdir, args.epochs, args.fine_tune_epochs):

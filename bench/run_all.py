@@ -1,7 +1,11 @@
 """Every benchmark on one archive slice, in one scratch project; prints the figures and writes
 bench/results.md (machine, settings, figures, and the command reproducing each).
 
-    python bench/run_all.py --per-class 40 --image-size 299 --epochs 10 --more-epochs 20   (what `make bench` runs)
+    python bench/run_all.py --archive flower_photos.tgz --per-class 40 --image-size 299 --epochs 10 --more-epochs 20 \
+        --weights mobilenet_v2_1.0_224_imagenet_no_top.h5   (what `make bench` runs)
+
+With ``--weights``, the last section is bench/quality.py's, on the whole archive unless
+``--quality-per-class``.
 """
 
 import argparse
@@ -13,7 +17,8 @@ from pathlib import Path
 import data_stages
 import extraction_efficiency
 import head_vs_tutorial
-from common import REPO, add_slice_arguments, machine, new_workdir
+import quality
+from common import REPO, add_slice_arguments, machine, new_workdir, section
 
 from pipeline.config import override_params
 
@@ -26,12 +31,6 @@ NOTES = ("Reading the figures: our feature extraction runs the backbone once per
          "moves from chance (0.2 for 5 classes), while ours standardizes the features first (models.head).")
 
 
-def section(title: str, rows: list[tuple[str, str]], command: str) -> str:
-    lines = [f"## {title}", "", "| figure | value |", "| --- | --- |"]
-    lines += [f"| {name} | {value} |" for name, value in rows]
-    return "\n".join([*lines, "", f"Reproduce: `{command}`", ""])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_slice_arguments(parser)
@@ -41,6 +40,7 @@ def main() -> None:
     parser.add_argument("--fine-tune-epochs", type=int, default=2, help="0 = skip the fine-tuning timing")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results.md")
+    quality.add_arguments(parser)
     args = parser.parse_args()
 
     info = machine()
@@ -66,6 +66,8 @@ def main() -> None:
         sections.append(section(f"Head phase vs the keras.io recipe at {args.more_epochs} epochs", rows,
                                 f"python bench/head_vs_tutorial.py {slice_args} --epochs {args.more_epochs} "
                                 f"--workdir {workdir}"))
+    if args.weights:
+        sections.append(quality.measure(args, args.epochs, workdir / "quality"))
     minutes = (time.perf_counter() - started) / 60
     for text in sections:
         print(text)
@@ -73,15 +75,17 @@ def main() -> None:
     header = [
         "# Benchmark results", "",
         (f"Written by `make bench` (`python bench/run_all.py {slice_args} --epochs {args.epochs} "
-         f"--fine-tune-epochs {args.fine_tune_epochs} --more-epochs {args.more_epochs}`) "
+         f"--fine-tune-epochs {args.fine_tune_epochs} --more-epochs {args.more_epochs}"
+         f"{f' --weights {args.weights}' if args.weights else ''}`) "
          f"in {minutes:.1f} min on {time.strftime('%Y-%m-%d')}."), "",
         "| machine | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in info.items()], "",
         (f"Settings: flower_photos archive capped at {args.per_class} images per class, backbone inception_v3 at "
         f"{args.image_size}px, augment.copies "
         f"{args.copies}, {args.epochs} head epochs (our early stopping off so both run exactly that many), "
-        "batch size 32. **model.weights=none everywhere: ImageNet weights are unreachable here**, so both "
-        "recipes train on features of a random-init backbone and accuracies are low; the comparison is at "
-        "equal settings. Stage times are wall times of `python -m pipeline.<stage>` subprocesses (each pays "
+        "batch size 32. **model.weights=none in every section but the quality one: Inception v3's ImageNet "
+        "weights are unreachable here**, so both recipes train on features of a random-init backbone and "
+        "accuracies are low; the comparison is at equal settings. The quality section (with `--weights`) uses "
+        "real ImageNet weights of a MobileNetV2. Stage times are wall times of `python -m pipeline.<stage>` subprocesses (each pays "
         "its own Python + TensorFlow start-up), and so is the recipe's (a Python process of its own). Ours runs "
         "at `model.precision: auto` (the precision it used is shown), the recipe in float32 as written. The machine may have been shared with other jobs: see the load averages."), "",
         NOTES, "",

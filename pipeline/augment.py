@@ -6,7 +6,8 @@ Input: ``data/prepared``. Outputs:
   training images, copies ``1..augment.copies`` drawn from the policy in pipeline/augmentation.py
   (none when ``augment.mode`` is ``online``: training then augments each batch instead);
 - ``reports/augment_gallery.png``: one training image per class beside variants from the offline
-  policy and from the online Keras layers (a DVC plot; the same seeds, so the same picture each run).
+  policy and from the online Keras layers (a DVC plot; the same seeds, so the same picture each run),
+  drawn at most ``GALLERY_SIDE`` pixels a side whatever the image size, so that its memory is bounded.
 
 Each variant's randomness comes from ``seed``, the image's content hash and the copy number, so
 outputs are byte-identical across runs, whatever the order or number of worker processes.
@@ -47,6 +48,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 GALLERY = Path("reports/augment_gallery.png")
 GALLERY_CLASSES = 10
 GALLERY_VARIANTS = 4
+# Pixels a side the gallery draws at most: every backbone's native size (224-300) fits, so at those
+# sizes it shows the stage's variants exactly; its cells are ~130 px, so larger would show nothing
+# more, while the online layers' batch (classes x variants images) grows with the square of the side.
+GALLERY_SIDE = 300
 MANIFEST_HEADER = ["path", "label", "split", "copy", "source"]
 
 
@@ -139,15 +144,23 @@ def gallery_samples(manifest: list[dict[str, str]]) -> list[dict[str, str]]:
     return [first[label] for label in sorted(first)[:GALLERY_CLASSES]]
 
 
+def thumbnail(pixels: np.ndarray, side: int) -> np.ndarray:
+    """A square image shrunk to ``side`` pixels a side (unchanged when it has that size)."""
+    return pixels if len(pixels) == side else cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA)
+
+
 def write_gallery(manifest: list[dict[str, str]], cfg: Config) -> None:
-    """One row per sample: the resized original, offline variants (as the stage writes them), online variants."""
+    """One row per sample: the resized original, offline variants (as the stage writes them, then
+    shrunk to at most ``GALLERY_SIDE``), online variants (the Keras layers run at that side)."""
     samples = gallery_samples(manifest)
+    side = min(cfg.model.input_size, GALLERY_SIDE)
     pixels = [np.asarray(Image.open(PREPARED_DIR / r["path"]).convert("RGB")) for r in samples]
-    originals = np.stack([render_copy(p, 0, r["sha256"], cfg) for p, r in zip(pixels, samples)])
-    offline = [[render_copy(p, k, r["sha256"], cfg) for k in range(1, GALLERY_VARIANTS + 1)]
+    originals = np.stack([thumbnail(render_copy(p, 0, r["sha256"], cfg), side) for p, r in zip(pixels, samples)])
+    offline = [[thumbnail(render_copy(p, k, r["sha256"], cfg), side) for k in range(1, GALLERY_VARIANTS + 1)]
                for p, r in zip(pixels, samples)]
     batch = np.repeat(originals.astype("float32"), GALLERY_VARIANTS, axis=0)
-    online = np.asarray(online_augmentation(cfg)(batch, training=True)).round().clip(0, 255).astype("uint8")
+    online = online_augmentation(cfg, size=side)(batch, training=True)
+    online = np.asarray(online).round().clip(0, 255).astype("uint8")
     online = online.reshape(len(samples), GALLERY_VARIANTS, *originals.shape[1:])
 
     titles = ["original", *(f"offline {k}" for k in range(1, GALLERY_VARIANTS + 1)),

@@ -197,8 +197,9 @@ class RandomPCALighting(_RandomLayer):
         return {**super().get_config(), "std": self.std}
 
 
-def online_augmentation(cfg: Config) -> keras.Sequential:
-    """The policy as Keras layers: float pixels 0..255 at the input size in, same shape and range out.
+def online_augmentation(cfg: Config, size: int | None = None) -> keras.Sequential:
+    """The policy as Keras layers: float pixels 0..255 at the input size (or ``size``) in, same shape
+    and range out.
 
     Call it on batches inside the training graph (or a tf.data map); it augments only when
     ``training=True``, so keep it out of the model you export. Layers whose field is 0 are left out.
@@ -206,11 +207,11 @@ def online_augmentation(cfg: Config) -> keras.Sequential:
     # float32 whatever model.precision says: 16-bit pixel arithmetic is coarse, and the layers mix
     # in float32 constants. The backbone after them casts to its own compute dtype.
     with dtype_policy("float32"):
-        return _layers(cfg)
+        return _layers(cfg, size or cfg.model.input_size)
 
 
-def _layers(cfg: Config) -> keras.Sequential:
-    policy, size = cfg.augment, cfg.model.input_size
+def _layers(cfg: Config, size: int) -> keras.Sequential:
+    policy = cfg.augment
     seeds = itertools.count(cfg.seed * 1000)  # one seed per layer: layers sharing a seed draw the same numbers
     unit = {"value_range": (0, 1)}
     layers = [

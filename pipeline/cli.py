@@ -1,6 +1,7 @@
 """Entry-point wrapper shared by every stage: user mistakes become one line, not a traceback."""
 
 import errno
+import inspect
 import sys
 from collections.abc import Callable
 
@@ -31,6 +32,20 @@ def error_summary(err: BaseException) -> str:
 
 
 def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's ``main``, turning user mistakes into one line and an exit code of 2.
+
+    A DVC stage (a ``main`` without parameters) reads only params.yaml and files: ``--help`` prints
+    its module's docstring (what it reads and writes) without running it, and any other argument is
+    refused. Tools with options of their own (``main(argv)``) parse them with argparse.
+    """
+    if not inspect.signature(main).parameters and len(sys.argv) > 1:
+        if sys.argv[1:] in (["-h"], ["--help"]):
+            print(inspect.cleandoc(sys.modules[main.__module__].__doc__ or ""))
+            sys.exit(0)
+        print(f"error: the stage takes no arguments (got {' '.join(sys.argv[1:])}): its settings are in "
+              "params.yaml (`dvc exp run -S key=value` for one run); --help says what it reads and writes",
+              file=sys.stderr)
+        sys.exit(2)
     try:
         main()
     except UserError as err:

@@ -37,18 +37,18 @@ def mlflow_runs(experiment_name: str, metric: str, max_runs: int) -> pd.DataFram
     return runs[present].rename(columns=COLUMNS)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--metric", default="test_accuracy", help="MLflow metric to sort by")
     parser.add_argument("--max-runs", type=int, default=20)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_config()
     mlflow.set_tracking_uri(tracking.tracking_uri())
     print("DVC experiments, best test accuracy first:")
     subprocess.run(["dvc", "exp", "show", "--no-pager", "--only-changed", "--sort-by",
                     "eval/metrics.json:accuracy", "--sort-order", "desc"], check=False)
-    print(f"\nMLflow runs in '{cfg.mlflow.experiment_name}' ({mlflow.get_tracking_uri()}), best {args.metric} first:")
-    table = mlflow_runs(cfg.mlflow.experiment_name, args.metric, args.max_runs)
+    print(f"\nMLflow runs in '{cfg.experiment_name}' ({mlflow.get_tracking_uri()}), best {args.metric} first:")
+    table = mlflow_runs(cfg.experiment_name, args.metric, args.max_runs)
     print(table.to_string(index=False) if len(table) else "(no finished runs)")
 
 

@@ -4,16 +4,23 @@ Every stage calls :func:`load_config` first, so a wrong key or value fails befor
 with one line naming the key and what is allowed.
 """
 
-from pathlib import Path
+import re
+import sys
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.backbones import BACKBONES, Backbone
 from pipeline.cli import UserError
+from pipeline.data import SPLIT_NAMES
 
 PARAMS_FILE = Path("params.yaml")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")  # what data.url may end in besides a folder
+MAX_QUOTED = 80  # characters of a wrong value quoted in an error message
+SEED_LIMIT = 2**32  # numpy, TensorFlow and albumentations all take seeds below this
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 AreaFraction = Annotated[float, Field(gt=0, le=1)]
@@ -30,6 +37,8 @@ class DataParams(Section):
     max_per_class: Annotated[int, Field(gt=0)] | None = None
     max_files: Annotated[int, Field(gt=0)] = 1_000_000  # archive bomb caps: files and bytes unpacked
     max_bytes: Annotated[int, Field(gt=0)] = 20_000_000_000
+    labels: str | None = Field(default=None, min_length=1)  # path of a path,label[,split] CSV; null = folders
+    class_depth: Annotated[int, Field(ge=1, le=16)] = 1  # the label is this many folder levels (dogs/husky = 2)
 
 
 class SplitParams(Section):
@@ -61,6 +70,7 @@ class ModelParams(Section):
     backbone: BackboneName
     weights: str = Field(min_length=1)  # imagenet | none | path to a weights file
     image_size: Annotated[int, Field(gt=0)] | None = None
+    alpha: float | None = None  # width multiplier of the MobileNets (backbones.py alphas); null = the default
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
     head: HeadParams
 
@@ -78,9 +88,29 @@ class ModelParams(Section):
             raise ValueError(f"image_size {self.image_size} is below {self.backbone}'s minimum of {minimum}")
         return self
 
+    @model_validator(mode="after")
+    def _alpha_fits_backbone(self) -> "ModelParams":
+        alphas = BACKBONES[self.backbone].alphas
+        if self.alpha is not None and not alphas:
+            raise ValueError(f"alpha {self.alpha}: {self.backbone} has no width multiplier; set alpha to null")
+        if self.alpha is not None and self.alpha not in alphas:
+            allowed = ", ".join(str(a) for a in sorted(alphas))
+            raise ValueError(f"alpha {self.alpha} is not one of {self.backbone}'s widths ({allowed}; null = {alphas[0]})")
+        return self
+
     @property
     def spec(self) -> Backbone:
         return BACKBONES[self.backbone]
+
+    @property
+    def width(self) -> float | None:
+        """``alpha``, or the backbone's default width when null; None for backbones without one."""
+        return self.alpha if self.alpha is not None else next(iter(self.spec.alphas), None)
+
+    @property
+    def architecture(self) -> str:
+        """The backbone as built, for messages: ``mobilenet alpha 0.25``, ``inception_v3``."""
+        return self.backbone if self.width is None else f"{self.backbone} alpha {self.width}"
 
     @property
     def input_size(self) -> int:
@@ -158,6 +188,13 @@ class EvaluateParams(Section):
     min_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
 
 
+class LabelIssuesParams(Section):
+    """The label_issues stage: held-out probabilities by k-fold, then confident learning."""
+
+    folds: Annotated[int, Field(ge=2)]  # k; capped at the smallest class's image count
+    gallery: Annotated[int, Field(ge=0)]  # the top suspects drawn in reports/label_issues.png
+
+
 Tolerance = Annotated[float, Field(gt=0, le=1)]
 TfliteVariant = Literal["float32", "float16", "dynamic_range"]
 
@@ -183,20 +220,30 @@ class ExportParams(Section):
 
 
 class MlflowParams(Section):
-    experiment_name: str = Field(min_length=1)
-    registered_model_name: str | None = None
+    experiment_name: str | None = Field(default=None, min_length=1)  # null = the dataset's name
+    registered_model_name: str | None = Field(default=None, min_length=1)  # null = <dataset>-classifier
+    register_model: bool = True  # false = log the model to the run without registering it
 
 
 class Config(Section):
-    seed: Annotated[int, Field(ge=0)]
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
     data: DataParams
     prepare: PrepareParams
     model: ModelParams
     augment: AugmentParams
     train: TrainParams
     evaluate: EvaluateParams
+    label_issues: LabelIssuesParams
     export: ExportParams
     mlflow: MlflowParams
+
+    @model_validator(mode="after")
+    def _fine_tune_blocks_exist(self) -> "Config":
+        blocks, asked = len(self.model.spec.blocks), self.train.fine_tune.blocks
+        if asked > blocks:
+            raise ValueError(f"train.fine_tune.blocks={asked}, but {self.model.backbone} has {blocks} blocks "
+                             f"(README: the backbone table); use at most {blocks}")
+        return self
 
     @property
     def activation_cut(self) -> str | None:
@@ -210,16 +257,44 @@ class Config(Section):
             return None
         return blocks[-fine_tune.blocks - 1]
 
+    @property
+    def dataset_name(self) -> str:
+        """The data's own name, from ``data.url``: its archive's or folder's name (``flower_photos.tgz``
+        -> ``flower_photos``; ``cats_vs_dogs/train`` -> ``cats_vs_dogs``), as a name MLflow takes."""
+        url = urlsplit(self.data.url)
+        path = PurePosixPath(unquote(url.path if url.scheme in ("http", "https", "file") else self.data.url))
+        parts = [part for part in path.parts if part not in ("/", "")] or ["dataset"]
+        suffix = next((s for s in ARCHIVE_SUFFIXES if parts[-1].lower().endswith(s)), "")
+        name = parts[-1][: len(parts[-1]) - len(suffix)]
+        if name.lower() in SPLIT_NAMES and len(parts) > 1:  # a split folder of a bigger dataset
+            name = parts[-2]
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "dataset"
+
+    @property
+    def experiment_name(self) -> str:
+        """The MLflow experiment runs go to: ``mlflow.experiment_name``, else the dataset's name, so a
+        second dataset does not pile into the first one's experiment."""
+        return self.mlflow.experiment_name or self.dataset_name
+
+    @property
+    def registered_model_name(self) -> str | None:
+        """The model registry name of the servable model (the Keras flavor adds ``-keras``), None when
+        ``mlflow.register_model`` is false."""
+        if not self.mlflow.register_model:
+            return None
+        return self.mlflow.registered_model_name or f"{self.dataset_name}-classifier"
+
     def flat(self) -> dict[str, Any]:
         """Params as dotted names (``train.learning_rate``), the way MLflow and DVC show them."""
-        return _flatten(self.model_dump(mode="json"))
+        return flatten(self.model_dump(mode="json"))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], separator: str = ".", prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level, each key the path of its value: ``{"train.epochs": 10}``."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, separator, f"{prefix}{key}{separator}"))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -239,20 +314,54 @@ def override_params(path: Path, overrides: dict[str, Any]) -> None:
 
 def load_config(path: Path = PARAMS_FILE) -> Config:
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        raw = yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader that also refuses aliases
     except FileNotFoundError:
         raise UserError(f"{path} not found: run from the project root (where dvc.yaml is)") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        started = f" ({err.context} on line {err.context_mark.line + 1})" if err.context and err.context_mark else ""
+        raise UserError(f"{path}:{mark.line + 1}: not valid YAML: {err.problem or err.context}{started}") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     try:
         return Config.model_validate(raw or {})
     except ValidationError as err:
-        raise UserError(f"{path}: {_describe(err)}") from None
+        first = err.errors()[0]
+        line = line_of(text, first["loc"])
+        raise UserError(f"{path}{f':{line}' if line else ''}: {_describe(first)}") from None
 
 
-def _describe(err: ValidationError) -> str:
-    """The first problem as one line: the dotted key, what is wrong, and what was given."""
-    first = err.errors()[0]
+class NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (``*name``): a few lines of them can expand into
+    billions of values (a "billion laughs" file). params.yaml never needs one."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed: write the value out",
+                                       problem_mark=self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the dotted key ``loc`` in the YAML ``text`` (the deepest part of it found)."""
+    node, line = yaml.compose(text, Loader=NoAliasLoader), None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _describe(first: dict[str, Any]) -> str:
+    """A validation problem as one line: the dotted key, what is wrong, and what was given."""
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         return f"unknown key '{key}' (allowed here: {', '.join(_keys_beside(first['loc']))})"
@@ -260,8 +369,9 @@ def _describe(err: ValidationError) -> str:
         return f"missing key '{key}'"
     message = first["msg"].removeprefix("Value error, ")
     if isinstance(first["input"], dict):  # a check across a section's keys: the message names them
-        return f"{key}: {message}"
-    return f"{key}: {message} (got {first['input']!r})"
+        return message if not first["loc"] else f"{key}: {message}"
+    given = repr(first["input"])
+    return f"{key}: {message} (got {given if len(given) <= MAX_QUOTED else given[:MAX_QUOTED] + '...'})"
 
 
 def _keys_beside(loc: tuple[Any, ...]) -> list[str]:
@@ -270,3 +380,7 @@ def _keys_beside(loc: tuple[Any, ...]) -> list[str]:
     for part in loc[:-1]:
         section = section.model_fields[part].annotation
     return list(section.model_fields)
+
+
+if __name__ == "__main__":  # `python -m pipeline.config registered_model_name`: a derived setting, for make
+    print(getattr(load_config(), sys.argv[1]))

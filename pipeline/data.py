@@ -11,7 +11,12 @@ PREPARED_DIR = Path("data/prepared")
 AUGMENTED_DIR = Path("data/augmented")
 FEATURES_DIR = Path("data/features")
 MODEL_DIR = Path("data/model")
+# The data.labels table as the download stage copies it: paths relative to RAW_DIR; hidden, so never an image.
+LABELS_TABLE = RAW_DIR / ".labels.csv"
+LABELS_COLUMNS = ("path", "label", "split")  # split is optional
 SPLITS = ("train", "val", "test")
+# Names (lower case) that mean a split, as top-level folders of a source or in a labels table's split column.
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 JPEG_QUALITY = 95  # for the images stages write: high enough that re-encoding costs no accuracy
 
 

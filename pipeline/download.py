@@ -1,14 +1,21 @@
 """Stage 1, download: fetch the image archive (or take a local folder) and extract it safely.
 
 ``data.url`` is an http(s):// or file:// URL of an archive, a local archive (.tgz, .tar.gz, .tar,
-.zip; recognised by content, not by name), or a local folder with one sub-folder per class.
+.zip; recognised by content, not by name), or a local folder (the prepare stage reads its layout).
+``data.labels`` is null or the path of a local CSV table ``path,label[,split]`` naming the images.
 
 Outputs:
-- ``data/raw/``: one sub-folder per class, as in the source (a single wrapping folder such as
+- ``data/raw/``: the source's files, as in the source (a single wrapping folder such as
   ``flower_photos/`` is skipped). Only regular files and folders: links inside the source become
   copies of what they point to; names that are not valid UTF-8 get ``\\xNN`` escapes instead.
+- ``data/raw/.labels.csv`` (with ``data.labels``): a copy of the table, so DVC versions it with
+  the images. Its paths may be relative to the source's root (``flower_photos/daisy/1.jpg``) or to
+  ``data/raw`` (``daisy/1.jpg``): a path that names no file but does once the skipped wrapping
+  folder is taken off is rewritten that way; every other cell is copied as it is. A header other
+  than the columns path, label and optionally split (any order and case) stops the stage.
 - ``reports/download.json``: the source, the archive's sha256 (so ``dvc.lock`` pins exactly what
-  was used even when ``data.sha256`` is null), the file and byte counts, and every link skipped.
+  was used even when ``data.sha256`` is null), the file and byte counts, every link skipped, and
+  the labels table's path, sha256 and row count.
 
 Downloads go to a per-user cache (``$PIPELINE_CACHE_DIR``, default ``~/.cache/transfer-pipeline``)
 through a ``.part`` file that is renamed only once it is complete, matches ``data.sha256`` and is
@@ -21,6 +28,7 @@ archives over ``data.max_files`` / ``data.max_bytes``, naming the bad member. It
 temporary folder that replaces ``data/raw`` only on success.
 """
 
+import csv
 import hashlib
 import posixpath
 import shutil
@@ -42,7 +50,7 @@ from tqdm import tqdm
 
 from pipeline.cli import UserError, run_stage
 from pipeline.config import DataParams, load_config
-from pipeline.data import RAW_DIR
+from pipeline.data import LABELS_COLUMNS, LABELS_TABLE, RAW_DIR, write_manifest
 from pipeline.files import atomic_dir, cache_root, readable, write_json
 
 REPORT = Path("reports/download.json")
@@ -393,6 +401,48 @@ def dataset_root(folder: Path) -> Path:
     return folder
 
 
+# --- The labels table -------------------------------------------------------------------------
+
+
+def read_labels(table: Path) -> list[list[str]]:
+    """The rows of the data.labels table, header first, checked before anything is downloaded."""
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: spreadsheets add a BOM
+            rows = list(csv.reader(fh))
+    except FileNotFoundError:
+        raise UserError(f"data.labels: {table} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"data.labels: {table} is a folder; set it to a CSV file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"data.labels: {table} is not UTF-8 text: save it as a UTF-8 CSV file") from None
+    except csv.Error as err:
+        raise UserError(f"data.labels: {table} is not a readable CSV file ({err})") from None
+    header = [cell.strip().lower() for cell in rows[0]] if rows else []
+    if not {"path", "label"} <= set(header) <= set(LABELS_COLUMNS) or len(set(header)) < len(header):
+        found = f"starts with {','.join(rows[0])!r}" if rows else "is empty"
+        raise UserError(f"data.labels: {table} {found}; its first row must name the columns path,label or "
+                        "path,label,split (paths relative to the source, e.g. daisy/1.jpg)")
+    return [header, *rows[1:]]
+
+
+def write_labels(rows: list[list[str]], raw: Path, wrapper: Path) -> None:
+    """The table into ``raw`` (LABELS_TABLE), each path as the prepare stage finds it there."""
+    at = rows[0].index("path")
+    for row in rows[1:]:
+        if len(row) > at:
+            row[at] = path_in_raw(row[at].strip(), raw, wrapper)
+    write_manifest(raw / LABELS_TABLE.name, rows[0], rows[1:])
+
+
+def path_in_raw(path: str, raw: Path, wrapper: Path) -> str:
+    """``path`` without the skipped wrapping folder when only that form names a file in ``raw``."""
+    parts, depth = PurePosixPath(path).parts, len(wrapper.parts)
+    inner = PurePosixPath(*parts[depth:])
+    if depth and parts[:depth] == wrapper.parts and not (raw / path).is_file() and (raw / inner).is_file():
+        return inner.as_posix()
+    return path
+
+
 # --- The stage --------------------------------------------------------------------------------
 
 
@@ -401,6 +451,8 @@ def main() -> None:
     source = local_source(cfg.url)
     if source is not None and not source.exists():
         raise UserError(f"data.url: {source} does not exist")
+    table = Path(cfg.labels).expanduser() if cfg.labels else None
+    labels = read_labels(table) if table else None
     skipped: list[dict] = []
     with atomic_dir(RAW_DIR) as staging:
         if source is not None and source.is_dir():
@@ -408,25 +460,32 @@ def main() -> None:
                 raise UserError("data.sha256 applies to archives, but data.url is a folder: set data.sha256 to null")
             # A local folder is copied, so DVC versions exactly what was trained on.
             root = source.resolve()
+            top = dataset_root(root)
             try:
-                copy_folder(dataset_root(root), staging, root, skipped)
+                copy_folder(top, staging, root, skipped)
             except OSError as err:
                 raise UserError(f"data.url: could not copy {source}: {err}") from None
             sha256 = None
         else:
             archive, sha256 = (source, verify(source, cfg.sha256, cfg.url)) if source else fetch(cfg.url, cfg.sha256)
-            unpacked = staging / ".unpacked"
-            extract(archive, unpacked, cfg)
-            for entry in dataset_root(unpacked).iterdir():
+            root = staging / ".unpacked"
+            extract(archive, root, cfg)
+            top = dataset_root(root)
+            for entry in top.iterdir():
                 entry.rename(staging / entry.name)
-            shutil.rmtree(unpacked)
+            shutil.rmtree(root)
         files = [p for p in staging.rglob("*") if p.is_file()]
         size = sum(p.stat().st_size for p in files)
-    write_json(REPORT, {"url": cfg.url, "sha256": sha256, "files": len(files), "bytes": size, "skipped": skipped})
+        if labels:
+            write_labels(labels, staging, top.relative_to(root))
+    table_record = {"path": cfg.labels, "sha256": sha256_of(table), "rows": len(labels) - 1} if labels else None
+    write_json(REPORT, {"url": cfg.url, "sha256": sha256, "files": len(files), "bytes": size, "skipped": skipped,
+                        "labels": table_record})
     for item in skipped:
         print(f"download: skipped {item['path']}: {item['reason']}", file=sys.stderr)
     pinned = f"sha256 {sha256}" if sha256 else "local folder, no archive hash"
-    print(f"download: {len(files)} files ({size / 2**20:.1f} MiB) in {RAW_DIR}; {pinned}; {len(skipped)} skipped")
+    listed = f"; labels table {cfg.labels} ({len(labels) - 1} rows) in {LABELS_TABLE}" if labels else ""
+    print(f"download: {len(files)} files ({size / 2**20:.1f} MiB) in {RAW_DIR}; {pinned}; {len(skipped)} skipped{listed}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 Inputs: ``data/model/`` (``model.keras``, ``labels.json``, ``history.csv``) and the test images of
 ``data/augmented`` (resized and center-cropped, never randomly changed).
 Outputs in ``eval/`` (small, meant for git):
-- ``metrics.json``: accuracy, top-k accuracy, log loss, expected calibration error, macro and
-  weighted precision/recall/F1, per-class precision/recall/F1/support (``dvc metrics show``);
+- ``metrics.json``: accuracy, top-k accuracy (k capped at the number of classes), log loss, expected
+  calibration error, macro and weighted precision/recall/F1, per-class precision/recall/F1/support
+  under the class names (``dvc metrics show``);
 - ``predictions.csv``: one row per test image (DVC's confusion-matrix plot reads it);
 - ``plots/``: confusion matrices (counts, row-normalized), reliability diagram, training curves,
   the most confident mistakes, and Grad-CAM overlays.
-Everything is also logged to the pipeline run in MLflow. With ``evaluate.min_accuracy`` set, the
-stage fails (after writing all of the above) when test accuracy is below it.
+Everything is also logged to the pipeline run in MLflow (per-class metrics under keys made by
+``tracking.class_keys``, as class names may hold anything a folder name can). With
+``evaluate.min_accuracy`` set, the stage fails (after writing all of the above) when test accuracy
+is below it.
 """
 
 from pathlib import Path
@@ -27,8 +30,11 @@ from pipeline.files import atomic_dir, write_json
 EVAL_DIR = Path("eval")
 TOP_LOSSES = 12
 GRADCAM_PER_CLASS = 2
+GRADCAM_IMAGES = 24  # at most: with many classes, one image for each of the first 24 classes
+TITLE_LABEL_CHARACTERS = 14  # two class names and a probability fit over a grid image
 EXTRA_ARTIFACTS = [Path("reports/data.json"), Path("reports/download.json"), Path("reports/augment_gallery.png"),
-                   MODEL_DIR / "labels.json", MODEL_DIR / "history.csv", Path("data/prepared/quarantine.csv")]
+                   MODEL_DIR / "labels.json", MODEL_DIR / "history.csv", Path("data/prepared/quarantine.csv"),
+                   Path("reports/label_issues.csv"), Path("reports/label_issues.png")]
 
 
 def load_images(paths: list[str]) -> np.ndarray:
@@ -40,8 +46,12 @@ def most_confident_mistakes(y_true: np.ndarray, probabilities: np.ndarray, n: in
     return wrong[np.argsort(-probabilities[wrong].max(axis=1))][:n]
 
 
-def first_per_class(y_true: np.ndarray, n: int) -> np.ndarray:
-    return np.array([i for c in np.unique(y_true) for i in np.flatnonzero(y_true == c)[:n]], dtype=int)
+def gradcam_examples(y_true: np.ndarray) -> np.ndarray:
+    """The first GRADCAM_PER_CLASS test images of each class, fewer per class (at least one) and
+    fewer classes when that would exceed GRADCAM_IMAGES."""
+    classes = np.unique(y_true)
+    per_class = min(GRADCAM_PER_CLASS, max(1, GRADCAM_IMAGES // len(classes)))
+    return np.array([i for c in classes[:GRADCAM_IMAGES] for i in np.flatnonzero(y_true == c)[:per_class]], dtype=int)
 
 
 def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path) -> None:
@@ -51,19 +61,23 @@ def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path) ->
     if (MODEL_DIR / "history.csv").is_file():
         plots.training_curves(MODEL_DIR / "history.csv", out / "training_curves.png")
 
+    names = [plots.short(label, TITLE_LABEL_CHARACTERS) for label in labels]
     mistakes = most_confident_mistakes(y_true, probabilities, TOP_LOSSES)
     plots.image_grid(
         list(load_images([rows[i]["path"] for i in mistakes])) if len(mistakes) else [],
-        [f"{labels[y_true[i]]} → {labels[y_pred[i]]} ({probabilities[i].max():.2f})" for i in mistakes],
+        [f"{names[y_true[i]]} → {names[y_pred[i]]} ({probabilities[i].max():.2f})" for i in mistakes],
         out / "top_losses.png",
+        heading=f"The {len(mistakes)} most confident mistakes: true → predicted (probability)",
     )
-    chosen = first_per_class(y_true, GRADCAM_PER_CLASS)
+    chosen = gradcam_examples(y_true)
     images = load_images([rows[i]["path"] for i in chosen])
+    shown_classes = len(np.unique(y_true[chosen]))
     plots.image_grid(
         list(images),
-        [f"{labels[y_true[i]]}: pred {labels[y_pred[i]]}" for i in chosen],
+        [f"{names[y_true[i]]}: pred {names[y_pred[i]]}" for i in chosen],
         out / "gradcam.png",
         overlays=list(gradcam.heatmaps(model, images, y_pred[chosen])),
+        heading=f"Grad-CAM of the predicted class, {shown_classes} of {len(labels)} classes",
     )
 
 
@@ -79,6 +93,9 @@ def main() -> None:
     probabilities = model.predict(image_batches(paths, cfg.train.batch_size), verbose=0)
     y_true = np.array([labels.index(r["label"]) for r in rows])
     report = metrics.classification_report(y_true, probabilities, labels, cfg.evaluate.top_k)
+    if report["top_k"] < cfg.evaluate.top_k:
+        print(f"evaluate: evaluate.top_k {cfg.evaluate.top_k} is more than the {len(labels)} classes; "
+              f"reporting top_{report['top_k']}_accuracy")
 
     EVAL_DIR.mkdir(exist_ok=True)
     write_json(EVAL_DIR / "metrics.json", report)
@@ -89,7 +106,7 @@ def main() -> None:
         draw_plots(model, rows, y_true, probabilities, labels, report, out)
 
     with tracking.resume_recorded_run():
-        mlflow.log_metrics({f"test_{k}": v for k, v in _flat_scores(report).items()})
+        tracking.log_test_metrics(report)
         mlflow.log_artifacts(str(EVAL_DIR / "plots"), artifact_path="plots")
         for path in [EVAL_DIR / "metrics.json", EVAL_DIR / "predictions.csv", *EXTRA_ARTIFACTS]:
             if path.is_file():
@@ -100,18 +117,6 @@ def main() -> None:
     gate = cfg.evaluate.min_accuracy
     if gate is not None and report["accuracy"] < gate:
         raise UserError(f"test accuracy {report['accuracy']:.4f} is below evaluate.min_accuracy {gate}")
-
-
-def _flat_scores(report: dict, prefix: str = "") -> dict[str, float]:
-    """MLflow metric names: accuracy, macro_f1, per_class_daisy_recall, ... (numbers only)."""
-    flat = {}
-    for key, value in report.items():
-        name = f"{prefix}{key}".replace(" ", "_")
-        if isinstance(value, dict):
-            flat.update(_flat_scores(value, f"{name}_"))
-        else:
-            flat[name] = value
-    return flat
 
 
 if __name__ == "__main__":

@@ -15,22 +15,29 @@ When fine-tuning will train only the top blocks on offline-augmented images
 val images, ``<split>_activations.npy`` (16-bit, see ``activation_storage``): fine-tuning then
 runs only the unfrozen top.
 
-Rows are written batch by batch into memory-mapped files, so memory stays flat on big datasets.
+The backbone runs on every device the train stage trains on (``pipeline.devices``: all GPUs, or
+every worker under ``TF_CONFIG``): each replica computes its share of each global batch (per-replica
+``train.batch_size`` times the replicas) and the shares are gathered back in manifest order, so the
+outputs are those of one device. Only the chief writes them, batch by batch into memory-mapped
+files, so memory stays flat on big datasets.
 """
 
+import math
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 from tqdm import tqdm
 
-from pipeline import models
+from pipeline import devices, models
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
 from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, PREPARED_DIR, SPLITS, image_batches, read_labels, read_manifest
-from pipeline.files import atomic_dir, write_json
+from pipeline.files import write_json
 
 CACHED_SPLITS = ("train", "val")  # the splits fine-tuning reads; test images go through the exported model
 FILE_DTYPE = {"float16": "float16", "bfloat16": "uint16"}  # activations' storage type -> the .npy's dtype
@@ -55,15 +62,48 @@ def as_stored(values: np.ndarray, storage: str) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(values, "bfloat16"))).view("uint16")
 
 
-def predict(network: keras.Model, batch, batch_size: int) -> list[np.ndarray]:
-    """The network's outputs for ``batch``, always run at the full batch size: a short last batch is
-    padded, as every new input shape costs a retrace (~2 s each for a big backbone)."""
-    batch = np.asarray(batch)
-    count = len(batch)
-    if count < batch_size:
-        batch = np.concatenate([batch, np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)])
-    outputs = network.predict_on_batch(batch)
-    return [values[:count] for values in (outputs if isinstance(outputs, list) else [outputs])]
+def replica_rows(count: int, per_replica: int, context: tf.distribute.InputContext) -> np.ndarray:
+    """The rows (of ``count``) that the input pipeline of ``context`` (one per worker) feeds its
+    replicas, in the order they take them. Each global batch is cut into per-replica batches in
+    replica order; a worker's replicas are numbered on from the previous worker's and its pipeline
+    deals batches to them in turn, so gathering the replicas' outputs gives the rows in order. The
+    last global batch is padded with copies of the last row: one input shape, so one trace (a new
+    shape costs a retrace, ~2 s for a big backbone)."""
+    global_batch = per_replica * context.num_replicas_in_sync
+    steps = math.ceil(count / global_batch)
+    pipelines = context.num_input_pipelines
+    rows = np.arange(steps * global_batch).reshape(steps, pipelines, global_batch // pipelines)
+    return np.minimum(rows[:, context.input_pipeline_id].ravel(), count - 1)
+
+
+def on_every_replica(network: keras.Model, strategy: tf.distribute.Strategy) -> Callable:
+    """A distributed batch -> the network's outputs for the whole global batch, each replica running
+    its part; every worker gets all parts back. Traced once for all splits."""
+
+    def on_replica(pixels):
+        outputs = network(pixels, training=False)
+        # In float32, exact for 16-bit values: collectives take no bfloat16 (gathering across devices).
+        return [tf.cast(values, "float32") for values in (outputs if isinstance(outputs, list) else [outputs])]
+
+    @tf.function
+    def run(batch):
+        # One gather per output: strategy.gather of a list returns the first replica's part only (TF 2.21).
+        return [strategy.gather(values, axis=0) for values in strategy.run(on_replica, args=(batch,))]
+
+    return run
+
+
+def extract(run: Callable, strategy: tf.distribute.Strategy, paths: list[str], per_replica: int,
+            desc: str) -> Iterator[list[np.ndarray]]:
+    """The network's outputs for the images at ``paths``, a global batch at a time, in order. Each
+    worker reads and decodes only its replicas' images."""
+    batches = strategy.distribute_datasets_from_function(
+        lambda context: image_batches([paths[i] for i in replica_rows(len(paths), per_replica, context)], per_replica))
+    starts = range(0, len(paths), per_replica * strategy.num_replicas_in_sync)
+    # zip stops at the last start without asking for one more batch: a mirrored iterator takes
+    # seconds to find its end. replica_rows gave each replica exactly len(starts) batches.
+    for start, batch in tqdm(zip(starts, batches), total=len(starts), desc=desc, unit="batch"):
+        yield [values.numpy()[: len(paths) - start] for values in run(batch)]
 
 
 def main() -> None:
@@ -71,17 +111,20 @@ def main() -> None:
     manifest_path = AUGMENTED_DIR / "manifest.csv"
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} is missing: run the augment stage first (dvc repro)")
+    strategy = devices.distribution_strategy()  # before other TF ops: MultiWorkerMirroredStrategy needs that
     keras.utils.set_random_seed(cfg.seed)
     policy = models.use_precision(cfg.model.precision)
     manifest = read_manifest(manifest_path)
     class_index = {name: i for i, name in enumerate(read_labels())}
-    extractor = models.feature_extractor(cfg.model)
     cut = cfg.activation_cut
-    network = models.with_activations(extractor, cut) if cut else extractor
+    with strategy.scope():  # the weights on every replica (random ones too: copied from the first)
+        extractor = models.feature_extractor(cfg.model)
+        network = models.with_activations(extractor, cut) if cut else extractor
+    run = on_every_replica(network, strategy)
     dim = extractor.output_shape[-1]
     storage = activation_storage(policy)
     started = time.perf_counter()
-    with atomic_dir(FEATURES_DIR) as out:
+    with devices.output_dir(strategy, FEATURES_DIR) as out:
         for split in SPLITS:
             rows = [r for r in manifest if r["split"] == split]
             features = new_rows(out / f"{split}.npy", "float32", (len(rows), dim))
@@ -89,10 +132,10 @@ def main() -> None:
             if cut and split in CACHED_SPLITS:
                 activations = new_rows(out / f"{split}_activations.npy", FILE_DTYPE[storage],
                                        (len(rows), *network.output_shape[1][1:]))
-            batches = image_batches([str(AUGMENTED_DIR / r["path"]) for r in rows], cfg.train.batch_size)
+            batches = extract(run, strategy, [str(AUGMENTED_DIR / r["path"]) for r in rows], cfg.train.batch_size,
+                              desc=f"features {split}")
             start = 0
-            for batch in tqdm(batches, desc=f"features {split}", unit="batch"):
-                values, *cut_values = predict(network, batch, cfg.train.batch_size)
+            for values, *cut_values in batches:
                 if activations is not None:
                     activations[start : start + len(values)] = as_stored(cut_values[0], storage)
                 features[start : start + len(values)] = values
@@ -111,7 +154,7 @@ def main() -> None:
                                        "images": len(manifest), "seconds": round(seconds, 2)})
     cached = f"; activations at {cut} cached for fine-tuning" if cut else ""
     print(f"features: {len(manifest)} images -> {dim}-d features in {seconds:.1f}s "
-          f"({len(manifest) / seconds:.1f} images/s, {policy}){cached}")
+          f"({len(manifest) / seconds:.1f} images/s, {policy}, {devices.describe(strategy)}){cached}")
 
 
 if __name__ == "__main__":

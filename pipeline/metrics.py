@@ -4,19 +4,23 @@
 """
 
 import numpy as np
-from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support, top_k_accuracy_score
+from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support
 
 CALIBRATION_BINS = 10
 
 
 def classification_report(y_true: np.ndarray, probabilities: np.ndarray, labels: list[str], top_k: int) -> dict:
-    """Nested metrics for ``eval/metrics.json`` (DVC flattens them to ``macro.f1`` and so on)."""
+    """Nested metrics for ``eval/metrics.json`` (DVC flattens them to ``macro.f1`` and so on).
+
+    ``top_k`` is capped at the number of classes; ``top_k`` in the report is the k used.
+    """
     classes = np.arange(len(labels))
     y_pred = probabilities.argmax(axis=1)
     k = min(top_k, len(labels))
     report = {
         "accuracy": accuracy_score(y_true, y_pred),
-        f"top_{k}_accuracy": top_k_accuracy_score(y_true, probabilities, k=k, labels=classes),
+        "top_k": k,
+        f"top_{k}_accuracy": top_k_accuracy(y_true, probabilities, k),
         "log_loss": log_loss(y_true, probabilities, labels=classes),
         "ece": expected_calibration_error(y_true, probabilities),
     }
@@ -34,6 +38,14 @@ def classification_report(y_true: np.ndarray, probabilities: np.ndarray, labels:
     }
     report["test_images"] = len(y_true)
     return _rounded(report)
+
+
+def top_k_accuracy(y_true: np.ndarray, probabilities: np.ndarray, k: int) -> float:
+    """Share of images whose class is among their k most probable; ties go to the lower class index,
+    as in the labels predict and the served model rank. (scikit-learn's top_k_accuracy_score
+    refuses two classes: it wants one score column for binary problems.)"""
+    best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return float(np.mean(np.any(best == y_true[:, np.newaxis], axis=1)))
 
 
 def reliability(y_true: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS):

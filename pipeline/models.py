@@ -26,6 +26,8 @@ BACKBONE_WEIGHTS = "backbone.weights.h5"
 
 def preprocessing(spec: Backbone) -> keras.layers.Layer:
     """The backbone's ``preprocess_input`` as one serializable, frozen layer."""
+    if spec.preprocessing == "included":  # the application's own layers do it; kept so the layer has a home
+        return keras.layers.Identity(name="preprocess")
     if spec.preprocessing == "tf":
         return keras.layers.Rescaling(scale=1 / 127.5, offset=-1.0, name="preprocess")
     # "caffe": RGB -> BGR and subtract the channel means, i.e. a fixed 1x1 convolution.
@@ -42,12 +44,13 @@ def backbone(params: ModelParams) -> keras.Model:
     application = getattr(keras.applications, spec.application)
     size = params.input_size
     weights = {"imagenet": "imagenet", "none": None}.get(params.weights, params.weights)
+    width = {} if params.width is None else {"alpha": params.width}
     # Keras warns once per layer it cannot fill from a weights file before it raises: keep those
     # for our one-line error instead of printing a wall of them, and treat a partial load as a misfit.
     with warnings.catch_warnings(record=True) as skipped:
         warnings.simplefilter("always", UserWarning)
         try:
-            base = application(include_top=False, weights=weights, input_shape=(size, size, 3))
+            base = application(include_top=False, weights=weights, input_shape=(size, size, 3), **width)
         except Exception as err:  # Keras raises bare Exception/ValueError for download and shape problems
             raise UserError(_weights_problem(params, err)) from None
     not_loaded = [w for w in skipped if "could not be loaded" in str(w.message) or "Skipping" in str(w.message)]
@@ -61,10 +64,11 @@ def _weights_problem(params: ModelParams, err: Exception | Warning) -> str:
     message = first_line(err)
     if params.weights == "imagenet":
         return (
-            f"model.weights=imagenet: could not download the ImageNet weights for {params.backbone} "
+            f"model.weights=imagenet: could not download the ImageNet weights for {params.architecture} "
             f"({message[:160]}); offline? set model.weights to a local weights file or to none"
         )
-    return f"model.weights: {params.weights} does not fit {params.backbone} without its top ({message[:200]})"
+    return (f"model.weights: {params.weights} does not fit {params.architecture} without its top ({message[:200]}); "
+            "set model.backbone and model.alpha to the network the file was saved from")
 
 
 def feature_extractor(params: ModelParams) -> keras.Model:
@@ -170,9 +174,7 @@ def trainable_top_start(base: keras.Model, spec: Backbone, fine_tune: FineTunePa
     With ``blocks`` the split is the end of the last frozen block, a single tensor (a frozen prefix
     whose output could be cached); with ``layers`` it is simply that many layers from the top.
     """
-    if fine_tune.blocks:
-        if fine_tune.blocks > len(spec.blocks):
-            raise UserError(f"train.fine_tune.blocks={fine_tune.blocks}, but {spec.name} has {len(spec.blocks)} blocks")
+    if fine_tune.blocks:  # at most len(spec.blocks): the config checked it
         if fine_tune.blocks == len(spec.blocks):
             return 1  # every block: all but the input layer
         last_frozen = spec.blocks[-fine_tune.blocks - 1]

@@ -8,7 +8,25 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
+
+
+MATRIX_INCHES = 18  # a confusion matrix's cells span at most this (1,800 px at 100 dpi), whatever the classes
+CELL_VALUES_UP_TO = 25  # classes; with more, numbers would not fit their cells: colour only, with a colour bar
+TICK_LABELS_UP_TO = 120  # classes named one by one on the axes; with more, every n-th
+LABEL_CHARACTERS = 30  # class names are cut to this in tick labels and titles
+
+
+def short(label: str, width: int = LABEL_CHARACTERS) -> str:
+    """A class name fit for a figure: one line, at most ``width`` characters (the middle cut out:
+    long names often differ at the end), ``$`` kept literal (matplotlib reads text between two
+    ``$`` as math, and fails on some)."""
+    text = " ".join(label.split())
+    if len(text) > width:
+        head = (width - 1) // 2
+        text = f"{text[:head]}…{text[head + 1 - width:]}"
+    return text.replace("$", r"\$")
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -19,17 +37,34 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def confusion_matrices(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], out_dir: Path) -> list[Path]:
-    """Counts, and rows normalized to 1 (recall per class on the diagonal)."""
+    """Counts, and rows normalized to 1 (recall per class on the diagonal).
+
+    Cells shrink with the number of classes so that the figure stays within ``MATRIX_INCHES``
+    (plus room for the names); past ``CELL_VALUES_UP_TO`` classes they show colour only, past
+    ``TICK_LABELS_UP_TO`` every n-th class is named (the order is ``labels.json``'s).
+    """
+    n = len(labels)
+    cell = min(1.1, MATRIX_INCHES / n)  # inches per class
+    step = -(-n // TICK_LABELS_UP_TO)
+    fontsize = min(10, max(5, 0.6 * 72 * cell * step))  # points: most of a labelled row's height
+    with_values = n <= CELL_VALUES_UP_TO
+    ticks = range(0, n, step)
+    names = [short(labels[i]) for i in ticks]
     paths = []
     for normalize, name, title in ((None, "confusion_matrix.png", "Test confusion matrix (counts)"),
                                    ("true", "confusion_matrix_normalized.png", "Test confusion matrix (row-normalized)")):
-        side = 1.1 * len(labels) + 3
-        fig, ax = plt.subplots(figsize=(side, side - 1))
-        ConfusionMatrixDisplay.from_predictions(
-            y_true, y_pred, labels=range(len(labels)), display_labels=labels, normalize=normalize,
-            values_format=".2f" if normalize else "d", ax=ax, colorbar=False, xticks_rotation=45,
+        fig, ax = plt.subplots(figsize=(cell * n + 3, cell * n + 2))
+        display = ConfusionMatrixDisplay.from_predictions(
+            y_true, y_pred, labels=range(n), normalize=normalize, include_values=with_values,
+            values_format=".2f" if normalize else "d", ax=ax, colorbar=False,
         )
-        ax.set_title(title)
+        if not with_values:  # a slim bar as tall as the matrix, which then keeps most of the figure
+            fig.colorbar(display.im_, ax=ax, fraction=0.046, pad=0.02,
+                         ticks=None if normalize else MaxNLocator(integer=True))  # counts: whole numbers
+        ax.set_xticks(ticks, names, fontsize=fontsize, rotation=45 if with_values else 90, ha="right",
+                      rotation_mode="anchor")
+        ax.set_yticks(ticks, names, fontsize=fontsize)
+        ax.set_title(title if step == 1 else f"{title}; one class in {step} named")
         _save(fig, out_dir / name)
         paths.append(out_dir / name)
     return paths
@@ -70,10 +105,13 @@ def training_curves(history_csv: Path, path: Path) -> None:
 
 
 def image_grid(images: list[np.ndarray], titles: list[str], path: Path, overlays: list[np.ndarray] | None = None,
-               columns: int = 6) -> None:
-    """Images with titles; optional heatmaps (values 0..1, any size) drawn over them."""
+               columns: int = 6, heading: str | None = None) -> None:
+    """Images with titles (callers bound how many); optional heatmaps (values 0..1, any size) drawn over them."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.5 * rows + (0.4 if heading else 0)),
+                             squeeze=False)
+    if heading:
+        fig.suptitle(heading)
     for ax in axes.flat:
         ax.axis("off")
     for i, (ax, image, title) in enumerate(zip(axes.flat, images, titles, strict=False)):

@@ -30,6 +30,7 @@ from pipeline.cli import UserError, error_summary, run_stage
 from pipeline.data import MODEL_DIR
 from pipeline.files import read_json
 from pipeline.images import IMAGE_SUFFIXES, read_rgb
+from pipeline.serving import DEFAULT_TOP_K, top_labels
 
 DEFAULT_MODEL = MODEL_DIR / "model.keras"
 
@@ -40,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=str(DEFAULT_MODEL),
                         help=f"a .keras file or an MLflow model URI (default: {DEFAULT_MODEL})")
     parser.add_argument("--labels", type=Path, help="JSON list of class names (default: beside the model)")
-    parser.add_argument("--top-k", type=positive_int, default=3, help="labels per image (default: 3)")
+    parser.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K,
+                        help=f"labels per image, at most the number of classes (default: {DEFAULT_TOP_K})")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser.parse_args(argv)
 
@@ -130,11 +132,6 @@ def predictions(model: keras.Model, paths: list[Path]) -> Iterator[tuple[Path, n
         yield path, model.predict_on_batch(pixels[np.newaxis])[0]
 
 
-def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[tuple[str, float]]:
-    best = np.argsort(-probabilities, kind="stable")[:k]  # ties keep label order
-    return [(labels[i], float(probabilities[i])) for i in best]
-
-
 def format_line(path: Path, ranked: list[tuple[str, float]], as_json: bool) -> str:
     if as_json:
         return json.dumps({"path": str(path), "predictions": [{"label": label, "probability": round(p, 6)}
@@ -145,14 +142,16 @@ def format_line(path: Path, ranked: list[tuple[str, float]], as_json: bool) -> s
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     model, labels = load_model(args.model, args.labels)
-    k = min(args.top_k, len(labels))
+    if args.top_k > len(labels):
+        print(f"note: --top-k {args.top_k} is more than the model's {len(labels)} classes; showing all of them",
+              file=sys.stderr)
     failed = 0
     for path, outcome in predictions(model, args.paths):
         if isinstance(outcome, str):
             print(f"skipped {path}: {outcome}", file=sys.stderr, flush=True)
             failed += 1
         else:
-            print(format_line(path, top_k(outcome, labels, k), args.json), flush=True)
+            print(format_line(path, top_labels(outcome, labels, args.top_k), args.json), flush=True)
     if failed:
         sys.exit(1)
 

@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import subprocess
+import unicodedata
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -27,10 +28,18 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from pipeline.cli import UserError
+from pipeline.config import flatten
 from pipeline.files import read_json, write_json
 
 SECRET_KEY = re.compile(r"password|passwd|secret|token|api_?key|credential", re.IGNORECASE)
 RUN_FILE = Path("data/model/mlflow_run.json")  # written by train, read by evaluate
+# Per-class metric keys (test_per_class_<key>_recall). MLflow takes letters, digits, _ - . space : /
+# in a metric key, at most 250 characters (mlflow.utils.validation); a class name is any folder name.
+CLASS_KEY_LENGTH = 100  # leaves room for test_per_class_..._precision within MLflow's 250
+KEY_CHARACTERS = "A-Za-z0-9_-"  # of those MLflow takes; "." is kept to mark a changed name
+PLAIN_CLASS_KEY = re.compile(f"[{KEY_CHARACTERS}]{{1,{CLASS_KEY_LENGTH}}}")  # such a name is its own key
+NOT_KEY_CHARACTER = re.compile(f"[^{KEY_CHARACTERS}]")
+CLASS_KEYS_ARTIFACT = "reports/class_keys.json"  # per-class key -> class name, logged with the metrics
 
 
 def project_root() -> Path:
@@ -132,6 +141,32 @@ def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
     )
 
 
+def class_keys(labels: list[str]) -> list[str]:
+    """One metric-key part per class, valid in MLflow and unique: the name itself when it is plain
+    (ASCII letters, digits, ``_``, ``-``; at most 100 characters), else the name in ASCII with every
+    other character as ``_``, cut to 100, plus ``.`` and the class index: ``Ünïcode, cats`` (class 0)
+    -> ``Unicode__cats.0``, ``a b`` (class 3) -> ``a_b.3`` beside a class ``a_b``. Plain names have
+    no ``.`` and the indices differ, so no two keys are the same."""
+    return [label if PLAIN_CLASS_KEY.fullmatch(label) else f"{_ascii_key(label)}.{index}"
+            for index, label in enumerate(labels)]
+
+
+def _ascii_key(name: str) -> str:
+    letters = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))  # Ü -> U
+    return NOT_KEY_CHARACTER.sub("_", letters)[:CLASS_KEY_LENGTH]
+
+
+def log_test_metrics(report: dict) -> None:
+    """The numbers of ``eval/metrics.json`` as metrics of the active run: ``test_`` and their path
+    joined by ``_`` (``test_accuracy``, ``test_macro_f1``, ``test_per_class_<key>_recall`` with the
+    keys of :func:`class_keys`), and the class names of those keys as ``reports/class_keys.json``."""
+    names = list(report["per_class"])
+    keys = class_keys(names)
+    per_class = dict(zip(keys, report["per_class"].values(), strict=True))
+    mlflow.log_metrics(flatten({**report, "per_class": per_class}, separator="_", prefix="test_"))
+    mlflow.log_dict(dict(zip(keys, names, strict=True)), CLASS_KEYS_ARTIFACT)
+
+
 def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) -> None:
     """Log the trained model twice: as Keras (tensors in) and as a servable image-bytes model.
 
@@ -141,7 +176,7 @@ def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) 
       and returning the top labels with probabilities, registered as ``<name>``, so
       ``mlflow models serve -m models:/<name>/<version>`` answers HTTP requests carrying images.
     """
-    from pipeline.serving import ImageClassifier, example_request
+    from pipeline.serving import DEFAULT_TOP_K, ImageClassifier, example_request
 
     labels = read_json(model_dir / "labels.json")
     requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "pandas"]
@@ -166,7 +201,7 @@ def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) 
             inputs=Schema([ColSpec("binary", "image")]),
             outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
                             ColSpec("string", "top_k")]),
-            params=ParamSchema([ParamSpec("top_k", "long", 3)]),
+            params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]),
         ),
         input_example=example_request(),
         registered_model_name=registered_name,

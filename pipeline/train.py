@@ -29,7 +29,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -43,7 +42,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import checkpoints, models, tracking
+from pipeline import checkpoints, devices, models, tracking
 from pipeline.augmentation import online_augmentation
 from pipeline.cli import UserError, error_summary, run_stage
 from pipeline.config import Config, ModelParams, load_config
@@ -147,17 +146,6 @@ def in_order(examples: Examples, batch_size: int) -> tf.data.Dataset:
 
 
 # ---- set-up -----------------------------------------------------------------------------------
-
-
-def distribution_strategy() -> tf.distribute.Strategy:
-    """MultiWorkerMirrored under TF_CONFIG; else mirrored over all GPUs, or over the logical CPU
-    devices when the CPU was split into several (how the tests run it); else the default strategy."""
-    if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    if len(devices) > 1:
-        return tf.distribute.MirroredStrategy([d.name for d in devices])
-    return tf.distribute.get_strategy()
 
 
 def class_weights(labels: np.ndarray, n_classes: int, setting: str) -> dict[int, float] | None:
@@ -355,16 +343,16 @@ def main() -> None:
     if cfg.train.fine_tune.blocks > len(blocks):
         raise UserError(f"train.fine_tune.blocks={cfg.train.fine_tune.blocks}, but {cfg.model.backbone} has "
                         f"{len(blocks)} blocks ({blocks[0]} ... {blocks[-1]})")
-    strategy = distribution_strategy()  # first: MultiWorkerMirroredStrategy must come before other TF ops
+    strategy = devices.distribution_strategy()  # first: MultiWorkerMirroredStrategy must come before other TF ops
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
     policy = models.use_precision(cfg.model.precision)
-    print(f"train: {strategy.num_replicas_in_sync} replica(s), backbone computes in {policy}")
+    print(f"train: {devices.describe(strategy)}, backbone computes in {policy}")
     labels = read_labels(FEATURES_DIR / "labels.json")
     key = resume_key(cfg)
     killed = checkpoints.open_run(key)
     # Fails here, before any training, when a configured tracking server does not answer.
-    with tracking.start_new_run(cfg.mlflow.experiment_name) as run:
+    with tracking.start_new_run(cfg.experiment_name) as run:
         mlflow.log_params(tracking.loggable_params(cfg.flat()))
         take_over(killed, key, run)
         with strategy.scope():
@@ -377,7 +365,7 @@ def main() -> None:
         # The model is on disk before anything more goes to MLflow: a logging failure loses no
         # training (and the checkpoints stay, so a rerun only logs again).
         try:
-            tracking.log_model(model, MODEL_DIR, cfg.mlflow.registered_model_name)
+            tracking.log_model(model, MODEL_DIR, cfg.registered_model_name)
         except Exception as err:  # MLflow raises many types (HTTP, database, artifact store)
             raise UserError(f"training finished and the model is in {MODEL_DIR}, but logging it to MLflow "
                             f"failed ({error_summary(err)[:200]}); "

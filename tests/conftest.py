@@ -1,14 +1,21 @@
 """Shared fixtures: generated image folders and throw-away copies of the project to run DVC in."""
 
+import base64
 import colorsys
+import contextlib
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from pipeline.config import override_params
@@ -50,6 +57,61 @@ def set_params(project: Path, **dotted) -> None:
     override_params(project / "params.yaml", dotted)
 
 
+def stages_run(dvc_output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", dvc_output)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_two_cpus(stage: str) -> list[str]:
+    """The command running ``python -m pipeline.<stage>`` with the CPU split into two logical
+    devices: pipeline.devices then mirrors over them, as it would over two GPUs."""
+    script = ("import tensorflow as tf\n"
+              "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+              "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+              "from pipeline.cli import run_stage\n"
+              f"from pipeline.{stage} import main\n"
+              "run_stage(main)\n")
+    return [sys.executable, "-c", script]
+
+
+@contextlib.contextmanager
+def model_server(project: Path, model_uri: str) -> Iterator[str]:
+    """``mlflow models serve`` of ``model_uri`` from the project's store, as ``make serve`` runs it;
+    yields the server's base URL once it answers."""
+    port = free_port()
+    env = {**project_env(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            assert time.time() < deadline, f"mlflow models serve did not answer on port {port} within 180 s"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def image_request(images: list[bytes], **params) -> dict:
+    """The JSON body of an /invocations request for the image_classifier model (README, Serving)."""
+    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(i).decode()] for i in images]}}
+    return {**body, "params": params} if params else body
+
+
 def new_project(root: Path, images: Path) -> Path:
     """A fresh git + DVC project at ``root`` holding this repo's pipeline, set up for tiny, fast
     runs on the class folders in ``images``."""
@@ -72,6 +134,15 @@ def new_project(root: Path, images: Path) -> Path:
         "train.batch_size": 8,
     })
     return root
+
+
+def project_through(stage: str, root: Path, per_class: dict[str, int], params: dict) -> Path:
+    """A new project in ``root`` on generated images (``per_class``), with ``params`` set and
+    ``dvc repro <stage>`` done: the start of a module's tests of a later stage."""
+    project = new_project(root / "project", make_images(root / "images", per_class))
+    set_params(project, **params)
+    run(["dvc", "repro", stage], project)
+    return project
 
 
 @pytest.fixture

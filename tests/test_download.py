@@ -135,6 +135,41 @@ def test_non_utf8_unicode_and_spaced_names_arrive_readable(workdir, tmp_path, ki
     assert names == ["rosé rouge/caf\\xe9.jpg", "tulips/花.jpg"]
 
 
+# --- Labels table -----------------------------------------------------------------------------
+
+
+def test_labels_table_is_copied_with_paths_as_found_in_data_raw(workdir, flowers):
+    archive = Path(shutil.make_archive(str(workdir.parent / "flowers"), "gztar", flowers.parent))  # flowers/...
+    table = workdir.parent / "labels.csv"
+    table.write_text("\ufeffpath, Label\nflowers/daisy/img_0000.jpg,daisy\ntulips/img_0002.jpg,tulips\n"
+                     "flowers/nowhere.jpg,daisy\n", encoding="utf-8")  # with a BOM, as spreadsheets write it
+    report = download_from(archive, **{"data.labels": str(table)})
+    copied = Path("data/raw/.labels.csv").read_text(encoding="utf-8").splitlines()
+    assert copied == ["path,label", "daisy/img_0000.jpg,daisy", "tulips/img_0002.jpg,tulips", "flowers/nowhere.jpg,daisy"]
+    assert report["labels"] == {"path": str(table), "sha256": sha256(table), "rows": 3}
+    assert report["files"] == 5  # the source's files; the table is not one of them
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("file,class\n", "starts with 'file,class'"),
+    ("path,label,label\n", "starts with 'path,label,label'"),
+    ("path,label,fold\n", "starts with 'path,label,fold'"),
+    ("", "is empty"),
+], ids=["names", "twice", "unknown", "empty"])
+def test_labels_table_with_a_header_that_does_not_fit_is_refused(workdir, flowers, content, problem):
+    table = workdir.parent / "labels.csv"
+    table.write_text(content + "daisy/img_0000.jpg,daisy\n" if content else "", encoding="utf-8")
+    assert refused(flowers, **{"data.labels": str(table)}) == (
+        f"data.labels: {table} {problem}; its first row must name the columns path,label or path,label,split "
+        "(paths relative to the source, e.g. daisy/1.jpg)")
+
+
+def test_missing_labels_table_is_refused_before_downloading(workdir, server):
+    missing = workdir.parent / "nowhere.csv"
+    assert refused(server.url, **{"data.labels": str(missing)}) == f"data.labels: {missing} does not exist"
+    assert server.ranges == []
+
+
 # --- Safe extraction --------------------------------------------------------------------------
 
 DATA = jpeg_bytes(0)

@@ -64,7 +64,7 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
         assert len(experiments) == 2
 
         mlflow.set_tracking_uri(uri)
-        runs = mlflow.search_runs(experiment_names=["flowers"], output_format="list")
+        runs = mlflow.search_runs(experiment_names=["images"], output_format="list")
         assert {r.info.run_name for r in runs} == experiments
         assert {r.data.tags["dvc.experiment"] for r in runs} == experiments
         assert all("test_accuracy" in r.data.metrics for r in runs)
@@ -74,7 +74,7 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
         for name in experiments:
             assert name in compared
 
-        experiment_id = mlflow.get_experiment_by_name("flowers").experiment_id
+        experiment_id = mlflow.get_experiment_by_name("images").experiment_id
         page = rendered_text(f"{uri}/#/experiments/{experiment_id}/runs", tmp_path / "chromium")
         for name in experiments:
             assert name in page, f"run {name} not listed by the MLflow UI"

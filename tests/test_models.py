@@ -18,8 +18,9 @@ from pipeline.config import FineTuneParams, HeadParams, ModelParams
 HEAD = HeadParams(dense_units=0, dropout=0.1)
 
 
-def params(backbone: str, size: int, weights: str = "none") -> ModelParams:
-    return ModelParams(backbone=backbone, weights=weights, image_size=size, precision="float32", head=HEAD)
+def params(backbone: str, size: int, weights: str = "none", alpha: float | None = None) -> ModelParams:
+    return ModelParams(backbone=backbone, weights=weights, image_size=size, alpha=alpha, precision="float32",
+                       head=HEAD)
 
 
 def fine_tune(blocks: int = 0, layers: int = 0) -> FineTuneParams:
@@ -32,12 +33,30 @@ def random_features(extractor: keras.Model, rows: int = 10) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_every_backbone_builds_and_takes_a_fine_tuning_step(name):
+def test_every_backbone_builds_and_cuts_cleanly_at_its_blocks(name):
+    spec = BACKBONES[name]
+    base = models.backbone(params(name, max(spec.min_size, 32)))
+    assert [layer.name for layer in base.layers if layer.name in spec.blocks] == list(spec.blocks)
+    for cut in spec.blocks[:-1]:  # the top block ends at the output, never a cut
+        models.split_at(base, cut)  # Keras refuses a top whose layers read anything below the cut
+    # Preprocessing happens exactly once: in our layer, or in the application's first layers.
+    assert isinstance(base.layers[1], keras.layers.Rescaling | keras.layers.Normalization) == (
+        spec.preprocessing == "included")
+
+
+# One backbone per family of keras.applications layers (ResNet101/152 and EfficientNetV2 B1-B3 are
+# deeper stacks of the same layers). Not MobileNet v1: with random weights its activations shrink
+# about twofold a block, to 1e-22 at the top, and no gradient that small moves a float32 weight.
+FAMILIES = ["inception_v3", "resnet50", "resnet50_v2", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_v2_b0",
+            "convnext_tiny"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_fine_tuning_step_trains_the_top_block_and_nothing_else(name):
     spec = BACKBONES[name]
     size = max(spec.min_size, 32)
     extractor = models.feature_extractor(params(name, size))
     base = models.backbone_of(extractor)
-    assert [layer.name for layer in base.layers if layer.name in spec.blocks] == list(spec.blocks)
     models.unfreeze_top(base, models.trainable_top_start(base, spec, fine_tune(blocks=1)))
     network = models.on_pixels(extractor, models.head(random_features(extractor), 3, HEAD), size)
     network.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
@@ -51,7 +70,16 @@ def test_every_backbone_builds_and_takes_a_fine_tuning_step(name):
     assert any(not np.array_equal(b, a.numpy()) for b, a in zip(trainable_before, base.trainable_weights, strict=True))
 
 
-@pytest.mark.parametrize("name", ["inception_v3", "resnet50"])
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_preprocessing_matches_keras_preprocess_input(name):
+    spec = BACKBONES[name]
+    module = getattr(keras.applications, getattr(keras.applications, spec.application).__module__.split(".")[-1])
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    ours = models.preprocessing(spec)(pixels)
+    np.testing.assert_allclose(np.asarray(ours), module.preprocess_input(pixels.copy()), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["inception_v3", "resnet50", "mobilenet_v2"])
 def test_the_cached_activations_model_computes_what_the_whole_network_does(name):
     spec = BACKBONES[name]
     size = max(spec.min_size, 32)
@@ -120,34 +148,16 @@ def test_fine_tuning_unfreezes_only_the_top_blocks_and_never_batchnorm():
 
     assert models.trainable_top_start(base, spec, fine_tune(layers=10)) == len(base.layers) - 10
     assert models.trainable_top_start(base, spec, fine_tune(blocks=11)) == 1  # every block
-    with pytest.raises(UserError, match="train.fine_tune.blocks=12, but inception_v3 has 11 blocks"):
-        models.trainable_top_start(base, spec, fine_tune(blocks=12))
 
 
-def test_caffe_preprocessing_matches_keras():
-    import keras
-
-    pixels = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
-    ours = models.preprocessing(BACKBONES["resnet50"])(pixels)
-    expected = keras.applications.resnet50.preprocess_input(pixels.copy())
-    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4)
-
-
-def test_tf_preprocessing_matches_keras():
-    import keras
-
-    pixels = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
-    ours = models.preprocessing(BACKBONES["inception_v3"])(pixels)
-    expected = keras.applications.inception_v3.preprocess_input(pixels.copy())
-    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)
-
-
-def test_classifier_takes_raw_uint8_of_any_size(tmp_path):
-    extractor = models.feature_extractor(params("resnet50", 32))
-    model = models.classifier(extractor, models.head(random_features(extractor), 4, HEAD), 32)
+@pytest.mark.parametrize("name", [*FAMILIES, "mobilenet"])  # each family's layers must load in safe mode
+def test_classifier_takes_raw_uint8_of_any_size(tmp_path, name):
+    size = max(BACKBONES[name].min_size, 32)
+    extractor = models.feature_extractor(params(name, size))
+    model = models.classifier(extractor, models.head(random_features(extractor), 4, HEAD), size)
     model.save(tmp_path / "m.keras")
     loaded = models.load(tmp_path / "m.keras")
-    for shape in [(2, 32, 32, 3), (1, 57, 91, 3)]:
+    for shape in [(2, size, size, 3), (1, 57, 91, 3)]:
         probabilities = loaded.predict(np.zeros(shape, dtype="uint8"), verbose=0)
         assert probabilities.shape == (shape[0], 4)
         np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
@@ -165,6 +175,21 @@ def test_weights_file_is_loaded_and_checked(tmp_path):
             with pytest.raises(UserError, match=f"does not fit {other} without its top"):
                 models.backbone(params(other, size, str(tmp_path / "resnet50.weights.h5")))
         assert not [w for w in printed if issubclass(w.category, UserWarning)]  # one line, no wall of warnings
+
+
+def test_alpha_sets_the_width_and_only_where_the_backbone_has_one(tmp_path):
+    narrow = models.backbone(params("mobilenet", 32, alpha=0.25))
+    assert narrow.get_layer("conv1").kernel.shape == (3, 3, 3, 8)  # 32 filters x 0.25
+    assert models.backbone(params("mobilenet_v2", 32)).get_layer("Conv1").kernel.shape[-1] == 32  # null = 1.0
+    narrow.save_weights(tmp_path / "mobilenet_0.25.weights.h5")
+    with pytest.raises(UserError, match=r"does not fit mobilenet alpha 0\.5 without its top .*; set model\.backbone "
+                                        r"and model\.alpha to the network the file was saved from$"):
+        models.backbone(params("mobilenet", 32, str(tmp_path / "mobilenet_0.25.weights.h5"), alpha=0.5))
+    with pytest.raises(ValueError, match=r"alpha 0\.3 is not one of mobilenet's widths \(0\.25, 0\.5, 0\.75, 1\.0; "
+                                         r"null = 1\.0\)"):
+        params("mobilenet", 32, alpha=0.3)
+    with pytest.raises(ValueError, match="alpha 1.0: resnet50 has no width multiplier; set alpha to null"):
+        params("resnet50", 32, alpha=1.0)
 
 
 def test_imagenet_download_failure_is_one_line(project, tmp_path):

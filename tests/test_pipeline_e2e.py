@@ -2,14 +2,9 @@
 with the result — MLflow runs and registry, a model server, DVC plots, the accuracy gate, sharing
 through a DVC remote, and what reruns when something changes."""
 
-import base64
 import json
-import re
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -18,13 +13,10 @@ import pandas as pd
 import pytest
 import requests
 
-from conftest import make_images, new_project, project_env, run, set_params
+from conftest import (free_port, image_request, make_images, model_server, new_project, project_env, run,
+                      set_params, stages_run)
 
 CLASSES = {"red": 12, "green": 12, "blue": 12}
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +42,12 @@ def jpeg_bytes(project: Path) -> bytes:
 
 def test_all_stages_run_and_write_metrics(trained):
     project, output = trained
-    assert stages_run(output) == ["download", "prepare", "augment", "features", "train", "evaluate", "export"]
+    assert stages_run(output) == ["download", "prepare", "augment", "features", "label_issues", "train", "evaluate",
+                                  "export"]
+    # Every split's originals are scored (36), not the training images' augmented copies.
+    summary = next(line for line in output.splitlines() if line.startswith("label_issues: "))
+    assert summary.endswith(" of 36 images flagged as likely mislabelled (reports/label_issues.csv)")
+    assert (project / "reports" / "label_issues.csv").read_text().splitlines()[0] == "source,split,given,suggested,score"
     metrics = json.loads((project / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert metrics["test_images"] == 6  # 3 classes x round(12 * 0.15)
@@ -62,7 +59,7 @@ def test_all_stages_run_and_write_metrics(trained):
 
 def test_mlflow_run_has_params_tags_metrics_and_artifacts(trained, client):
     project, _ = trained
-    runs = mlflow.search_runs(experiment_names=["flowers"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=["images"], output_format="list")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = runs[0]
     assert logged.data.params["model.backbone"] == "inception_v3"
@@ -79,8 +76,8 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(trained, client):
     assert {"plots/confusion_matrix.png", "plots/reliability.png", "plots/gradcam.png"} <= artifacts
     reports = {a.path for a in client.list_artifacts(logged.info.run_id, "reports")}
     assert {"reports/metrics.json", "reports/data.json", "reports/labels.json", "reports/augment_gallery.png",
-            "reports/quarantine.csv"} <= reports
-    versions = client.search_model_versions("name='flowers-classifier'")
+            "reports/quarantine.csv", "reports/label_issues.csv", "reports/label_issues.png"} <= reports
+    versions = client.search_model_versions("name='images-classifier'")
     assert [v.run_id for v in versions] == [logged.info.run_id]
 
 
@@ -90,7 +87,7 @@ def test_registered_model_classifies_image_bytes_in_a_fresh_process(trained):
     code = (
         "import mlflow, pandas as pd, pathlib, json;"
         f"mlflow.set_tracking_uri('sqlite:///{project / 'mlflow.db'}');"
-        "m = mlflow.pyfunc.load_model('models:/flowers-classifier/1');"
+        "m = mlflow.pyfunc.load_model('models:/images-classifier/1');"
         f"files = sorted(pathlib.Path('{image}').glob('*.jpg'))[:3];"
         "out = m.predict(pd.DataFrame({'image': [f.read_bytes() for f in files]}), params={'top_k': 2});"
         "print(json.dumps({'labels': out['label'].tolist(), 'k': [len(json.loads(t)) for t in out['top_k']]}))"
@@ -113,41 +110,16 @@ def test_keras_flavor_takes_raw_uint8_batches_of_any_size(trained):
     assert in_fresh_process(code, project.parent) == "(4, 3) True"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_model_server_answers_a_jpeg_request(trained):
     project, _ = trained
-    port = free_port()
-    env = {**project_env(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    server = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", "models:/flowers-classifier/1", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(1)
-        image = jpeg_bytes(project)
-        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
-        response = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        served = response.json()["predictions"][0]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    image = jpeg_bytes(project)
+    with model_server(project, "models:/images-classifier/1") as url:
+        response = requests.post(f"{url}/invocations", json=image_request([image]), timeout=60)
+    assert response.status_code == 200, response.text
+    served = response.json()["predictions"][0]
     # The server's answer is the model's answer for that image.
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    local = mlflow.pyfunc.load_model("models:/flowers-classifier/1")
+    local = mlflow.pyfunc.load_model("models:/images-classifier/1")
     expected = local.predict(pd.DataFrame({"image": [image]})).iloc[0]
     assert served["label"] == expected["label"]
     assert served["probability"] == pytest.approx(expected["probability"], abs=1e-5)
@@ -160,6 +132,7 @@ def test_dvc_plots_render_to_html(trained, tmp_path):
     assert "Test confusion matrix" in html and "Training loss" in html
     images = list((tmp_path / "plots" / "static").glob("*.png"))
     assert any("gradcam" in p.name for p in images) and any("reliability" in p.name for p in images)
+    assert any("label_issues" in p.name for p in images)
 
 
 def test_accuracy_gate_fails_the_stage_with_one_line(trained, tmp_path):
@@ -204,6 +177,10 @@ def test_push_then_pull_into_a_fresh_clone_runs_nothing(trained, tmp_path):
     run(["dvc", "pull"], clone)
     assert (clone / "data" / "model" / "model.keras").is_file()
     assert stages_run(run(["dvc", "repro"], clone).stdout) == []
+    # DVC's model registry finds the model by name, straight from the repository and its remote.
+    fetched = tmp_path / "fetched.keras"
+    run(["dvc", "artifacts", "get", str(project), "image-classifier", "-o", str(fetched)], tmp_path)
+    assert fetched.read_bytes() == (project / "data" / "model" / "model.keras").read_bytes()
 
 
 def test_only_what_changed_reruns(trained, client):
@@ -211,4 +188,18 @@ def test_only_what_changed_reruns(trained, client):
     assert stages_run(run(["dvc", "repro"], project).stdout) == []
     set_params(project, **{"train.epochs": 2})
     assert stages_run(run(["dvc", "repro"], project).stdout) == ["train", "evaluate", "export"]
-    assert len(mlflow.search_runs(experiment_names=["flowers"], output_format="list")) == 2
+    assert len(mlflow.search_runs(experiment_names=["images"], output_format="list")) == 2
+
+
+def test_editing_a_module_marks_the_stages_that_run_it_as_changed(trained):
+    project, _ = trained
+    module = project / "pipeline" / "images.py"  # decides every prepared pixel
+    original = module.read_text(encoding="utf-8")
+    try:
+        module.write_text(original + "\n# edited\n", encoding="utf-8")
+        changed = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    finally:
+        module.write_text(original, encoding="utf-8")
+    assert "pipeline/images.py" in json.dumps(changed["prepare"])
+    assert "download" not in changed  # it never imports images.py
+    assert "prepare" not in json.loads(run(["dvc", "status", "--json"], project).stdout)

@@ -3,16 +3,20 @@
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from conftest import REPO, make_images, project_env, run
 from pipeline import models, predict
 from pipeline.cli import UserError
 from pipeline.images import read_rgb
+from pipeline.serving import ImageClassifier
 
 LABELS = ["red", "green", "blue"]
 
@@ -76,13 +80,40 @@ def test_folder_with_a_corrupt_file_prints_the_rest_and_exits_1(tmp_path, model_
 def test_single_file_as_json_with_top_k_capped(tmp_path, model_dir, model, capsys):
     image = next(make_images(tmp_path, {"blue": 1}, size=(64, 33)).rglob("*.jpg"))
     predict.main([str(image), "--model", str(model_dir / "model.keras"), "--json", "--top-k", "7"])
-    out = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    assert captured.err == "note: --top-k 7 is more than the model's 3 classes; showing all of them\n"
+    out = captured.out.strip().splitlines()
     assert len(out) == 1
     answer = json.loads(out[0])
     assert answer["path"] == str(image)
     expected = expected_top(model, image)
     assert [p["label"] for p in answer["predictions"]] == [label for label, _ in expected]  # 3 classes, not 7
     assert [p["probability"] for p in answer["predictions"]] == pytest.approx([p for _, p in expected], abs=1e-5)
+
+
+def test_top_k_below_1_is_a_usage_error(tmp_path, model_dir, capsys):
+    image = next(make_images(tmp_path, {"red": 1}).rglob("*.jpg"))
+    with pytest.raises(SystemExit) as exited:
+        predict.main([str(image), "--model", str(model_dir / "model.keras"), "--top-k", "0"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("argument --top-k: must be a whole number >= 1 (got '0')")
+
+
+def test_served_model_caps_top_k_at_the_classes_and_refuses_below_1(tmp_path, model_dir, model):
+    """The image_classifier pyfunc as the train stage logs it (its artifacts: model.keras, labels.json)."""
+    classifier = ImageClassifier()
+    classifier.load_context(SimpleNamespace(artifacts={"keras_model": str(model_dir / "model.keras"),
+                                                       "labels": str(model_dir / "labels.json")}))
+    image = next(make_images(tmp_path, {"red": 1}).rglob("*.jpg"))
+    request = pd.DataFrame({"image": [image.read_bytes()]})
+    answer = classifier.predict(None, request, params={"top_k": 7}).iloc[0]
+    expected = expected_top(model, image)
+    assert [p["label"] for p in json.loads(answer["top_k"])] == [label for label, _ in expected]  # 3 classes, not 7
+    assert answer["label"] == expected[0][0]
+    for top_k in (0, -2):
+        with pytest.raises(MlflowException, match=rf"^params.top_k must be 1 or more \(got {top_k}\)$") as refused:
+            classifier.predict(None, request, params={"top_k": top_k})
+        assert refused.value.get_http_status_code() == 400
 
 
 class Echo(mlflow.pyfunc.PythonModel):

@@ -132,7 +132,7 @@ def test_names_hidden_and_ignored_files(workdir):
     for name in ignored:
         (RAW / name).parent.mkdir(parents=True, exist_ok=True)
         (RAW / name).write_bytes(bad.jpeg_bytes(5000))
-    (RAW / "linked").symlink_to(Path("tulips").resolve(), target_is_directory=True)
+    (RAW / "linked").symlink_to((RAW / "tulips").resolve(), target_is_directory=True)
     report = run_prepare()
     rows = manifest()
     assert json.loads((PREPARED / "labels.json").read_text()) == ["rosé rouge", "tulips"]
@@ -142,6 +142,11 @@ def test_names_hidden_and_ignored_files(workdir):
     assert (PREPARED / rows["tulips/花 1.jpg"]["path"]).is_file()
     assert report["ignored_files"] == len(ignored) + 1  # + the symlinked folder
     assert report["images"] == 12 and quarantine() == {}
+    why = {row["source"]: row["reason"] for row in read_manifest(PREPARED / "ignored.csv")}
+    assert set(why) == {*ignored, "linked"}
+    assert (why["LICENSE.txt"], why["tulips/.DS_Store"], why["linked"]) == (
+        "licence or readme", "hidden", "symlinked folder, not followed")
+    assert why["tulips/notes.txt"] == "not an image file name (suffix '.txt')"
 
 
 # --- Classes, duplicates and conflicts --------------------------------------------------------
@@ -151,8 +156,9 @@ def test_empty_class_folder_fails(workdir):
     bad.write_pictures(RAW, {"a": 5, "b": 5})
     (RAW / "empty").mkdir()
     assert refused() == (
-        "class 'empty' has 0 usable images, too few for prepare.split (val 0.15, test 0.15) to put one in each "
-        "of train, val and test (near-duplicates count as one): add images or remove the folder")
+        "too few usable images to put one in each of train, val and test in 1 of 3 classes (prepare.split val 0.15, "
+        "test 0.15; near-duplicates count as one; each class needs at least 4): 'empty' (train 0, val 0, test 0): "
+        "add images or remove those classes")
 
 
 def test_one_class_only_fails(workdir):
@@ -162,7 +168,7 @@ def test_one_class_only_fails(workdir):
 
 def test_class_too_small_for_the_split_fails(workdir):
     bad.write_pictures(RAW, {"a": 5, "b": 3})
-    assert refused().startswith("class 'b' has 3 usable images, too few for prepare.split")
+    assert "in 1 of 2 classes" in refused() and "'b' (train 3, val 0, test 0)" in refused()
 
 
 def test_same_image_in_two_classes_is_excluded_and_leaves_no_files(workdir):
@@ -180,7 +186,7 @@ def test_same_image_in_two_classes_is_excluded_and_leaves_no_files(workdir):
     on_disk = sorted(str(p.relative_to(PREPARED)) for p in (PREPARED / "images").rglob("*") if p.is_file())
     assert on_disk == sorted(row["path"] for row in rows.values())  # no orphaned normalized copies
     assert sorted(p.name for p in PREPARED.iterdir()) == [
-        "duplicates.csv", "images", "labels.json", "manifest.csv", "quarantine.csv"]
+        "duplicates.csv", "ignored.csv", "images", "labels.json", "manifest.csv", "quarantine.csv"]
     assert (report["images"], report["quarantined"], report["duplicates_dropped"]) == (14 - 2 - 1, 2, 1)
 
 
@@ -192,6 +198,7 @@ def test_split_is_stratified_and_byte_identical_when_repeated(workdir):
     report = run_prepare()
     first = (PREPARED / "manifest.csv").read_bytes()
     assert report["per_class"] == {"a": {"train": 14, "val": 3, "test": 3}, "b": {"train": 24, "val": 5, "test": 5}}
+    assert (report["layout"], report["splits_given"]) == ("class_folders", [])
     run_prepare()
     assert (PREPARED / "manifest.csv").read_bytes() == first
     reseeded = run_prepare(seed=7)

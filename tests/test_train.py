@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_images, new_project, project_env, run, set_params
+from conftest import on_two_cpus, project_env, project_through, run, set_params
 from pipeline import models
 from pipeline.config import load_config
 
@@ -31,11 +31,7 @@ def stages_run(output: str) -> list[str]:
 @pytest.fixture(scope="module")
 def featured_template(tmp_path_factory) -> Path:
     """A project with the stages up to features done, built once per module."""
-    tmp = tmp_path_factory.mktemp("train")
-    project = new_project(tmp / "project", make_images(tmp / "images", {"red": 12, "green": 12, "blue": 12}))
-    set_params(project, **TINY)
-    run(["dvc", "repro", "features"], project)
-    return project
+    return project_through("features", tmp_path_factory.mktemp("train"), {"red": 12, "green": 12, "blue": 12}, TINY)
 
 
 @pytest.fixture
@@ -117,7 +113,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_r
                                     for p in (uninterrupted, project)))
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["flowers"], output_format="list", order_by=["start_time"])
+    runs = mlflow.search_runs(experiment_names=["images"], output_format="list", order_by=["start_time"])
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
     client = mlflow.MlflowClient()
     last = runs[-1].info.run_id
@@ -222,15 +218,7 @@ def test_features_far_larger_than_a_memory_cap_stream_from_disk(tmp_path):
 
 def test_mirrored_strategy_trains_on_two_logical_cpus(featured):
     set_params(featured, **{"train.lr_schedule": "cosine", "train.class_weight": "none"})
-    script = (
-        "import tensorflow as tf\n"
-        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
-        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
-        "from pipeline.cli import run_stage\n"
-        "from pipeline.train import main\n"
-        "run_stage(main)\n"
-    )
-    result = run([sys.executable, "-c", script], featured)
+    result = run(on_two_cpus("train"), featured)
     assert "train: 2 replica(s)" in result.stdout
     rows = history(featured)
     assert [r["epoch"] for r in rows] == ["1", "2"]

@@ -1,0 +1,86 @@
+"""The smallest problem, for real: one `dvc repro` on two classes whose names MLflow cannot take as
+metric keys, then the metrics, the MLflow run, the predict CLI and a model server."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+import yaml
+
+from conftest import image_request, make_images, model_server, new_project, run, set_params, stages_run
+from pipeline import predict
+from pipeline.tracking import CLASS_KEYS_ARTIFACT, class_keys
+
+# A comma, an apostrophe, quotes and letters outside ASCII: none may appear in an MLflow metric key.
+CLASSES = {"Ünïcode, cats": 10, 'dogs\' "best"': 10}
+MODEL_NAME = "two-classes"
+PLOTS = {"confusion_matrix.png", "confusion_matrix_normalized.png", "reliability.png", "training_curves.png",
+         "top_losses.png", "gradcam.png"}
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory) -> tuple[Path, str, Path]:
+    """(project, output of `dvc repro`, the class folders), with top_k 5 asked of 2 classes."""
+    tmp = tmp_path_factory.mktemp("two")
+    images = make_images(tmp / "images", CLASSES, size=(40, 32))
+    project = new_project(tmp / "project", images)
+    set_params(project, **{"train.epochs": 1, "augment.copies": 0, "evaluate.top_k": 5, "export.tflite": [],
+                           "mlflow.registered_model_name": MODEL_NAME})
+    return project, run(["dvc", "repro"], project).stdout, images
+
+
+def a_jpeg(images: Path) -> Path:
+    return next((images / next(iter(CLASSES))).glob("*.jpg"))
+
+
+def test_every_stage_runs_and_metrics_name_the_classes_with_top_k_capped(two_classes):
+    project, output, _ = two_classes
+    assert set(stages_run(output)) == set(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    assert "evaluate.top_k 5 is more than the 2 classes; reporting top_2_accuracy" in output
+    metrics = json.loads((project / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics["per_class"]) == set(CLASSES)
+    assert metrics["top_k"] == 2 and metrics["top_2_accuracy"] == 1.0  # both classes: always among the top 2
+    assert sum(c["support"] for c in metrics["per_class"].values()) == metrics["test_images"] == 4
+    assert PLOTS <= {p.name for p in (project / "eval" / "plots").iterdir()}
+
+
+def test_mlflow_run_logs_each_class_under_a_valid_key(two_classes):
+    project, _, _ = two_classes
+    metrics = json.loads((project / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    labels = json.loads((project / "data" / "model" / "labels.json").read_text(encoding="utf-8"))
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    run_id = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())["run_id"]
+    logged = mlflow.MlflowClient().get_run(run_id).data.metrics
+    keys = class_keys(labels)
+    assert all(key != label for key, label in zip(keys, labels, strict=True))  # both names had to change
+    for key, label in zip(keys, labels, strict=True):
+        for name, value in metrics["per_class"][label].items():
+            assert logged[f"test_per_class_{key}_{name}"] == value
+    assert logged["test_top_k"] == 2
+    assert mlflow.artifacts.load_dict(f"runs:/{run_id}/{CLASS_KEYS_ARTIFACT}") == dict(zip(keys, labels, strict=True))
+
+
+def test_predict_caps_top_k_at_the_two_classes(two_classes, capsys):
+    project, _, images = two_classes
+    model = project / "data" / "model" / "model.keras"
+    predict.main([str(a_jpeg(images)), "--model", str(model), "--top-k", "5", "--json"])
+    captured = capsys.readouterr()
+    ranked = json.loads(captured.out)["predictions"]
+    assert sorted(p["label"] for p in ranked) == sorted(CLASSES)
+    assert "note: --top-k 5 is more than the model's 2 classes" in captured.err
+
+
+def test_served_model_answers_with_one_of_the_two_labels_and_refuses_top_k_0(two_classes):
+    project, _, images = two_classes
+    image = a_jpeg(images).read_bytes()
+    with model_server(project, f"models:/{MODEL_NAME}/1") as url:
+        answer = requests.post(f"{url}/invocations", json=image_request([image], top_k=5), timeout=60)
+        refused = requests.post(f"{url}/invocations", json=image_request([image], top_k=0), timeout=60)
+    assert answer.status_code == 200, answer.text
+    served = answer.json()["predictions"][0]
+    assert served["label"] in CLASSES
+    assert sorted(p["label"] for p in json.loads(served["top_k"])) == sorted(CLASSES)  # 5 asked, 2 exist
+    assert refused.status_code == 400
+    assert "params.top_k must be 1 or more (got 0)" in refused.json()["message"]
