@@ -17,7 +17,6 @@ and without the activation cache (``train.fine_tune.cache_activations``).
 
 import argparse
 import csv
-import json
 import shutil
 import statistics
 import tempfile
@@ -26,8 +25,10 @@ from pathlib import Path
 import recipe
 from common import add_slice_arguments, load_average, manifest_rows, new_workdir, run_stage
 
+from pipeline import feature_store
 from pipeline.backbones import BACKBONES
 from pipeline.config import override_params
+from pipeline.data import FEATURES_DIR
 
 
 def ours(workdir: Path) -> dict:
@@ -36,14 +37,14 @@ def ours(workdir: Path) -> dict:
     history = read_history(workdir)
     head = [row for row in history if row["phase"] == "head"]
     return {"seconds": seconds, "total": sum(seconds.values()),
-            "precision": json.loads((workdir / "data/features/meta.json").read_text())["precision"],
+            "precision": feature_store.read_meta(workdir / FEATURES_DIR).precision,
             "epoch": statistics.median(float(r["seconds"]) for r in head[1:] or head),
             "val_accuracy": float(head[-1]["val_accuracy"]), "epochs": len(head)}
 
 
 def features_at(workdir: Path, precision: str) -> float:
     """Wall time of the features stage at ``precision``; the features are then made again as before."""
-    before = json.loads((workdir / "data/features/meta.json").read_text())["precision"]
+    before = feature_store.read_meta(workdir / FEATURES_DIR).precision
     override_params(workdir / "params.yaml", {"model.precision": precision})
     try:
         return run_stage("features", workdir).seconds

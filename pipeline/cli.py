@@ -1,9 +1,14 @@
 """Entry-point wrapper shared by every stage: user mistakes become one line, not a traceback."""
 
+import ctypes
 import errno
+import functools
 import inspect
+import os
+import signal
 import sys
 from collections.abc import Callable
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 # Write failures a user fixes on their side (space, permissions), not bugs in the stage.
 STORAGE_ERRORS = {
@@ -14,6 +19,8 @@ STORAGE_ERRORS = {
     errno.EPERM: "operation not permitted",
     errno.EROFS: "read-only file system",
 }
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # of those, the ones never about a file being read
+PR_SET_DEATHSIG = 1  # from <linux/prctl.h>
 
 
 class UserError(Exception):
@@ -31,6 +38,42 @@ def error_summary(err: BaseException) -> str:
     return f"{type(err).__name__}: {first_line(err)}" if str(err).strip() else first_line(err)
 
 
+def redact_url(value: str) -> str:
+    """``value`` as we may print, write or log it: ``https://user:token@host/x?sig=s`` ->
+    ``https://user:***@host/x?sig=***`` (a user name alone, often a token, -> ``***@host``);
+    anything that is not a URL with a host comes back unchanged."""
+    parsed = urlsplit(value)
+    if not parsed.scheme or not parsed.netloc:
+        return value
+    user, at, host = parsed.netloc.rpartition("@")
+    if at:
+        user = f"{parsed.username}:***" if parsed.password is not None else "***"
+    query = "&".join(f"{k}=***" if v else k for k, v in parse_qsl(parsed.query, keep_blank_values=True))
+    return urlunsplit((parsed.scheme, f"{user}{at}{host}", parsed.path, query, parsed.fragment))
+
+
+@functools.cache  # once per process: fork handlers cannot be removed
+def die_with_parent() -> None:
+    """Make every process this one forks, the stages' worker pools, get SIGKILL when it dies
+    (Linux; pools start their workers by fork there). A stage killed with SIGKILL would
+    otherwise leave workers blocked forever on a queue nobody writes, or still writing."""
+    if not sys.platform.startswith("linux"):
+        return
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def remember_parent() -> None:
+        nonlocal parent
+        parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_DEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    os.register_at_fork(before=remember_parent, after_in_child=in_child)
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main``, turning user mistakes into one line and an exit code of 2.
 
@@ -46,6 +89,7 @@ def run_stage(main: Callable[[], None]) -> None:
               "params.yaml (`dvc exp run -S key=value` for one run); --help says what it reads and writes",
               file=sys.stderr)
         sys.exit(2)
+    die_with_parent()
     try:
         main()
     except UserError as err:
@@ -54,9 +98,10 @@ def run_stage(main: Callable[[], None]) -> None:
     except OSError as err:
         if err.errno not in STORAGE_ERRORS:
             raise
-        where = f" writing {err.filename}" if err.filename else ""
+        target = err.filename2 or err.filename  # a copy's error names its source first
+        where = f" writing {target}" if target else ""
         print(f"error: {STORAGE_ERRORS[err.errno]}{where}: free space or fix permissions and rerun; "
-              "outputs of earlier runs are untouched", file=sys.stderr)
+              "nothing half-written was left", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

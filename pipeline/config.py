@@ -66,6 +66,12 @@ class HeadParams(Section):
     dropout: Annotated[float, Field(ge=0, lt=1)]  # dropout before the softmax layer
 
 
+# The largest model.image_size: over 3 times every backbone's native size (224-300 px), which is
+# what its ImageNet features were learned at; memory and time per image grow with the square of the
+# side (11 times 299 px's at 1024), so larger sizes cost far more than they can give.
+MAX_IMAGE_SIZE = 1024
+
+
 class ModelParams(Section):
     backbone: BackboneName
     weights: str = Field(min_length=1)  # imagenet | none | path to a weights file
@@ -86,6 +92,9 @@ class ModelParams(Section):
         minimum = BACKBONES[self.backbone].min_size
         if self.image_size is not None and self.image_size < minimum:
             raise ValueError(f"image_size {self.image_size} is below {self.backbone}'s minimum of {minimum}")
+        if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size {self.image_size} is above the largest size, {MAX_IMAGE_SIZE} (ImageNet "
+                             f"backbones are trained at 224-300 px; memory grows with the square of the side): lower it")
         return self
 
     @model_validator(mode="after")

@@ -18,10 +18,15 @@ Outputs:
   the labels table's path, sha256 and row count.
 
 Downloads go to a per-user cache (``$PIPELINE_CACHE_DIR``, default ``~/.cache/transfer-pipeline``)
-through a ``.part`` file that is renamed only once it is complete, matches ``data.sha256`` and is
-an archive. A cached archive is used without any network access. Network errors are retried with
-backoff and resume the ``.part`` with an HTTP Range request; after the last try the ``.part`` is
-kept so that the next run resumes it. A ``.part`` with the wrong content is deleted.
+through a ``.part`` file that is renamed, once complete and an archive, to
+``downloads/<url key>/<sha256>/<name>``: every archive a URL served is kept under its own hash, so a
+wrong ``data.sha256`` never deletes one that matched before. The one ``data.sha256`` names (or,
+when null, the latest) is used without any network access. Network errors are retried with backoff
+and resume the ``.part`` with an HTTP Range request; after the last try the ``.part`` is kept so
+that the next run resumes it. A ``.part`` that is not an archive (an error page) is deleted.
+Credentials come from ``~/.netrc`` (or ``$NETRC``) or ``$PIPELINE_DATA_AUTH`` (an Authorization
+header), never from params.yaml, as DVC writes params to ``dvc.lock``; any in ``data.url`` are
+masked in what this stage writes and prints.
 
 Extraction refuses absolute paths, ``..``, links pointing outside the archive, device files and
 archives over ``data.max_files`` / ``data.max_bytes``, naming the bad member. It writes into a
@@ -29,7 +34,9 @@ temporary folder that replaces ``data/raw`` only on success.
 """
 
 import csv
+import glob
 import hashlib
+import os
 import posixpath
 import shutil
 import stat
@@ -37,7 +44,7 @@ import sys
 import tarfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -48,7 +55,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.cli import UserError, run_stage
+from pipeline.cli import OUT_OF_SPACE, UserError, redact_url, run_stage
 from pipeline.config import DataParams, load_config
 from pipeline.data import LABELS_COLUMNS, LABELS_TABLE, RAW_DIR, write_manifest
 from pipeline.files import atomic_dir, cache_root, readable, write_json
@@ -59,6 +66,9 @@ RETRY_WAIT_S = 1.0  # doubles after each failed try
 TIMEOUT_S = (10, 60)  # (connect, read)
 CHUNK = 2**20
 IGNORED_TOP_LEVEL = ("__MACOSX",)  # macOS zip metadata
+AUTH_VARIABLE = "PIPELINE_DATA_AUTH"  # the Authorization header for data.url, e.g. "Bearer <token>"
+ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0: ZipCrypto or AES
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)  # what zipfile reads
 
 
 def cache_dir() -> Path:
@@ -91,12 +101,16 @@ def sha256_of(path: Path) -> str:
 def verify(path: Path, expected: str | None, origin: str) -> str:
     """The sha256 of ``path``; fails naming both hashes when it is not ``expected`` (if set)."""
     actual = sha256_of(path)
+    require_sha256(actual, expected, origin)
+    return actual
+
+
+def require_sha256(actual: str, expected: str | None, origin: str) -> None:
     if expected and actual != expected:
         raise UserError(
             f"sha256 mismatch for {origin}: expected data.sha256={expected}, got {actual} "
             "(wrong or changed archive: fix data.url, or set data.sha256 to the new hash if you trust it)"
         )
-    return actual
 
 
 def archive_format(path: Path, origin: str) -> str:
@@ -134,25 +148,38 @@ class Retryable(Exception):
 def fetch(url: str, expected: str | None) -> tuple[Path, str]:
     """The archive at ``url`` in the cache, downloading it only if needed, and its sha256."""
     name = PurePosixPath(unquote(urlparse(url).path)).name or "download"
-    target = cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16] / name
-    if target.is_file():
-        actual = sha256_of(target)
-        if not expected or actual == expected:
-            print(f"download: using cached {target} (no network access)")
-            return target, actual
-        print(f"download: cached {target} does not match data.sha256; downloading again", file=sys.stderr)
-        target.unlink()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f"{name}.part")
+    folder = cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16]
+    shown = redact_url(url)
+    cached = cached_archive(folder, name, expected)
+    if cached:
+        print(f"download: using cached {cached} (no network access)")
+        return cached, cached.parent.name
+    if others := sorted(p.parent.name for p in folder.glob(f"*/{glob.escape(name)}")):
+        print(f"download: no cached archive from {shown} has data.sha256={expected} (cached: {', '.join(others)}); "
+              "downloading again", file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
+    part = folder / f"{name}.part"
     download_with_retries(url, part)
     try:
-        actual = verify(part, expected, url)
-        archive_format(part, url)
+        archive_format(part, shown)
     except UserError:
-        part.unlink()  # wrong content: resuming it would only repeat the failure
+        part.unlink()  # an error page, not the archive: resuming it would only repeat the failure
         raise
-    part.rename(target)
+    actual = sha256_of(part)
+    target = folder / actual / name
+    target.parent.mkdir(exist_ok=True)
+    part.rename(target)  # kept even when data.sha256 names another: setting it to this hash then works offline
+    require_sha256(actual, expected, shown)
     return target, actual
+
+
+def cached_archive(folder: Path, name: str, expected: str | None) -> Path | None:
+    """The intact cached download ``expected`` names, or with null the latest one."""
+    if expected:
+        candidates = [folder / expected / name]
+    else:
+        candidates = sorted(folder.glob(f"*/{glob.escape(name)}"), key=lambda p: p.stat().st_mtime)[-1:]
+    return next((p for p in candidates if p.is_file() and sha256_of(p) == p.parent.name), None)
 
 
 def download_with_retries(url: str, part: Path) -> None:
@@ -165,7 +192,7 @@ def download_with_retries(url: str, part: Path) -> None:
             if attempt == RETRIES:
                 kept = f"; the partial file {part} is kept and resumes next run" if part.exists() else ""
                 raise UserError(
-                    f"could not download data.url {url} ({problem}) after {RETRIES} tries{kept}; "
+                    f"could not download data.url {redact_url(url)} ({problem}) after {RETRIES} tries{kept}; "
                     "offline? set data.url to a local archive or folder, e.g. data.url=/path/to/flower_photos.tgz"
                 ) from None
             wait = RETRY_WAIT_S * 2 ** (attempt - 1)
@@ -177,7 +204,8 @@ def download_into(url: str, part: Path) -> None:
     """Fetch ``url`` into ``part``, continuing after the bytes already there when the server allows."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
-    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
+    # Without an auth, requests uses ~/.netrc ($NETRC), and again after a redirect to another host.
+    with requests.get(url, headers=headers, auth=auth_from_environment(), stream=True, timeout=TIMEOUT_S) as response:
         if response.status_code == 416 and response.headers.get("Content-Range") == f"bytes */{have}":
             return  # the .part already holds the whole file (an earlier run stopped before renaming it)
         if response.status_code == 416:  # the .part is longer than what the server has now
@@ -185,8 +213,12 @@ def download_into(url: str, part: Path) -> None:
             raise Retryable("server refused to resume; starting over")
         if response.status_code in (408, 429) or response.status_code >= 500:
             raise Retryable(f"server answered {response.status_code} {response.reason}")
+        if response.status_code in (401, 403):
+            raise UserError(f"data.url {redact_url(url)}: server answered {response.status_code} {response.reason}; "
+                            f"give its credentials in ~/.netrc or ${AUTH_VARIABLE}, not in data.url, or check them")
         if response.status_code >= 400:
-            raise UserError(f"data.url {url}: server answered {response.status_code} {response.reason}; check the URL")
+            raise UserError(f"data.url {redact_url(url)}: server answered {response.status_code} {response.reason}; "
+                            "check the URL")
         start = resume_offset(response)
         if start not in (0, have):
             part.unlink()
@@ -203,6 +235,20 @@ def download_into(url: str, part: Path) -> None:
                 bar.update(len(chunk))
     if total is not None and part.stat().st_size != total:
         raise Retryable(f"got {part.stat().st_size} of {total} bytes")
+
+
+def auth_from_environment() -> Callable[[requests.PreparedRequest], requests.PreparedRequest] | None:
+    """$PIPELINE_DATA_AUTH as the Authorization header, winning over ~/.netrc. requests drops it on
+    a redirect to another host (a signed storage URL must not get a token meant for the server)."""
+    header = os.environ.get(AUTH_VARIABLE)
+    if not header:
+        return None
+
+    def authorize(request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = header
+        return request
+
+    return authorize
 
 
 def resume_offset(response: requests.Response) -> int:
@@ -228,10 +274,10 @@ class Member:
     """One archive entry, the same for tar and zip."""
 
     name: str
-    kind: str  # file | dir | link | special
+    kind: str  # file | dir | link | special | unreadable
     link: str | None = None  # for links: the target's path from the archive root, as written
     stream: IO[bytes] | None = None  # for files
-    detail: str = ""  # for specials and unsafe links: what it is
+    detail: str = ""  # for specials, unreadables and unsafe links: what it is
 
 
 def extract(archive: Path, dest: Path, limits: DataParams) -> None:
@@ -248,6 +294,9 @@ def extract(archive: Path, dest: Path, limits: DataParams) -> None:
                 path = member_path(archive, member.name)
                 if member.kind == "special":
                     refuse(archive, member.name, f"{member.detail}; only files and folders are extracted")
+                if member.kind == "unreadable":
+                    raise UserError(f"{archive}: cannot extract member {readable(member.name)!r}: {member.detail}; "
+                                    "unpack the archive yourself and set data.url to the folder")
                 if member.kind == "dir":
                     (dest / path).mkdir(parents=True, exist_ok=True)
                     continue
@@ -268,6 +317,8 @@ def extract(archive: Path, dest: Path, limits: DataParams) -> None:
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
         raise UserError(f"{archive} is damaged or truncated ({err}); delete it and download again") from None
     except OSError as err:
+        if err.errno in OUT_OF_SPACE:
+            raise
         raise UserError(f"could not extract {archive}: {err}") from None
 
 
@@ -301,6 +352,12 @@ def zip_members(zf: zipfile.ZipFile) -> Iterator[Member]:
         mode = info.external_attr >> 16  # Unix mode bits, 0 when the zip tool stored none
         if info.is_dir():
             yield Member(info.filename, "dir")
+        elif info.flag_bits & ZIP_ENCRYPTED:  # zipfile would stop with a RuntimeError asking for a password
+            yield Member(info.filename, "unreadable", detail="it is encrypted (a password-protected zip)")
+        elif info.compress_type not in ZIP_METHODS:  # e.g. Deflate64, which Windows uses for big archives
+            method = zipfile.compressor_names.get(info.compress_type, "unknown")
+            yield Member(info.filename, "unreadable",
+                         detail=f"it is compressed with method {info.compress_type} ({method}), which Python cannot read")
         elif stat.S_ISLNK(mode):  # a zip symlink stores its target as the member's content
             with zf.open(info) as fh:
                 target = fh.read(4096).decode("utf-8", "backslashreplace")
@@ -464,6 +521,8 @@ def main() -> None:
             try:
                 copy_folder(top, staging, root, skipped)
             except OSError as err:
+                if err.errno in OUT_OF_SPACE:
+                    raise
                 raise UserError(f"data.url: could not copy {source}: {err}") from None
             sha256 = None
         else:
@@ -479,7 +538,7 @@ def main() -> None:
         if labels:
             write_labels(labels, staging, top.relative_to(root))
     table_record = {"path": cfg.labels, "sha256": sha256_of(table), "rows": len(labels) - 1} if labels else None
-    write_json(REPORT, {"url": cfg.url, "sha256": sha256, "files": len(files), "bytes": size, "skipped": skipped,
+    write_json(REPORT, {"url": redact_url(cfg.url), "sha256": sha256, "files": len(files), "bytes": size, "skipped": skipped,
                         "labels": table_record})
     for item in skipped:
         print(f"download: skipped {item['path']}: {item['reason']}", file=sys.stderr)

@@ -4,16 +4,12 @@ The backbone is frozen during head training, so its output for a given image nev
 computing it once here turns each training epoch from minutes into milliseconds. DVC reruns this
 stage only when the augmented images or the backbone, weights, image size or precision change.
 
-Outputs in ``data/features/``: ``<split>.npy`` (float32, one row per row of the augmented
-manifest's split, in order), ``<split>_labels.npy`` (class indices into ``labels.json``),
-``meta.json``, and ``backbone.weights.h5``: the exact backbone weights that made them, which the
-train stage builds the final model from (with ``model.weights: none`` a rebuilt backbone would have
-other random weights).
-
-When fine-tuning will train only the top blocks on offline-augmented images
-(``Config.activation_cut``), the same pass also stores the frozen prefix's output for the train and
-val images, ``<split>_activations.npy`` (16-bit, see ``activation_storage``): fine-tuning then
-runs only the unfrozen top.
+Outputs in ``data/features/``, in the format ``pipeline.feature_store`` owns: per split the pooled
+features and class indices, one row per row of the augmented manifest's split, in order; the
+backbone weights that made them (the train stage builds the final model from those); and, when
+fine-tuning will train only the top blocks on offline-augmented images (``Config.activation_cut``),
+the frozen prefix's output for the train and val images in 16 bits, so that fine-tuning runs only
+the unfrozen top.
 
 The backbone runs on every device the train stage trains on (``pipeline.devices``: all GPUs, or
 every worker under ``TF_CONFIG``): each replica computes its share of each global batch (per-replica
@@ -26,41 +22,17 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from pipeline import devices, models
+from pipeline import devices, feature_store, models
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
 from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, PREPARED_DIR, SPLITS, image_batches, read_labels, read_manifest
-from pipeline.files import write_json
-
-CACHED_SPLITS = ("train", "val")  # the splits fine-tuning reads; test images go through the exported model
-FILE_DTYPE = {"float16": "float16", "bfloat16": "uint16"}  # activations' storage type -> the .npy's dtype
-
-
-def new_rows(path: Path, dtype: str, shape: tuple[int, ...]) -> np.memmap:
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-
-
-def activation_storage(policy: str) -> str:
-    """The 16-bit type the activations are stored in: float16 when the backbone computes in float16,
-    else bfloat16, which is lossless for bfloat16 compute and keeps float32's range. (float16 would
-    not do: a random-init backbone's activations at mixed8 are around 6e-4, and 6 % of them fall
-    below float16's normal range, losing precision or flushing to zero.)"""
-    return "float16" if policy == "mixed_float16" else "bfloat16"
-
-
-def as_stored(values: np.ndarray, storage: str) -> np.ndarray:
-    """numpy has no bfloat16 of its own: its 16-bit patterns go to the file as uint16."""
-    if storage == "float16":
-        return values.astype("float16")
-    return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(values, "bfloat16"))).view("uint16")
-
+from pipeline.feature_store import ACTIVATION_SPLITS, Meta, activation_storage, as_stored
 
 def replica_rows(count: int, per_replica: int, context: tf.distribute.InputContext) -> np.ndarray:
     """The rows (of ``count``) that the input pipeline of ``context`` (one per worker) feeds its
@@ -127,11 +99,11 @@ def main() -> None:
     with devices.output_dir(strategy, FEATURES_DIR) as out:
         for split in SPLITS:
             rows = [r for r in manifest if r["split"] == split]
-            features = new_rows(out / f"{split}.npy", "float32", (len(rows), dim))
+            features = feature_store.new_features(out, split, len(rows), dim)
             activations = None
-            if cut and split in CACHED_SPLITS:
-                activations = new_rows(out / f"{split}_activations.npy", FILE_DTYPE[storage],
-                                       (len(rows), *network.output_shape[1][1:]))
+            if cut and split in ACTIVATION_SPLITS:
+                activations = feature_store.new_activations(out, split, (len(rows), *network.output_shape[1][1:]),
+                                                            storage)
             batches = extract(run, strategy, [str(AUGMENTED_DIR / r["path"]) for r in rows], cfg.train.batch_size,
                               desc=f"features {split}")
             start = 0
@@ -144,14 +116,14 @@ def main() -> None:
                 if array is not None:
                     array.flush()
             del features, activations
-            np.save(out / f"{split}_labels.npy", np.array([class_index[r["label"]] for r in rows], dtype="int32"))
+            feature_store.write_labels(out, split, [class_index[r["label"]] for r in rows])
         seconds = time.perf_counter() - started
-        models.backbone_of(extractor).save_weights(out / models.BACKBONE_WEIGHTS)
-        shutil.copy(PREPARED_DIR / "labels.json", out / "labels.json")
-        write_json(out / "meta.json", {"backbone": cfg.model.backbone, "weights": cfg.model.weights,
-                                       "image_size": cfg.model.input_size, "precision": policy, "dim": dim,
-                                       "activation_cut": cut, "activation_dtype": storage if cut else None,
-                                       "images": len(manifest), "seconds": round(seconds, 2)})
+        models.backbone_of(extractor).save_weights(out / feature_store.BACKBONE_WEIGHTS)
+        shutil.copy(PREPARED_DIR / "labels.json", out / feature_store.LABELS)
+        feature_store.write_meta(out, Meta(
+            backbone=cfg.model.backbone, weights=cfg.model.weights, image_size=cfg.model.input_size,
+            precision=policy, dim=dim, activation_cut=cut, activation_dtype=storage if cut else None,
+            images=len(manifest), seconds=round(seconds, 2)))
     cached = f"; activations at {cut} cached for fine-tuning" if cut else ""
     print(f"features: {len(manifest)} images -> {dim}-d features in {seconds:.1f}s "
           f"({len(manifest) / seconds:.1f} images/s, {policy}, {devices.describe(strategy)}){cached}")

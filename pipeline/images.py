@@ -21,6 +21,7 @@ FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # what Pillow may decod
 IMAGE_SUFFIXES = frozenset(suffix for suffix, name in Image.registered_extensions().items() if name in FORMATS)
 WHITE = (255, 255, 255, 255)
 SRGB = ImageCms.createProfile("sRGB")
+PROFILE_SPACES = {"L": "GRAY", "RGB": "RGB", "CMYK": "CMYK"}  # the ICC colour space of each mode to_rgb converts
 
 
 class Unconvertible(ValueError):
@@ -89,14 +90,25 @@ def eight_bit(image: Image.Image) -> Image.Image:
 
 def in_srgb(image: Image.Image, profile: bytes) -> tuple[Image.Image, str]:
     """``image`` (mode L, RGB or CMYK) converted from its embedded ``profile`` to sRGB RGB."""
-    try:
-        return ImageCms.applyTransform(image, transform_to_srgb(profile, image.mode)), "converted"
-    except ImageCms.PyCMSError as err:  # unreadable bytes, or a profile for other pixels (GRAY on RGB, ...)
-        return image.convert("RGB"), f"unusable: {' '.join(str(err).split())}"
+    transform = transform_to_srgb(profile, image.mode)
+    if isinstance(transform, str):
+        return image.convert("RGB"), f"unusable: {transform}"
+    return ImageCms.applyTransform(image, transform), "converted"
 
 
 @functools.lru_cache(maxsize=64)  # photos from one camera or one editor share a profile
-def transform_to_srgb(profile: bytes, mode: str) -> ImageCms.ImageCmsTransform:
-    # Perceptual intent, Pillow's and the editors' default: LUT profiles (CMYK) map their gamut into
-    # sRGB's; matrix profiles (Adobe RGB, ProPhoto) have only the colorimetric mapping, clipped.
-    return ImageCms.buildTransform(io.BytesIO(profile), SRGB, mode, "RGB")
+def transform_to_srgb(profile: bytes, mode: str) -> ImageCms.ImageCmsTransform | str:
+    """The transform from ``profile`` to sRGB for ``mode`` pixels, or why there is none."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    except OSError:
+        return "not a readable ICC profile"
+    space = source.profile.xcolor_space.strip()
+    if space != PROFILE_SPACES[mode]:
+        return f"a {space} profile on {mode} pixels"
+    try:
+        # Perceptual intent, Pillow's and the editors' default: LUT profiles (CMYK) map their gamut
+        # into sRGB's; matrix profiles (Adobe RGB, ProPhoto) have only the colorimetric mapping, clipped.
+        return ImageCms.buildTransform(source, SRGB, mode, "RGB")
+    except ImageCms.PyCMSError as err:  # a profile LittleCMS reads but cannot use (no A2B0 table, ...)
+        return " ".join(str(err).split())

@@ -36,10 +36,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline import plots
-from pipeline.cli import UserError, run_stage
+from pipeline import feature_store, plots
+from pipeline.cli import run_stage
 from pipeline.config import load_config
-from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, PREPARED_DIR, SPLITS, read_labels, read_manifest, write_manifest
+from pipeline.data import FEATURES_DIR, PREPARED_DIR, SPLITS, read_labels, read_manifest, write_manifest
 
 REPORT = Path("reports/label_issues.csv")
 GALLERY = Path("reports/label_issues.png")
@@ -54,16 +54,11 @@ GALLERY_HEADING = "Likely mislabelled: given label → suggested (held-out proba
 
 def original_images() -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
     """Features, class indices and augmented-manifest rows of every split's original images (copy 0)."""
-    manifest = read_manifest(AUGMENTED_DIR / "manifest.csv")
     features, labels, rows = [], [], []
     for split in SPLITS:
-        split_rows = [r for r in manifest if r["split"] == split]
-        split_labels = np.load(FEATURES_DIR / f"{split}_labels.npy")
-        if len(split_rows) != len(split_labels):
-            raise UserError(f"{FEATURES_DIR} does not match {AUGMENTED_DIR} ({len(split_labels)} vs "
-                            f"{len(split_rows)} {split} images): run dvc repro")
+        split_rows, split_labels = feature_store.manifest_rows(split), feature_store.labels(split)
         originals = np.array([r["copy"] == "0" for r in split_rows])
-        features.append(np.load(FEATURES_DIR / f"{split}.npy", mmap_mode="r")[originals])  # reads those rows only
+        features.append(feature_store.features(split)[originals])  # reads those rows only
         labels.append(split_labels[originals])
         rows += [r for r, original in zip(split_rows, originals, strict=True) if original]
     return np.concatenate(features), np.concatenate(labels), rows
@@ -99,9 +94,8 @@ def write_gallery(paths: list[Path], titles: list[str]) -> None:
 
 def main() -> None:
     cfg = load_config()
-    if not (FEATURES_DIR / "meta.json").is_file():
-        raise UserError(f"{FEATURES_DIR} is missing: run the features stage first (dvc repro)")
-    classes = read_labels(FEATURES_DIR / "labels.json")
+    feature_store.read_meta()  # stops in one line when the features stage has not run
+    classes = read_labels(FEATURES_DIR / feature_store.LABELS)
     features, labels, rows = original_images()
     probabilities = held_out_probabilities(features, labels, cfg.label_issues.folds, cfg.seed)
     issues = ranked_issues(labels, probabilities)

@@ -15,13 +15,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from pipeline import feature_store
 from pipeline.backbones import Backbone
 from pipeline.cli import UserError, first_line
 from pipeline.config import FineTuneParams, HeadParams, ModelParams
 
 IMAGENET_BGR_MEANS = np.array([103.939, 116.779, 123.68], dtype="float32")
-# In the features stage's output: the exact backbone weights that made the cached features.
-BACKBONE_WEIGHTS = "backbone.weights.h5"
 
 
 def preprocessing(spec: Backbone) -> keras.layers.Layer:
@@ -84,7 +83,7 @@ def feature_extractor(params: ModelParams) -> keras.Model:
 
 def saved_feature_extractor(params: ModelParams, features_dir: Path) -> keras.Model:
     """The extractor whose backbone made the features in ``features_dir`` (weights ``none`` is random)."""
-    return feature_extractor(params.model_copy(update={"weights": str(features_dir / BACKBONE_WEIGHTS)}))
+    return feature_extractor(params.model_copy(update={"weights": str(features_dir / feature_store.BACKBONE_WEIGHTS)}))
 
 
 def backbone_of(extractor: keras.Model) -> keras.Model:

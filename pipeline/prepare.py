@@ -668,7 +668,8 @@ def warn_about_names(found: Found) -> None:
 def note_unusable_profiles(images: list[Record]) -> None:
     unusable = sorted((i.source, i.profile) for i in images if i.profile.startswith("unusable"))
     if unusable:
-        print(f"note: {len(unusable)} images have a colour profile that cannot be used (the first: {unusable[0][1]}); "
+        print(f"note: {len(unusable)} images have a colour profile that cannot be used (the first: "
+              f"{unusable[0][1].removeprefix('unusable: ')}); "
               f"their pixels are taken as sRGB: {named([source for source, _ in unusable])}", file=sys.stderr)
 
 

@@ -17,7 +17,6 @@ import subprocess
 import unicodedata
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import keras
 import mlflow
@@ -27,7 +26,7 @@ import tensorflow as tf
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-from pipeline.cli import UserError
+from pipeline.cli import UserError, redact_url
 from pipeline.config import flatten
 from pipeline.files import read_json, write_json
 
@@ -73,18 +72,6 @@ def check_reachable() -> None:
             f"MLflow tracking server {redact_url(uri)} does not answer ({type(err).__name__}): start it, "
             "or unset MLFLOW_TRACKING_URI to log to the local store"
         ) from None
-
-
-def redact_url(value: str) -> str:
-    """``https://user:token@host/x?sig=...`` -> ``https://user:***@host/x?sig=***``."""
-    parsed = urlsplit(value)
-    if not parsed.scheme or not parsed.netloc:
-        return value
-    netloc = parsed.netloc
-    if parsed.password:
-        netloc = netloc.replace(f":{parsed.password}@", ":***@")
-    query = "&".join(f"{k}=***" if v else k for k, v in parse_qsl(parsed.query, keep_blank_values=True))
-    return urlunsplit((parsed.scheme, netloc, parsed.path, query, parsed.fragment))
 
 
 def loggable_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -42,12 +42,12 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import checkpoints, devices, models, tracking
+from pipeline import checkpoints, devices, feature_store, models, tracking
 from pipeline.augmentation import online_augmentation
 from pipeline.cli import UserError, error_summary, run_stage
 from pipeline.config import Config, ModelParams, load_config
-from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, MODEL_DIR, read_labels, read_manifest
-from pipeline.files import atomic_dir, atomic_file, read_json
+from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, MODEL_DIR, read_labels
+from pipeline.files import atomic_dir, atomic_file
 
 PLATEAU_FACTOR = 0.2  # lr_schedule plateau: multiply the learning rate by this...
 PLATEAU_PATIENCE = 2  # ...after this many epochs without val_loss progress
@@ -84,15 +84,6 @@ class Examples:
 # ---- data -------------------------------------------------------------------------------------
 
 
-def split_labels(split: str) -> np.ndarray:
-    return np.load(FEATURES_DIR / f"{split}_labels.npy")
-
-
-def open_rows(name: str) -> np.ndarray:
-    """A features-stage array, memory-mapped: the OS keeps in RAM what fits and streams the rest."""
-    return np.load(FEATURES_DIR / name, mmap_mode="r")
-
-
 def row_examples(rows: np.ndarray, labels: np.ndarray, n_classes: int, bfloat16_bits: bool = False) -> Examples:
     """Batches gathered from ``rows`` (features or cached activations) by index, a batch per call:
     never the whole array in memory, no Python loop per example. 16-bit rows become float32;
@@ -110,13 +101,15 @@ def row_examples(rows: np.ndarray, labels: np.ndarray, n_classes: int, bfloat16_
                     labels)
 
 
+def activation_examples(split: str, cut: str, n_classes: int) -> Examples:
+    """The split's activations at ``cut``, cached by the features stage (16-bit rows become float32)."""
+    rows, bfloat16_bits = feature_store.activations(split, cut)
+    return row_examples(rows, feature_store.labels(split), n_classes, bfloat16_bits)
+
+
 def image_examples(split: str, n_classes: int, size: int) -> Examples:
     """The split's images in ``data/augmented`` (offline variants included), in the features' row order."""
-    rows = [r for r in read_manifest(AUGMENTED_DIR / "manifest.csv") if r["split"] == split]
-    labels = split_labels(split)
-    if len(rows) != len(labels):
-        raise UserError(f"{FEATURES_DIR} does not match {AUGMENTED_DIR} ({len(labels)} vs {len(rows)} {split} "
-                        "images): run dvc repro")
+    rows, labels = feature_store.manifest_rows(split), feature_store.labels(split)
     paths = tf.constant([str(AUGMENTED_DIR / r["path"]) for r in rows])
     one_hot = tf.constant(keras.utils.to_categorical(labels, n_classes))
 
@@ -264,7 +257,7 @@ def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, 
 
 
 def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model, list[dict]]:
-    x_train = open_rows("train.npy")
+    x_train = feature_store.features("train")
     extractor = models.saved_feature_extractor(cfg.model, FEATURES_DIR)
     head = models.head(x_train, n_classes, cfg.model.head)
     fine_tune = cfg.train.fine_tune
@@ -273,8 +266,8 @@ def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model
 
     head_phase = Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size * replicas, cfg.train.learning_rate,
                        "train.learning_rate")
-    history = fit_phase(head, head_phase, row_examples(x_train, split_labels("train"), n_classes),
-                        row_examples(open_rows("val.npy"), split_labels("val"), n_classes), cfg)
+    history = fit_phase(head, head_phase, row_examples(x_train, feature_store.labels("train"), n_classes),
+                        row_examples(feature_store.features("val"), feature_store.labels("val"), n_classes), cfg)
     if fine_tune.enabled:
         models.unfreeze_top(base, top_start)
         network, train, val = fine_tune_inputs(cfg, extractor, head, n_classes)
@@ -290,14 +283,9 @@ def fine_tune_inputs(cfg: Config, extractor: keras.Model, head: keras.Model,
     activations when the features stage stored them, else the whole network on the images."""
     cut = cfg.activation_cut
     if cut:
-        meta = read_json(FEATURES_DIR / "meta.json")
-        if meta.get("activation_cut") != cut:
-            raise UserError(f"{FEATURES_DIR} holds no activations at {cut}: run dvc repro (the features stage)")
         print(f"train: fine-tuning on the activations at {cut} cached by the features stage")
-        bfloat16_bits = meta["activation_dtype"] == "bfloat16"
         return (models.on_activations(extractor, head, cut),
-                *(row_examples(open_rows(f"{split}_activations.npy"), split_labels(split), n_classes, bfloat16_bits)
-                  for split in ("train", "val")))
+                *(activation_examples(split, cut, n_classes) for split in ("train", "val")))
     size = cfg.model.input_size
     augmentation = online_augmentation(cfg) if cfg.augment.mode in ("online", "both") else None
     return (models.on_pixels(extractor, head, size, augmentation),
@@ -337,18 +325,13 @@ def describe(history: list[dict]) -> str:
 
 def main() -> None:
     cfg = load_config()
-    if not (FEATURES_DIR / "meta.json").is_file():
-        raise UserError(f"{FEATURES_DIR} is missing: run the features stage first (dvc repro)")
-    blocks = cfg.model.spec.blocks
-    if cfg.train.fine_tune.blocks > len(blocks):
-        raise UserError(f"train.fine_tune.blocks={cfg.train.fine_tune.blocks}, but {cfg.model.backbone} has "
-                        f"{len(blocks)} blocks ({blocks[0]} ... {blocks[-1]})")
+    feature_store.read_meta()  # stops in one line when the features stage has not run
     strategy = devices.distribution_strategy()  # first: MultiWorkerMirroredStrategy must come before other TF ops
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
     policy = models.use_precision(cfg.model.precision)
     print(f"train: {devices.describe(strategy)}, backbone computes in {policy}")
-    labels = read_labels(FEATURES_DIR / "labels.json")
+    labels = read_labels(FEATURES_DIR / feature_store.LABELS)
     key = resume_key(cfg)
     killed = checkpoints.open_run(key)
     # Fails here, before any training, when a configured tracking server does not answer.
@@ -359,7 +342,7 @@ def main() -> None:
             model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync)
         with atomic_dir(MODEL_DIR) as out:
             model.save(out / "model.keras")
-            shutil.copy(FEATURES_DIR / "labels.json", out / "labels.json")
+            shutil.copy(FEATURES_DIR / feature_store.LABELS, out / "labels.json")
             write_history(history, out / "history.csv")
             tracking.record_run(run, out)
         # The model is on disk before anything more goes to MLflow: a logging failure loses no

@@ -171,6 +171,8 @@ def test_online_layers_do_nothing_at_inference():
         ("augment.crop_ratio", [1.3, 0.7], "augment: crop_ratio must be [min, max] with min <= max"),
         ("augment.mode", "sometimes", "augment.mode: Input should be 'offline', 'online' or 'both'"),
         ("augment.hue", 0.6, "augment.hue: Input should be less than or equal to 0.5"),
+        ("model.image_size", 2000, "model: image_size 2000 is above the largest size, 1024 (ImageNet backbones are "
+                                   "trained at 224-300 px; memory grows with the square of the side): lower it"),
     ],
 )
 def test_bad_policy_fails_naming_the_key(tmp_path, key, value, expected):
@@ -261,3 +263,28 @@ def test_stage_renders_only_what_is_new_and_never_reuses_stale_files(project, tm
     assert re.fullmatch(r"error: cannot create the render cache .* set PIPELINE_CACHE_DIR to a writable folder",
                         result.stderr.strip().splitlines()[-1])
     assert len(list((project / "data" / "augmented").rglob("*.jpg"))) == len(online)  # last output kept
+
+
+GALLERY_MEMORY = """
+import re
+from pathlib import Path
+from pipeline.augment import write_gallery
+from pipeline.config import load_config
+from pipeline.data import PREPARED_DIR, read_manifest
+
+def megabytes(key):
+    return int(re.search(key + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
+
+cfg, manifest = load_config(), read_manifest(PREPARED_DIR / "manifest.csv")
+before = megabytes("VmRSS")
+write_gallery(manifest, cfg)
+print(megabytes("VmHWM") - before)
+"""
+
+
+def test_gallery_memory_stays_bounded_at_the_largest_image_size(project):
+    prepare(project)
+    set_params(project, **{"model.image_size": 1024})  # the largest allowed; the online batch alone was 0.5 GB
+    grown = int(run([sys.executable, "-c", GALLERY_MEMORY], project).stdout.split()[-1])
+    assert grown < 700, f"the gallery took {grown} MB more"  # 2,300 MB when drawn at the image size, 220 now
+    assert Image.open(project / "reports" / "augment_gallery.png").size[1] < 600  # 3 classes: 3 small rows

@@ -4,6 +4,7 @@ The stage runs in-process in a throw-away folder (params.yaml + its own download
 generated archives and a real HTTP server on 127.0.0.1. Retries wait 10 ms instead of seconds.
 """
 
+import base64
 import hashlib
 import io
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, set_params
-from fixtures_bad import HTML_PAGE, jpeg_bytes, tar_entry, tar_with, write_pictures, zip_with
+from fixtures_bad import HTML_PAGE, jpeg_bytes, tar_entry, tar_with, write_pictures, zip_claiming, zip_with
 from pipeline import download
 from pipeline.cli import UserError
 
@@ -37,13 +38,18 @@ def download_from(url, **params) -> dict:
 
 
 def refused(url, **params) -> str:
-    """The one-line error for ``url``; checks that nothing was left in data/raw."""
+    """The one-line error for ``url``; checks that data/raw is as it was and no staging folder is left."""
+    existed, before = Path("data/raw").exists(), contents(Path("data/raw"))
     with pytest.raises(UserError) as err:
         download_from(url, **params)
     assert "\n" not in str(err.value)
-    assert not Path("data/raw").exists()
-    assert not list(Path("data").glob(".raw.tmp-*"))  # no staging folder left either
+    assert Path("data/raw").exists() == existed and contents(Path("data/raw")) == before
+    assert not list(Path("data").glob(".raw.tmp-*"))
     return str(err.value)
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def sha256(path: Path) -> str:
@@ -214,6 +220,16 @@ def test_unsafe_zip_members_are_refused(workdir, members, symlinks, expected):
     assert expected in refused(archive)
 
 
+@pytest.mark.parametrize(("claims", "problem"), [
+    ({"flag_bits": 0x1}, "it is encrypted (a password-protected zip)"),
+    ({"method": 9}, "it is compressed with method 9 (deflate64), which Python cannot read"),
+], ids=["encrypted", "deflate64"])
+def test_zip_members_zipfile_cannot_read_are_one_line(workdir, claims, problem):
+    archive = zip_claiming(workdir.parent / "locked.zip", **claims)
+    assert refused(archive) == (f"{archive}: cannot extract member 'b/x.jpg': {problem}; "
+                                "unpack the archive yourself and set data.url to the folder")
+
+
 def test_links_inside_the_archive_become_copies(workdir):
     archive = tar_with(workdir.parent / "links.tgz", [
         (tar_entry("flowers/a/y.jpg", tarfile.SYMTYPE, "x.jpg"), b""),  # before its target: resolved at the end
@@ -285,6 +301,7 @@ class ArchiveServer(ThreadingHTTPServer):
     def __init__(self, payload: bytes):
         super().__init__(("127.0.0.1", 0), ArchiveHandler)
         self.payload, self.cuts, self.ranges, self.page, self.status = payload, [], [], None, 200
+        self.authorization = None  # the Authorization header the server requires, if any
         self.url = f"http://127.0.0.1:{self.server_port}/data/flower_photos.tgz"
 
 
@@ -294,6 +311,8 @@ class ArchiveHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         requested = self.headers.get("Range")
         self.server.ranges.append(requested)
+        if self.server.authorization and self.headers.get("Authorization") != self.server.authorization:
+            return self.send_error(401)
         if self.server.status != 200:
             return self.send_error(self.server.status)
         start = int(requested.removeprefix("bytes=").rstrip("-")) if requested else 0
@@ -359,10 +378,26 @@ def test_a_complete_part_left_by_a_killed_run_is_used(workdir, server):
     assert [p.name for p in cached_files(workdir)] == ["flower_photos.tgz"]
 
 
-def test_wrong_checksum_download_leaves_nothing_behind(workdir, server):
+def test_wrong_checksum_download_is_kept_under_its_own_hash(workdir, server):
+    actual = hashlib.sha256(server.payload).hexdigest()
     message = refused(server.url, **{"data.sha256": "f" * 64})
-    assert "f" * 64 in message and hashlib.sha256(server.payload).hexdigest() in message
-    assert cached_files(workdir) == []
+    assert "f" * 64 in message and actual in message
+    assert [p.relative_to(p.parents[1]) for p in cached_files(workdir)] == [Path(actual, "flower_photos.tgz")]
+    stop(server)
+    download_from(server.url, **{"data.sha256": actual})  # trusting the new hash needs no network
+
+
+def test_a_mistyped_sha256_never_deletes_the_verified_archive(workdir, server, capsys):
+    actual = hashlib.sha256(server.payload).hexdigest()
+    first = download_from(server.url)
+    typo = actual[:-1] + ("0" if actual[-1] != "0" else "1")
+    assert f"got {actual}" in refused(server.url, **{"data.sha256": typo})
+    assert [p.read_bytes() for p in cached_files(workdir)] == [server.payload]
+    assert f"no cached archive from {server.url} has data.sha256={typo} (cached: {actual}); downloading again" in (
+        capsys.readouterr().err)
+    stop(server)  # offline: the verified archive must still be there
+    assert "(ConnectionError)" in refused(server.url, **{"data.sha256": "e" * 64})
+    assert download_from(server.url, **{"data.sha256": actual}) == {**first, "url": server.url}
 
 
 def test_html_error_page_from_the_server_is_not_cached(workdir, server):
@@ -386,10 +421,14 @@ def test_server_errors_are_retried(workdir, server):
     assert len(server.ranges) == download.RETRIES
 
 
-def test_cached_archive_is_used_without_network(workdir, server):
-    first = download_from(server.url)
+def stop(server: ArchiveServer) -> None:
     server.shutdown()
     server.server_close()  # nothing listens any more: any network access would fail
+
+
+def test_cached_archive_is_used_without_network(workdir, server):
+    first = download_from(server.url)
+    stop(server)
     shutil.rmtree("data/raw")
     again = download_from(server.url)
     assert again == first and len(list(Path("data/raw/tulips").iterdir())) == 2
@@ -402,3 +441,47 @@ def test_offline_with_nothing_cached_is_one_line(workdir):
     message = refused(f"http://127.0.0.1:{port}/flower_photos.tgz")
     assert f"could not download data.url http://127.0.0.1:{port}/flower_photos.tgz (ConnectionError)" in message
     assert "offline? set data.url to a local archive or folder" in message
+
+
+# --- Credentials ------------------------------------------------------------------------------
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def with_credentials(url: str, userinfo: str, query: str) -> str:
+    return url.replace("http://", f"http://{userinfo}@") + query
+
+
+def test_credentials_in_the_url_are_masked_in_the_report_and_the_errors(workdir, server):
+    server.authorization = basic("alice", "hunter2")
+    url = with_credentials(server.url, "alice:hunter2", "?sig=abc123,x&v=1")
+    report = download_from(url)
+    assert report["url"] == with_credentials(server.url, "alice:***", "?sig=***&v=***")
+    server.status = 404
+    message = refused(with_credentials(server.url, "alice:hunter2", "?sig=abc123"))
+    assert message.startswith(f"data.url {with_credentials(server.url, 'alice:***', '?sig=***')}: server answered 404")
+    offline = refused(with_credentials(server.url.replace(str(server.server_port), "1"), "ghp_token", ""))
+    assert "could not download data.url http://***@127.0.0.1:1/" in offline
+    written = Path("reports/download.json").read_text() + message + offline
+    assert not any(secret in written for secret in ("hunter2", "abc123", "ghp_token"))
+
+
+def test_credentials_from_netrc(workdir, server, monkeypatch):
+    server.authorization = basic("alice", "hunter2")
+    assert refused(server.url) == (f"data.url {server.url}: server answered 401 Unauthorized; give its credentials "
+                                   "in ~/.netrc or $PIPELINE_DATA_AUTH, not in data.url, or check them")
+    netrc = workdir.parent / "netrc"
+    netrc.write_text("machine 127.0.0.1 login alice password hunter2\n")
+    monkeypatch.setenv("NETRC", str(netrc))  # requests reads $NETRC, else ~/.netrc
+    assert download_from(server.url)["sha256"] == hashlib.sha256(server.payload).hexdigest()
+
+
+def test_credentials_from_the_environment_win_over_netrc(workdir, server, monkeypatch):
+    server.authorization = "Bearer tok-123"
+    netrc = workdir.parent / "netrc"
+    netrc.write_text("machine 127.0.0.1 login alice password wrong\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv(download.AUTH_VARIABLE, "Bearer tok-123")
+    assert download_from(server.url)["url"] == server.url

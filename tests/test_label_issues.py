@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import set_params
-from pipeline import label_issues
+from pipeline import feature_store, label_issues
 from pipeline.cli import UserError
 from pipeline.config import load_config
 from pipeline.data import write_manifest
@@ -86,14 +86,18 @@ def write_stage_inputs(root, per_split: dict[str, int], copies: int, rng) -> dic
                 augmented.append([f"{split}/{name}/{split}{i:03d}_{copy}.jpg", name, split, copy, path])
                 rows.append(features[i] if copy == 0 else features[(i + per_class) % len(labels)])
                 labels_out.append(label)
-        np.save(features_dir / f"{split}.npy", np.stack(rows))
-        np.save(features_dir / f"{split}_labels.npy", np.array(labels_out, dtype="int32"))
+        stored = feature_store.new_features(features_dir, split, len(rows), features.shape[1])
+        stored[:] = np.stack(rows)
+        stored.flush()
+        feature_store.write_labels(features_dir, split, labels_out)
     write_manifest(root / "data" / "prepared" / "manifest.csv",
                    ["path", "label", "split", "sha256", "width", "height", "source"], prepared)
     write_manifest(root / "data" / "augmented" / "manifest.csv", ["path", "label", "split", "copy", "source"],
                    augmented)
-    for name, content in (("labels.json", CLASSES), ("meta.json", {"dim": len(CLASSES)})):
-        (features_dir / name).write_text(json.dumps(content))
+    (features_dir / feature_store.LABELS).write_text(json.dumps(CLASSES))
+    feature_store.write_meta(features_dir, feature_store.Meta(
+        backbone="generated", weights="none", image_size=0, precision="float32", dim=features.shape[1],
+        activation_cut=None, activation_dtype=None, images=len(augmented), seconds=0.0))
     return flipped
 
 
@@ -115,7 +119,7 @@ def test_stage_reports_the_flipped_originals_of_every_split(workdir, capsys):
 
 def test_features_that_do_not_match_the_manifest_stop_with_one_line(workdir):
     write_stage_inputs(workdir, {"train": 6, "val": 3, "test": 3}, copies=1, rng=np.random.default_rng(3))
-    np.save(workdir / "data" / "features" / "val_labels.npy", np.zeros(2, dtype="int32"))
+    feature_store.write_labels(workdir / "data" / "features", "val", [0, 0])
     with pytest.raises(UserError, match=r"^data/features does not match data/augmented \(2 vs 9 val images\)"):
         label_issues.main()
 

@@ -69,6 +69,16 @@ def test_three_split_folders_are_kept_and_copies_across_them_reported(workdir, c
                         "in data/prepared/duplicates.csv)"]
 
 
+def test_one_class_written_in_two_unicode_forms_across_split_folders_is_merged_with_a_warning(workdir, capsys):
+    make_images(RAW / "train", {"caf\u00e9": 6, "tea": 6}, seed=1)  # composed é
+    make_images(RAW / "val", {"cafe\u0301": 2, "tea": 2}, seed=2)  # decomposed, as macOS writes it
+    report = run_prepare()  # not refused as "class 'café' is in val/ but not in train/"
+    assert report["per_class"]["café"]["val"] == 2 and json.loads((PREPARED / "labels.json").read_text()) == [
+        "café", "tea"]
+    assert "merge names that differ only in their Unicode form (NFC/NFD, one name to Unicode and to macOS): 'café' " \
+           "from 'cafe\\u0301' and 'caf\\xe9'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("tree", "message"), [
     ({"train/cats": 4, "birds": 4, "dogs": 4},
      "data/raw mixes split folders (train) with other folders (birds, dogs): put every class folder inside the "
@@ -99,7 +109,8 @@ def test_class_depth_2_labels_by_two_folder_levels(workdir, capsys):
     husky = manifest()["dogs/husky/husky_000.jpg"]
     assert husky["label"] == "dogs/husky" and husky["path"].startswith("images/dogs__husky/")  # one folder
     assert (PREPARED / husky["path"]).is_file()
-    assert ignored() == {"cats/cats_000.jpg": "not inside a class folder (data.class_depth=2)"}
+    assert ignored() == {
+        "cats/cats_000.jpg": "outside the class folders: fewer than data.class_depth=2 folders above it"}
     assert report["images"] == 15
     assert "prepare: class folders, label = top 2 folder levels (a/b): 15 images in 3 classes" in capsys.readouterr().out
     report = run_prepare(**{"data.class_depth": 1})

@@ -20,6 +20,7 @@ from conftest import REPO, set_params
 from pipeline import prepare
 from pipeline.cli import UserError
 from pipeline.data import read_manifest
+from pipeline.images import read_rgb
 
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
@@ -145,8 +146,122 @@ def test_names_hidden_and_ignored_files(workdir):
     why = {row["source"]: row["reason"] for row in read_manifest(PREPARED / "ignored.csv")}
     assert set(why) == {*ignored, "linked"}
     assert (why["LICENSE.txt"], why["tulips/.DS_Store"], why["linked"]) == (
-        "licence or readme", "hidden", "symlinked folder, not followed")
-    assert why["tulips/notes.txt"] == "not an image file name (suffix '.txt')"
+        "licence or readme", "hidden: the name starts with '.'", "symlinked folder: not followed (a link may loop)")
+    assert why["tulips/notes.txt"] == "not an image file name: suffix '.txt'"
+
+
+def test_every_file_left_out_is_listed_by_name_with_its_reason(workdir, capsys):
+    bad.write_pictures(RAW, {"cars": 4, "tulips": 4})
+    used = ["cars/license_plate_01.jpg", "cars/README_first.png", "cars/LICENSE.jpg", "tulips/a.jfif",
+            "tulips/b.JPE", "tulips/c.apng"]  # image suffixes Pillow decodes; names that only look like documents
+    for i, name in enumerate(used):
+        bad.picture(6000 + i).save(RAW / name, format="PNG" if name.endswith(("png", "apng")) else "JPEG")
+    left_out = {
+        "LICENSE": "licence or readme", "cars/LICENSE.md": "licence or readme", "cars/readme.txt": "licence or readme",
+        "COPYING": "licence or readme", "stray.jpg": "outside the class folders: no class folder above it",
+        "notes.txt": "not an image file name: suffix '.txt'",
+        "cars/scan.heic": "not an image file name: suffix '.heic'",
+        "cars/Makefile": "not an image file name: no suffix",
+        ".ipynb_checkpoints/cars/x-checkpoint.jpg": "hidden: in the hidden folder .ipynb_checkpoints/",
+        ".git/objects/ab": "hidden: in the hidden folder .git/",
+        "tulips/.thumbs/y.jpg": "hidden: in the hidden folder tulips/.thumbs/",
+        "tulips/.z.jpg": "hidden: the name starts with '.'",
+    }
+    for i, name in enumerate(left_out):
+        (RAW / name).parent.mkdir(parents=True, exist_ok=True)
+        (RAW / name).write_bytes(bad.jpeg_bytes(7000 + i))
+    os.mkfifo(RAW / "cars" / "pipe.jpg")  # opening it would block for ever
+    (RAW / "tulips" / "gone.jpg").symlink_to(RAW / "nowhere.jpg")
+    (RAW / "cars" / "more").symlink_to((RAW / "tulips").resolve(), target_is_directory=True)
+    left_out |= {"cars/pipe.jpg": "not a regular file: a broken link, FIFO, socket or device",
+                 "tulips/gone.jpg": "not a regular file: a broken link, FIFO, socket or device",
+                 "cars/more": "symlinked folder: not followed (a link may loop)"}
+    report = run_prepare()
+    assert set(used) <= set(manifest())
+    listed = {row["source"]: row["reason"] for row in read_manifest(PREPARED / "ignored.csv")}
+    assert listed == left_out
+    on_disk = {str(p.relative_to(RAW)) for p in RAW.rglob("*") if p.is_symlink() or not p.is_dir()}
+    assert on_disk == set(manifest()) | set(listed)  # every file is used or listed, none vanishes
+    assert report["ignored_by_reason"] == {"hidden": 4, "licence or readme": 4, "not a regular file": 2,
+                                           "not an image file name": 3, "outside the class folders": 1,
+                                           "symlinked folder": 1}
+    assert f"{len(left_out)} files ignored (see data/prepared/ignored.csv)" in capsys.readouterr().out
+
+
+def test_a_class_without_usable_images_says_what_was_left_out(workdir):
+    bad.write_pictures(RAW, {"a": 5, "b": 5})
+    (RAW / "scans").mkdir()
+    for name in ("1.heic", "2.heic"):
+        (RAW / "scans" / name).write_bytes(b"\0\0\0\x18ftypheic")
+    (RAW / "scans" / "3.jpg").write_bytes(b"")
+    assert "'scans' (train 0, val 0, test 0; 3 files not used, the first: scans/1.heic: not an image file name: " \
+           "suffix '.heic')" in refused()
+
+
+def test_folder_names_alike_but_for_their_unicode_form_or_case_warn(workdir, capsys):
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # both shown as café; macOS writes the second
+    bad.write_pictures(RAW, {composed: 3, decomposed: 3, "Tea": 4, "tea": 4})
+    report = run_prepare()
+    assert json.loads((PREPARED / "labels.json").read_text()) == ["Tea", "café", "tea"]
+    assert report["per_class"]["café"] == {"train": 4, "val": 1, "test": 1}  # one class, as on macOS
+    assert {row["label"] for row in manifest().values() if row["source"].startswith(decomposed)} == {composed}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: 1 class(es) merge names that differ only in their Unicode form (NFC/NFD, one name to Unicode and "
+        "to macOS): 'café' from 'cafe\\u0301' and 'caf\\xe9'; rename one if they are different classes",
+        "warning: 1 group(s) of classes differ only in case and stay apart: 'Tea' and 'tea' (a case-insensitive file "
+        "system, macOS or Windows, would merge their folders)"]
+
+
+# --- Pixel values and colour ------------------------------------------------------------------
+
+
+def test_float_pixels_are_scaled_by_their_range_or_quarantined(workdir):
+    bad.write_pictures(RAW, {"a": 4, "b": 4})
+    ramp = np.linspace(0, 1, 48 * 64).reshape(48, 64)
+    bad.float_tiff(RAW / "a" / "unit.tif", ramp)  # 0..1: Pillow alone makes it black
+    bad.float_tiff(RAW / "a" / "bytes.tif", np.full((48, 64), 200.0))  # 0..255
+    bad.float_tiff(RAW / "b" / "hdr.tif", ramp * 1000 - 5)
+    bad.float_tiff(RAW / "b" / "nan.tif", np.where(ramp > 0.5, np.nan, ramp))
+    Image.fromarray(np.full((48, 64), 1 << 20, dtype=np.int32)).save(RAW / "b" / "int32.tif")
+    run_prepare()
+    rows = manifest()
+    unit = normalized(rows["a/unit.tif"])
+    assert np.abs(unit[:, :, 0] - (ramp * 255).round()).max() < 8 and unit.max() > 240
+    assert np.abs(normalized(rows["a/bytes.tif"]) - 200).max() < 3
+    assert quarantine() == {
+        "b/hdr.tif": "pixel values out of range: float pixels from -5 to 995, neither within 0..1 nor 0..255; "
+                     "save the image as 8- or 16-bit",
+        "b/nan.tif": "pixel values out of range: float pixels holding NaN or infinity",
+        "b/int32.tif": "pixel values out of range: 32-bit integer pixels from 1.04858e+06 to 1.04858e+06, neither "
+                       "within 0..65535 (16 bits); save the image as 8- or 16-bit"}
+
+
+def test_colour_profiles_are_converted_to_srgb(workdir, capsys):
+    bad.write_pictures(RAW, {"a": 20, "b": 5})  # the 4 near-flat pictures below are near-duplicates: one split
+    adobe = (150, 60, 60)
+    Image.new("RGB", (64, 48), adobe).save(RAW / "a" / "adobe.jpg", quality=95, icc_profile=bad.adobe_rgb_profile())
+    bad.ink_strips(RAW / "a" / "cmyk.jpg", bad.cmyk_profile())
+    Image.new("RGB", (64, 48), adobe).save(RAW / "a" / "broken.jpg", quality=95, icc_profile=b"not a profile")
+    Image.new("L", (64, 48), 90).save(RAW / "a" / "grey.png", icc_profile=bad.adobe_rgb_profile())  # RGB profile
+    Image.new("L", (64, 48), 90).save(RAW / "b" / "linear.png", icc_profile=bad.linear_grey_profile())
+    report = run_prepare()
+    rows = manifest()
+    expected = bad.adobe_to_srgb(adobe)
+    assert np.abs(expected - adobe).max() > 20  # what ignoring the profile costs
+    assert np.abs(normalized(rows["a/adobe.jpg"])[24, 32] - expected).max() <= 3
+    assert np.abs(read_rgb(RAW / "a" / "adobe.jpg")[24, 32] - expected).max() <= 3  # predict decodes alike
+    strips = normalized(rows["a/cmyk.jpg"])[20, 8::16]
+    inks = [bad.ink_mix(*(int(i == ink) for i in range(4))) for ink in range(-1, 4)]  # paper, then C, M, Y, K
+    assert np.abs(strips - inks).max() <= 6, strips  # Pillow alone: pure cyan (0, 255, 255), ...
+    assert np.abs(normalized(rows["a/broken.jpg"])[24, 32] - adobe).max() <= 3  # kept, taken as sRGB
+    assert np.abs(normalized(rows["a/grey.png"]) - 90).max() <= 1
+    assert np.abs(normalized(rows["b/linear.png"]) - bad.srgb_encode(90 / 255)).max() <= 2  # 160
+    assert report["colour_profiles"] == {"converted": 3, "unusable": 2}
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1
+    assert notes == ["note: 2 images have a colour profile that cannot be used (the first: not a readable ICC "
+                     "profile); their pixels are taken as sRGB: a/broken.jpg, a/grey.png"]
 
 
 # --- Classes, duplicates and conflicts --------------------------------------------------------

@@ -1,6 +1,9 @@
-"""Faults outside the data: storage errors, an unreachable tracking server, secrets in params."""
+"""Faults outside the data: storage errors, killed runs' leftovers, file modes, an unreachable
+tracking server, secrets in params."""
 
 import hashlib
+import json
+import os
 import resource
 import signal
 import subprocess
@@ -10,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_images, run, set_params
-from pipeline import tracking
-from pipeline.cli import UserError
+from pipeline import download, files, tracking
+from pipeline.cli import UserError, redact_url
 from test_pipeline_e2e import free_port
 
 
@@ -38,7 +41,7 @@ def test_write_failure_is_one_line_and_keeps_previous_outputs(project, tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
-    assert "file too large" in lines[0].lower()
+    assert lines[0].startswith("error: file too large for the file system or process limits writing data/.raw.tmp-"), lines
     assert tree_digest(project / "data" / "raw") == before
     assert not [p for p in (project / "data").iterdir() if p.name.startswith(".")]  # no temp leftovers
 
@@ -72,14 +75,22 @@ def test_secrets_are_masked_before_logging():
 
 
 def test_plain_paths_are_logged_as_they_are():
-    assert tracking.redact_url("/data/flower_photos.tgz") == "/data/flower_photos.tgz"
-    assert tracking.redact_url("file:///data/flower_photos.tgz") == "file:///data/flower_photos.tgz"
+    assert redact_url("/data/flower_photos.tgz") == "/data/flower_photos.tgz"
+    assert redact_url("file:///data/flower_photos.tgz") == "file:///data/flower_photos.tgz"
+    assert redact_url("https://example.com:8443/flowers.tgz") == "https://example.com:8443/flowers.tgz"
 
 
-def test_storage_errors_from_any_stage_become_one_line(capsys):
+def test_a_user_name_alone_is_masked_as_it_is_often_a_token():
+    assert redact_url("https://ghp_abc@example.com/x.tgz") == "https://***@example.com/x.tgz"
+    assert redact_url("https://alice:@example.com/x.tgz") == "https://alice:***@example.com/x.tgz"
+
+
+def test_storage_errors_from_any_stage_become_one_line(capsys, monkeypatch):
     import errno
 
     from pipeline.cli import run_stage
+
+    monkeypatch.setattr(sys, "argv", ["stage"])  # as DVC runs it: no arguments
 
     def stage_that_fills_the_disk():
         with open("/dev/full", "w") as fh:  # every write to /dev/full fails with ENOSPC
@@ -91,7 +102,7 @@ def test_storage_errors_from_any_stage_become_one_line(capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "error: no space left on the device: free space or fix permissions and rerun; "
-        "outputs of earlier runs are untouched")
+        "nothing half-written was left")
 
     def stage_with_a_bug():
         raise OSError(errno.ENOENT, "a bug, not a storage problem")
@@ -111,3 +122,49 @@ def test_models_with_arbitrary_code_are_refused(tmp_path):
     keras.Model(inputs, outputs).save(tmp_path / "lambda.keras")
     with pytest.raises(UserError, match=r"contains Python code .* \(Keras safe mode\)"):
         models.load(tmp_path / "lambda.keras")
+
+
+# --- What killed runs leave behind ------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_temporaries_of_dead_processes_are_removed_by_the_next_write(tmp_path):
+    out = tmp_path / "data"
+    host, dead = files.HOST, dead_pid()
+    with subprocess.Popen(["sleep", "60"]) as running:
+        stale_dir = out / f".raw.tmp-{host}-{dead}-0a1b2c3d"
+        live_dir = out / f".raw.tmp-{host}-{running.pid}-0a1b2c3d"  # a run still writing: left alone
+        stale_file = out / f".download.json.tmp-{host}-{dead}-4e5f6a7b"
+        other_host = out / f".raw.tmp-elsewhere-{dead}-0a1b2c3d"  # pids of another host mean nothing here
+        interrupted_swap = out / f".prepared.old-{host}-{dead}-8c9d0e1f"  # killed between the two renames
+        for folder in (stale_dir, live_dir, other_host, interrupted_swap):
+            folder.mkdir(parents=True)
+            (folder / "image.jpg").write_bytes(b"x" * 1000)
+        stale_file.write_text("{")
+        with files.atomic_dir(out / "raw") as staging:
+            (staging / "new.jpg").write_bytes(b"y")
+        running.kill()
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [live_dir.name, other_host.name, "prepared", "raw"])
+    assert (out / "prepared" / "image.jpg").is_file()  # the previous folder is back in place
+
+
+@pytest.mark.parametrize(("umask", "folder_mode", "file_mode"), [(0o002, 0o775, 0o664), (0o027, 0o750, 0o640)])
+def test_outputs_get_the_modes_the_umask_allows(workdir, tmp_path, umask, folder_mode, file_mode):
+    source = make_images(tmp_path / "images", {"a": 1, "b": 1})
+    set_params(workdir, **{"data.url": str(source)})
+    previous = os.umask(umask)
+    try:
+        download.main()
+    finally:
+        os.umask(previous)
+    raw = workdir / "data" / "raw"
+    assert {oct(p.stat().st_mode & 0o777) for p in [raw, raw / "a"]} == {oct(folder_mode)}
+    assert {oct(p.stat().st_mode & 0o777) for p in [raw / "a" / "a_000.jpg", workdir / download.REPORT]} == {
+        oct(file_mode)}
+    assert json.loads((workdir / download.REPORT).read_text())["files"] == 2

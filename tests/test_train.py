@@ -163,7 +163,7 @@ def test_cached_fine_tuning_trains_like_fine_tuning_on_the_images(featured_templ
 
 @pytest.mark.parametrize(("policy", "rtol"), [("mixed_bfloat16", 2**-8), ("mixed_float16", 2**-11)])
 def test_stored_activations_read_back_as_computed(tmp_path, policy, rtol):
-    from pipeline.features import activation_storage, as_stored
+    from pipeline.feature_store import activation_storage, as_stored
     from pipeline.train import in_order, row_examples
 
     storage = activation_storage(policy)
