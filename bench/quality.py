@@ -110,7 +110,10 @@ def run(workdir: Path, epochs: int, fine_tune_blocks: int, fine_tune_epochs: int
         thresholds: list[float]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """Every contender in ``workdir`` (set up by ``new_project``): the table's header and rows."""
     data_seconds = {name: run_stage(name, workdir).seconds for name in ("download", "prepare")}
-    results = [ours(workdir, c, data_seconds, probe_epochs) for c in contenders(epochs, fine_tune_blocks, fine_tune_epochs)]
+    results = []
+    for contender in contenders(epochs, fine_tune_blocks, fine_tune_epochs):
+        results.append(ours(workdir, contender, data_seconds, probe_epochs))
+        print(results[-1], flush=True)  # progress, and what a long run has measured should it be cut short
     results.append(the_recipe(workdir, epochs))
     header = ("contender", "epochs run", "test accuracy", "macro F1", "ECE", "wall time, end to end",
               *[f"time to test accuracy {t:.2f}" for t in thresholds], "where the time went (s)")
@@ -144,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--quality-per-class", type=int, help="data.max_per_class (default: every image)")
     parser.add_argument("--quality-image-size", type=int, default=224)
-    parser.add_argument("--fine-tune-blocks", type=int, default=2)
+    parser.add_argument("--fine-tune-blocks", type=int, default=4)
     parser.add_argument("--fine-tune-epochs", type=int, default=5)
     parser.add_argument("--probe-epochs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 3],
                         help="epoch counts rerun for the time to an accuracy (comma-separated)")

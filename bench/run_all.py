@@ -4,8 +4,8 @@ bench/results.md (machine, settings, figures, and the command reproducing each).
     python bench/run_all.py --archive flower_photos.tgz --per-class 40 --image-size 299 --epochs 10 --more-epochs 20 \
         --weights mobilenet_v2_1.0_224_imagenet_no_top.h5   (what `make bench` runs)
 
-With ``--weights``, the last section is bench/quality.py's, on the whole archive unless
-``--quality-per-class``.
+With ``--weights``, the last sections are bench/quality.py's, on the whole archive unless
+``--quality-per-class``, and bench/head_settings.py's on the features it left.
 """
 
 import argparse
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import data_stages
 import extraction_efficiency
+import head_settings
 import head_vs_tutorial
 import quality
 from common import REPO, add_slice_arguments, machine, new_workdir, section
@@ -68,6 +69,10 @@ def main() -> None:
                                 f"--workdir {workdir}"))
     if args.weights:
         sections.append(quality.measure(args, args.epochs, workdir / "quality"))
+        header, rows = head_settings.run(workdir / "quality", head_settings.SEEDS)
+        sections.append(section("Head settings on those features (seeds: the table's spread)", rows,
+                                f"python bench/head_settings.py --workdir {workdir / 'quality'}  (after quality.py)",
+                                header))
     minutes = (time.perf_counter() - started) / 60
     for text in sections:
         print(text)

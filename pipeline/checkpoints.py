@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.files import atomic_file, read_json, write_json
 
 CHECKPOINT_DIR = Path("data/checkpoints")
-RUN_FILE = "run.json"  # the key and the MLflow run that wrote the checkpoints
+OWNER_FILE = "owner.json"  # the resume key and the MLflow run that wrote the checkpoints
 STATE_FILE = "state.json"
 
 # What a callback remembers across epochs, besides EarlyStopping.best_weights (saved as arrays).
@@ -33,10 +33,11 @@ CALLBACK_STATE: dict[type, tuple[str, ...]] = {
 }
 
 
-def open_run(key: str) -> dict[str, Any] | None:
-    """The record of an earlier, killed run with the same ``key``; else None and an empty folder."""
-    run_file = CHECKPOINT_DIR / RUN_FILE
-    previous = read_json(run_file) if run_file.is_file() else None
+def killed_attempt(key: str) -> dict[str, Any] | None:
+    """The owner record of an earlier, killed attempt with the same ``key`` (its checkpoints are
+    valid to resume from); else None, and the folder is emptied for a fresh start."""
+    owner_file = CHECKPOINT_DIR / OWNER_FILE
+    previous = read_json(owner_file) if owner_file.is_file() else None
     if previous is not None and previous["key"] == key:
         return previous
     shutil.rmtree(CHECKPOINT_DIR, ignore_errors=True)
@@ -45,8 +46,9 @@ def open_run(key: str) -> dict[str, Any] | None:
     return None
 
 
-def record_run(key: str, mlflow_run_id: str) -> None:
-    write_json(CHECKPOINT_DIR / RUN_FILE, {"key": key, "mlflow_run_id": mlflow_run_id})
+def claim(key: str, mlflow_run_id: str) -> None:
+    """Record that the MLflow run ``mlflow_run_id`` now writes the checkpoints valid for ``key``."""
+    write_json(CHECKPOINT_DIR / OWNER_FILE, {"key": key, "mlflow_run_id": mlflow_run_id})
 
 
 def remove() -> None:

@@ -81,7 +81,8 @@ def run_stage(main: Callable[[], None]) -> None:
     its module's docstring (what it reads and writes) without running it, and any other argument is
     refused. Tools with options of their own (``main(argv)``) parse them with argparse.
     """
-    if not inspect.signature(main).parameters and len(sys.argv) > 1:
+    # Only for the command line (``python -m pipeline.<stage>``): a test calling run_stage has argv of its own.
+    if main.__module__ == "__main__" and not inspect.signature(main).parameters and len(sys.argv) > 1:
         if sys.argv[1:] in (["-h"], ["--help"]):
             print(inspect.cleandoc(sys.modules[main.__module__].__doc__ or ""))
             sys.exit(0)

@@ -154,7 +154,7 @@ def fetch(url: str, expected: str | None) -> tuple[Path, str]:
     if cached:
         print(f"download: using cached {cached} (no network access)")
         return cached, cached.parent.name
-    if others := sorted(p.parent.name for p in folder.glob(f"*/{glob.escape(name)}")):
+    if expected and (others := sorted(p.parent.name for p in folder.glob(f"*/{glob.escape(name)}"))):
         print(f"download: no cached archive from {shown} has data.sha256={expected} (cached: {', '.join(others)}); "
               "downloading again", file=sys.stderr)
     folder.mkdir(parents=True, exist_ok=True)

@@ -166,7 +166,7 @@ def take_over(killed: dict | None, key: str, run: mlflow.ActiveRun) -> None:
         with contextlib.suppress(mlflow.exceptions.MlflowException):  # e.g. another tracking store now
             if client.get_run(killed["mlflow_run_id"]).info.status == "RUNNING":
                 client.set_terminated(killed["mlflow_run_id"], "KILLED")
-    checkpoints.record_run(key, run.info.run_id)
+    checkpoints.claim(key, run.info.run_id)
 
 
 # ---- one phase --------------------------------------------------------------------------------
@@ -213,7 +213,8 @@ def compile_for(model: keras.Model, phase: Phase, steps_per_epoch: int, cfg: Con
     )
 
 
-def callbacks_for(phase: Phase, cfg: Config) -> tuple[list[keras.callbacks.Callback], checkpoints.EpochCheckpoint]:
+def stopping_and_schedule(cfg: Config) -> list[keras.callbacks.Callback]:
+    """Early stopping and the plateau schedule as ``train`` sets them (callbacks with state to checkpoint)."""
     stateful = []
     if cfg.train.early_stopping_patience:
         stateful.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.train.early_stopping_patience,
@@ -221,6 +222,11 @@ def callbacks_for(phase: Phase, cfg: Config) -> tuple[list[keras.callbacks.Callb
     if cfg.train.lr_schedule == "plateau":
         stateful.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=PLATEAU_FACTOR,
                                                           patience=PLATEAU_PATIENCE, verbose=1))
+    return stateful
+
+
+def callbacks_for(phase: Phase, cfg: Config) -> tuple[list[keras.callbacks.Callback], checkpoints.EpochCheckpoint]:
+    stateful = stopping_and_schedule(cfg)
     checkpoint = checkpoints.EpochCheckpoint(phase.name, stateful)  # last: saves what the others did this epoch
     return [EpochStats(), StopOnNaN(phase), *stateful, tracking.log_epoch_metrics(phase.metric_prefix), checkpoint], \
         checkpoint
@@ -333,7 +339,7 @@ def main() -> None:
     print(f"train: {devices.describe(strategy)}, backbone computes in {policy}")
     labels = read_labels(FEATURES_DIR / feature_store.LABELS)
     key = resume_key(cfg)
-    killed = checkpoints.open_run(key)
+    killed = checkpoints.killed_attempt(key)
     # Fails here, before any training, when a configured tracking server does not answer.
     with tracking.start_new_run(cfg.experiment_name) as run:
         mlflow.log_params(tracking.loggable_params(cfg.flat()))

@@ -51,6 +51,10 @@ def test_exp_run_with_a_quoted_url_then_a_refused_download_keeps_the_outputs(pro
     run(["git", "commit", "-qm", "baseline"], project)
     with serving(archive, basic("alice", "hunter2")) as server:
         url = f"{server.url}?sig=abc123,def&v=1"  # '=' and ',' need the inner quotes (Hydra's grammar)
+        for unquoted, complaint in ((f"data.url={url}", "mismatched input '=' expecting <EOF>"),
+                                    (f"data.url={server.url}?sig,v", "Sweep overrides can't be used without `--queue`")):
+            failed = run(["dvc", "exp", "run", "download", "-S", unquoted], project, check=False, env=env)
+            assert failed.returncode != 0 and complaint in failed.stderr
         run(["dvc", "exp", "run", "download", "-S", f'data.url="{url}"'], project, env=env)
     assert f"url: {url}\n" in (project / "params.yaml").read_text()
     assert f"?sig=***&v=***" in (project / "reports/download.json").read_text()

@@ -1,0 +1,123 @@
+"""Head settings on real features: what each training default of the head phase is worth.
+
+Trains the head (``models.head``) the way the train stage's head phase does (its loss, optimizer,
+learning-rate schedule, early stopping and class weights: ``train.compile_for``,
+``train.stopping_and_schedule``, ``train.class_weights``) on the features a project's features stage
+cached, once per seed and setting, and scores it on the test split's features: accuracy, ECE
+(``pipeline.metrics``, as the evaluate stage) and log loss, as means over the seeds. Each setting
+changes one or more params from the project's ``params.yaml``. The last column is the ECE after
+temperature scaling fitted on the val split (one scalar dividing the logits, chosen by val log
+loss): what that post-hoc step would add.
+
+    python bench/head_settings.py --workdir /tmp/quality-xyz   (a project whose features stage ran, e.g. bench/quality.py's)
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+from common import section
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import log_loss
+
+from pipeline import models, train
+from pipeline.config import Config, load_config, override_params
+from pipeline.metrics import expected_calibration_error
+
+SEEDS = [42, 1, 2, 3, 4, 5]
+SETTINGS = {  # name: params changed from the project's; the first is the project's own
+    "params.yaml as it is": {},
+    "label_smoothing 0.1": {"train.label_smoothing": 0.1},
+    "learning_rate 0.001": {"train.learning_rate": 0.001},
+    "dropout 0.2": {"model.head.dropout": 0.2},
+    "the three above (the defaults before issue 13)": {"train.label_smoothing": 0.1, "train.learning_rate": 0.001,
+                                                        "model.head.dropout": 0.2},
+    "epochs 30 (early stopping still on)": {"train.epochs": 30},
+}
+
+
+def config_with(workdir: Path, overrides: dict) -> Config:
+    """The project's config with ``overrides`` (dotted keys), validated like a params.yaml."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "params.yaml"
+        shutil.copy(workdir / "params.yaml", path)
+        override_params(path, overrides)
+        return load_config(path)
+
+
+def temperature(val_probabilities: np.ndarray, y_val: np.ndarray) -> float:
+    """The temperature T minimizing the val log loss of softmax(log p / T)."""
+    logits = np.log(np.clip(val_probabilities, 1e-12, 1))
+
+    def val_loss(log_t: float) -> float:
+        return log_loss(y_val, scaled(logits, np.exp(log_t)), labels=range(logits.shape[1]))
+
+    return float(np.exp(minimize_scalar(val_loss, bounds=(-3, 3), method="bounded").x))
+
+
+def scaled(logits: np.ndarray, t: float) -> np.ndarray:
+    z = logits / t
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def one_run(cfg: Config, features: dict, labels: dict, seed: int) -> dict:
+    keras.utils.set_random_seed(seed)
+    n_classes = int(labels["train"].max()) + 1
+    head = models.head(features["train"], n_classes, cfg.model.head)
+    phase = train.Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate,
+                        "train.learning_rate")
+    train.compile_for(head, phase, -(-len(features["train"]) // phase.batch_size), cfg)
+    one_hot = {split: keras.utils.to_categorical(y, n_classes) for split, y in labels.items()}
+    history = head.fit(features["train"], one_hot["train"], validation_data=(features["val"], one_hot["val"]),
+                       epochs=phase.epochs, batch_size=phase.batch_size, verbose=0,
+                       class_weight=train.class_weights(labels["train"], n_classes, cfg.train.class_weight),
+                       callbacks=train.stopping_and_schedule(cfg))
+    test = head.predict(features["test"], verbose=0)
+    t = temperature(head.predict(features["val"], verbose=0), labels["val"])
+    calibrated = scaled(np.log(np.clip(test, 1e-12, 1)), t)
+    return {"accuracy": float(np.mean(test.argmax(axis=1) == labels["test"])),
+            "ece": expected_calibration_error(labels["test"], test),
+            "log_loss": log_loss(labels["test"], test, labels=range(n_classes)),
+            "ece_scaled": expected_calibration_error(labels["test"], calibrated), "t": t,
+            "epochs": len(history.history["loss"])}
+
+
+def run(workdir: Path, seeds: list[int]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """Every setting of SETTINGS over ``seeds``: the table's header and rows."""
+    features_dir = workdir / "data/features"
+    features = {split: np.load(features_dir / f"{split}.npy") for split in ("train", "val", "test")}
+    labels = {split: np.load(features_dir / f"{split}_labels.npy") for split in features}
+    header = ("setting", "test accuracy (mean, min..max)", "ECE", "log loss", "epochs run",
+              "ECE after temperature scaling (T)")
+    rows = []
+    for name, overrides in SETTINGS.items():
+        cfg = config_with(workdir, overrides)
+        runs = [one_run(cfg, features, labels, seed) for seed in seeds]
+        mean = {key: statistics.mean(r[key] for r in runs) for key in runs[0]}
+        accuracies = [r["accuracy"] for r in runs]
+        rows.append((f"{name} {json.dumps(overrides) if overrides else ''}".strip(),
+                     f"{mean['accuracy']:.3f} ({min(accuracies):.3f}..{max(accuracies):.3f})", f"{mean['ece']:.3f}",
+                     f"{mean['log_loss']:.3f}", f"{mean['epochs']:.1f}", f"{mean['ece_scaled']:.3f} ({mean['t']:.2f})"))
+        print(rows[-1], flush=True)
+    return header, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, required=True, help="a project whose features stage ran")
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=SEEDS)
+    args = parser.parse_args()
+    header, rows = run(args.workdir, args.seeds)
+    print(section(f"Head settings on the features of {args.workdir}", rows,
+                  f"python bench/head_settings.py --workdir {args.workdir} --seeds {','.join(map(str, args.seeds))}",
+                  header))
+
+
+if __name__ == "__main__":
+    main()
