@@ -12,7 +12,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 SET ?=
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
-# make serve's model; empty = the latest version registered under pipeline.config's registered_model_name
+# make serve's model; empty = models:/<registered_model_name>@champion (pipeline.config; evaluate moves the alias)
 MODEL ?=
 PATHS ?=
 ARGS ?=
@@ -20,7 +20,7 @@ ARGS ?=
 EXP_GRID ?= -S model.backbone=inception_v3,resnet50 -S train.fine_tune.blocks=0,2
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup setup-gpu run test chromium ui serve predict exp compare push pull lock clean bench
+.PHONY: setup setup-gpu run test lint chromium ui serve predict exp compare push pull lock clean bench
 
 setup: $(STAMP)
 
@@ -46,20 +46,26 @@ else
 endif
 	dvc metrics show
 
-test: setup
+test: setup lint
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || $(MAKE) --no-print-directory chromium
 	pytest
+
+# Static checks (ruff: config in pyproject.toml); `make test` runs them first.
+lint: setup
+	ruff check pipeline tests bench
 
 # The MLflow UI test renders the UI in headless Chromium: Debian's package (needs root).
 chromium:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
+# Prints the link to the experiment's runs in the UI's model-training view, then serves the UI.
 ui: setup
+	@echo "MLflow UI, this project's runs: $$(python -m pipeline.tracking http://127.0.0.1:$(MLFLOW_PORT))"
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_PORT)
 
-# Serves the registered model (latest version): POST base64 JPEG/PNG to /invocations (see README).
+# Serves the registered model's @champion: POST base64 JPEG/PNG to /invocations (see README).
 serve: setup
-	mlflow models serve -m "$(or $(MODEL),models:/$$(python -m pipeline.config registered_model_name)/latest)" --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+	mlflow models serve -m "$(or $(MODEL),models:/$$(python -m pipeline.config registered_model_name)@champion)" --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 predict: setup
 	@test -n "$(PATHS)" || { echo 'usage: make predict PATHS="photo.jpg folder/" [ARGS="--top-k 5 --json"]' >&2; exit 2; }

@@ -39,13 +39,12 @@ from pipeline import augmentation
 from pipeline.augmentation import offline_policy, offline_variant, online_augmentation, resize_only, variant_seed
 from pipeline.cli import UserError, run_stage
 from pipeline.config import Config, load_config
-from pipeline.data import AUGMENTED_DIR, JPEG_QUALITY, PREPARED_DIR, read_manifest, write_manifest
+from pipeline.data import AUGMENTED_DIR, AUGMENTED_MANIFEST, AUGMENT_GALLERY, JPEG_QUALITY, PREPARED_DIR, PREPARED_MANIFEST, read_manifest, write_manifest
 from pipeline.files import atomic_dir, atomic_file, cache_root
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-GALLERY = Path("reports/augment_gallery.png")
 GALLERY_CLASSES = 10
 GALLERY_VARIANTS = 4
 # Pixels a side the gallery draws at most: every backbone's native size (224-300) fits, so at those
@@ -131,7 +130,8 @@ def render(job: Job) -> tuple[list[list], int]:
 def render_all(jobs: list[Job]) -> tuple[list[list], int]:
     # One process per core, so one OpenCV thread per process.
     with ProcessPoolExecutor(initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-        results = list(tqdm(pool.map(render, jobs, chunksize=8), total=len(jobs), desc="augment", unit="image"))
+        results = list(tqdm(pool.map(render, jobs, chunksize=8), total=len(jobs), desc="augment", unit="image",
+                            disable=None))  # progress bars on a terminal only, not in logs
     return [r for rows, _ in results for r in rows], sum(n for _, n in results)
 
 
@@ -181,13 +181,13 @@ def write_gallery(manifest: list[dict[str, str]], cfg: Config) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
-    with atomic_file(GALLERY, "wb") as fh:  # a 256-colour palette: a third of the size, plenty for a preview
+    with atomic_file(AUGMENT_GALLERY, "wb") as fh:  # a 256-colour palette: a third of the size, plenty for a preview
         Image.open(buffer).convert("RGB").quantize(256).save(fh, format="PNG", optimize=True)
 
 
 def main() -> None:
     cfg = load_config()
-    manifest_path = PREPARED_DIR / "manifest.csv"
+    manifest_path = PREPARED_MANIFEST
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} is missing: run the prepare stage first (dvc repro)")
     manifest = read_manifest(manifest_path)
@@ -203,10 +203,10 @@ def main() -> None:
             (out / split / label).mkdir(parents=True, exist_ok=True)
         copies = {"train": cfg.augment.offline_copies}
         rows, rendered = render_all([Job(r, copies.get(r["split"], 0), cfg, out, cache, keys) for r in manifest])
-        write_manifest(out / "manifest.csv", MANIFEST_HEADER, rows)
+        write_manifest(out / AUGMENTED_MANIFEST.name, MANIFEST_HEADER, rows)
     write_gallery(manifest, cfg)
     print(f"augment: {len(rows)} images at {cfg.model.input_size}px in {AUGMENTED_DIR} "
-          f"({rendered} rendered, {len(rows) - rendered} from the cache in {cache}); preview in {GALLERY}")
+          f"({rendered} rendered, {len(rows) - rendered} from the cache in {cache}); preview in {AUGMENT_GALLERY}")
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ batches that depend on the epoch only (see ``pipeline.train.shuffled_epochs``).
 """
 
 import shutil
-from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
+from pipeline.data import CHECKPOINT_DIR
 from pipeline.files import atomic_file, read_json, write_json
 
-CHECKPOINT_DIR = Path("data/checkpoints")
 OWNER_FILE = "owner.json"  # the resume key and the MLflow run that wrote the checkpoints
 STATE_FILE = "state.json"
 

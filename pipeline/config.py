@@ -232,6 +232,7 @@ class MlflowParams(Section):
     experiment_name: str | None = Field(default=None, min_length=1)  # null = the dataset's name
     registered_model_name: str | None = Field(default=None, min_length=1)  # null = <dataset>-classifier
     register_model: bool = True  # false = log the model to the run without registering it
+    system_metrics: bool = True  # CPU, memory, disk, network (NVIDIA GPUs with nvidia-ml-py) as system/* metrics
 
 
 class Config(Section):

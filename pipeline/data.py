@@ -5,12 +5,32 @@ from pathlib import Path
 
 from pipeline.files import atomic_file, read_json
 
-# Where each stage writes; the next stage reads from there (see dvc.yaml).
-RAW_DIR = Path("data/raw")
-PREPARED_DIR = Path("data/prepared")
-AUGMENTED_DIR = Path("data/augmented")
-FEATURES_DIR = Path("data/features")
-MODEL_DIR = Path("data/model")
+# Every location a stage writes, the one home of these paths: stages, benches and tests import them,
+# and tests/test_dvc_deps.py checks that they are exactly the outs and metrics of dvc.yaml.
+RAW_DIR = Path("data/raw")  # download: one folder per class, as in the source
+DOWNLOAD_REPORT = Path("reports/download.json")  # download: source (redacted), sha256, skipped entries
+PREPARED_DIR = Path("data/prepared")  # prepare: normalized images, manifest, labels, quarantine/ignored/duplicates
+DATA_REPORT = Path("reports/data.json")  # prepare: counts (DVC metrics)
+AUGMENTED_DIR = Path("data/augmented")  # augment: resized originals and offline variants, manifest
+AUGMENT_GALLERY = Path("reports/augment_gallery.png")  # augment: preview of the policy
+FEATURES_DIR = Path("data/features")  # features: the feature store (pipeline/feature_store.py)
+LABEL_ISSUES_REPORT = Path("reports/label_issues.csv")  # label_issues: likely mislabelled images, ranked
+LABEL_ISSUES_GALLERY = Path("reports/label_issues.png")  # label_issues: the top suspects
+MODEL_DIR = Path("data/model")  # train: model.keras, labels.json, history.csv, mlflow_run.json
+CHECKPOINT_DIR = Path("data/checkpoints")  # train: per-epoch state of an unfinished run (not a DVC output)
+EVAL_DIR = Path("eval")  # evaluate (git-tracked): metrics.json, predictions.csv, plots/
+METRICS = EVAL_DIR / "metrics.json"
+PREDICTIONS = EVAL_DIR / "predictions.csv"
+PLOTS_DIR = EVAL_DIR / "plots"
+EXPORT_DIR = Path("data/export")  # export: SavedModel, TFLite files, labels.json
+EXPORT_REPORT = EVAL_DIR / "export.json"  # export: parity metrics
+# Files inside those folders that other stages read.
+PREPARED_MANIFEST = PREPARED_DIR / "manifest.csv"
+PREPARED_LABELS = PREPARED_DIR / "labels.json"
+AUGMENTED_MANIFEST = AUGMENTED_DIR / "manifest.csv"
+MODEL_FILE = MODEL_DIR / "model.keras"
+MODEL_LABELS = MODEL_DIR / "labels.json"
+HISTORY = MODEL_DIR / "history.csv"
 # The data.labels table as the download stage copies it: paths relative to RAW_DIR; hidden, so never an image.
 LABELS_TABLE = RAW_DIR / ".labels.csv"
 LABELS_COLUMNS = ("path", "label", "split")  # split is optional
@@ -34,10 +54,10 @@ def write_manifest(path: Path, header: list[str], rows: list[list]) -> None:
 
 def test_images() -> list[dict[str, str]]:
     """The test split's rows of the augmented manifest: copy 0 only, resized, never randomly changed."""
-    return [r for r in read_manifest(AUGMENTED_DIR / "manifest.csv") if r["split"] == "test" and r["copy"] == "0"]
+    return [r for r in read_manifest(AUGMENTED_MANIFEST) if r["split"] == "test" and r["copy"] == "0"]
 
 
-def read_labels(path: Path = PREPARED_DIR / "labels.json") -> list[str]:
+def read_labels(path: Path = PREPARED_LABELS) -> list[str]:
     return read_json(path)
 
 

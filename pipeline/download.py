@@ -57,10 +57,9 @@ from tqdm import tqdm
 
 from pipeline.cli import OUT_OF_SPACE, UserError, redact_url, run_stage
 from pipeline.config import DataParams, load_config
-from pipeline.data import LABELS_COLUMNS, LABELS_TABLE, RAW_DIR, write_manifest
+from pipeline.data import DOWNLOAD_REPORT, LABELS_COLUMNS, LABELS_TABLE, RAW_DIR, write_manifest
 from pipeline.files import atomic_dir, cache_root, readable, write_json
 
-REPORT = Path("reports/download.json")
 RETRIES = 4
 RETRY_WAIT_S = 1.0  # doubles after each failed try
 TIMEOUT_S = (10, 60)  # (connect, read)
@@ -538,7 +537,7 @@ def main() -> None:
         if labels:
             write_labels(labels, staging, top.relative_to(root))
     table_record = {"path": cfg.labels, "sha256": sha256_of(table), "rows": len(labels) - 1} if labels else None
-    write_json(REPORT, {"url": redact_url(cfg.url), "sha256": sha256, "files": len(files), "bytes": size, "skipped": skipped,
+    write_json(DOWNLOAD_REPORT, {"url": redact_url(cfg.url), "sha256": sha256, "files": len(files), "bytes": size, "skipped": skipped,
                         "labels": table_record})
     for item in skipped:
         print(f"download: skipped {item['path']}: {item['reason']}", file=sys.stderr)

@@ -10,9 +10,10 @@ Outputs in ``eval/`` (small, meant for git):
 - ``plots/``: confusion matrices (counts, row-normalized), reliability diagram, training curves,
   the most confident mistakes, and Grad-CAM overlays.
 Everything is also logged to the pipeline run in MLflow (per-class metrics under keys made by
-``tracking.class_keys``, as class names may hold anything a folder name can). With
-``evaluate.min_accuracy`` set, the stage fails (after writing all of the above) when test accuracy
-is below it.
+``tracking.class_keys``, as class names may hold anything a folder name can), the test metrics
+also on the run's logged models. With ``evaluate.min_accuracy`` set, the stage fails (after writing
+all of the above) when test accuracy is below it; otherwise (and always when it is null) the run's
+registered versions become ``@champion``, the alias ``make serve`` serves.
 """
 
 from pathlib import Path
@@ -105,8 +106,9 @@ def main() -> None:
     with atomic_dir(EVAL_DIR / "plots") as out:
         draw_plots(model, rows, y_true, probabilities, labels, report, out)
 
-    with tracking.resume_recorded_run():
-        tracking.log_test_metrics(report)
+    recorded = tracking.recorded_run()
+    with tracking.resume_run(recorded):
+        tracking.log_test_metrics(report, recorded)
         mlflow.log_artifacts(str(EVAL_DIR / "plots"), artifact_path="plots")
         for path in [EVAL_DIR / "metrics.json", EVAL_DIR / "predictions.csv", *EXTRA_ARTIFACTS]:
             if path.is_file():
@@ -116,7 +118,11 @@ def main() -> None:
           f"(macro F1 {report['macro']['f1']:.3f}); plots in {EVAL_DIR / 'plots'}")
     gate = cfg.evaluate.min_accuracy
     if gate is not None and report["accuracy"] < gate:
-        raise UserError(f"test accuracy {report['accuracy']:.4f} is below evaluate.min_accuracy {gate}")
+        raise UserError(f"test accuracy {report['accuracy']:.4f} is below evaluate.min_accuracy {gate}; "
+                        "@champion stays where it was")
+    promoted = tracking.promote(recorded)
+    if promoted:
+        print(f"evaluate: @champion is now {', '.join(promoted)}")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,9 @@ import tensorflow as tf
 from pipeline import models
 from pipeline.cli import UserError, first_line, run_stage
 from pipeline.config import ToleranceParams, load_config
-from pipeline.data import AUGMENTED_DIR, MODEL_DIR, image_batches, test_images
+from pipeline.data import AUGMENTED_DIR, AUGMENTED_MANIFEST, EXPORT_DIR, EXPORT_REPORT, MODEL_FILE, MODEL_LABELS, image_batches, test_images
 from pipeline.files import atomic_dir, write_json
 
-EXPORT_DIR = Path("data/export")
-REPORT = Path("eval/export.json")
 SIGNATURE = "serving_default"
 BATCH_SIZE = 32  # test images per call; any size gives the same figures
 
@@ -120,7 +118,7 @@ def described(name: str, path: Path, seconds: float, figures: dict) -> dict:
 
 def main() -> None:
     cfg = load_config()
-    model_path, manifest_path = MODEL_DIR / "model.keras", AUGMENTED_DIR / "manifest.csv"
+    model_path, manifest_path = MODEL_FILE, AUGMENTED_MANIFEST
     for path in (model_path, manifest_path):
         if not path.is_file():
             raise UserError(f"{path} is missing: run the earlier stages first (dvc repro)")
@@ -141,8 +139,8 @@ def main() -> None:
             name, path = f"tflite_{variant}", out / f"model_{variant}.tflite"
             seconds = timed(lambda: path.write_bytes(convert_to_tflite(saved_model, variant)))
             report[name] = described(name, path, seconds, check(name, tflite_runner(path), variant))
-        shutil.copy(MODEL_DIR / "labels.json", out / "labels.json")
-    write_json(REPORT, report)
+        shutil.copy(MODEL_LABELS, out / MODEL_LABELS.name)
+    write_json(EXPORT_REPORT, report)
     print(f"export: {1 + len(cfg.export.tflite)} formats in {EXPORT_DIR}, within tolerance on {len(paths)} test images")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cli import UserError
-from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, read_manifest
+from pipeline.data import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, read_manifest
 from pipeline.files import read_json, write_json
 
 ACTIVATION_SPLITS = ("train", "val")  # the splits fine-tuning reads; test images go through the exported model
@@ -113,7 +113,7 @@ def activations(split: str, cut: str, folder: Path = FEATURES_DIR) -> tuple[np.n
 
 def manifest_rows(split: str, folder: Path = FEATURES_DIR) -> list[dict[str, str]]:
     """The augmented manifest's rows of ``split``, one per row of the store, checked to match it."""
-    rows = [r for r in read_manifest(AUGMENTED_DIR / "manifest.csv") if r["split"] == split]
+    rows = [r for r in read_manifest(AUGMENTED_MANIFEST) if r["split"] == split]
     count = len(labels(split, folder))
     if len(rows) != count:
         raise UserError(f"{folder} does not match {AUGMENTED_DIR} ({count} vs {len(rows)} {split} images): "

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline import devices, feature_store, models
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
-from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, PREPARED_DIR, SPLITS, image_batches, read_labels, read_manifest
+from pipeline.data import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, PREPARED_LABELS, SPLITS, image_batches, read_labels, read_manifest
 from pipeline.feature_store import ACTIVATION_SPLITS, Meta, activation_storage, as_stored
 
 def replica_rows(count: int, per_replica: int, context: tf.distribute.InputContext) -> np.ndarray:
@@ -74,13 +74,13 @@ def extract(run: Callable, strategy: tf.distribute.Strategy, paths: list[str], p
     starts = range(0, len(paths), per_replica * strategy.num_replicas_in_sync)
     # zip stops at the last start without asking for one more batch: a mirrored iterator takes
     # seconds to find its end. replica_rows gave each replica exactly len(starts) batches.
-    for start, batch in tqdm(zip(starts, batches), total=len(starts), desc=desc, unit="batch"):
+    for start, batch in tqdm(zip(starts, batches), total=len(starts), desc=desc, unit="batch", disable=None):
         yield [values.numpy()[: len(paths) - start] for values in run(batch)]
 
 
 def main() -> None:
     cfg = load_config()
-    manifest_path = AUGMENTED_DIR / "manifest.csv"
+    manifest_path = AUGMENTED_MANIFEST
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} is missing: run the augment stage first (dvc repro)")
     strategy = devices.distribution_strategy()  # before other TF ops: MultiWorkerMirroredStrategy needs that
@@ -119,7 +119,7 @@ def main() -> None:
             feature_store.write_labels(out, split, [class_index[r["label"]] for r in rows])
         seconds = time.perf_counter() - started
         models.backbone_of(extractor).save_weights(out / feature_store.BACKBONE_WEIGHTS)
-        shutil.copy(PREPARED_DIR / "labels.json", out / feature_store.LABELS)
+        shutil.copy(PREPARED_LABELS, out / feature_store.LABELS)
         feature_store.write_meta(out, Meta(
             backbone=cfg.model.backbone, weights=cfg.model.weights, image_size=cfg.model.input_size,
             precision=policy, dim=dim, activation_cut=cut, activation_dtype=storage if cut else None,

@@ -10,6 +10,7 @@ transparent pixels keep whatever colour happens to lie under them.
 import functools
 import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,14 @@ class Unconvertible(ValueError):
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """The image in ``path`` as an (height, width, 3) uint8 array, EXIF orientation applied.
+    """The image in ``path`` as an (height, width, 3) uint8 array, EXIF orientation applied (see ``decode``)."""
+    return np.asarray(decode(path)[0])
 
+
+def decode(path: Path, check: Callable[[Image.Image], None] | None = None) -> tuple[Image.Image, str]:
+    """The upright sRGB image in ``path`` and what became of its colour profile (``to_rgb``).
+
+    ``check`` sees the opened image before its pixels are decoded (size checks cost nothing then).
     Raises what Pillow raises for files it cannot read (``UnidentifiedImageError``, ``OSError`` for
     truncated files, ...), ``DecompressionBombWarning`` for images too large to be sane, and
     ``Unconvertible``.
@@ -39,8 +46,10 @@ def read_rgb(path: Path) -> np.ndarray:
         warnings.simplefilter("ignore")  # Pillow warns about odd but readable files (corrupt EXIF, ...)
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path, formats=FORMATS) as image:
-            rgb, _ = to_rgb(ImageOps.exif_transpose(image))
-            return np.asarray(rgb)
+            if check is not None:
+                check(image)
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_rgb(image: Image.Image) -> tuple[Image.Image, str]:

@@ -39,10 +39,8 @@ from threadpoolctl import threadpool_limits
 from pipeline import feature_store, plots
 from pipeline.cli import run_stage
 from pipeline.config import load_config
-from pipeline.data import FEATURES_DIR, PREPARED_DIR, SPLITS, read_labels, read_manifest, write_manifest
+from pipeline.data import FEATURES_DIR, LABEL_ISSUES_GALLERY, LABEL_ISSUES_REPORT, PREPARED_DIR, PREPARED_MANIFEST, SPLITS, read_labels, read_manifest, write_manifest
 
-REPORT = Path("reports/label_issues.csv")
-GALLERY = Path("reports/label_issues.png")
 COLUMNS = ["source", "split", "given", "suggested", "score"]
 # Logistic regression's C values tried. Confident learning needs probabilities that are not
 # overconfident: the head itself gets that from early stopping on val_loss, this model from the C
@@ -87,9 +85,9 @@ def write_gallery(paths: list[Path], titles: list[str]) -> None:
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     # plots write straight to their path: draw into a temporary folder beside the report, then
     # rename, so a failed run never leaves half a PNG.
-    with tempfile.TemporaryDirectory(prefix=".label_issues-", dir=GALLERY.parent) as tmp:
-        plots.image_grid(images, titles, Path(tmp) / GALLERY.name, heading=GALLERY_HEADING)
-        os.replace(Path(tmp) / GALLERY.name, GALLERY)
+    with tempfile.TemporaryDirectory(prefix=".label_issues-", dir=LABEL_ISSUES_GALLERY.parent) as tmp:
+        plots.image_grid(images, titles, Path(tmp) / LABEL_ISSUES_GALLERY.name, heading=GALLERY_HEADING)
+        os.replace(Path(tmp) / LABEL_ISSUES_GALLERY.name, LABEL_ISSUES_GALLERY)
 
 
 def main() -> None:
@@ -101,15 +99,15 @@ def main() -> None:
     issues = ranked_issues(labels, probabilities)
 
     # The augmented manifest's source is the prepared image; the prepared manifest's, the raw file.
-    raw_file = {r["path"]: r["source"] for r in read_manifest(PREPARED_DIR / "manifest.csv")}
+    raw_file = {r["path"]: r["source"] for r in read_manifest(PREPARED_MANIFEST)}
     suspects = [(raw_file[rows[i]["source"]], rows[i]["split"], classes[labels[i]],
                  classes[probabilities[i].argmax()], probabilities[i, labels[i]]) for i in issues]
-    write_manifest(REPORT, COLUMNS, [[*suspect[:-1], f"{suspect[-1]:.4f}"] for suspect in suspects])
+    write_manifest(LABEL_ISSUES_REPORT, COLUMNS, [[*suspect[:-1], f"{suspect[-1]:.4f}"] for suspect in suspects])
     shown = issues[: cfg.label_issues.gallery]
     write_gallery([PREPARED_DIR / rows[i]["source"] for i in shown],
                   [f"{plots.short(Path(source).name)}\n{plots.short(given)} → {plots.short(suggested)} ({score:.2f})"
                    for source, _, given, suggested, score in suspects[: len(shown)]])
-    print(f"label_issues: {len(issues)} of {len(labels)} images flagged as likely mislabelled ({REPORT})")
+    print(f"label_issues: {len(issues)} of {len(labels)} images flagged as likely mislabelled ({LABEL_ISSUES_REPORT})")
 
 
 if __name__ == "__main__":

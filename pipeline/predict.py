@@ -4,9 +4,9 @@
 
 PATH is an image file or a folder (searched recursively for image files). MODEL is
 ``data/model/model.keras`` by default, another ``.keras`` file, or an MLflow model URI of the
-Keras flavor (``runs:/<run_id>/model``, ``models:/<name>/<version>``): raw uint8 images of any
-size in, class probabilities out. Labels come from ``labels.json`` beside a model file, or from
-the ``labels.json`` artifact of the MLflow run that logged the model, unless ``--labels`` names one.
+Keras flavor (``runs:/<run_id>/model``, ``models:/<name>-keras@champion``, ``models:/<name>-keras/<version>``):
+raw uint8 images of any size in, class probabilities out. Labels come from ``labels.json`` beside
+a model file, or from the MLflow model's metadata, unless ``--labels`` names a file.
 
 Output, one line per image: ``path<TAB>label 0.912<TAB>label 0.050...``; with ``--json``, one JSON
 object per line: ``{"path": ..., "predictions": [{"label": ..., "probability": ...}, ...]}``.
@@ -17,7 +17,6 @@ is then 1. Usage errors (no model, bad labels) exit with 2.
 import argparse
 import json
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,12 +86,10 @@ def load_mlflow_model(uri: str, labels_path: Path | None) -> tuple[keras.Model, 
     model = mlflow.keras.load_model(uri)
     if labels_path:
         return model, read_labels(labels_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=info.run_id, artifact_path="labels.json", dst_path=tmp)
-        except Exception:  # any failure means the same to the user: no labels in that run
-            raise UserError(f"run {info.run_id} has no labels.json artifact: pass --labels FILE") from None
-        return model, read_labels(Path(path))
+    labels = (info.metadata or {}).get("labels")  # where the train stage logs them
+    if labels is None:
+        raise UserError(f"--model {uri} has no class names in its metadata (labels): pass --labels FILE")
+    return model, class_names(labels, f"the labels in the metadata of {uri}")
 
 
 def read_labels(path: Path) -> list[str]:
@@ -100,8 +97,12 @@ def read_labels(path: Path) -> list[str]:
         labels = read_json(path)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read labels from {path} ({error_summary(err)}): pass --labels FILE") from None
+    return class_names(labels, str(path))
+
+
+def class_names(labels, where: str) -> list[str]:
     if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
-        raise UserError(f"{path} must hold a JSON list of class names")
+        raise UserError(f"{where} must hold a JSON list of class names")
     return labels
 
 

@@ -72,8 +72,8 @@ import os
 import shutil
 import sys
 import unicodedata
-import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import accumulate, count
@@ -81,18 +81,17 @@ from pathlib import Path, PurePosixPath
 
 import imagehash
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from scipy.sparse import coo_array
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from pipeline.cli import UserError, run_stage
 from pipeline.config import Config, PrepareParams, SplitParams, load_config
-from pipeline.data import JPEG_QUALITY, LABELS_TABLE, PREPARED_DIR, RAW_DIR, SPLIT_NAMES, SPLITS, write_manifest
+from pipeline.data import DATA_REPORT, JPEG_QUALITY, LABELS_TABLE, PREPARED_DIR, PREPARED_LABELS, PREPARED_MANIFEST, RAW_DIR, SPLITS, SPLIT_NAMES, write_manifest
 from pipeline.files import atomic_dir, readable, write_json
-from pipeline.images import FORMATS, IMAGE_SUFFIXES, Unconvertible, to_rgb
+from pipeline.images import FORMATS, IMAGE_SUFFIXES, Unconvertible, decode
 
-REPORT = Path("reports/data.json")
 MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "width", "height", "source"]
 DOCUMENT_STEMS = {"LICENSE", "LICENCE", "COPYING", "NOTICE", "README"}  # LICENSE, license.txt, README.md...
 IMBALANCE_WARNING = 10  # warn when the largest class has more than this many times the smallest's images
@@ -378,7 +377,7 @@ def normalize(job: tuple[Path, Path, PrepareParams]) -> dict | str:
     """Decode one file and write its normalized JPEG to ``pending``: its facts, or why it is quarantined."""
     path, pending, params = job
     try:
-        image, profile = decode(path, params.min_side)
+        image, profile = decode(path, at_least(params.min_side))
     except Quarantined as why:
         return str(why)
     except Exception as err:  # Pillow raises many types for broken files; each is quarantined
@@ -391,17 +390,14 @@ def normalize(job: tuple[Path, Path, PrepareParams]) -> dict | str:
             "phash": int(str(imagehash.phash(image)), 16), "profile": profile}
 
 
-def decode(path: Path, min_side: int) -> tuple[Image.Image, str]:
-    """The upright sRGB image and what became of its colour profile (pipeline/images.py to_rgb)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow warns about odd but readable files (corrupt EXIF, ...)
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path, formats=FORMATS) as image:
-            if min(image.size) < min_side:
-                raise Quarantined(f"too small: {image.width}x{image.height} pixels, "
-                                  f"below prepare.min_side={min_side}")
-            image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+def at_least(min_side: int) -> Callable[[Image.Image], None]:
+    """A check for images.decode: quarantine images whose shorter side is below ``min_side``."""
+
+    def check(image: Image.Image) -> None:
+        if min(image.size) < min_side:
+            raise Quarantined(f"too small: {image.width}x{image.height} pixels, below prepare.min_side={min_side}")
+
+    return check
 
 
 def reason(err: Exception, path: Path) -> str:
@@ -693,15 +689,15 @@ def main() -> None:
         move_into_place(images, out)
         shutil.rmtree(out / ".pending")  # the normalized copies of duplicates and excluded images
         images.sort(key=lambda i: (i.split, i.label, i.path))
-        write_manifest(out / "manifest.csv", MANIFEST_COLUMNS,
+        write_manifest(out / PREPARED_MANIFEST.name, MANIFEST_COLUMNS,
                        [[getattr(i, column) for column in MANIFEST_COLUMNS] for i in images])
         write_manifest(out / "quarantine.csv", ["source", "reason"], sorted(quarantine))
         write_manifest(out / "ignored.csv", ["source", "reason"], sorted((s, r) for s, r, _ in found.ignored))
         write_manifest(out / "duplicates.csv", ["source", "label", "kind", "same_as"],
                        sorted(exact + near_duplicate_rows(groups)))
-        write_json(out / "labels.json", found.classes)
+        write_json(out / PREPARED_LABELS.name, found.classes)
     summary = report(found, images, per_class, quarantine, exact, groups, cross_split(groups))
-    write_json(REPORT, summary)
+    write_json(DATA_REPORT, summary)
     note_unusable_profiles(images)
     leak = summary["cross_split"]
     if leak["groups"]:

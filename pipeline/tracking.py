@@ -6,28 +6,37 @@ DVC points at the main workspace even for queued experiments that run in a tempo
 ``dvc exp run --queue`` runs land in the same store. ``MLFLOW_TRACKING_URI`` points everything at
 another store, e.g. a team's ``mlflow server``.
 
-One pipeline run is one MLflow run: ``train`` starts it and records its id in
-``data/model/mlflow_run.json`` (a DVC output); ``evaluate`` reopens it to add test metrics and plots.
+One pipeline run is one MLflow run: ``train`` starts it, logs the data as dataset inputs and the
+model, and records the run and the model versions in ``data/model/mlflow_run.json`` (a DVC output);
+``evaluate`` reopens the run to add test metrics (on the models too) and plots, and moves the
+registry alias ``@champion`` when the model passes its gate.
 """
 
 import hashlib
+import logging
 import os
 import re
 import subprocess
+import sys
 import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any
 
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 import requests
 import tensorflow as tf
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.models.model import ModelInfo
+from mlflow.types import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline.cli import UserError, redact_url
-from pipeline.config import flatten
+from pipeline.config import flatten, load_config
+from pipeline.data import PREPARED_MANIFEST, SPLITS
 from pipeline.files import read_json, write_json
 
 SECRET_KEY = re.compile(r"password|passwd|secret|token|api_?key|credential", re.IGNORECASE)
@@ -39,6 +48,15 @@ KEY_CHARACTERS = "A-Za-z0-9_-"  # of those MLflow takes; "." is kept to mark a c
 PLAIN_CLASS_KEY = re.compile(f"[{KEY_CHARACTERS}]{{1,{CLASS_KEY_LENGTH}}}")  # such a name is its own key
 NOT_KEY_CHARACTER = re.compile(f"[^{KEY_CHARACTERS}]")
 CLASS_KEYS_ARTIFACT = "reports/class_keys.json"  # per-class key -> class name, logged with the metrics
+# MLflow's experiment kind, a tag: the experiment is model training ("Machine learning" in the UI),
+# not a GenAI app, whose pages (traces, sessions) MLflow 3 opens by default.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow 3.17's UI still picks its pages by the browser's own "GenAI / Model training" switch (GenAI
+# until changed), not by that tag (mlflow/mlflow#24498): links to the runs page say which to show.
+TRAINING_VIEW = "workflowType=machine_learning"
+# Registry aliases, on both registered models: the newest trained version, and the newest that
+# passed evaluate's gate (every evaluated one when evaluate.min_accuracy is null), the one served.
+CANDIDATE, CHAMPION = "candidate", "champion"
 
 
 def project_root() -> Path:
@@ -83,18 +101,37 @@ def loggable_params(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def start_new_run(experiment_name: str) -> mlflow.ActiveRun:
-    """A new run in ``experiment_name``, named after the DVC experiment when there is one."""
+def start_new_run(experiment_name: str, system_metrics: bool) -> mlflow.ActiveRun:
+    """A new run in ``experiment_name`` (a model-training experiment), named after the DVC experiment
+    when there is one; ``system_metrics``: MLflow samples CPU, memory, disk, network (and NVIDIA GPUs
+    when ``nvidia-ml-py`` is installed) every 10 s into ``system/*`` metrics while the run is open."""
     check_reachable()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:
-        experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location(uri))
+        experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location(uri),
+                                                 tags=EXPERIMENT_KIND)
     else:
         experiment_id = experiment.experiment_id
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in experiment.tags:  # made before this tag was set, or by hand: a kind chosen stays
+                mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
+    quiet_system_metrics()
     return mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
-                            tags=lineage_tags())
+                            tags=lineage_tags(), log_system_metrics=system_metrics)
+
+
+def quiet_system_metrics() -> None:
+    """The system metrics monitor announces its start and stop at INFO; its warnings still show."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+
+def training_runs_url(ui_url: str, experiment_name: str) -> str:
+    """The MLflow UI's page of the experiment's runs, in its model-training view."""
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    page = f"experiments/{experiment.experiment_id}/runs" if experiment else "experiments"
+    return f"{ui_url.rstrip('/')}/#/{page}?{TRAINING_VIEW}"
 
 
 def lineage_tags() -> dict[str, str]:
@@ -105,9 +142,8 @@ def lineage_tags() -> dict[str, str]:
         tags["mlflow.source.git.commit"] = commit
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
-    manifest = Path("data/prepared/manifest.csv")
-    if manifest.is_file():  # files, labels and split of every image: one hash for "the data"
-        tags["data.manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    if PREPARED_MANIFEST.is_file():  # files, labels and split of every image: one hash for "the data"
+        tags["data.manifest_sha256"] = hashlib.sha256(PREPARED_MANIFEST.read_bytes()).hexdigest()
     download = Path("reports/download.json")
     archive_sha256 = read_json(download).get("sha256") if download.is_file() else None
     if archive_sha256:  # null for a local folder source
@@ -118,6 +154,30 @@ def lineage_tags() -> dict[str, str]:
 def _git_head() -> str | None:
     result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
     return result.stdout.strip() or None
+
+
+def log_datasets(dataset_name: str, url: str) -> None:
+    """The prepared manifest as the run's dataset inputs, one per split (context ``train``, ``val``,
+    ``test``): its rows of that split (path, label, sha256, ...), named after the dataset, with
+    ``data.url`` (credentials masked) as source and a digest of the rows. The UI's Dataset column
+    shows them and its Datasets filter picks runs by them."""
+    if not PREPARED_MANIFEST.is_file():
+        return
+    rows = pd.read_csv(PREPARED_MANIFEST, dtype=str, keep_default_na=False)  # labels stay text ("001", "NA")
+    splits = [split for split in SPLITS if (rows["split"] == split).any()]
+    with warnings.catch_warnings():
+        # MLflow 3.17 registers its local-file source twice, then warns that a path fits both.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        datasets = [mlflow.data.from_pandas(rows[rows["split"] == split].reset_index(drop=True), source=redact_url(url),
+                                            name=dataset_name, targets="label") for split in splits]
+    mlflow.log_inputs(datasets=datasets, contexts=splits)
+
+
+def logged_dataset(run_id: str, context: str) -> mlflow.entities.Dataset | None:
+    """The run's dataset input logged with ``context`` (see :func:`log_datasets`), if any."""
+    inputs = mlflow.get_run(run_id).inputs.dataset_inputs
+    return next((i.dataset for i in inputs if any(t.key == MLFLOW_DATASET_CONTEXT and t.value == context
+                                                  for t in i.tags)), None)
 
 
 def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
@@ -143,31 +203,38 @@ def _ascii_key(name: str) -> str:
     return NOT_KEY_CHARACTER.sub("_", letters)[:CLASS_KEY_LENGTH]
 
 
-def log_test_metrics(report: dict) -> None:
-    """The numbers of ``eval/metrics.json`` as metrics of the active run: ``test_`` and their path
+def log_test_metrics(report: dict, recorded: dict) -> None:
+    """The numbers of ``eval/metrics.json`` as metrics of the recorded run and of each of its logged
+    models (the UI's Models tab compares them), on its ``test`` dataset: ``test_`` and their path
     joined by ``_`` (``test_accuracy``, ``test_macro_f1``, ``test_per_class_<key>_recall`` with the
     keys of :func:`class_keys`), and the class names of those keys as ``reports/class_keys.json``."""
     names = list(report["per_class"])
     keys = class_keys(names)
     per_class = dict(zip(keys, report["per_class"].values(), strict=True))
-    mlflow.log_metrics(flatten({**report, "per_class": per_class}, separator="_", prefix="test_"))
+    metrics = flatten({**report, "per_class": per_class}, separator="_", prefix="test_")
+    test_data = logged_dataset(recorded["run_id"], "test")
+    for model in recorded["models"].values():
+        mlflow.log_metrics(metrics, model_id=model["model_id"], dataset=test_data)
     mlflow.log_dict(dict(zip(keys, names, strict=True)), CLASS_KEYS_ARTIFACT)
 
 
-def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) -> None:
-    """Log the trained model twice: as Keras (tensors in) and as a servable image-bytes model.
+def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) -> dict[str, dict]:
+    """Log the trained model as two MLflow models that share one copy of the weights, register each
+    (unless ``registered_name`` is None) with the alias ``@candidate``, and return, per model, its
+    ``model_id``, ``registered_model`` and ``version``.
 
-    - ``model``: the ``mlflow.keras`` flavor, uint8 batches ``(n, h, w, 3)`` -> probabilities,
-      registered as ``<name>-keras``.
-    - ``image_classifier``: a pyfunc taking a column ``image`` of JPEG/PNG bytes (base64 in JSON)
-      and returning the top labels with probabilities, registered as ``<name>``, so
-      ``mlflow models serve -m models:/<name>/<version>`` answers HTTP requests carrying images.
+    - ``model``: the ``mlflow.keras`` flavor, the weights: uint8 batches ``(n, h, w, 3)`` ->
+      probabilities, registered as ``<name>-keras``; the class names are in its metadata (``labels``).
+    - ``image_classifier``: ``pipeline/serving.py`` as a model from code, taking a column ``image``
+      of JPEG/PNG bytes (base64 in JSON) and returning the top labels with probabilities,
+      registered as ``<name>``, so ``mlflow models serve -m models:/<name>@champion`` answers HTTP
+      requests carrying images. It names the Keras model by URI rather than holding a second copy.
     """
-    from pipeline.serving import DEFAULT_TOP_K, ImageClassifier, example_request
+    from pipeline import serving
 
     labels = read_json(model_dir / "labels.json")
     requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "pandas"]
-    mlflow.keras.log_model(
+    weights = mlflow.keras.log_model(
         model,
         name="model",
         signature=ModelSignature(
@@ -176,33 +243,61 @@ def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) 
         ),
         # No input_example here: MLflow 3.17's keras flavor writes it before creating the model
         # folder (FileNotFoundError). The image_classifier model below carries one.
+        metadata={"labels": labels},
         registered_model_name=f"{registered_name}-keras" if registered_name else None,
         pip_requirements=requirements,
     )
-    mlflow.pyfunc.log_model(
+    classifier = mlflow.pyfunc.log_model(
         name="image_classifier",
-        python_model=ImageClassifier(),
-        artifacts={"keras_model": str(model_dir / "model.keras"), "labels": str(model_dir / "labels.json")},
-        code_paths=[str(Path(__file__).parent)],  # the pickled model refers to pipeline.serving
-        signature=ModelSignature(
-            inputs=Schema([ColSpec("binary", "image")]),
-            outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
-                            ColSpec("string", "top_k")]),
-            params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]),
-        ),
-        input_example=example_request(),
+        python_model=serving.__file__,
+        model_config={"keras_model": weights.model_uri, "labels": labels},
+        code_paths=[str(Path(__file__).parent)],  # serving.py imports pipeline.images and pipeline.cli
+        signature=serving.SIGNATURE,
+        input_example=serving.example_request(),
         registered_model_name=registered_name,
         pip_requirements=requirements,
     )
+    return {"model": registered(weights, f"{registered_name}-keras" if registered_name else None),
+            "image_classifier": registered(classifier, registered_name)}
 
 
-def record_run(run: mlflow.ActiveRun, out_dir: Path) -> None:
-    """Write the run's id next to the model, so DVC outputs and the MLflow run find each other."""
+def registered(info: ModelInfo, name: str | None) -> dict:
+    """What mlflow_run.json records of a logged model; its registered version becomes ``@candidate``."""
+    version = info.registered_model_version
+    if name:
+        mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE, str(version))
+    return {"model_id": info.model_id, "registered_model": name, "version": version}
+
+
+def promote(recorded: dict) -> list[str]:
+    """Point ``@champion`` at the recorded run's registered versions; returns their URIs."""
+    client = mlflow.MlflowClient()
+    promoted = []
+    for model in recorded["models"].values():
+        if model["registered_model"]:
+            client.set_registered_model_alias(model["registered_model"], CHAMPION, str(model["version"]))
+            promoted.append(f"models:/{model['registered_model']}/{model['version']}")
+    return promoted
+
+
+def record_run(run: mlflow.ActiveRun, out_dir: Path, models: dict[str, dict], system_metrics: bool) -> None:
+    """Write the run's id and its models next to the model, so DVC outputs and the MLflow run find
+    each other, and evaluate resumes the run as train ran it."""
     write_json(out_dir / RUN_FILE.name, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                         "tracking_uri": redact_url(mlflow.get_tracking_uri())})
+                                         "tracking_uri": redact_url(mlflow.get_tracking_uri()),
+                                         "system_metrics": system_metrics, "models": models})
 
 
-def resume_recorded_run() -> mlflow.ActiveRun:
-    recorded = read_json(RUN_FILE)
+def recorded_run() -> dict:
+    return read_json(RUN_FILE)
+
+
+def resume_run(recorded: dict) -> mlflow.ActiveRun:
     mlflow.set_tracking_uri(tracking_uri())
-    return mlflow.start_run(run_id=recorded["run_id"])
+    quiet_system_metrics()
+    return mlflow.start_run(run_id=recorded["run_id"], log_system_metrics=recorded["system_metrics"])
+
+
+if __name__ == "__main__":  # `python -m pipeline.tracking http://127.0.0.1:5000`: the link make ui prints
+    mlflow.set_tracking_uri(tracking_uri())
+    print(training_runs_url(sys.argv[1], load_config().experiment_name))

@@ -20,8 +20,9 @@ are numbered on from one phase to the next. After every epoch the training state
 
 Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
 float32), ``labels.json``, ``history.csv`` (phase, epoch, seconds, metrics) and ``mlflow_run.json``.
-The MLflow run gets every param, the per-epoch metrics (fine-tuning ones prefixed ``finetune_``,
-at their epoch numbers) and the model.
+The MLflow run gets every param, the prepared data as dataset inputs (one per split), the per-epoch
+metrics (fine-tuning ones prefixed ``finetune_``, at their epoch numbers), system metrics
+(``mlflow.system_metrics``) and the model, registered with the alias ``@candidate``.
 """
 
 import contextlib
@@ -341,8 +342,9 @@ def main() -> None:
     key = resume_key(cfg)
     killed = checkpoints.killed_attempt(key)
     # Fails here, before any training, when a configured tracking server does not answer.
-    with tracking.start_new_run(cfg.experiment_name) as run:
+    with tracking.start_new_run(cfg.experiment_name, cfg.mlflow.system_metrics) as run:
         mlflow.log_params(tracking.loggable_params(cfg.flat()))
+        tracking.log_datasets(cfg.dataset_name, cfg.data.url)
         take_over(killed, key, run)
         with strategy.scope():
             model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync)
@@ -350,15 +352,15 @@ def main() -> None:
             model.save(out / "model.keras")
             shutil.copy(FEATURES_DIR / feature_store.LABELS, out / "labels.json")
             write_history(history, out / "history.csv")
-            tracking.record_run(run, out)
         # The model is on disk before anything more goes to MLflow: a logging failure loses no
         # training (and the checkpoints stay, so a rerun only logs again).
         try:
-            tracking.log_model(model, MODEL_DIR, cfg.registered_model_name)
+            logged = tracking.log_model(model, MODEL_DIR, cfg.registered_model_name)
         except Exception as err:  # MLflow raises many types (HTTP, database, artifact store)
             raise UserError(f"training finished and the model is in {MODEL_DIR}, but logging it to MLflow "
                             f"failed ({error_summary(err)[:200]}); "
                             "rerun dvc repro once the tracking store is back") from None
+        tracking.record_run(run, MODEL_DIR, logged, cfg.mlflow.system_metrics)
     checkpoints.remove()
     print(f"train: {describe(history)}; model in {MODEL_DIR}, MLflow run {run.info.run_id}")
 
