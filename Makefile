@@ -10,6 +10,7 @@ export PATH := $(BIN):$(PATH)
 # Every target talks to the same MLflow store as the pipeline (override for a team server).
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 SET ?=
+export SET  # the run recipe splits it with the shell's quoting rules
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
 # make serve's model; empty = models:/<registered_model_name>@champion (pipeline.config; evaluate moves the alias)
@@ -42,9 +43,11 @@ run: setup
 ifeq ($(strip $(SET)),)
 	dvc repro
 else
-	dvc exp run $(foreach s,$(SET),-S $(s))
+	@# SET is split like a shell line, so a quoted value may hold spaces: SET="data.url='/data/my photos'"
+	@eval "overrides=($$SET)"; args=(); for o in "$${overrides[@]}"; do args+=(-S "$$o"); done; \
+	  echo "dvc exp run $${args[*]}"; dvc exp run "$${args[@]}"
 endif
-	dvc metrics show
+	@python -m pipeline.summary
 
 test: setup lint
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || $(MAKE) --no-print-directory chromium

@@ -31,6 +31,7 @@ AUGMENTED_MANIFEST = AUGMENTED_DIR / "manifest.csv"
 MODEL_FILE = MODEL_DIR / "model.keras"
 MODEL_LABELS = MODEL_DIR / "labels.json"
 HISTORY = MODEL_DIR / "history.csv"
+MLFLOW_RUN_FILE = MODEL_DIR / "mlflow_run.json"  # the MLflow run that made the model (train writes, evaluate reopens)
 # The data.labels table as the download stage copies it: paths relative to RAW_DIR; hidden, so never an image.
 LABELS_TABLE = RAW_DIR / ".labels.csv"
 LABELS_COLUMNS = ("path", "label", "split")  # split is optional

@@ -164,13 +164,15 @@ def log_datasets(dataset_name: str, url: str) -> None:
     if not PREPARED_MANIFEST.is_file():
         return
     rows = pd.read_csv(PREPARED_MANIFEST, dtype=str, keep_default_na=False)  # labels stay text ("001", "NA")
-    splits = [split for split in SPLITS if (rows["split"] == split).any()]
-    with warnings.catch_warnings():
-        # MLflow 3.17 registers its local-file source twice, then warns that a path fits both.
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-        datasets = [mlflow.data.from_pandas(rows[rows["split"] == split].reset_index(drop=True), source=redact_url(url),
-                                            name=dataset_name, targets="label") for split in splits]
-    mlflow.log_inputs(datasets=datasets, contexts=splits)
+    for split in SPLITS:
+        split_rows = rows[rows["split"] == split].reset_index(drop=True)
+        if split_rows.empty:
+            continue
+        with warnings.catch_warnings():
+            # MLflow 3.17 registers its local-file source twice, then warns that a path fits both.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            dataset = mlflow.data.from_pandas(split_rows, source=redact_url(url), name=dataset_name, targets="label")
+        mlflow.log_input(dataset, context=split)
 
 
 def logged_dataset(run_id: str, context: str) -> mlflow.entities.Dataset | None:

@@ -79,15 +79,23 @@ def on_two_cpus(stage: str) -> list[str]:
     return [sys.executable, "-c", script]
 
 
+def make_serve_command(port: int, model_uri: str | None) -> str:
+    """The command ``make serve SERVE_PORT=<port> [MODEL=<model_uri>]`` runs: ``make -n`` prints it
+    (and the setup it would redo) without running anything."""
+    model = [f"MODEL={model_uri}"] if model_uri else []
+    printed = subprocess.run(["make", "-n", "-s", "serve", f"SERVE_PORT={port}", *model], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
+    return next(line for line in printed.splitlines() if line.startswith("mlflow models serve "))
+
+
 @contextlib.contextmanager
-def model_server(project: Path, model_uri: str) -> Iterator[str]:
-    """``mlflow models serve`` of ``model_uri`` from the project's store, as ``make serve`` runs it;
-    yields the server's base URL once it answers."""
+def model_server(project: Path, model_uri: str | None = None) -> Iterator[str]:
+    """What ``make serve`` runs in ``project`` (``model_uri``, or by default the registered
+    model's ``@champion``), on the project's store; yields the server's base URL once it answers."""
     port = free_port()
     env = {**project_env(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     server = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
+        ["bash", "-c", f"exec {make_serve_command(port, model_uri)}"],
         cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -23,7 +23,9 @@ CLASSES = {"red": 12, "green": 12, "blue": 12}
 def trained(tmp_path_factory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("e2e")
     project = new_project(tmp / "project", make_images(tmp / "images", CLASSES))
-    return project, run(["dvc", "repro"], project).stdout
+    # System metrics every second (MLflow's own setting; 10 s by default, longer than these stages).
+    env = {**project_env(project), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    return project, run(["dvc", "repro"], project, env=env).stdout
 
 
 @pytest.fixture
@@ -77,8 +79,54 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(trained, client):
     reports = {a.path for a in client.list_artifacts(logged.info.run_id, "reports")}
     assert {"reports/metrics.json", "reports/data.json", "reports/labels.json", "reports/augment_gallery.png",
             "reports/quarantine.csv", "reports/label_issues.csv", "reports/label_issues.png"} <= reports
-    versions = client.search_model_versions("name='images-classifier'")
-    assert [v.run_id for v in versions] == [logged.info.run_id]
+    assert any(key.startswith("system/cpu_utilization") for key in logged.data.metrics)
+    assert "system/system_memory_usage_megabytes" in logged.data.metrics
+    # A model-training experiment: the UI opens it on its runs, not on GenAI traces.
+    assert client.get_experiment(logged.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_mlflow_run_has_the_prepared_data_as_one_dataset_input_per_split(trained, client):
+    project, _ = trained
+    logged = mlflow.search_runs(experiment_names=["images"], output_format="list")[0]
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+              for i in logged.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val", "test"}
+    manifest = pd.read_csv(project / "data" / "prepared" / "manifest.csv")
+    for split, dataset in inputs.items():
+        assert dataset.name == "images"  # the dataset's name, from data.url
+        assert json.loads(dataset.source) == {"uri": str(project.parent / "images")}
+        assert json.loads(dataset.profile)["num_rows"] == (manifest["split"] == split).sum()
+    assert len({d.digest for d in inputs.values()}) == 3
+
+
+def test_registry_has_one_name_per_model_kind_with_candidate_and_champion(trained, client):
+    project, _ = trained
+    recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
+    for name, kind in [("images-classifier", "image_classifier"), ("images-classifier-keras", "model")]:
+        versions = client.search_model_versions(f"name='{name}'")
+        assert [v.run_id for v in versions] == [recorded["run_id"]]
+        # No evaluate.min_accuracy: the evaluated version is the champion.
+        assert client.get_registered_model(name).aliases == {"candidate": 1, "champion": 1}
+        assert {k: v for k, v in recorded["models"][kind].items() if k != "model_id"} == {
+            "registered_model": name, "version": 1}
+        assert mlflow.get_logged_model(recorded["models"][kind]["model_id"]).name == kind
+    # The test metrics are on each logged model too (the UI's Models tab), on the test dataset.
+    metrics = json.loads((project / "eval" / "metrics.json").read_text())
+    for model in recorded["models"].values():
+        on_model = {m.key: m for m in mlflow.get_logged_model(model["model_id"]).metrics}
+        assert on_model["test_accuracy"].value == metrics["accuracy"]
+        assert on_model["test_accuracy"].dataset_name == "images"
+    # One copy of the weights per run: the served model names the Keras model instead of holding its own.
+    sizes = {kind: sum(f.stat().st_size for f in logged_model_dir(model["model_id"]).rglob("*") if f.is_file())
+             for kind, model in recorded["models"].items()}
+    assert sizes["image_classifier"] < sizes["model"] / 100
+    config = mlflow.models.get_model_info("models:/images-classifier@champion").flavors["python_function"]["config"]
+    assert config == {"keras_model": f"models:/{recorded['models']['model']['model_id']}",
+                      "labels": ["blue", "green", "red"]}
+
+
+def logged_model_dir(model_id: str) -> Path:
+    return Path(mlflow.get_logged_model(model_id).artifact_location.removeprefix("file://"))
 
 
 def test_registered_model_classifies_image_bytes_in_a_fresh_process(trained):
@@ -87,14 +135,15 @@ def test_registered_model_classifies_image_bytes_in_a_fresh_process(trained):
     code = (
         "import mlflow, pandas as pd, pathlib, json;"
         f"mlflow.set_tracking_uri('sqlite:///{project / 'mlflow.db'}');"
-        "m = mlflow.pyfunc.load_model('models:/images-classifier/1');"
+        "m = mlflow.pyfunc.load_model('models:/images-classifier@champion');"
         f"files = sorted(pathlib.Path('{image}').glob('*.jpg'))[:3];"
         "out = m.predict(pd.DataFrame({'image': [f.read_bytes() for f in files]}), params={'top_k': 2});"
-        "print(json.dumps({'labels': out['label'].tolist(), 'k': [len(json.loads(t)) for t in out['top_k']]}))"
+        "print(json.dumps({'labels': out['label'].tolist(), 'top_k': out['top_k'].tolist()}))"
     )
     answer = json.loads(in_fresh_process(code, project.parent))
     assert set(answer["labels"]) <= set(CLASSES) and len(answer["labels"]) == 3
-    assert answer["k"] == [2, 2, 2]
+    assert [len(ranked) for ranked in answer["top_k"]] == [2, 2, 2]
+    assert [ranked[0]["label"] for ranked in answer["top_k"]] == answer["labels"]
 
 
 def test_keras_flavor_takes_raw_uint8_batches_of_any_size(trained):
@@ -110,19 +159,21 @@ def test_keras_flavor_takes_raw_uint8_batches_of_any_size(trained):
     assert in_fresh_process(code, project.parent) == "(4, 3) True"
 
 
-def test_model_server_answers_a_jpeg_request(trained):
+def test_make_serve_serves_the_champion_with_top_k_as_a_list(trained):
     project, _ = trained
     image = jpeg_bytes(project)
-    with model_server(project, "models:/images-classifier/1") as url:
+    with model_server(project) as url:  # make serve's default model: models:/images-classifier@champion
         response = requests.post(f"{url}/invocations", json=image_request([image]), timeout=60)
     assert response.status_code == 200, response.text
     served = response.json()["predictions"][0]
-    # The server's answer is the model's answer for that image.
+    # The server's answer is the champion's answer for that image.
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     local = mlflow.pyfunc.load_model("models:/images-classifier/1")
     expected = local.predict(pd.DataFrame({"image": [image]})).iloc[0]
     assert served["label"] == expected["label"]
     assert served["probability"] == pytest.approx(expected["probability"], abs=1e-5)
+    assert [p["label"] for p in served["top_k"]] == [p["label"] for p in expected["top_k"]]
+    assert served["top_k"][0] == {"label": served["label"], "probability": served["probability"]}
 
 
 def test_dvc_plots_render_to_html(trained, tmp_path):
@@ -135,8 +186,12 @@ def test_dvc_plots_render_to_html(trained, tmp_path):
     assert any("label_issues" in p.name for p in images)
 
 
-def test_accuracy_gate_fails_the_stage_with_one_line(trained, tmp_path):
+def test_accuracy_gate_fails_the_stage_and_moves_champion_only_when_passed(trained, tmp_path):
     project = Path(shutil.copytree(trained[0], tmp_path / "copy", symlinks=True))
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")  # the copy's own store
+    client = mlflow.MlflowClient()
+    for name in ("images-classifier", "images-classifier-keras"):
+        client.delete_registered_model_alias(name, "champion")
     # A model that always answers the first class: exactly 2 of 6 test images right.
     from pipeline import models
 
@@ -149,8 +204,15 @@ def test_accuracy_gate_fails_the_stage_with_one_line(trained, tmp_path):
     result = run([sys.executable, "-m", "pipeline.evaluate"], project, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: test accuracy 0.3333 is below evaluate.min_accuracy 0.5")
+        "error: test accuracy 0.3333 is below evaluate.min_accuracy 0.5; @champion stays where it was")
     assert json.loads((project / "eval" / "metrics.json").read_text())["accuracy"] == 0.3333
+    assert client.get_registered_model("images-classifier").aliases == {"candidate": 1}
+
+    set_params(project, **{"evaluate.min_accuracy": 0.3})
+    passed = run([sys.executable, "-m", "pipeline.evaluate"], project)
+    assert "evaluate: @champion is now models:/images-classifier-keras/1, models:/images-classifier/1" in passed.stdout
+    assert client.get_model_version_by_alias("images-classifier", "champion").version == "1"
+    assert client.get_model_version_by_alias("images-classifier-keras", "champion").version == "1"
 
 
 def test_unreachable_tracking_server_stops_training_before_it_starts(trained):
@@ -189,6 +251,8 @@ def test_only_what_changed_reruns(trained, client):
     set_params(project, **{"train.epochs": 2})
     assert stages_run(run(["dvc", "repro"], project).stdout) == ["train", "evaluate", "export"]
     assert len(mlflow.search_runs(experiment_names=["images"], output_format="list")) == 2
+    # The new run's versions: the candidate, and (no gate) the champion that make serve serves.
+    assert client.get_registered_model("images-classifier").aliases == {"candidate": 2, "champion": 2}
 
 
 def test_editing_a_module_marks_the_stages_that_run_it_as_changed(trained):
@@ -203,3 +267,13 @@ def test_editing_a_module_marks_the_stages_that_run_it_as_changed(trained):
     assert "pipeline/images.py" in json.dumps(changed["prepare"])
     assert "download" not in changed  # it never imports images.py
     assert "prepare" not in json.loads(run(["dvc", "status", "--json"], project).stdout)
+
+
+def test_summary_says_what_the_run_scored_and_where_to_look(trained):
+    project, _ = trained
+    metrics = json.loads((project / "eval" / "metrics.json").read_text())
+    shown = run([sys.executable, "-m", "pipeline.summary"], project).stdout.splitlines()
+    assert shown[0].startswith(f"test accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro']['f1']:.3f}")
+    recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
+    assert any(recorded["run_id"] in line and "experiment 'images'" in line for line in shown)
+    assert len(shown) <= 6 and all(len(line) < 200 for line in shown)

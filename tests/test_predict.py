@@ -3,7 +3,6 @@
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -13,10 +12,9 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from conftest import REPO, make_images, project_env, run
-from pipeline import models, predict
+from pipeline import models, predict, tracking
 from pipeline.cli import UserError
 from pipeline.images import read_rgb
-from pipeline.serving import ImageClassifier
 
 LABELS = ["red", "green", "blue"]
 
@@ -43,6 +41,19 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(model_dir):
     return models.load(model_dir / "model.keras")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, model_dir, model) -> tuple[str, str]:
+    """(tracking URI, run id) of a store of its own holding the model logged as the train stage logs
+    it (tracking.log_model): registered as ``tiny`` (image_classifier) and ``tiny-keras``."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("predict-test", artifact_location=(root / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as logged:
+        tracking.log_model(model, model_dir, "tiny")
+    return uri, logged.info.run_id
 
 
 def expected_top(model, path: Path, k: int = 3) -> list[tuple[str, float]]:
@@ -99,57 +110,42 @@ def test_top_k_below_1_is_a_usage_error(tmp_path, model_dir, capsys):
     assert capsys.readouterr().err.splitlines()[-1].endswith("argument --top-k: must be a whole number >= 1 (got '0')")
 
 
-def test_served_model_caps_top_k_at_the_classes_and_refuses_below_1(tmp_path, model_dir, model):
-    """The image_classifier pyfunc as the train stage logs it (its artifacts: model.keras, labels.json)."""
-    classifier = ImageClassifier()
-    classifier.load_context(SimpleNamespace(artifacts={"keras_model": str(model_dir / "model.keras"),
-                                                       "labels": str(model_dir / "labels.json")}))
+def test_served_model_caps_top_k_at_the_classes_and_refuses_below_1(tmp_path, store, model):
+    """The image_classifier model as the train stage logs it, loaded from the registry."""
+    mlflow.set_tracking_uri(store[0])
+    classifier = mlflow.pyfunc.load_model("models:/tiny@candidate")
     image = next(make_images(tmp_path, {"red": 1}).rglob("*.jpg"))
     request = pd.DataFrame({"image": [image.read_bytes()]})
-    answer = classifier.predict(None, request, params={"top_k": 7}).iloc[0]
+    answer = classifier.predict(request, params={"top_k": 7}).iloc[0]
     expected = expected_top(model, image)
-    assert [p["label"] for p in json.loads(answer["top_k"])] == [label for label, _ in expected]  # 3 classes, not 7
+    assert [p["label"] for p in answer["top_k"]] == [label for label, _ in expected]  # 3 classes, not 7
+    assert [p["probability"] for p in answer["top_k"]] == pytest.approx([p for _, p in expected], abs=1e-5)
     assert answer["label"] == expected[0][0]
     for top_k in (0, -2):
-        with pytest.raises(MlflowException, match=rf"^params.top_k must be 1 or more \(got {top_k}\)$") as refused:
-            classifier.predict(None, request, params={"top_k": top_k})
+        with pytest.raises(MlflowException, match=rf"params.top_k must be 1 or more \(got {top_k}\)$") as refused:
+            classifier.predict(request, params={"top_k": top_k})
         assert refused.value.get_http_status_code() == 400
 
 
-class Echo(mlflow.pyfunc.PythonModel):
-    """A model of another flavor, like the image_classifier the train stage registers."""
-
-    def predict(self, context, model_input):
-        return model_input
-
-
-def test_model_from_mlflow_runs_and_models_uris(tmp_path, model, monkeypatch, capsys):
-    """Logged like the train stage does: the Keras flavor as ``model``, labels.json as a run artifact."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_model_from_mlflow_runs_and_models_uris(tmp_path, store, model, monkeypatch, capsys):
+    """The Keras flavor by run, version and alias; its class names come from its metadata."""
+    uri, run_id = store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.create_experiment("predict-test", artifact_location=(tmp_path / "artifacts").as_uri())
-    labels = tmp_path / "labels.json"
-    labels.write_text(json.dumps(LABELS))
-    with mlflow.start_run(experiment_id=experiment) as logged:
-        mlflow.keras.log_model(model, name="model", registered_model_name="tiny")
-        mlflow.log_artifact(str(labels))
-        mlflow.pyfunc.log_model(name="bytes_model", python_model=Echo(), pip_requirements=[],
-                                registered_model_name="not-keras")
     image = next(make_images(tmp_path / "photos", {"red": 1}).rglob("*.jpg"))
     expected = expected_top(model, image)
 
-    predict.main([str(image), "--model", f"runs:/{logged.info.run_id}/model"])
+    predict.main([str(image), "--model", f"runs:/{run_id}/model"])
     path, ranked = parse_line(capsys.readouterr().out.strip())
     assert path == str(image) and [label for label, _ in ranked] == [label for label, _ in expected]
-    predict.main([str(image), "--model", "models:/tiny/1", "--top-k", "1"])
-    assert capsys.readouterr().out == f"{image}\t{expected[0][0]} {expected[0][1]:.3f}\n"
+    for registered in ("models:/tiny-keras/1", "models:/tiny-keras@candidate"):
+        predict.main([str(image), "--model", registered, "--top-k", "1"])
+        assert capsys.readouterr().out == f"{image}\t{expected[0][0]} {expected[0][1]:.3f}\n"
 
     with pytest.raises(UserError, match=r"^--model runs:/0123456789abcdef/model: "):
         predict.main([str(image), "--model", "runs:/0123456789abcdef/model"])
-    with pytest.raises(UserError, match=rf"^--model models:/not-keras/1 is not a Keras model \(flavors: "
-                                        rf"python_function\); use the run's Keras model, runs:/{logged.info.run_id}/model$"):
-        predict.main([str(image), "--model", "models:/not-keras/1"])
+    with pytest.raises(UserError, match=rf"^--model models:/tiny/1 is not a Keras model \(flavors: "
+                                        rf"python_function\); use the run's Keras model, runs:/{run_id}/model$"):
+        predict.main([str(image), "--model", "models:/tiny/1"])
 
 
 def test_usage_errors_are_one_line(tmp_path, model_dir):

@@ -2,6 +2,8 @@
 metric keys, then the metrics, the MLflow run, the predict CLI and a model server."""
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -72,15 +74,37 @@ def test_predict_caps_top_k_at_the_two_classes(two_classes, capsys):
     assert "note: --top-k 5 is more than the model's 2 classes" in captured.err
 
 
-def test_served_model_answers_with_one_of_the_two_labels_and_refuses_top_k_0(two_classes):
+def test_served_champion_answers_with_the_two_labels_and_refuses_bad_requests_with_one_line(two_classes):
     project, _, images = two_classes
     image = a_jpeg(images).read_bytes()
-    with model_server(project, f"models:/{MODEL_NAME}/1") as url:
-        answer = requests.post(f"{url}/invocations", json=image_request([image], top_k=5), timeout=60)
-        refused = requests.post(f"{url}/invocations", json=image_request([image], top_k=0), timeout=60)
+    with model_server(project) as url:  # make serve's default: models:/two-classes@champion
+        def ask(*images: bytes, **params) -> requests.Response:
+            return requests.post(f"{url}/invocations", json=image_request(list(images), **params), timeout=60)
+
+        answer = ask(image, top_k=5)
+        refused = {"top_k=0": ask(image, top_k=0), "top_k=-2": ask(image, top_k=-2),
+                   "text": ask(image, b"not an image"), "81 Mpx": ask(huge_png_header(9000, 9000)),
+                   "cut off": ask(image[: len(image) // 2])}
     assert answer.status_code == 200, answer.text
     served = answer.json()["predictions"][0]
     assert served["label"] in CLASSES
-    assert sorted(p["label"] for p in json.loads(served["top_k"])) == sorted(CLASSES)  # 5 asked, 2 exist
-    assert refused.status_code == 400
-    assert "params.top_k must be 1 or more (got 0)" in refused.json()["message"]
+    assert sorted(p["label"] for p in served["top_k"]) == sorted(CLASSES)  # 5 asked, 2 exist
+    for response in refused.values():
+        assert response.status_code == 400, response.text
+        assert "stack_trace" not in response.json() and "Traceback" not in response.text
+    message = {case: response.json()["message"].splitlines()[-1] for case, response in refused.items()}
+    assert message["top_k=0"].endswith("params.top_k must be 1 or more (got 0)")
+    assert message["top_k=-2"].endswith("params.top_k must be 1 or more (got -2)")
+    assert message["text"].endswith("image 1 is not in a format this model reads (JPEG, PNG, GIF, BMP, WEBP, "
+                                    "TIFF): send the image file's bytes, base64-encoded in JSON")
+    assert message["81 Mpx"].endswith("image 0 is 9000x9000 pixels (81.0 megapixels); this server decodes "
+                                      "at most 50 megapixels per image: send it smaller")
+    assert message["cut off"].startswith("Error: image 0 cannot be decoded (OSError: ")
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """The start of a PNG claiming ``width`` x ``height`` pixels: Pillow reads its size from these
+    bytes alone, as the server does before it decodes anything."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    chunk = b"IHDR" + header
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
