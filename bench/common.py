@@ -17,10 +17,11 @@ from pathlib import Path
 
 import psutil
 
+# The benchmarks run as scripts: bench/ and the repository (for pipeline) go on the path first.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from augment_throughput import write_params
+from augment_throughput import write_params  # noqa: E402
 
-from pipeline.config import override_params
+from pipeline.config import override_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 0.05

@@ -23,7 +23,6 @@ from common import REPO, add_slice_arguments, machine, new_workdir, section
 
 from pipeline.config import override_params
 
-
 NOTES = ("Reading the figures: our feature extraction runs the backbone once per (image, augmented copy), "
          "the recipe once per image per epoch, so the whole-pipeline speed-up is bounded by the ratio of "
          "backbone forward passes (a row below) times what bfloat16 buys on this CPU, less our fixed per-stage "

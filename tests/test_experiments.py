@@ -1,5 +1,5 @@
 """A grid of DVC experiments logged to a real `mlflow server` on 127.0.0.1, compared with
-`pipeline.compare`, and listed by the MLflow UI in headless Chromium."""
+`pipeline.compare`, and listed by the MLflow UI in headless Chromium on the page `make ui` links to."""
 
 import json
 import re
@@ -33,7 +33,8 @@ def wait_until_up(url: str, process: subprocess.Popen, seconds: int = 180) -> No
 
 
 def rendered_text(url: str, profile: Path) -> str:
-    """The page's text after its JavaScript ran (the MLflow UI is a single-page app)."""
+    """The page's text after its JavaScript ran (the MLflow UI is a single-page app), in a fresh
+    browser profile: what a first visit shows."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is needed for this test (.ci/run installs it)"
     dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=30000",
@@ -74,10 +75,21 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
         for name in experiments:
             assert name in compared
 
-        experiment_id = mlflow.get_experiment_by_name("images").experiment_id
-        page = rendered_text(f"{uri}/#/experiments/{experiment_id}/runs", tmp_path / "chromium")
+        experiment = mlflow.get_experiment_by_name("images")
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        # The link `make ui` prints opens the runs table, in the UI's model-training view.
+        link = run([sys.executable, "-m", "pipeline.tracking", uri], project, env=env).stdout.strip().splitlines()[-1]
+        assert link == f"{uri}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+        page = " ".join(rendered_text(link, tmp_path / "chromium").split())
+        assert page.startswith(f"Runs - Experiment {experiment.experiment_id} - MLflow"), page[:300]
+        assert "Run Name Created Dataset" in page  # the runs table's header
+        assert "Model registry" in page and "Observability" not in page  # the model-training sidebar
         for name in experiments:
             assert name in page, f"run {name} not listed by the MLflow UI"
+        # The Dataset column shows each run's data: name (digest) and split.
+        for logged in runs:
+            shown = {f"{i.dataset.name} ({i.dataset.digest}) {i.tags[0].value}" for i in logged.inputs.dataset_inputs}
+            assert len(shown) == 3 and all(dataset in page for dataset in shown), (shown, page)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -103,8 +103,11 @@ def test_served_champion_answers_with_the_two_labels_and_refuses_bad_requests_wi
 
 
 def huge_png_header(width: int, height: int) -> bytes:
-    """The start of a PNG claiming ``width`` x ``height`` pixels: Pillow reads its size from these
-    bytes alone, as the server does before it decodes anything."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    chunk = b"IHDR" + header
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    """The start of a PNG claiming ``width`` x ``height`` pixels (53 bytes): its header and the
+    start of its pixel data, all Pillow reads before decoding, as the server does."""
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(b"")))
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
