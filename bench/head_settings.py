@@ -21,10 +21,10 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from common import section
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import log_loss
 
+from common import section
 from pipeline import models, train
 from pipeline.config import Config, load_config, override_params
 from pipeline.metrics import expected_calibration_error

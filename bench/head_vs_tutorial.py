@@ -24,7 +24,6 @@ from pathlib import Path
 
 import recipe
 from common import add_slice_arguments, load_average, manifest_rows, new_workdir, run_stage
-
 from pipeline import feature_store
 from pipeline.backbones import BACKBONES
 from pipeline.config import override_params

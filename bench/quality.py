@@ -30,7 +30,6 @@ from pathlib import Path
 
 import recipe
 from common import REPO, load_average, machine, new_workdir, run_stage, section
-
 from pipeline.backbones import BACKBONES
 from pipeline.config import load_config, override_params
 

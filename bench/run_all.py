@@ -19,8 +19,8 @@ import extraction_efficiency
 import head_settings
 import head_vs_tutorial
 import quality
-from common import REPO, add_slice_arguments, machine, new_workdir, section
 
+from common import REPO, add_slice_arguments, machine, new_workdir, section
 from pipeline.config import override_params
 
 NOTES = ("Reading the figures: our feature extraction runs the backbone once per (image, augmented copy), "

@@ -39,7 +39,16 @@ from pipeline import augmentation
 from pipeline.augmentation import offline_policy, offline_variant, online_augmentation, resize_only, variant_seed
 from pipeline.cli import UserError, run_stage
 from pipeline.config import Config, load_config
-from pipeline.data import AUGMENTED_DIR, AUGMENTED_MANIFEST, AUGMENT_GALLERY, JPEG_QUALITY, PREPARED_DIR, PREPARED_MANIFEST, read_manifest, write_manifest
+from pipeline.data import (
+    AUGMENT_GALLERY,
+    AUGMENTED_DIR,
+    AUGMENTED_MANIFEST,
+    JPEG_QUALITY,
+    PREPARED_DIR,
+    PREPARED_MANIFEST,
+    read_manifest,
+    write_manifest,
+)
 from pipeline.files import atomic_dir, atomic_file, cache_root
 
 matplotlib.use("Agg")

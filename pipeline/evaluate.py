@@ -25,17 +25,34 @@ from PIL import Image
 from pipeline import gradcam, metrics, models, plots, tracking
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
-from pipeline.data import AUGMENTED_DIR, MODEL_DIR, image_batches, read_labels, test_images, write_manifest
+from pipeline.data import (
+    AUGMENT_GALLERY,
+    AUGMENTED_DIR,
+    DATA_REPORT,
+    DOWNLOAD_REPORT,
+    EVAL_DIR,
+    HISTORY,
+    LABEL_ISSUES_GALLERY,
+    LABEL_ISSUES_REPORT,
+    METRICS,
+    MODEL_FILE,
+    MODEL_LABELS,
+    PLOTS_DIR,
+    PREDICTIONS,
+    PREPARED_DIR,
+    image_batches,
+    read_labels,
+    test_images,
+    write_manifest,
+)
 from pipeline.files import atomic_dir, write_json
 
-EVAL_DIR = Path("eval")
 TOP_LOSSES = 12
 GRADCAM_PER_CLASS = 2
 GRADCAM_IMAGES = 24  # at most: with many classes, one image for each of the first 24 classes
 TITLE_LABEL_CHARACTERS = 14  # two class names and a probability fit over a grid image
-EXTRA_ARTIFACTS = [Path("reports/data.json"), Path("reports/download.json"), Path("reports/augment_gallery.png"),
-                   MODEL_DIR / "labels.json", MODEL_DIR / "history.csv", Path("data/prepared/quarantine.csv"),
-                   Path("reports/label_issues.csv"), Path("reports/label_issues.png")]
+EXTRA_ARTIFACTS = [DATA_REPORT, DOWNLOAD_REPORT, AUGMENT_GALLERY, MODEL_LABELS, HISTORY, PREPARED_DIR / "quarantine.csv",
+                   PREPARED_DIR / "ignored.csv", LABEL_ISSUES_REPORT, LABEL_ISSUES_GALLERY]
 
 
 def load_images(paths: list[str]) -> np.ndarray:
@@ -59,8 +76,8 @@ def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path) ->
     y_pred = probabilities.argmax(axis=1)
     plots.confusion_matrices(y_true, y_pred, labels, out)
     plots.reliability_diagram(*metrics.reliability(y_true, probabilities), report["ece"], out / "reliability.png")
-    if (MODEL_DIR / "history.csv").is_file():
-        plots.training_curves(MODEL_DIR / "history.csv", out / "training_curves.png")
+    if HISTORY.is_file():
+        plots.training_curves(HISTORY, out / "training_curves.png")
 
     names = [plots.short(label, TITLE_LABEL_CHARACTERS) for label in labels]
     mistakes = most_confident_mistakes(y_true, probabilities, TOP_LOSSES)
@@ -84,10 +101,10 @@ def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path) ->
 
 def main() -> None:
     cfg = load_config()
-    model_path = MODEL_DIR / "model.keras"
+    model_path = MODEL_FILE
     if not model_path.is_file():
         raise UserError(f"{model_path} is missing: run the train stage first (dvc repro)")
-    labels = read_labels(MODEL_DIR / "labels.json")
+    labels = read_labels(MODEL_LABELS)
     rows = test_images()
     model = models.load(model_path)
     paths = [str(AUGMENTED_DIR / r["path"]) for r in rows]
@@ -99,23 +116,24 @@ def main() -> None:
               f"reporting top_{report['top_k']}_accuracy")
 
     EVAL_DIR.mkdir(exist_ok=True)
-    write_json(EVAL_DIR / "metrics.json", report)
-    write_manifest(EVAL_DIR / "predictions.csv", ["path", "actual", "predicted", "confidence"],
+    write_json(METRICS, report)
+    write_manifest(PREDICTIONS, ["path", "actual", "predicted", "confidence"],
                    [[r["path"], labels[t], labels[p.argmax()], f"{p.max():.4f}"]
                     for r, t, p in zip(rows, y_true, probabilities, strict=True)])
-    with atomic_dir(EVAL_DIR / "plots") as out:
+    with atomic_dir(PLOTS_DIR) as out:
         draw_plots(model, rows, y_true, probabilities, labels, report, out)
 
     recorded = tracking.recorded_run()
     with tracking.resume_run(recorded):
-        tracking.log_test_metrics(report, recorded)
-        mlflow.log_artifacts(str(EVAL_DIR / "plots"), artifact_path="plots")
-        for path in [EVAL_DIR / "metrics.json", EVAL_DIR / "predictions.csv", *EXTRA_ARTIFACTS]:
+        tracking.log_test_metrics(report, [model["model_id"] for model in recorded["models"].values()],
+                                  tracking.logged_dataset(recorded["run_id"], "test"))
+        mlflow.log_artifacts(str(PLOTS_DIR), artifact_path="plots")
+        for path in [METRICS, PREDICTIONS, *EXTRA_ARTIFACTS]:
             if path.is_file():
                 mlflow.log_artifact(str(path), artifact_path="reports")
 
     print(f"evaluate: test accuracy {report['accuracy']:.3f} on {len(rows)} images "
-          f"(macro F1 {report['macro']['f1']:.3f}); plots in {EVAL_DIR / 'plots'}")
+          f"(macro F1 {report['macro']['f1']:.3f}); plots in {PLOTS_DIR}")
     gate = cfg.evaluate.min_accuracy
     if gate is not None and report["accuracy"] < gate:
         raise UserError(f"test accuracy {report['accuracy']:.4f} is below evaluate.min_accuracy {gate}; "

@@ -28,7 +28,16 @@ import tensorflow as tf
 from pipeline import models
 from pipeline.cli import UserError, first_line, run_stage
 from pipeline.config import ToleranceParams, load_config
-from pipeline.data import AUGMENTED_DIR, AUGMENTED_MANIFEST, EXPORT_DIR, EXPORT_REPORT, MODEL_FILE, MODEL_LABELS, image_batches, test_images
+from pipeline.data import (
+    AUGMENTED_DIR,
+    AUGMENTED_MANIFEST,
+    EXPORT_DIR,
+    EXPORT_REPORT,
+    MODEL_FILE,
+    MODEL_LABELS,
+    image_batches,
+    test_images,
+)
 from pipeline.files import atomic_dir, write_json
 
 SIGNATURE = "serving_default"
@@ -137,7 +146,7 @@ def main() -> None:
                                           check("saved_model", saved_model_runner(saved_model), "float32"))
         for variant in cfg.export.tflite:
             name, path = f"tflite_{variant}", out / f"model_{variant}.tflite"
-            seconds = timed(lambda: path.write_bytes(convert_to_tflite(saved_model, variant)))
+            seconds = timed(lambda path=path, variant=variant: path.write_bytes(convert_to_tflite(saved_model, variant)))
             report[name] = described(name, path, seconds, check(name, tflite_runner(path), variant))
         shutil.copy(MODEL_LABELS, out / MODEL_LABELS.name)
     write_json(EXPORT_REPORT, report)

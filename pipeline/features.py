@@ -31,8 +31,18 @@ from tqdm import tqdm
 from pipeline import devices, feature_store, models
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
-from pipeline.data import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, PREPARED_LABELS, SPLITS, image_batches, read_labels, read_manifest
+from pipeline.data import (
+    AUGMENTED_DIR,
+    AUGMENTED_MANIFEST,
+    FEATURES_DIR,
+    PREPARED_LABELS,
+    SPLITS,
+    image_batches,
+    read_labels,
+    read_manifest,
+)
 from pipeline.feature_store import ACTIVATION_SPLITS, Meta, activation_storage, as_stored
+
 
 def replica_rows(count: int, per_replica: int, context: tf.distribute.InputContext) -> np.ndarray:
     """The rows (of ``count``) that the input pipeline of ``context`` (one per worker) feeds its

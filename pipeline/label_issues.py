@@ -39,7 +39,17 @@ from threadpoolctl import threadpool_limits
 from pipeline import feature_store, plots
 from pipeline.cli import run_stage
 from pipeline.config import load_config
-from pipeline.data import FEATURES_DIR, LABEL_ISSUES_GALLERY, LABEL_ISSUES_REPORT, PREPARED_DIR, PREPARED_MANIFEST, SPLITS, read_labels, read_manifest, write_manifest
+from pipeline.data import (
+    FEATURES_DIR,
+    LABEL_ISSUES_GALLERY,
+    LABEL_ISSUES_REPORT,
+    PREPARED_DIR,
+    PREPARED_MANIFEST,
+    SPLITS,
+    read_labels,
+    read_manifest,
+    write_manifest,
+)
 
 COLUMNS = ["source", "split", "given", "suggested", "score"]
 # Logistic regression's C values tried. Confident learning needs probabilities that are not

@@ -11,7 +11,6 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
 
-
 MATRIX_INCHES = 18  # a confusion matrix's cells span at most this (1,800 px at 100 dpi), whatever the classes
 CELL_VALUES_UP_TO = 25  # classes; with more, numbers would not fit their cells: colour only, with a colour bar
 TICK_LABELS_UP_TO = 120  # classes named one by one on the axes; with more, every n-th

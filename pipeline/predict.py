@@ -26,12 +26,12 @@ import numpy as np
 
 from pipeline import models, tracking
 from pipeline.cli import UserError, error_summary, run_stage
-from pipeline.data import MODEL_DIR
+from pipeline.data import MODEL_FILE, MODEL_LABELS
 from pipeline.files import read_json
 from pipeline.images import IMAGE_SUFFIXES, read_rgb
 from pipeline.serving import DEFAULT_TOP_K, top_labels
 
-DEFAULT_MODEL = MODEL_DIR / "model.keras"
+DEFAULT_MODEL = MODEL_FILE
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def positive_int(text: str) -> int:
 
 def load_model(source: str, labels_path: Path | None) -> tuple[keras.Model, list[str]]:
     if Path(source).is_file():
-        model, labels = load_keras_file(Path(source)), read_labels(labels_path or Path(source).with_name("labels.json"))
+        model, labels = load_keras_file(Path(source)), read_labels(labels_path or Path(source).with_name(MODEL_LABELS.name))
     elif ":/" in source or Path(source).is_dir():  # an MLflow URI, or a local MLflow model folder
         model, labels = load_mlflow_model(source, labels_path)
     else:

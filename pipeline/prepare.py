@@ -88,7 +88,18 @@ from tqdm import tqdm
 
 from pipeline.cli import UserError, run_stage
 from pipeline.config import Config, PrepareParams, SplitParams, load_config
-from pipeline.data import DATA_REPORT, JPEG_QUALITY, LABELS_TABLE, PREPARED_DIR, PREPARED_LABELS, PREPARED_MANIFEST, RAW_DIR, SPLITS, SPLIT_NAMES, write_manifest
+from pipeline.data import (
+    DATA_REPORT,
+    JPEG_QUALITY,
+    LABELS_TABLE,
+    PREPARED_DIR,
+    PREPARED_LABELS,
+    PREPARED_MANIFEST,
+    RAW_DIR,
+    SPLIT_NAMES,
+    SPLITS,
+    write_manifest,
+)
 from pipeline.files import atomic_dir, readable, write_json
 from pipeline.images import FORMATS, IMAGE_SUFFIXES, Unconvertible, decode
 

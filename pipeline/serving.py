@@ -38,7 +38,7 @@ from pipeline.images import FORMATS, read_rgb
 
 DEFAULT_TOP_K = 3  # labels per image unless asked for more or fewer
 # Largest image decoded, read from the file's header before decoding: 50 Mpx is 150 MB of pixels,
-# about 2.5 GB at the peak of its prediction (decoded copies, float32 in the model: 2.2 GB measured
+# about 2.4 GiB at the peak of its prediction (decoded copies, float32 in the model: 2.1 GiB measured
 # at 45 Mpx); larger photos are refused, not scaled down.
 MAX_MEGAPIXELS = 50
 # One image decoded and predicted at a time per server process, however many requests arrive at

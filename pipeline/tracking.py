@@ -20,6 +20,7 @@ import subprocess
 import sys
 import unicodedata
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline.cli import UserError, redact_url
 from pipeline.config import flatten, load_config
-from pipeline.data import PREPARED_MANIFEST, SPLITS
+from pipeline.data import DOWNLOAD_REPORT, MLFLOW_RUN_FILE, PREPARED_MANIFEST, SPLITS
 from pipeline.files import read_json, write_json
 
-SECRET_KEY = re.compile(r"password|passwd|secret|token|api_?key|credential", re.IGNORECASE)
-RUN_FILE = Path("data/model/mlflow_run.json")  # written by train, read by evaluate
 # Per-class metric keys (test_per_class_<key>_recall). MLflow takes letters, digits, _ - . space : /
 # in a metric key, at most 250 characters (mlflow.utils.validation); a class name is any folder name.
 CLASS_KEY_LENGTH = 100  # leaves room for test_per_class_..._precision within MLflow's 250
@@ -50,7 +49,7 @@ NOT_KEY_CHARACTER = re.compile(f"[^{KEY_CHARACTERS}]")
 CLASS_KEYS_ARTIFACT = "reports/class_keys.json"  # per-class key -> class name, logged with the metrics
 # MLflow's experiment kind, a tag: the experiment is model training ("Machine learning" in the UI),
 # not a GenAI app, whose pages (traces, sessions) MLflow 3 opens by default.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # MLflow 3.17's UI still picks its pages by the browser's own "GenAI / Model training" switch (GenAI
 # until changed), not by that tag (mlflow/mlflow#24498): links to the runs page say which to show.
 TRAINING_VIEW = "workflowType=machine_learning"
@@ -93,12 +92,8 @@ def check_reachable() -> None:
 
 
 def loggable_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Params safe to log: secret-looking keys masked, credentials stripped from URLs."""
-    return {
-        key: "***" if SECRET_KEY.search(key) and value is not None
-        else redact_url(value) if isinstance(value, str) else value
-        for key, value in params.items()
-    }
+    """Params safe to log: credentials stripped from URLs (the strict config has no secret keys)."""
+    return {key: redact_url(value) if isinstance(value, str) else value for key, value in params.items()}
 
 
 def start_new_run(experiment_name: str, system_metrics: bool) -> mlflow.ActiveRun:
@@ -111,12 +106,11 @@ def start_new_run(experiment_name: str, system_metrics: bool) -> mlflow.ActiveRu
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:
         experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location(uri),
-                                                 tags=EXPERIMENT_KIND)
+                                                 tags={KIND_TAG: MODEL_TRAINING})
     else:
         experiment_id = experiment.experiment_id
-        for key, value in EXPERIMENT_KIND.items():
-            if key not in experiment.tags:  # made before this tag was set, or by hand: a kind chosen stays
-                mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
+        if KIND_TAG not in experiment.tags:  # made before this tag was set; a kind set by hand stays
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
     quiet_system_metrics()
     return mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
                             tags=lineage_tags(), log_system_metrics=system_metrics)
@@ -144,7 +138,7 @@ def lineage_tags() -> dict[str, str]:
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     if PREPARED_MANIFEST.is_file():  # files, labels and split of every image: one hash for "the data"
         tags["data.manifest_sha256"] = hashlib.sha256(PREPARED_MANIFEST.read_bytes()).hexdigest()
-    download = Path("reports/download.json")
+    download = DOWNLOAD_REPORT
     archive_sha256 = read_json(download).get("sha256") if download.is_file() else None
     if archive_sha256:  # null for a local folder source
         tags["data.archive_sha256"] = archive_sha256
@@ -205,18 +199,17 @@ def _ascii_key(name: str) -> str:
     return NOT_KEY_CHARACTER.sub("_", letters)[:CLASS_KEY_LENGTH]
 
 
-def log_test_metrics(report: dict, recorded: dict) -> None:
-    """The numbers of ``eval/metrics.json`` as metrics of the recorded run and of each of its logged
-    models (the UI's Models tab compares them), on its ``test`` dataset: ``test_`` and their path
-    joined by ``_`` (``test_accuracy``, ``test_macro_f1``, ``test_per_class_<key>_recall`` with the
-    keys of :func:`class_keys`), and the class names of those keys as ``reports/class_keys.json``."""
+def log_test_metrics(report: dict, model_ids: Sequence[str] = (), dataset: mlflow.entities.Dataset | None = None) -> None:
+    """The numbers of ``eval/metrics.json`` as metrics of the active run, and of each logged model
+    in ``model_ids`` (the UI's Models tab compares them), measured on ``dataset``: ``test_`` and
+    their path joined by ``_`` (``test_accuracy``, ``test_macro_f1``, ``test_per_class_<key>_recall``
+    with the keys of :func:`class_keys`), and the class names of those keys as ``reports/class_keys.json``."""
     names = list(report["per_class"])
     keys = class_keys(names)
     per_class = dict(zip(keys, report["per_class"].values(), strict=True))
     metrics = flatten({**report, "per_class": per_class}, separator="_", prefix="test_")
-    test_data = logged_dataset(recorded["run_id"], "test")
-    for model in recorded["models"].values():
-        mlflow.log_metrics(metrics, model_id=model["model_id"], dataset=test_data)
+    for model_id in model_ids or [None]:  # None: the run's alone
+        mlflow.log_metrics(metrics, model_id=model_id, dataset=dataset)
     mlflow.log_dict(dict(zip(keys, names, strict=True)), CLASS_KEYS_ARTIFACT)
 
 
@@ -282,16 +275,16 @@ def promote(recorded: dict) -> list[str]:
     return promoted
 
 
-def record_run(run: mlflow.ActiveRun, out_dir: Path, models: dict[str, dict], system_metrics: bool) -> None:
+def record_run(run: mlflow.ActiveRun, models: dict[str, dict], system_metrics: bool) -> None:
     """Write the run's id and its models next to the model, so DVC outputs and the MLflow run find
     each other, and evaluate resumes the run as train ran it."""
-    write_json(out_dir / RUN_FILE.name, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                         "tracking_uri": redact_url(mlflow.get_tracking_uri()),
-                                         "system_metrics": system_metrics, "models": models})
+    write_json(MLFLOW_RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                                 "tracking_uri": redact_url(mlflow.get_tracking_uri()),
+                                 "system_metrics": system_metrics, "models": models})
 
 
 def recorded_run() -> dict:
-    return read_json(RUN_FILE)
+    return read_json(MLFLOW_RUN_FILE)
 
 
 def resume_run(recorded: dict) -> mlflow.ActiveRun:

@@ -47,7 +47,16 @@ from pipeline import checkpoints, devices, feature_store, models, tracking
 from pipeline.augmentation import online_augmentation
 from pipeline.cli import UserError, error_summary, run_stage
 from pipeline.config import Config, ModelParams, load_config
-from pipeline.data import AUGMENTED_DIR, FEATURES_DIR, MODEL_DIR, read_labels
+from pipeline.data import (
+    AUGMENTED_DIR,
+    AUGMENTED_MANIFEST,
+    FEATURES_DIR,
+    HISTORY,
+    MODEL_DIR,
+    MODEL_FILE,
+    MODEL_LABELS,
+    read_labels,
+)
 from pipeline.files import atomic_dir, atomic_file
 
 PLATEAU_FACTOR = 0.2  # lr_schedule plateau: multiply the learning rate by this...
@@ -154,7 +163,7 @@ def resume_key(cfg: Config) -> str:
     """What checkpoints are valid for: the params that shape training and the content of the inputs."""
     params = cfg.model_dump(mode="json", include={"seed", "model", "augment", "train"})
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-    for path in [*sorted(FEATURES_DIR.iterdir()), AUGMENTED_DIR / "manifest.csv"]:
+    for path in [*sorted(FEATURES_DIR.iterdir()), AUGMENTED_MANIFEST]:
         with open(path, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha256").digest())
     return digest.hexdigest()
@@ -349,9 +358,9 @@ def main() -> None:
         with strategy.scope():
             model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync)
         with atomic_dir(MODEL_DIR) as out:
-            model.save(out / "model.keras")
-            shutil.copy(FEATURES_DIR / feature_store.LABELS, out / "labels.json")
-            write_history(history, out / "history.csv")
+            model.save(out / MODEL_FILE.name)
+            shutil.copy(FEATURES_DIR / feature_store.LABELS, out / MODEL_LABELS.name)
+            write_history(history, out / HISTORY.name)
         # The model is on disk before anything more goes to MLflow: a logging failure loses no
         # training (and the checkpoints stay, so a rerun only logs again).
         try:
@@ -360,7 +369,7 @@ def main() -> None:
             raise UserError(f"training finished and the model is in {MODEL_DIR}, but logging it to MLflow "
                             f"failed ({error_summary(err)[:200]}); "
                             "rerun dvc repro once the tracking store is back") from None
-        tracking.record_run(run, MODEL_DIR, logged, cfg.mlflow.system_metrics)
+        tracking.record_run(run, logged, cfg.mlflow.system_metrics)
     checkpoints.remove()
     print(f"train: {describe(history)}; model in {MODEL_DIR}, MLflow run {run.info.run_id}")
 

@@ -114,6 +114,11 @@ def model_server(project: Path, model_uri: str | None = None) -> Iterator[str]:
         server.wait(timeout=30)
 
 
+def input_split(dataset_input) -> str:
+    """The split (train, val, test) a run's dataset input was logged for: its context tag."""
+    return next(t.value for t in dataset_input.tags if t.key == "mlflow.data.context")
+
+
 def image_request(images: list[bytes], **params) -> dict:
     """The JSON body of an /invocations request for the image_classifier model (README, Serving)."""
     body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(i).decode()] for i in images]}}

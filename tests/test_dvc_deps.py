@@ -78,3 +78,18 @@ def test_closure_follows_lazy_and_from_imports():
     # evaluate -> models -> config -> backbones; pipeline/__init__.py runs before any module of it.
     assert {"pipeline/__init__.py", "pipeline/evaluate.py", "pipeline/models.py", "pipeline/config.py",
             "pipeline/backbones.py"} <= closure
+
+
+def stage_outputs() -> set[str]:
+    paths = set()
+    for stage in stages().values():
+        for entry in [*stage.get("outs", []), *stage.get("metrics", [])]:
+            paths.add(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return paths
+
+
+def test_every_output_path_has_its_one_home_in_data_py():
+    from pipeline import data
+
+    homes = {str(value) for name, value in vars(data).items() if name.isupper() and isinstance(value, Path)}
+    assert not stage_outputs() - homes, f"outputs in dvc.yaml without a constant in pipeline/data.py: {sorted(stage_outputs() - homes)}"

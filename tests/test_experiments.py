@@ -11,9 +11,9 @@ from pathlib import Path
 
 import mlflow
 import requests
-
-from conftest import project_env, run
 from test_pipeline_e2e import free_port
+
+from conftest import input_split, project_env, run
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -88,7 +88,7 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
             assert name in page, f"run {name} not listed by the MLflow UI"
         # The Dataset column shows each run's data: name (digest) and split.
         for logged in runs:
-            shown = {f"{i.dataset.name} ({i.dataset.digest}) {i.tags[0].value}" for i in logged.inputs.dataset_inputs}
+            shown = {f"{i.dataset.name} ({i.dataset.digest}) {input_split(i)}" for i in logged.inputs.dataset_inputs}
             assert len(shown) == 3 and all(dataset in page for dataset in shown), (shown, page)
     finally:
         server.terminate()

@@ -11,12 +11,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from test_prepare import PREPARED, RAW, manifest, quarantine, refused, run_prepare
 
 import fixtures_bad as bad
 from conftest import make_images, set_params
 from pipeline import download
 from pipeline.data import LABELS_TABLE, read_manifest
-from test_prepare import PREPARED, RAW, manifest, quarantine, refused, run_prepare
 
 
 def splits_by_top_folder() -> dict[str, set[str]]:

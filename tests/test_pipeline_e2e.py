@@ -13,8 +13,18 @@ import pandas as pd
 import pytest
 import requests
 
-from conftest import (free_port, image_request, make_images, model_server, new_project, project_env, run,
-                      set_params, stages_run)
+from conftest import (
+    free_port,
+    image_request,
+    input_split,
+    make_images,
+    model_server,
+    new_project,
+    project_env,
+    run,
+    set_params,
+    stages_run,
+)
 
 CLASSES = {"red": 12, "green": 12, "blue": 12}
 
@@ -88,8 +98,7 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(trained, client):
 def test_mlflow_run_has_the_prepared_data_as_one_dataset_input_per_split(trained, client):
     project, _ = trained
     logged = mlflow.search_runs(experiment_names=["images"], output_format="list")[0]
-    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
-              for i in logged.inputs.dataset_inputs}
+    inputs = {input_split(i): i.dataset for i in logged.inputs.dataset_inputs}
     assert set(inputs) == {"train", "val", "test"}
     manifest = pd.read_csv(project / "data" / "prepared" / "manifest.csv")
     for split, dataset in inputs.items():
@@ -239,7 +248,9 @@ def test_push_then_pull_into_a_fresh_clone_runs_nothing(trained, tmp_path):
     run(["dvc", "pull"], clone)
     assert (clone / "data" / "model" / "model.keras").is_file()
     assert stages_run(run(["dvc", "repro"], clone).stdout) == []
-    # DVC's model registry finds the model by name, straight from the repository and its remote.
+    # DVC's model registry finds the model by name, straight from the repository and its remote:
+    # a version is a Git tag that GTO (installed with DVC) writes.
+    run(["gto", "register", "image-classifier"], project)
     fetched = tmp_path / "fetched.keras"
     run(["dvc", "artifacts", "get", str(project), "image-classifier", "-o", str(fetched)], tmp_path)
     assert fetched.read_bytes() == (project / "data" / "model" / "model.keras").read_bytes()

@@ -127,6 +127,22 @@ def test_served_model_caps_top_k_at_the_classes_and_refuses_below_1(tmp_path, st
         assert refused.value.get_http_status_code() == 400
 
 
+def test_served_model_reports_its_own_failure_as_500_without_a_traceback(tmp_path, store, monkeypatch, caplog):
+    mlflow.set_tracking_uri(store[0])
+    classifier = mlflow.pyfunc.load_model("models:/tiny@candidate")
+    image = next(make_images(tmp_path, {"red": 1}).rglob("*.jpg"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of device memory")
+
+    monkeypatch.setattr(classifier.unwrap_python_model().model, "predict", broken)
+    with pytest.raises(MlflowException) as failed:
+        classifier.predict(pd.DataFrame({"image": [image.read_bytes()]}))
+    assert failed.value.get_http_status_code() == 500
+    assert failed.value.message == "image 0: the prediction failed (RuntimeError); the server's log has the details"
+    assert "out of device memory" in caplog.text  # the traceback, in the server's log only
+
+
 def test_model_from_mlflow_runs_and_models_uris(tmp_path, store, model, monkeypatch, capsys):
     """The Keras flavor by run, version and alias; its class names come from its metadata."""
     uri, run_id = store

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from conftest import make_images, new_project, project_env, run, set_params
 from test_download import ArchiveServer, basic
 from test_reliability import tree_digest
+
+from conftest import make_images, new_project, project_env, run, set_params
 
 
 def outputs(project: Path, *paths: str) -> dict[str, str]:
