@@ -43,6 +43,8 @@ from pipeline.data import (
 )
 from pipeline.feature_store import ACTIVATION_SPLITS, Meta, activation_storage, as_stored
 
+MAX_BACKBONE_BATCH = 64  # images per replica per backbone pass: Inception v3 at 299 px needs ~2 GB for 64
+
 
 def replica_rows(count: int, per_replica: int, context: tf.distribute.InputContext) -> np.ndarray:
     """The rows (of ``count``) that the input pipeline of ``context`` (one per worker) feeds its
@@ -105,6 +107,9 @@ def main() -> None:
     run = on_every_replica(network, strategy)
     dim = extractor.output_shape[-1]
     storage = activation_storage(policy)
+    # train.batch_size is the head's batch, which may be huge (rows of features are small); the
+    # backbone's activations are not: at most MAX_BACKBONE_BATCH images per replica at a time.
+    backbone_batch = min(cfg.train.batch_size, MAX_BACKBONE_BATCH)
     started = time.perf_counter()
     with devices.output_dir(strategy, FEATURES_DIR) as out:
         for split in SPLITS:
@@ -114,7 +119,7 @@ def main() -> None:
             if cut and split in ACTIVATION_SPLITS:
                 activations = feature_store.new_activations(out, split, (len(rows), *network.output_shape[1][1:]),
                                                             storage)
-            batches = extract(run, strategy, [str(AUGMENTED_DIR / r["path"]) for r in rows], cfg.train.batch_size,
+            batches = extract(run, strategy, [str(AUGMENTED_DIR / r["path"]) for r in rows], backbone_batch,
                               desc=f"features {split}")
             start = 0
             for values, *cut_values in batches:

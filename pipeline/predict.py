@@ -114,8 +114,10 @@ def image_files(paths: list[Path]) -> Iterator[tuple[Path, str | None]]:
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             yield from ((p, None) for p in found) if found else [(path, "no image files in this folder")]
-        else:
-            yield path, None if path.exists() else "no such file or folder"
+        elif not path.exists():
+            yield path, "no such file or folder"
+        else:  # a FIFO, socket or device would block or never end: only regular files are read
+            yield path, None if path.is_file() else "not a regular file (a FIFO, socket or device)"
 
 
 def predictions(model: keras.Model, paths: list[Path]) -> Iterator[tuple[Path, np.ndarray | str]]:

@@ -189,3 +189,12 @@ def test_decoder_makes_upright_8_bit_rgb(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90 degrees to display upright
     rotated.save(tmp_path / "rotated.jpg", exif=exif)
     assert read_rgb(tmp_path / "rotated.jpg").shape == (8, 2, 3)
+
+
+def test_a_fifo_is_skipped_not_read_forever(tmp_path):
+    import os
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)  # opening it for reading would block until someone writes
+    assert list(predict.image_files([fifo, tmp_path / "missing.jpg"])) == [
+        (fifo, "not a regular file (a FIFO, socket or device)"), (tmp_path / "missing.jpg", "no such file or folder")]
