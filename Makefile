@@ -84,12 +84,14 @@ compare: setup
 	python -m pipeline.compare
 
 # Speed benchmarks on a slice of the archive (~15 min on 2 CPU cores), then quality with real
-# weights on the whole archive (~45 min more; BENCH_WEIGHTS= skips it); writes bench/results.md.
-BENCH_ARCHIVE ?= /work/shared/datasets/flower_photos.tgz
-BENCH_WEIGHTS ?= /work/shared/weights/mobilenet_v2_1.0_224_imagenet_no_top.h5
+# weights on the whole archive (~45 min more; only with BENCH_WEIGHTS); writes bench/results.md.
+#   make bench BENCH_ARCHIVE=/path/to/flower_photos.tgz BENCH_WEIGHTS=/path/to/mobilenet_v2_1.0_224_imagenet_no_top.h5
+BENCH_ARCHIVE ?=
+BENCH_WEIGHTS ?=
 BENCH_PER_CLASS ?= 40
 BENCH_ARGS ?= --image-size 299 --epochs 10 --more-epochs 20
 bench: setup
+	@test -n "$(BENCH_ARCHIVE)" || { echo 'usage: make bench BENCH_ARCHIVE=<flower_photos.tgz> [BENCH_WEIGHTS=<MobileNetV2 no-top .h5>]' >&2; exit 2; }
 	python bench/run_all.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) $(if $(BENCH_WEIGHTS),--weights $(BENCH_WEIGHTS)) $(BENCH_ARGS)
 
 # Data, features and models to/from the DVC remote you configured (README: "Sharing").
