@@ -16,6 +16,7 @@ from test_pipeline_e2e import free_port
 from conftest import make_images, run, set_params
 from pipeline import download, files, tracking
 from pipeline.cli import UserError, redact_url
+from pipeline.data import DOWNLOAD_REPORT
 
 
 def tree_digest(folder: Path) -> str:
@@ -163,6 +164,6 @@ def test_outputs_get_the_modes_the_umask_allows(workdir, tmp_path, umask, folder
         os.umask(previous)
     raw = workdir / "data" / "raw"
     assert {oct(p.stat().st_mode & 0o777) for p in [raw, raw / "a"]} == {oct(folder_mode)}
-    assert {oct(p.stat().st_mode & 0o777) for p in [raw / "a" / "a_000.jpg", workdir / download.REPORT]} == {
+    assert {oct(p.stat().st_mode & 0o777) for p in [raw / "a" / "a_000.jpg", workdir / DOWNLOAD_REPORT]} == {
         oct(file_mode)}
-    assert json.loads((workdir / download.REPORT).read_text())["files"] == 2
+    assert json.loads((workdir / DOWNLOAD_REPORT).read_text())["files"] == 2
