@@ -101,12 +101,11 @@ def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path) ->
 
 def main() -> None:
     cfg = load_config()
-    model_path = MODEL_FILE
-    if not model_path.is_file():
-        raise UserError(f"{model_path} is missing: run the train stage first (dvc repro)")
+    if not MODEL_FILE.is_file():
+        raise UserError(f"{MODEL_FILE} is missing: run the train stage first (dvc repro)")
     labels = read_labels(MODEL_LABELS)
     rows = test_images()
-    model = models.load(model_path)
+    model = models.load(MODEL_FILE)
     paths = [str(AUGMENTED_DIR / r["path"]) for r in rows]
     probabilities = model.predict(image_batches(paths, cfg.train.batch_size), verbose=0)
     y_true = np.array([labels.index(r["label"]) for r in rows])

@@ -127,14 +127,13 @@ def described(name: str, path: Path, seconds: float, figures: dict) -> dict:
 
 def main() -> None:
     cfg = load_config()
-    model_path, manifest_path = MODEL_FILE, AUGMENTED_MANIFEST
-    for path in (model_path, manifest_path):
+    for path in (MODEL_FILE, AUGMENTED_MANIFEST):
         if not path.is_file():
             raise UserError(f"{path} is missing: run the earlier stages first (dvc repro)")
     paths = [str(AUGMENTED_DIR / r["path"]) for r in test_images()]
     if not paths:
-        raise UserError(f"{manifest_path} lists no test images (split test, copy 0) to check the exports on")
-    model = models.load(model_path)
+        raise UserError(f"{AUGMENTED_MANIFEST} lists no test images (split test, copy 0) to check the exports on")
+    model = models.load(MODEL_FILE)
     batches = [batch.numpy() for batch in image_batches(paths, BATCH_SIZE)]
     reference = np.concatenate([model.predict_on_batch(batch) for batch in batches])
     check = ParityCheck(paths, batches, reference, cfg.export.tolerance)

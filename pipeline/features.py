@@ -12,10 +12,10 @@ the frozen prefix's output for the train and val images in 16 bits, so that fine
 the unfrozen top.
 
 The backbone runs on every device the train stage trains on (``pipeline.devices``: all GPUs, or
-every worker under ``TF_CONFIG``): each replica computes its share of each global batch (per-replica
-``train.batch_size`` times the replicas) and the shares are gathered back in manifest order, so the
-outputs are those of one device. Only the chief writes them, batch by batch into memory-mapped
-files, so memory stays flat on big datasets.
+every worker under ``TF_CONFIG``): each replica computes its share of each global batch
+(``train.batch_size`` per replica, at most ``MAX_BACKBONE_BATCH``, times the replicas) and the
+shares are gathered back in manifest order, so the outputs are those of one device. Only the chief
+writes them, batch by batch into memory-mapped files, so memory stays flat on big datasets.
 """
 
 import math

@@ -138,8 +138,7 @@ def lineage_tags() -> dict[str, str]:
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     if PREPARED_MANIFEST.is_file():  # files, labels and split of every image: one hash for "the data"
         tags["data.manifest_sha256"] = hashlib.sha256(PREPARED_MANIFEST.read_bytes()).hexdigest()
-    download = DOWNLOAD_REPORT
-    archive_sha256 = read_json(download).get("sha256") if download.is_file() else None
+    archive_sha256 = read_json(DOWNLOAD_REPORT).get("sha256") if DOWNLOAD_REPORT.is_file() else None
     if archive_sha256:  # null for a local folder source
         tags["data.archive_sha256"] = archive_sha256
     return tags
