@@ -1,13 +1,12 @@
 """Head settings on real features: what each training default of the head phase is worth.
 
 Trains the head (``models.head``) the way the train stage's head phase does (its loss, optimizer,
-learning-rate schedule, early stopping and class weights: ``train.compile_for``,
-``train.stopping_and_schedule``, ``train.class_weights``) on the features a project's features stage
-cached, once per seed and setting, and scores it on the test split's features: accuracy, ECE
-(``pipeline.metrics``, as the evaluate stage) and log loss, as means over the seeds. Each setting
-changes one or more params from the project's ``params.yaml``. The last column is the ECE after
-temperature scaling fitted on the val split (one scalar dividing the logits, chosen by val log
-loss): what that post-hoc step would add.
+learning-rate schedule, early stopping, class weights and temperature scaling: ``train.compile_for``,
+``train.stopping_and_schedule``, ``train.class_weights``, ``metrics.fitted_temperature`` and
+``models.fold_temperature``) on the features a project's features stage cached, once per seed and
+setting, and scores it on the test split's features: accuracy, ECE (``pipeline.metrics``, as the
+evaluate stage) and log loss, as means over the seeds. Each setting changes one or more params
+from the project's ``params.yaml``.
 
     python bench/head_settings.py --workdir /tmp/quality-xyz   (a project whose features stage ran, e.g. bench/quality.py's)
 """
@@ -21,21 +20,21 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from scipy.optimize import minimize_scalar
 from sklearn.metrics import log_loss
 
 from common import section
 from pipeline import models, train
 from pipeline.config import Config, load_config, override_params
-from pipeline.metrics import expected_calibration_error
+from pipeline.metrics import expected_calibration_error, fitted_temperature
 
 SEEDS = [42, 1, 2, 3, 4, 5]
 SETTINGS = {  # name: params changed from the project's; the first is the project's own
     "params.yaml as it is": {},
-    "label_smoothing 0.1 (the default before issue 13)": {"train.label_smoothing": 0.1},
+    "temperature_scaling false (the defaults before issue 13)": {"train.temperature_scaling": False},
+    "label_smoothing 0": {"train.label_smoothing": 0.0},
+    "label_smoothing 0, temperature_scaling false": {"train.label_smoothing": 0.0, "train.temperature_scaling": False},
     "learning_rate 0.0003": {"train.learning_rate": 0.0003},
     "dropout 0.5": {"model.head.dropout": 0.5},
-    "learning_rate 0.0003 and dropout 0.5": {"train.learning_rate": 0.0003, "model.head.dropout": 0.5},
     "epochs 30 (early stopping still on)": {"train.epochs": 30},
 }
 
@@ -47,22 +46,6 @@ def config_with(workdir: Path, overrides: dict) -> Config:
         shutil.copy(workdir / "params.yaml", path)
         override_params(path, overrides)
         return load_config(path)
-
-
-def temperature(val_probabilities: np.ndarray, y_val: np.ndarray) -> float:
-    """The temperature T minimizing the val log loss of softmax(log p / T)."""
-    logits = np.log(np.clip(val_probabilities, 1e-12, 1))
-
-    def val_loss(log_t: float) -> float:
-        return log_loss(y_val, scaled(logits, np.exp(log_t)), labels=range(logits.shape[1]))
-
-    return float(np.exp(minimize_scalar(val_loss, bounds=(-3, 3), method="bounded").x))
-
-
-def scaled(logits: np.ndarray, t: float) -> np.ndarray:
-    z = logits / t
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def one_run(cfg: Config, features: dict, labels: dict, seed: int) -> dict:
@@ -77,14 +60,15 @@ def one_run(cfg: Config, features: dict, labels: dict, seed: int) -> dict:
                        epochs=phase.epochs, batch_size=phase.batch_size, verbose=0,
                        class_weight=train.class_weights(labels["train"], n_classes, cfg.train.class_weight),
                        callbacks=train.stopping_and_schedule(cfg))
+    temperature = 1.0
+    if cfg.train.temperature_scaling:
+        temperature = fitted_temperature(labels["val"], head.predict(features["val"], verbose=0))
+        models.fold_temperature(head, temperature)
     test = head.predict(features["test"], verbose=0)
-    t = temperature(head.predict(features["val"], verbose=0), labels["val"])
-    calibrated = scaled(np.log(np.clip(test, 1e-12, 1)), t)
     return {"accuracy": float(np.mean(test.argmax(axis=1) == labels["test"])),
             "ece": expected_calibration_error(labels["test"], test),
             "log_loss": log_loss(labels["test"], test, labels=range(n_classes)),
-            "ece_scaled": expected_calibration_error(labels["test"], calibrated), "t": t,
-            "epochs": len(history.history["loss"])}
+            "temperature": temperature, "epochs": len(history.history["loss"])}
 
 
 def run(workdir: Path, seeds: list[int]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
@@ -92,8 +76,7 @@ def run(workdir: Path, seeds: list[int]) -> tuple[tuple[str, ...], list[tuple[st
     features_dir = workdir / "data/features"
     features = {split: np.load(features_dir / f"{split}.npy") for split in ("train", "val", "test")}
     labels = {split: np.load(features_dir / f"{split}_labels.npy") for split in features}
-    header = ("setting", "test accuracy (mean, min..max)", "ECE", "log loss", "epochs run",
-              "ECE after temperature scaling (T)")
+    header = ("setting", "test accuracy (mean, min..max)", "ECE", "log loss", "epochs run", "temperature")
     rows = []
     for name, overrides in SETTINGS.items():
         cfg = config_with(workdir, overrides)
@@ -102,7 +85,7 @@ def run(workdir: Path, seeds: list[int]) -> tuple[tuple[str, ...], list[tuple[st
         accuracies = [r["accuracy"] for r in runs]
         rows.append((f"{name} {json.dumps(overrides) if overrides else ''}".strip(),
                      f"{mean['accuracy']:.3f} ({min(accuracies):.3f}..{max(accuracies):.3f})", f"{mean['ece']:.3f}",
-                     f"{mean['log_loss']:.3f}", f"{mean['epochs']:.1f}", f"{mean['ece_scaled']:.3f} ({mean['t']:.2f})"))
+                     f"{mean['log_loss']:.3f}", f"{mean['epochs']:.1f}", f"{mean['temperature']:.2f}"))
         print(rows[-1], flush=True)
     return header, rows
 

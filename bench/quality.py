@@ -2,7 +2,7 @@
 
 Contenders, all with the same backbone, weights file, image size and epochs, on one scratch project:
 - ours, head only, ``augment.copies`` 0 and 2;
-- ours, head + fine-tuning the top ``--fine-tune-blocks`` blocks on cached activations;
+- ours, head + fine-tuning the top ``--quality-fine-tune-blocks`` blocks on cached activations;
 - the keras.io recipe (``recipe.py``), on our prepare stage's split.
 
 For each: test accuracy, macro F1 and ECE (ours from ``eval/metrics.json``, the recipe's from the
@@ -114,6 +114,7 @@ def run(workdir: Path, epochs: int, fine_tune_blocks: int, fine_tune_epochs: int
         results.append(ours(workdir, contender, data_seconds, probe_epochs))
         print(results[-1], flush=True)  # progress, and what a long run has measured should it be cut short
     results.append(the_recipe(workdir, epochs))
+    print(results[-1], flush=True)  # with the recipe's test accuracy after each epoch
     header = ("contender", "epochs run", "test accuracy", "macro F1", "ECE", "wall time, end to end",
               *[f"time to test accuracy {t:.2f}" for t in thresholds], "where the time went (s)")
     rows = [(r.name, r.epochs, f"{r.report['accuracy']:.3f}", f"{r.report['macro_f1']:.3f}", f"{r.report['ece']:.3f}",
@@ -146,8 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--quality-per-class", type=int, help="data.max_per_class (default: every image)")
     parser.add_argument("--quality-image-size", type=int, default=224)
-    parser.add_argument("--fine-tune-blocks", type=int, default=4)
-    parser.add_argument("--fine-tune-epochs", type=int, default=5)
+    parser.add_argument("--quality-fine-tune-blocks", type=int, default=4, help="top blocks the fine-tuned contender trains")
+    parser.add_argument("--quality-fine-tune-epochs", type=int, default=5, help="its fine-tuning epochs")
     parser.add_argument("--probe-epochs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 3],
                         help="epoch counts rerun for the time to an accuracy (comma-separated)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.85, 0.90])
@@ -157,7 +158,7 @@ def command(args: argparse.Namespace, epochs: int, workdir: Path) -> str:
     per_class = f" --quality-per-class {args.quality_per_class}" if args.quality_per_class else ""
     return (f"python bench/quality.py --archive {args.archive} --weights {args.weights} --backbone {args.backbone}"
             f"{per_class} --quality-image-size {args.quality_image_size} --epochs {epochs} "
-            f"--fine-tune-blocks {args.fine_tune_blocks} --fine-tune-epochs {args.fine_tune_epochs} "
+            f"--quality-fine-tune-blocks {args.quality_fine_tune_blocks} --quality-fine-tune-epochs {args.quality_fine_tune_epochs} "
             f"--probe-epochs {','.join(map(str, args.probe_epochs))} "
             f"--thresholds {' '.join(map(str, args.thresholds))} --workdir {workdir}")
 
@@ -166,7 +167,7 @@ def measure(args: argparse.Namespace, epochs: int, workdir: Path) -> str:
     """The whole measurement as a results.md section."""
     workdir = new_project(workdir, args.archive, args.weights, args.backbone, args.quality_per_class,
                           args.quality_image_size, epochs)
-    header, rows = run(workdir, epochs, args.fine_tune_blocks, args.fine_tune_epochs, args.probe_epochs,
+    header, rows = run(workdir, epochs, args.quality_fine_tune_blocks, args.quality_fine_tune_epochs, args.probe_epochs,
                        args.thresholds)
     scope = f"at most {args.quality_per_class} images per class" if args.quality_per_class else "every image"
     title = f"Quality with real weights: {args.backbone}, {args.weights.name}, {args.quality_image_size} px, {scope}"

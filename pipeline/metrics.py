@@ -68,6 +68,22 @@ def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bi
     return float(np.sum(np.abs(accuracy[filled] - mean_confidence[filled]) * counts[filled]) / counts.sum())
 
 
+def fitted_temperature(y_true: np.ndarray, probabilities: np.ndarray, bounds: tuple[float, float] = (0.25, 4.0)) -> float:
+    """Temperature scaling (Guo et al., 2017): the T in ``bounds`` whose softmax(logits / T) has the
+    lowest log loss on ``y_true``. log p serves as the logits: softmax forgets per-row shifts."""
+    from scipy.optimize import minimize_scalar  # scikit-learn's own dependency
+
+    logits = np.log(np.clip(probabilities, 1e-12, 1)).astype("float64")
+    rows = np.arange(len(y_true))
+
+    def log_loss_at(log_t: float) -> float:
+        z = logits / np.exp(log_t)
+        z -= z.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[rows, y_true]))
+
+    return float(np.exp(minimize_scalar(log_loss_at, bounds=np.log(bounds), method="bounded").x))
+
+
 def _rounded(tree):
     if isinstance(tree, dict):
         return {k: _rounded(v) for k, v in tree.items()}

@@ -107,6 +107,14 @@ def head(train_features: np.ndarray, n_classes: int, params: HeadParams) -> kera
     return keras.Model(inputs, outputs, name="head")
 
 
+def fold_temperature(head_model: keras.Model, temperature: float) -> None:
+    """Divide the logits of ``head_model``'s softmax layer by ``temperature`` (its kernel and bias):
+    calibration with no extra layer in the exported model, and the same most probable class."""
+    layer = head_model.get_layer("probabilities")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel / temperature, bias / temperature])
+
+
 def column_stats(rows: np.ndarray, chunk_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and variance, a chunk at a time (Chan et al.'s merge), so that a memory-mapped
     feature file larger than RAM is read once and never copied whole."""

@@ -12,7 +12,7 @@ from sklearn.metrics import top_k_accuracy_score
 
 from pipeline import plots, tracking
 from pipeline.evaluate import GRADCAM_IMAGES, gradcam_examples
-from pipeline.metrics import classification_report, expected_calibration_error, reliability
+from pipeline.metrics import classification_report, expected_calibration_error, fitted_temperature, reliability
 
 LABELS = ["cat", "dog", "fox"]
 Y_TRUE = np.array([0, 0, 1, 1, 2, 2])
@@ -142,3 +142,15 @@ def test_gradcam_grid_takes_two_per_class_then_one_for_each_of_the_first_classes
     assert few[gradcam_examples(few)].tolist() == [0, 0, 1, 1, 2, 2]
     many = np.repeat(np.arange(100), 3)
     assert many[gradcam_examples(many)].tolist() == list(range(GRADCAM_IMAGES))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_at(temperature):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (20_000, 5))
+    drawn = np.exp(logits / temperature)
+    drawn /= drawn.sum(axis=1, keepdims=True)
+    y_true = np.array([rng.choice(5, p=p) for p in drawn])
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))  # what a model at T = 1 says
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    assert fitted_temperature(y_true, probabilities) == pytest.approx(temperature, rel=0.05)

@@ -207,3 +207,15 @@ def test_imagenet_download_failure_is_one_line(project, tmp_path):
     assert last.endswith("offline? set model.weights to a local weights file or to none")
     assert "Traceback" not in result.stderr
     assert not (project / "data" / "features").exists()
+
+
+def test_folding_a_temperature_divides_the_logits_and_keeps_the_most_probable_class():
+    features = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
+    head = models.head(features, 3, HEAD)
+    before = head.predict(features, verbose=0)
+    models.fold_temperature(head, 2.0)
+    after = head.predict(features, verbose=0)
+    expected = np.sqrt(before) / np.sqrt(before).sum(axis=1, keepdims=True)  # softmax(logits / 2)
+    np.testing.assert_allclose(after, expected, rtol=1e-5)
+    assert (after.argmax(axis=1) == before.argmax(axis=1)).all()
+    assert not np.allclose(after, before)
