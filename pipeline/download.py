@@ -8,6 +8,11 @@ Outputs:
 - ``data/raw/``: the source's files, as in the source (a single wrapping folder such as
   ``flower_photos/`` is skipped). Only regular files and folders: links inside the source become
   copies of what they point to; names that are not valid UTF-8 get ``\\xNN`` escapes instead.
+  Zip member names without the UTF-8 flag are read as UTF-8 when they are valid UTF-8 (most zip
+  tools write them so), else as cp437 with a warning; ``\\`` in a zip name is a folder separator.
+  Several top folders of which some, not all, hold only folders (a wrapped dataset next to class
+  folders) stop the stage naming them; when all of them do, a warning says the labels are the top
+  folders; neither applies to split folders, ``data.class_depth`` above 1 or ``data.labels``.
 - ``data/raw/.labels.csv`` (with ``data.labels``): a copy of the table, so DVC versions it with
   the images. Its paths may be relative to the source's root (``flower_photos/daisy/1.jpg``) or to
   ``data/raw`` (``daisy/1.jpg``): a path that names no file but does once the skipped wrapping
@@ -28,9 +33,10 @@ Credentials come from ``~/.netrc`` (or ``$NETRC``) or ``$PIPELINE_DATA_AUTH`` (a
 header), never from params.yaml, as DVC writes params to ``dvc.lock``; any in ``data.url`` are
 masked in what this stage writes and prints.
 
-Extraction refuses absolute paths, ``..``, links pointing outside the archive, device files and
-archives over ``data.max_files`` / ``data.max_bytes``, naming the bad member. It writes into a
-temporary folder that replaces ``data/raw`` only on success.
+Extraction refuses absolute paths, ``..``, Windows drive letters, links pointing outside the
+archive, device files and archives over ``data.max_files`` / ``data.max_bytes``, naming the bad
+member. It writes into a temporary folder that replaces ``data/raw`` only on success. Reading a tar
+archive on a Python older than the tarfile fixes of 2025 (TARFILE_FIXED) prints one warning.
 """
 
 import csv
@@ -38,6 +44,7 @@ import glob
 import hashlib
 import os
 import posixpath
+import re
 import shutil
 import stat
 import sys
@@ -57,7 +64,7 @@ from tqdm import tqdm
 
 from pipeline.cli import OUT_OF_SPACE, UserError, redact_url, run_stage
 from pipeline.config import DataParams, load_config
-from pipeline.data import DOWNLOAD_REPORT, LABELS_COLUMNS, LABELS_TABLE, RAW_DIR, write_manifest
+from pipeline.data import DOWNLOAD_REPORT, LABELS_COLUMNS, LABELS_TABLE, RAW_DIR, SPLIT_NAMES, write_manifest
 from pipeline.files import atomic_dir, cache_root, readable, write_json
 
 RETRIES = 4
@@ -65,8 +72,17 @@ RETRY_WAIT_S = 1.0  # doubles after each failed try
 TIMEOUT_S = (10, 60)  # (connect, read)
 CHUNK = 2**20
 IGNORED_TOP_LEVEL = ("__MACOSX",)  # macOS zip metadata
+NOTES = (".txt", ".md")  # files a wrapping folder may hold next to its folders (flower_photos/LICENSE.txt)
+SHOWN = 5  # folders named in one message
 AUTH_VARIABLE = "PIPELINE_DATA_AUTH"  # the Authorization header for data.url, e.g. "Bearer <token>"
 ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0: ZipCrypto or AES
+ZIP_UTF8 = 0x800  # general purpose flag bit 11: the name is UTF-8 (else cp437, says the zip standard)
+DRIVE = re.compile(r"[A-Za-z]:")  # C:/x.jpg, C:x.jpg: a Windows path, absolute or on another drive
+# The first release of each Python line with tarfile's 2025 fixes for malicious archives: the
+# extraction filter's (CVE-2025-4517, -4330, -4138, -4435, CVE-2024-12718: 3.9.23, 3.10.18, 3.11.13,
+# 3.12.11, 3.13.4), which extract() does not use, and the header parser's (CVE-2025-8194, an endless
+# loop on a negative offset), which it does. Lines from 3.14 on have them all.
+TARFILE_FIXED = {(3, 9): 24, (3, 10): 19, (3, 11): 14, (3, 12): 12, (3, 13): 6}
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)  # what zipfile reads
 
 
@@ -285,10 +301,12 @@ def extract(archive: Path, dest: Path, limits: DataParams) -> None:
     links: list[tuple[PurePosixPath, PurePosixPath, str]] = []
     size = 0
     fmt = archive_format(archive, str(archive))
+    if fmt == "tar":
+        warn_about_tarfile()
     try:
         with open(archive, "rb") as fh, tqdm.wrapattr(
             fh, "read", total=archive.stat().st_size, desc="extract", disable=None
-        ) as raw, open_members(raw, fmt) as members:
+        ) as raw, open_members(raw, fmt, archive) as members:
             for member in members:
                 path = member_path(archive, member.name)
                 if member.kind == "special":
@@ -321,11 +339,20 @@ def extract(archive: Path, dest: Path, limits: DataParams) -> None:
         raise UserError(f"could not extract {archive}: {err}") from None
 
 
+def warn_about_tarfile() -> None:
+    major, minor, micro = sys.version_info[:3]
+    fixed = TARFILE_FIXED.get((major, minor))
+    if fixed is not None and micro < fixed:
+        print(f"warning: Python {major}.{minor}.{micro} predates the tarfile fixes for malicious archives "
+              f"(CVE-2025-4517, CVE-2025-8194 and others) in Python {major}.{minor}.{fixed}; this stage checks every "
+              "member itself, but upgrade Python to read tar archives you do not trust", file=sys.stderr)
+
+
 @contextmanager
-def open_members(raw: IO[bytes], fmt: str) -> Iterator[Iterator[Member]]:
+def open_members(raw: IO[bytes], fmt: str, archive: Path) -> Iterator[Iterator[Member]]:
     if fmt == "zip":
         with zipfile.ZipFile(raw) as zf:
-            yield zip_members(zf)
+            yield zip_members(zf, archive)
     else:
         with tarfile.open(fileobj=raw, mode="r|*") as tar:  # one streaming pass, any compression
             yield tar_members(tar)
@@ -346,26 +373,51 @@ def tar_members(tar: tarfile.TarFile) -> Iterator[Member]:
             yield Member(info.name, "special", detail="a device file" if info.ischr() or info.isblk() else "a FIFO")
 
 
-def zip_members(zf: zipfile.ZipFile) -> Iterator[Member]:
+def zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[Member]:
+    warned = False
     for info in zf.infolist():
+        name, cp437 = zip_name(info)
+        if cp437 and not warned:
+            warned = True
+            print(f"warning: {archive}: zip member names that are not UTF-8 are read as cp437, the zip format's "
+                  f"default, e.g. {name!r}; if names look wrong, repack the archive with a tool that writes UTF-8 "
+                  "names (7-Zip, Info-ZIP zip)", file=sys.stderr)
         mode = info.external_attr >> 16  # Unix mode bits, 0 when the zip tool stored none
-        if info.is_dir():
-            yield Member(info.filename, "dir")
+        if name.endswith("/"):
+            yield Member(name, "dir")
         elif info.flag_bits & ZIP_ENCRYPTED:  # zipfile would stop with a RuntimeError asking for a password
-            yield Member(info.filename, "unreadable", detail="it is encrypted (a password-protected zip)")
+            yield Member(name, "unreadable", detail="it is encrypted (a password-protected zip)")
         elif info.compress_type not in ZIP_METHODS:  # e.g. Deflate64, which Windows uses for big archives
             method = zipfile.compressor_names.get(info.compress_type, "unknown")
-            yield Member(info.filename, "unreadable",
+            yield Member(name, "unreadable",
                          detail=f"it is compressed with method {info.compress_type} ({method}), which Python cannot read")
         elif stat.S_ISLNK(mode):  # a zip symlink stores its target as the member's content
             with zf.open(info) as fh:
-                target = fh.read(4096).decode("utf-8", "backslashreplace")
-            yield Member(info.filename, "link", link=posixpath.join(posixpath.dirname(info.filename), target),
+                target = fh.read(4096).decode("utf-8", "backslashreplace").replace("\\", "/")
+            yield Member(name, "link", link=posixpath.join(posixpath.dirname(name), target),
                          detail=f"symlink to '{target}'")
         elif stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: only permissions stored
-            yield Member(info.filename, "special", detail="a device file or FIFO")
+            yield Member(name, "special", detail="a device file or FIFO")
         else:
-            yield Member(info.filename, "file", stream=zf.open(info))
+            yield Member(name, "file", stream=zf.open(info))
+
+
+def zip_name(info: zipfile.ZipInfo) -> tuple[str, bool]:
+    """The member's path, with ``\\`` (written by some Windows tools) as a separator, and whether it
+    stays cp437.
+
+    Without the UTF-8 flag zipfile decodes a name as cp437, but macOS Archive Utility, 7-Zip and
+    Info-ZIP write UTF-8 without setting it: bytes that are valid UTF-8 are taken as UTF-8, the
+    rest (Windows' own zipper writes its code page) stay cp437. zipfile's ``metadata_encoding``
+    cannot do this: it applies to every member of the archive and fails on any name it cannot decode.
+    """
+    name, cp437 = info.filename, False
+    if not info.flag_bits & ZIP_UTF8:
+        try:
+            name = name.encode("cp437").decode("utf-8")
+        except UnicodeDecodeError:
+            cp437 = True
+    return name.replace("\\", "/"), cp437
 
 
 def refuse(archive: Path, name: str, why: str) -> NoReturn:
@@ -377,6 +429,8 @@ def member_path(archive: Path, name: str) -> PurePosixPath:
     path = PurePosixPath(readable(name))
     if path.is_absolute():
         refuse(archive, name, "absolute path")
+    if path.parts and DRIVE.match(path.parts[0]):
+        refuse(archive, name, "a Windows drive letter")
     if ".." in path.parts:
         refuse(archive, name, "'..' in path")
     return path
@@ -450,11 +504,55 @@ def skip_reason(entry: Path, real: Path, root: Path, visiting: frozenset) -> str
 
 def dataset_root(folder: Path) -> Path:
     """Descend through a single wrapping folder (``flower_photos/``) to the class folders."""
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in IGNORED_TOP_LEVEL]
-    dirs = [p for p in entries if p.is_dir() and not p.is_symlink()]
-    if len(dirs) == 1 and all(p.is_dir() or p.suffix.lower() in (".txt", ".md") for p in entries):
+    dirs = folders_in(folder)
+    if len(dirs) == 1 and holds_only_folders(folder):
         return dataset_root(dirs[0])
     return folder
+
+
+def visible(folder: Path) -> list[Path]:
+    """The entries of ``folder`` but the hidden ones prepare ignores too (``.DS_Store``, ``._x.jpg``,
+    ``__MACOSX``: what macOS adds)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in IGNORED_TOP_LEVEL)
+
+
+def folders_in(folder: Path) -> list[Path]:
+    return [p for p in visible(folder) if p.is_dir() and not p.is_symlink()]
+
+
+def holds_only_folders(folder: Path) -> bool:
+    """Whether ``folder`` holds folders and nothing else but notes (LICENSE.txt): a dataset's wrapper."""
+    entries = visible(folder)
+    return any(p.is_dir() for p in entries) and all(p.is_dir() or p.suffix.lower() in NOTES for p in entries)
+
+
+def check_one_dataset(top: Path, cfg: DataParams) -> None:
+    """Several top folders where some hold only folders and others hold images look like several
+    datasets side by side (a wrapped one next to class folders): stop, naming them. When every top
+    folder holds only folders, the layout is the documented nested one (``dogs/husky``, labelled
+    ``dogs``) or several wrapped datasets, which folders alone cannot tell apart: warn. Split
+    folders, classes two levels down (``data.class_depth``) and a labels table say otherwise."""
+    dirs = folders_in(top)
+    if len(dirs) < 2 or cfg.labels or cfg.class_depth > 1 or any(p.name.lower() in SPLIT_NAMES for p in dirs):
+        return
+    wrapped = [p for p in dirs if holds_only_folders(p)]
+    if wrapped and len(wrapped) < len(dirs):
+        verb = "holds" if len(wrapped) == 1 else "hold"
+        raise UserError(f"data.url: {redact_url(cfg.url)} holds several top folders ({folder_list(dirs)}), and "
+                        f"{folder_list(wrapped)} {verb} only folders, like a whole dataset: several datasets side "
+                        "by side? set data.url to the folder of the one to use (unpack an archive first) or repack "
+                        "it with its class folders at the top; if the folders inside are the classes, set "
+                        "data.class_depth: 2")
+    if wrapped:
+        print(f"warning: data.url: every top folder of {redact_url(cfg.url)} ({folder_list(dirs)}) holds only "
+              "folders: the labels are these top folders (data.class_depth: 1); if the folders inside them are "
+              "the classes, set data.class_depth: 2, or if they are several datasets, set data.url to one",
+              file=sys.stderr)
+
+
+def folder_list(folders: list[Path]) -> str:
+    more = f" and {len(folders) - SHOWN} more" if len(folders) > SHOWN else ""
+    return ", ".join(f"{readable(p.name)}/" for p in folders[:SHOWN]) + more
 
 
 # --- The labels table -------------------------------------------------------------------------
@@ -517,6 +615,7 @@ def main() -> None:
             # A local folder is copied, so DVC versions exactly what was trained on.
             root = source.resolve()
             top = dataset_root(root)
+            check_one_dataset(top, cfg)
             try:
                 copy_folder(top, staging, root, skipped)
             except OSError as err:
@@ -529,6 +628,7 @@ def main() -> None:
             root = staging / ".unpacked"
             extract(archive, root, cfg)
             top = dataset_root(root)
+            check_one_dataset(top, cfg)
             for entry in top.iterdir():
                 entry.rename(staging / entry.name)
             shutil.rmtree(root)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -290,6 +291,134 @@ def test_stage_prints_one_line_for_a_bad_archive(workdir):
         "error: data.url: page.tgz is not a tar or zip archive: it is an HTML page "
         "(an error or login page saved under the archive's name?)"
     ]
+
+
+# --- Archives from other tools: name encodings, Windows separators, several top folders ------------
+
+
+def zip_with_raw_names(path: Path, members: list[tuple[bytes, bytes]]) -> Path:
+    """A zip whose member names are the given bytes with flag bit 11 (UTF-8) unset, as macOS Archive
+    Utility, 7-Zip and Info-ZIP write UTF-8 names and Windows' own zipper its code page: each is
+    written under an ASCII stand-in of the same length, then swapped in both headers."""
+    stand_ins = [bytes([ord("A") + i]) * len(name) for i, (name, _) in enumerate(members)]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for stand_in, (_, data) in zip(stand_ins, members):
+            zf.writestr(stand_in.decode(), data)
+    content = path.read_bytes()
+    for stand_in, (name, _) in zip(stand_ins, members):
+        assert content.count(stand_in) == 2  # the local and the central header
+        content = content.replace(stand_in, name)
+    path.write_bytes(content)
+    assert not any(info.flag_bits & 0x800 for info in zipfile.ZipFile(path).infolist())
+    return path
+
+
+def raw_names() -> list[str]:
+    return sorted(str(p.relative_to("data/raw")) for p in Path("data/raw").rglob("*") if p.is_file())
+
+
+def warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning:")]
+
+
+def test_unflagged_utf8_zip_names_are_read_as_utf8(workdir, capsys):
+    archive = zip_with_raw_names(workdir.parent / "mac.zip", [
+        ("photos/rosé/花.jpg".encode(), DATA), (b"photos/tulips/x.jpg", DATA)])
+    download_from(archive)
+    assert raw_names() == ["rosé/花.jpg", "tulips/x.jpg"]  # not 'ros├⌐/Φè▒.jpg'
+    assert warnings(capsys.readouterr().err) == []
+
+
+def test_zip_names_in_a_windows_code_page_stay_cp437_with_one_warning(workdir, capsys):
+    archive = zip_with_raw_names(workdir.parent / "windows.zip", [
+        ("café/1.jpg".encode("cp437"), DATA),  # Windows' zipper on an OEM code page: read right
+        ("café/2.jpg".encode("cp437"), DATA),
+        ("tulips/crème.jpg".encode("cp1252"), DATA)])  # on an ANSI code page: cp437 misreads it
+    download_from(archive)
+    assert raw_names() == ["café/1.jpg", "café/2.jpg", "tulips/crΦme.jpg"]
+    assert warnings(capsys.readouterr().err) == [
+        f"warning: {archive}: zip member names that are not UTF-8 are read as cp437, the zip format's default, "
+        "e.g. 'café/1.jpg'; if names look wrong, repack the archive with a tool that writes UTF-8 names "
+        "(7-Zip, Info-ZIP zip)"]
+
+
+def test_backslash_separated_zip_names_are_folders(workdir):
+    archive = zip_with(workdir.parent / "backslash.zip", [
+        ("flowers\\daisy\\", b""), ("flowers\\daisy\\a.jpg", DATA), ("flowers\\tulips\\b.jpg", DATA),
+        ("flowers\\LICENSE.txt", b"CC-BY\n")])
+    report = download_from(archive)
+    assert raw_names() == ["LICENSE.txt", "daisy/a.jpg", "tulips/b.jpg"]  # the wrapping folder is skipped
+    assert report["files"] == 3
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("a\\..\\..\\evil.jpg", "'a/../../evil.jpg': '..' in path"),
+    ("\\tmp\\evil.jpg", "'/tmp/evil.jpg': absolute path"),
+    ("\\\\server\\share\\evil.jpg", "'//server/share/evil.jpg': absolute path"),
+    ("C:\\evil.jpg", "'C:/evil.jpg': a Windows drive letter"),
+    ("c:evil.jpg", "'c:evil.jpg': a Windows drive letter"),
+], ids=["dotdot", "root", "unc", "drive", "drive-relative"])
+def test_backslash_names_are_checked_after_normalizing(workdir, name, expected):
+    archive = zip_with(workdir.parent / "evil.zip", [("a/ok.jpg", DATA), (name, DATA)])
+    assert expected in refused(archive)
+    assert not list(workdir.parent.parent.rglob("evil.jpg"))
+
+
+def flowers_members(top: str) -> list[tuple[tarfile.TarInfo, bytes]]:
+    return [(tar_entry(f"{top}/{name}"), DATA) for name in ("daisy/a.jpg", "tulips/b.jpg")] + [
+        (tar_entry(f"{top}/LICENSE.txt"), b"CC-BY\n")]
+
+
+def test_a_wrapped_dataset_beside_class_folders_is_refused_and_all_wrapped_ones_are_warned_of(workdir, capsys):
+    archive = tar_with(workdir.parent / "two.tgz", [*flowers_members("flowers"), (tar_entry("extras/x.jpg"), DATA),
+                                                     (tar_entry("more/y.jpg"), DATA)])
+    assert refused(archive) == (
+        f"data.url: {archive} holds several top folders (extras/, flowers/, more/), and flowers/ holds only "
+        "folders, like a whole dataset: several datasets side by side? set data.url to the folder of the one "
+        "to use (unpack an archive first) or repack it with its class folders at the top; if the folders "
+        "inside are the classes, set data.class_depth: 2")
+    source = workdir.parent / "unpacked"
+    for info, data in flowers_members("flowers") + flowers_members("others"):
+        (source / info.name).parent.mkdir(parents=True, exist_ok=True)
+        (source / info.name).write_bytes(data)
+    capsys.readouterr()
+    download_from(source)
+    assert (f"warning: data.url: every top folder of {source} (flowers/, others/) holds only folders: the labels "
+            "are these top folders") in capsys.readouterr().err
+    assert sorted(p.name for p in Path("data/raw").iterdir()) == ["flowers", "others"]
+
+
+@pytest.mark.parametrize(("members", "params", "expected"), [
+    ([("cats/a.jpg", DATA), ("dogs/b.jpg", DATA), ("LICENSE.txt", b"")], {}, ["LICENSE.txt", "cats/a.jpg", "dogs/b.jpg"]),
+    ([("train/cats/a.jpg", DATA), ("val/cats/b.jpg", DATA)], {}, ["train/cats/a.jpg", "val/cats/b.jpg"]),
+    ([("dogs/husky/a.jpg", DATA), ("cats/siamese/b.jpg", DATA)], {"data.class_depth": 2},
+     ["cats/siamese/b.jpg", "dogs/husky/a.jpg"]),
+    ([("data/flowers/daisy/a.jpg", DATA), ("data/flowers/tulips/b.jpg", DATA), ("__MACOSX/data/._x.jpg", b""),
+      ("data/.DS_Store", b""), ("data/flowers/._c.jpg", b"")], {}, ["._c.jpg", "daisy/a.jpg", "tulips/b.jpg"]),
+], ids=["class-folders", "split-folders", "class-depth-2", "wrapped-twice-with-macos-junk"])
+def test_layouts_with_several_top_folders_are_kept(workdir, members, params, expected):
+    download_from(zip_with(workdir.parent / "ok.zip", members), **params)
+    assert raw_names() == expected
+
+
+def test_old_python_warns_once_about_tarfile(workdir, capsys, monkeypatch):
+    archive = tar_with(workdir.parent / "many.tgz", [(tar_entry(f"a/{i}.jpg"), DATA) for i in range(3)] + [
+        (tar_entry(f"b/{i}.jpg"), DATA) for i in range(3)])
+    monkeypatch.setattr(sys, "version_info", (3, 11, 7, "final", 0))
+    download_from(archive)
+    assert warnings(capsys.readouterr().err) == [
+        "warning: Python 3.11.7 predates the tarfile fixes for malicious archives (CVE-2025-4517, CVE-2025-8194 and "
+        "others) in Python 3.11.14; this stage checks every member itself, but upgrade Python to read tar archives "
+        "you do not trust"]
+    for fixed in ((3, 11, 14), (3, 12, 12), (3, 13, 6), (3, 14, 0)):
+        monkeypatch.setattr(sys, "version_info", (*fixed, "final", 0))
+        download_from(archive)
+        assert warnings(capsys.readouterr().err) == [], fixed
+    monkeypatch.setattr(sys, "version_info", (3, 12, 11, "final", 0))  # the filter fixes, not the parser's
+    download_from(zip_with(workdir.parent / "a.zip", [("a/x.jpg", DATA), ("b/y.jpg", DATA)]))
+    assert warnings(capsys.readouterr().err) == []  # tarfile never reads a zip
+    download_from(archive)
+    assert "in Python 3.12.12;" in capsys.readouterr().err
 
 
 # --- Downloading over HTTP --------------------------------------------------------------------

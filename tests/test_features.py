@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port, on_two_cpus, project_env, project_through, run
+from conftest import free_port, on_two_cpus, project_env, project_through, run, set_params
 
 PER_REPLICA = 4
 TINY = {"model.backbone": "mobilenet", "model.alpha": 0.25, "model.image_size": 32, "augment.mode": "offline",
@@ -79,3 +79,22 @@ def test_every_device_count_and_worker_count_writes_the_same_features(augmented,
         for name, rows in expected.items():
             np.testing.assert_array_equal(got[name], rows, err_msg=f"{project.name}: {name}")
         assert meta_but_time(project) == meta_but_time(one)
+
+
+PEAK_RSS = """
+import resource, subprocess, sys
+subprocess.run([sys.executable, "-m", "pipeline.features"], check=True, capture_output=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)
+"""
+
+
+def test_a_huge_head_batch_does_not_grow_the_backbone_batch(augmented, tmp_path):
+    """train.batch_size is the head's batch over feature rows; the features stage runs at most
+    MAX_BACKBONE_BATCH images per pass. Padded up to 100,000 images (what it did before), the 32 px
+    batch and its activations would take gigabytes."""
+    peaks = {}
+    for batch_size in (PER_REPLICA, 100_000):
+        project = copy_of(augmented, tmp_path, f"batch{batch_size}")
+        set_params(project, **{"train.batch_size": batch_size})
+        peaks[batch_size] = int(run([sys.executable, "-c", PEAK_RSS], project).stdout.split()[-1])
+    assert peaks[100_000] < peaks[PER_REPLICA] + 300, f"peak RSS in MiB by train.batch_size: {peaks}"
