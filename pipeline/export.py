@@ -16,7 +16,6 @@ go to ``eval/export.json`` (DVC metrics) and any difference beyond ``export.tole
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter  # tf.lite.Interpreter is deprecated in its favour
 
 from pipeline import models
 from pipeline.cli import UserError, first_line, run_stage
@@ -78,9 +78,7 @@ def saved_model_runner(path: Path) -> Runner:
 
 
 def tflite_runner(path: Path) -> Runner:
-    with warnings.catch_warnings():  # tf.lite.Interpreter warns that it moves to the ai-edge-litert package
-        warnings.simplefilter("ignore")
-        interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=os.cpu_count())
+    interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count())
     run = interpreter.get_signature_runner(SIGNATURE)  # resizes its input to each batch's shape
     return lambda images: run(image=images)["probabilities"]
 

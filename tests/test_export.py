@@ -4,12 +4,12 @@ against the Keras model on test images, and a parity failure stopping the stage 
 import json
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter
 from PIL import Image
 
 from conftest import REPO, make_images, set_params
@@ -27,7 +27,7 @@ def tiny_model(tmp_path_factory) -> Path:
     probabilities; ResNet50 at 32 px with random weights, so only for plumbing) and ``labels.json``."""
     keras.utils.set_random_seed(0)
     root = tmp_path_factory.mktemp("tiny_model")
-    params = ModelParams(backbone="resnet50", weights="none", image_size=32, precision="float32",
+    params = ModelParams(backbone="resnet50", weights="none", image_size=32, alpha=None, precision="float32",
                          head=HeadParams(dense_units=0, dropout=0.1))
     extractor = models.feature_extractor(params)
     images = make_images(root / "images", {label: 4 for label in LABELS}, size=(32, 32))
@@ -79,9 +79,7 @@ def test_exports_match_the_keras_model(tmp_path, tiny_model, monkeypatch):
 
     served = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"](image=tf.constant(image))
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the interpreter's deprecation notice
-        interpreter = tf.lite.Interpreter(model_path=str(out / "model_float32.tflite"))
+    interpreter = Interpreter(model_path=str(out / "model_float32.tflite"))
     runner = interpreter.get_signature_runner("serving_default")
     assert list(runner.get_input_details()["image"]["shape_signature"]) == [-1, -1, -1, 3]
     assert runner.get_input_details()["image"]["dtype"] == np.uint8
