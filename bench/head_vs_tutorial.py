@@ -27,7 +27,7 @@ from common import add_slice_arguments, load_average, manifest_rows, new_workdir
 from pipeline import feature_store
 from pipeline.backbones import BACKBONES
 from pipeline.config import override_params
-from pipeline.data import FEATURES_DIR
+from pipeline.data import FEATURES_DIR, HISTORY
 
 
 def ours(workdir: Path) -> dict:
@@ -54,7 +54,7 @@ def features_at(workdir: Path, precision: str) -> float:
 
 
 def read_history(workdir: Path) -> list[dict]:
-    with open(workdir / "data/model/history.csv", newline="") as fh:
+    with open(workdir / HISTORY, newline="") as fh:
         return list(csv.DictReader(fh))
 
 

@@ -32,6 +32,7 @@ import recipe
 from common import REPO, load_average, machine, new_workdir, run_stage, section
 from pipeline.backbones import BACKBONES
 from pipeline.config import load_config, override_params
+from pipeline.data import HISTORY
 
 BEFORE_TRAIN = ("augment", "features")
 TRAIN = ("train", "evaluate")
@@ -69,7 +70,7 @@ def test_report(workdir: Path) -> dict:
 
 
 def epochs_run(workdir: Path) -> str:
-    with open(workdir / "data/model/history.csv", newline="") as fh:
+    with open(workdir / HISTORY, newline="") as fh:
         phases = [row["phase"] for row in csv.DictReader(fh)]
     return " + ".join(f"{phases.count(phase)} {phase}" for phase in dict.fromkeys(phases))
 

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import augmentation
-from pipeline.augmentation import offline_policy, offline_variant, online_augmentation, resize_only, variant_seed
+from pipeline.augmentation import offline_policy, offline_variant, online_variants, resize_only, variant_seed
 from pipeline.cli import UserError, run_stage
 from pipeline.config import Config, load_config
 from pipeline.data import (
@@ -46,8 +46,10 @@ from pipeline.data import (
     JPEG_QUALITY,
     PREPARED_DIR,
     PREPARED_MANIFEST,
-    read_manifest,
-    write_manifest,
+    AugmentedImage,
+    PreparedImage,
+    read_rows,
+    write_rows,
 )
 from pipeline.files import atomic_dir, atomic_file, cache_root
 
@@ -60,7 +62,6 @@ GALLERY_VARIANTS = 4
 # sizes it shows the stage's variants exactly; its cells are ~130 px, so larger would show nothing
 # more, while the online layers' batch (classes x variants images) grows with the square of the side.
 GALLERY_SIDE = 300
-MANIFEST_HEADER = ["path", "label", "split", "copy", "source"]
 
 
 def render_cache_dir() -> Path:
@@ -79,7 +80,7 @@ def fingerprints(cfg: Config) -> tuple[str, str]:
         "code": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (augmentation.__file__, __file__)],
         "libraries": [version(name) for name in ("albumentations", "albucore", "pillow", "numpy")] + [cv2.__version__],
     }
-    policy = cfg.augment.model_dump(mode="json", exclude={"mode", "copies"})
+    policy = cfg.augment.model_dump(mode="json", exclude={"mode", "copies", "online"})  # online: no file changes
     return digest(common), digest({**common, "seed": cfg.seed, "policy": policy})
 
 
@@ -105,7 +106,7 @@ def decode(data: bytes) -> np.ndarray:
 class Job:
     """One prepared image to write copies 0..copies of (picklable, for the worker processes)."""
 
-    row: dict[str, str]
+    row: PreparedImage
     copies: int
     cfg: Config
     out: Path
@@ -113,30 +114,30 @@ class Job:
     fingerprints: tuple[str, str]
 
 
-def render(job: Job) -> tuple[list[list], int]:
+def render(job: Job) -> tuple[list[AugmentedImage], int]:
     """Write one image's copies into ``job.out``, rendering only those not in the cache.
 
     Returns its manifest rows and how many copies were rendered.
     """
     row = job.row
-    data = (PREPARED_DIR / row["path"]).read_bytes()
+    data = (PREPARED_DIR / row.path).read_bytes()
     file_sha = hashlib.sha256(data).hexdigest()
     pixels, rendered, rows = None, 0, []
     for copy in range(job.copies + 1):
-        key = digest([file_sha, row["sha256"], copy, job.fingerprints[copy > 0]])
+        key = digest([file_sha, row.sha256, copy, job.fingerprints[copy > 0]])
         cached = job.cache / key[:2] / f"{key}.jpg"
         if not cached.is_file():
             pixels = decode(data) if pixels is None else pixels
             with atomic_file(cached, "wb") as fh:  # concurrent runs write identical bytes; rename is atomic
-                fh.write(encode_jpeg(render_copy(pixels, copy, row["sha256"], job.cfg)))
+                fh.write(encode_jpeg(render_copy(pixels, copy, row.sha256, job.cfg)))
             rendered += 1
-        relative = Path(row["split"]) / row["label"] / f"{Path(row['path']).stem}_{copy}.jpg"
+        relative = Path(row.split) / row.label / f"{Path(row.path).stem}_{copy}.jpg"
         shutil.copyfile(cached, job.out / relative)  # a copy, so edits in the workspace never reach the cache
-        rows.append([str(relative), row["label"], row["split"], copy, row["path"]])
+        rows.append(AugmentedImage(str(relative), row.label, row.split, copy, row.path))
     return rows, rendered
 
 
-def render_all(jobs: list[Job]) -> tuple[list[list], int]:
+def render_all(jobs: list[Job]) -> tuple[list[AugmentedImage], int]:
     # One process per core, so one OpenCV thread per process.
     with ProcessPoolExecutor(initializer=cv2.setNumThreads, initargs=(1,)) as pool:
         results = list(tqdm(pool.map(render, jobs, chunksize=8), total=len(jobs), desc="augment", unit="image",
@@ -144,12 +145,12 @@ def render_all(jobs: list[Job]) -> tuple[list[list], int]:
     return [r for rows, _ in results for r in rows], sum(n for _, n in results)
 
 
-def gallery_samples(manifest: list[dict[str, str]]) -> list[dict[str, str]]:
+def gallery_samples(manifest: list[PreparedImage]) -> list[PreparedImage]:
     """The first training image of each class (of the first ``GALLERY_CLASSES`` classes)."""
-    first: dict[str, dict[str, str]] = {}
+    first: dict[str, PreparedImage] = {}
     for row in manifest:
-        if row["split"] == "train":
-            first.setdefault(row["label"], row)
+        if row.split == "train":
+            first.setdefault(row.label, row)
     return [first[label] for label in sorted(first)[:GALLERY_CLASSES]]
 
 
@@ -158,18 +159,17 @@ def thumbnail(pixels: np.ndarray, side: int) -> np.ndarray:
     return pixels if len(pixels) == side else cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA)
 
 
-def write_gallery(manifest: list[dict[str, str]], cfg: Config) -> None:
+def write_gallery(manifest: list[PreparedImage], cfg: Config) -> None:
     """One row per sample: the resized original, offline variants (as the stage writes them, then
     shrunk to at most ``GALLERY_SIDE``), online variants (the Keras layers run at that side)."""
     samples = gallery_samples(manifest)
     side = min(cfg.model.input_size, GALLERY_SIDE)
-    pixels = [np.asarray(Image.open(PREPARED_DIR / r["path"]).convert("RGB")) for r in samples]
-    originals = np.stack([thumbnail(render_copy(p, 0, r["sha256"], cfg), side) for p, r in zip(pixels, samples)])
-    offline = [[thumbnail(render_copy(p, k, r["sha256"], cfg), side) for k in range(1, GALLERY_VARIANTS + 1)]
+    pixels = [np.asarray(Image.open(PREPARED_DIR / r.path).convert("RGB")) for r in samples]
+    originals = np.stack([thumbnail(render_copy(p, 0, r.sha256, cfg), side) for p, r in zip(pixels, samples)])
+    offline = [[thumbnail(render_copy(p, k, r.sha256, cfg), side) for k in range(1, GALLERY_VARIANTS + 1)]
                for p, r in zip(pixels, samples)]
     batch = np.repeat(originals.astype("float32"), GALLERY_VARIANTS, axis=0)
-    online = online_augmentation(cfg, size=side)(batch, training=True)
-    online = np.asarray(online).round().clip(0, 255).astype("uint8")
+    online = online_variants(cfg, batch, side).round().clip(0, 255).astype("uint8")
     online = online.reshape(len(samples), GALLERY_VARIANTS, *originals.shape[1:])
 
     titles = ["original", *(f"offline {k}" for k in range(1, GALLERY_VARIANTS + 1)),
@@ -181,7 +181,7 @@ def write_gallery(manifest: list[dict[str, str]], cfg: Config) -> None:
             ax.imshow(image)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[i, 0].set_ylabel(row["label"], fontsize=9)
+        axes[i, 0].set_ylabel(row.label, fontsize=9)
     for ax, title in zip(axes[0], titles):
         ax.set_title(title, fontsize=9)
     fig.suptitle(f"augment.mode={cfg.augment.mode}: offline = albumentations (augment stage), online = Keras layers",
@@ -199,7 +199,7 @@ def main() -> None:
     manifest_path = PREPARED_MANIFEST
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} is missing: run the prepare stage first (dvc repro)")
-    manifest = read_manifest(manifest_path)
+    manifest = read_rows(manifest_path, PreparedImage)
     cache = render_cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -208,11 +208,11 @@ def main() -> None:
                         "set PIPELINE_CACHE_DIR to a writable folder") from None
     keys = fingerprints(cfg)
     with atomic_dir(AUGMENTED_DIR) as out:
-        for split, label in {(r["split"], r["label"]) for r in manifest}:
+        for split, label in {(r.split, r.label) for r in manifest}:
             (out / split / label).mkdir(parents=True, exist_ok=True)
         copies = {"train": cfg.augment.offline_copies}
-        rows, rendered = render_all([Job(r, copies.get(r["split"], 0), cfg, out, cache, keys) for r in manifest])
-        write_manifest(out / AUGMENTED_MANIFEST.name, MANIFEST_HEADER, rows)
+        rows, rendered = render_all([Job(r, copies.get(r.split, 0), cfg, out, cache, keys) for r in manifest])
+        write_rows(out / AUGMENTED_MANIFEST.name, AugmentedImage, rows)
     write_gallery(manifest, cfg)
     print(f"augment: {len(rows)} images at {cfg.model.input_size}px in {AUGMENTED_DIR} "
           f"({rendered} rendered, {len(rows) - rendered} from the cache in {cache}); preview in {AUGMENT_GALLERY}")

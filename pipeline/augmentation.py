@@ -10,18 +10,24 @@ AlexNet PCA lighting, with the meaning of each field given in params.yaml and th
 Core library transforms and layers are used wherever one exists; Keras 3 has no random resized
 crop, no flip with a probability and no PCA lighting, and albumentations' ``FancyPCA`` is a
 per-image PCA (not AlexNet's), so those few are small classes here.
+
+Online only (``augment.online``, core Keras 3 layers that used to be keras-cv's): RandAugment, last
+in the online layers, and MixUp or CutMix, which mix labels too and so run on the training batches
+(:func:`label_mixing`, a map over train's tf.data batches), not in the model.
 """
 
 import hashlib
 import itertools
 import math
 import random
+from collections.abc import Callable
 from functools import cache
 
 import albucore
 import albumentations as A
 import keras
 import numpy as np
+import tensorflow as tf
 from albumentations.core.transforms_interface import BaseTransformInitSchema
 from keras import ops
 
@@ -241,4 +247,65 @@ def _layers(cfg: Config, size: int) -> keras.Sequential:
     if policy.pca_std:
         layers.append(RandomPCALighting(policy.pca_std, seed=next(seeds), name="pca_lighting"))
     layers.append(keras.layers.Rescaling(255, name="to_pixel_range"))
+    if policy.online.rand_augment_ops:
+        layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=policy.online.rand_augment_ops,
+                                               factor=policy.online.rand_augment_factor, seed=next(seeds),
+                                               name="rand_augment"))
     return keras.Sequential(layers, name="augmentation")
+
+
+# ---- online label mixing: MixUp / CutMix on batches of (images, one-hot labels) ---------------
+
+Batches = Callable[[tf.data.Dataset, int], tf.data.Dataset]  # (row indices, batch size) -> batches
+
+
+def mixing_layer(cfg: Config) -> keras.layers.Layer | None:
+    """``augment.online.mix`` as its Keras layer, the share of the first image ~ Beta(mix_alpha,
+    mix_alpha) for both (CutMix draws its alpha uniformly in ``factor``: a pair pins it); None when off."""
+    online = cfg.augment.online
+    with dtype_policy("float32"):
+        if online.mix == "mixup":
+            return keras.layers.MixUp(alpha=online.mix_alpha, seed=cfg.seed, name="mixup")
+        if online.mix == "cutmix":
+            return keras.layers.CutMix(factor=(online.mix_alpha, online.mix_alpha), seed=cfg.seed, name="cutmix")
+    return None
+
+
+def mixed(layer: keras.layers.Layer, images, labels, seed: int, key) -> tuple:
+    """``layer`` on one batch, its draws seeded by (``seed``, ``key``) alone, not by what ran before."""
+    state = layer.generator.state
+    state.assign(ops.stack([ops.cast(seed, state.dtype), ops.cast(key, state.dtype)]))
+    out = layer({"images": images, "labels": labels}, training=True)
+    return out["images"], out["labels"]
+
+
+def label_mixing(cfg: Config, batches: Batches) -> Batches:
+    """``batches`` with ``augment.online.mix`` applied to each batch of (float pixels, one-hot
+    labels); ``batches`` itself when it is none.
+
+    Each batch is seeded by (seed, a fingerprint of its row indices): the same epoch order gives the
+    same mixing, so a resumed run mixes as an uninterrupted one did. The map runs sequentially, as
+    it sets the layer's generator state.
+    """
+    layer = mixing_layer(cfg)
+    if layer is None:
+        return batches
+
+    def key(indices):
+        return tf.bitcast(tf.fingerprint(indices[None])[0], tf.int64)
+
+    def mixed_batches(indices: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+        keyed = tf.data.Dataset.zip(batches(indices, batch_size), indices.batch(batch_size).map(key))
+        return keyed.map(lambda batch, k: mixed(layer, *batch, cfg.seed, k))
+
+    return mixed_batches
+
+
+def online_variants(cfg: Config, images: np.ndarray, size: int) -> np.ndarray:
+    """What online training makes of a batch of float pixels at ``size`` px: the online layers, then
+    ``augment.online.mix`` across the batch (each image its own label). For the gallery."""
+    augmented = online_augmentation(cfg, size)(images, training=True)
+    layer = mixing_layer(cfg)
+    if layer is not None:
+        augmented, _ = mixed(layer, augmented, np.eye(len(images), dtype="float32"), cfg.seed, 0)
+    return np.asarray(augmented)

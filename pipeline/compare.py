@@ -7,7 +7,6 @@ Usage: python -m pipeline.compare [--metric test_accuracy] [--max-runs 20]
 import argparse
 import subprocess
 
-import mlflow
 import pandas as pd
 
 from pipeline import tracking
@@ -28,11 +27,10 @@ COLUMNS = {
 }
 
 
-def mlflow_runs(experiment_name: str, metric: str, max_runs: int) -> pd.DataFrame:
-    if mlflow.get_experiment_by_name(experiment_name) is None:
-        raise UserError(f"no MLflow experiment '{experiment_name}' at {mlflow.get_tracking_uri()}: run `make run` first")
-    runs = mlflow.search_runs(experiment_names=[experiment_name], order_by=[f"metrics.{metric} DESC"],
-                              max_results=max_runs, filter_string="attributes.status = 'FINISHED'")
+def mlflow_runs(experiment_name: str, metric: str, max_runs: int, store: str) -> pd.DataFrame:
+    runs = tracking.finished_runs(experiment_name, metric, max_runs)
+    if runs is None:
+        raise UserError(f"no MLflow experiment '{experiment_name}' at {store}: run `make run` first")
     present = [c for c in COLUMNS if c in runs.columns]
     return runs[present].rename(columns=COLUMNS)
 
@@ -43,12 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-runs", type=int, default=20)
     args = parser.parse_args(argv)
     cfg = load_config()
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    store = tracking.use_project_store()
     print("DVC experiments, best test accuracy first:")
     subprocess.run(["dvc", "exp", "show", "--no-pager", "--only-changed", "--sort-by",
                     "eval/metrics.json:accuracy", "--sort-order", "desc"], check=False)
-    print(f"\nMLflow runs in '{cfg.experiment_name}' ({mlflow.get_tracking_uri()}), best {args.metric} first:")
-    table = mlflow_runs(cfg.experiment_name, args.metric, args.max_runs)
+    print(f"\nMLflow runs in '{cfg.experiment_name}' ({store}), best {args.metric} first:")
+    table = mlflow_runs(cfg.experiment_name, args.metric, args.max_runs, store)
     print(table.to_string(index=False) if len(table) else "(no finished runs)")
 
 

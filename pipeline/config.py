@@ -1,7 +1,9 @@
 """The one typed, validated view of ``params.yaml``.
 
 Every stage calls :func:`load_config` first, so a wrong key or value fails before any work starts,
-with one line naming the key and what is allowed.
+with one line naming the key and what is allowed. Types, ranges and derived values live here; what
+each param means, and its value, live in params.yaml alone (its comments; tests/test_params_doc.py),
+so no field has a default here.
 """
 
 import re
@@ -33,12 +35,12 @@ class Section(BaseModel):
 
 class DataParams(Section):
     url: str = Field(min_length=1)
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    max_per_class: Annotated[int, Field(gt=0)] | None = None
-    max_files: Annotated[int, Field(gt=0)] = 1_000_000  # archive bomb caps: files and bytes unpacked
-    max_bytes: Annotated[int, Field(gt=0)] = 20_000_000_000
-    labels: str | None = Field(default=None, min_length=1)  # path of a path,label[,split] CSV; null = folders
-    class_depth: Annotated[int, Field(ge=1, le=16)] = 1  # the label is this many folder levels (dogs/husky = 2)
+    sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$")
+    max_per_class: Annotated[int, Field(gt=0)] | None
+    max_files: Annotated[int, Field(gt=0)]
+    max_bytes: Annotated[int, Field(gt=0)]
+    labels: str | None = Field(min_length=1)
+    class_depth: Annotated[int, Field(ge=1, le=16)]
 
 
 class SplitParams(Section):
@@ -54,16 +56,16 @@ class SplitParams(Section):
 
 class PrepareParams(Section):
     split: SplitParams
-    max_side: Annotated[int, Field(ge=32)]  # longest side of the normalized images
-    min_side: Annotated[int, Field(ge=1)] = 32  # images with a shorter side are quarantined
-    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = 6  # perceptual-hash bits
+    max_side: Annotated[int, Field(ge=32)]
+    min_side: Annotated[int, Field(ge=1)]
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)]
 
 
 class HeadParams(Section):
     """The new classifier on the pooled backbone features (pipeline.models.head)."""
 
-    dense_units: Annotated[int, Field(ge=0)]  # 0 = softmax right on the features; else one ReLU layer this wide first
-    dropout: Annotated[float, Field(ge=0, lt=1)]  # dropout before the softmax layer
+    dense_units: Annotated[int, Field(ge=0)]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
 
 
 # The largest model.image_size: over 3 times every backbone's native size (224-300 px), which is
@@ -74,9 +76,9 @@ MAX_IMAGE_SIZE = 1024
 
 class ModelParams(Section):
     backbone: BackboneName
-    weights: str = Field(min_length=1)  # imagenet | none | path to a weights file
-    image_size: Annotated[int, Field(gt=0)] | None = None
-    alpha: float | None = None  # width multiplier of the MobileNets (backbones.py alphas); null = the default
+    weights: str = Field(min_length=1)
+    image_size: Annotated[int, Field(gt=0)] | None
+    alpha: float | None
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
     head: HeadParams
 
@@ -131,6 +133,21 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 AspectRatio = Annotated[float, Field(gt=0, le=10)]
 
 
+class OnlineOnlyParams(Section):
+    """Core Keras 3 layers with no offline counterpart (the ones keras-cv had): RandAugment, MixUp, CutMix."""
+
+    rand_augment_ops: Annotated[int, Field(ge=0, le=11)]  # RandAugment has 11 operations
+    rand_augment_factor: Annotated[float, Field(gt=0, le=1)]
+    mix: Literal["none", "mixup", "cutmix"]
+    mix_alpha: Annotated[float, Field(gt=0)]
+
+    @property
+    def enabled(self) -> list[str]:
+        """The options that are on, as ``name=value``, for messages."""
+        return [f"{name}={value}" for name, value in (("rand_augment_ops", self.rand_augment_ops), ("mix", self.mix))
+                if value not in (0, "none")]
+
+
 class AugmentParams(Section):
     """One policy for the offline augment stage and the online training layers (pipeline/augmentation.py)."""
 
@@ -145,6 +162,7 @@ class AugmentParams(Section):
     saturation: Annotated[float, Field(ge=0, le=1)]
     hue: Annotated[float, Field(ge=0, le=0.5)]
     pca_std: Annotated[float, Field(ge=0, le=1)]
+    online: OnlineOnlyParams
 
     @model_validator(mode="after")
     def _ordered_ranges(self) -> "AugmentParams":
@@ -152,6 +170,14 @@ class AugmentParams(Section):
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"{name} must be [min, max] with min <= max (got {[low, high]})")
+        return self
+
+    @model_validator(mode="after")
+    def _online_only_with_online_mode(self) -> "AugmentParams":
+        if self.mode == "offline" and self.online.enabled:
+            raise ValueError(f"online.{self.online.enabled[0]} runs only in the training graph, which mode offline "
+                             "leaves out (its variants are fixed files, and mixing labels needs the batch): "
+                             "set mode to online or both, or turn it off")
         return self
 
     @property
@@ -163,12 +189,12 @@ class AugmentParams(Section):
 class FineTuneParams(Section):
     """Phase 2: unfreeze the top of the backbone and train it with the head on images."""
 
-    blocks: Annotated[int, Field(ge=0)]  # top named blocks to unfreeze (backbones.py); 0 = no fine-tuning
-    layers: Annotated[int, Field(ge=0)]  # or: top layers to unfreeze, counted like model.layers; 0 = unused
+    blocks: Annotated[int, Field(ge=0)]
+    layers: Annotated[int, Field(ge=0)]
     epochs: Annotated[int, Field(gt=0)]
-    batch_size: Annotated[int, Field(gt=0)]  # per replica, like train.batch_size
+    batch_size: Annotated[int, Field(gt=0)]
     learning_rate: Annotated[float, Field(gt=0)]
-    cache_activations: bool  # fine-tune the top on the frozen prefix's cached outputs, when possible
+    cache_activations: bool
 
     @model_validator(mode="after")
     def _one_way_to_count(self) -> "FineTuneParams":
@@ -183,25 +209,26 @@ class FineTuneParams(Section):
 
 class TrainParams(Section):
     epochs: Annotated[int, Field(gt=0)]
-    batch_size: Annotated[int, Field(gt=0)]  # per replica: the global batch is this times the GPUs used
+    batch_size: Annotated[int, Field(gt=0)]
     learning_rate: Annotated[float, Field(gt=0)]
     lr_schedule: Literal["constant", "cosine", "plateau"]
-    early_stopping_patience: Annotated[int, Field(gt=0)] | None  # null = train every epoch
+    early_stopping_patience: Annotated[int, Field(gt=0)] | None
     class_weight: Literal["auto", "none"]
     label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    temperature_scaling: bool
     fine_tune: FineTuneParams
 
 
 class EvaluateParams(Section):
     top_k: Annotated[int, Field(ge=1)]
-    min_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] | None
 
 
 class LabelIssuesParams(Section):
     """The label_issues stage: held-out probabilities by k-fold, then confident learning."""
 
-    folds: Annotated[int, Field(ge=2)]  # k; capped at the smallest class's image count
-    gallery: Annotated[int, Field(ge=0)]  # the top suspects drawn in reports/label_issues.png
+    folds: Annotated[int, Field(ge=2)]
+    gallery: Annotated[int, Field(ge=0)]
 
 
 Tolerance = Annotated[float, Field(gt=0, le=1)]
@@ -211,7 +238,7 @@ TfliteVariant = Literal["float32", "float16", "dynamic_range"]
 class ToleranceParams(Section):
     """Largest probability difference from the Keras model allowed on any test image, per precision."""
 
-    float32: Tolerance  # the SavedModel and TFLite float32
+    float32: Tolerance
     float16: Tolerance
     dynamic_range: Tolerance
 
@@ -229,10 +256,10 @@ class ExportParams(Section):
 
 
 class MlflowParams(Section):
-    experiment_name: str | None = Field(default=None, min_length=1)  # null = the dataset's name
-    registered_model_name: str | None = Field(default=None, min_length=1)  # null = <dataset>-classifier
-    register_model: bool = True  # false = log the model to the run without registering it
-    system_metrics: bool = True  # CPU, memory, disk, network (NVIDIA GPUs with nvidia-ml-py) as system/* metrics
+    experiment_name: str | None = Field(min_length=1)
+    registered_model_name: str | None = Field(min_length=1)
+    register_model: bool
+    system_metrics: bool
 
 
 class Config(Section):
@@ -253,6 +280,17 @@ class Config(Section):
         if asked > blocks:
             raise ValueError(f"train.fine_tune.blocks={asked}, but {self.model.backbone} has {blocks} blocks "
                              f"(README: the backbone table); use at most {blocks}")
+        return self
+
+    @model_validator(mode="after")
+    def _online_layers_have_a_phase_to_run_in(self) -> "Config":
+        # The head phase trains on cached features of fixed images; only fine-tuning sees the images.
+        # (mode both without it still trains on the offline variants.)
+        if self.augment.mode == "online" and not self.train.fine_tune.enabled:
+            raise ValueError("augment.mode=online: the online layers run only while fine-tuning (the head phase "
+                             "trains on cached features of fixed images), which train.fine_tune leaves off, so "
+                             "nothing would be augmented: set train.fine_tune.blocks (or layers) above 0, or "
+                             "augment.mode to offline or both")
         return self
 
     @property

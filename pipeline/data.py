@@ -1,7 +1,9 @@
 """Reading the files stages hand to each other: manifests, labels, and image batches for tf.data."""
 
 import csv
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 from pipeline.files import atomic_file, read_json
 
@@ -16,21 +18,23 @@ AUGMENT_GALLERY = Path("reports/augment_gallery.png")  # augment: preview of the
 FEATURES_DIR = Path("data/features")  # features: the feature store (pipeline/feature_store.py)
 LABEL_ISSUES_REPORT = Path("reports/label_issues.csv")  # label_issues: likely mislabelled images, ranked
 LABEL_ISSUES_GALLERY = Path("reports/label_issues.png")  # label_issues: the top suspects
-MODEL_DIR = Path("data/model")  # train: model.keras, labels.json, history.csv, mlflow_run.json
+MODEL_DIR = Path("data/model")  # train: model.keras, labels.json, mlflow_run.json
 CHECKPOINT_DIR = Path("data/checkpoints")  # train: per-epoch state of an unfinished run (not a DVC output)
-EVAL_DIR = Path("eval")  # evaluate (git-tracked): metrics.json, predictions.csv, plots/
+# Small results kept in Git (cache: false), so `dvc plots diff` and `dvc metrics diff` compare revisions without
+# the DVC cache: evaluate's metrics.json, predictions.csv, plots/; train's history.csv; export's export.json.
+EVAL_DIR = Path("eval")
 METRICS = EVAL_DIR / "metrics.json"
 PREDICTIONS = EVAL_DIR / "predictions.csv"
 PLOTS_DIR = EVAL_DIR / "plots"
 EXPORT_DIR = Path("data/export")  # export: SavedModel, TFLite files, labels.json
 EXPORT_REPORT = EVAL_DIR / "export.json"  # export: parity metrics
+HISTORY = EVAL_DIR / "history.csv"  # train: one row per epoch (phase, epoch, seconds, metrics): the training curves
 # Files inside those folders that other stages read.
 PREPARED_MANIFEST = PREPARED_DIR / "manifest.csv"
 PREPARED_LABELS = PREPARED_DIR / "labels.json"
 AUGMENTED_MANIFEST = AUGMENTED_DIR / "manifest.csv"
 MODEL_FILE = MODEL_DIR / "model.keras"
 MODEL_LABELS = MODEL_DIR / "labels.json"
-HISTORY = MODEL_DIR / "history.csv"
 MLFLOW_RUN_FILE = MODEL_DIR / "mlflow_run.json"  # the MLflow run that made the model (train writes, evaluate reopens)
 # The data.labels table as the download stage copies it: paths relative to RAW_DIR; hidden, so never an image.
 LABELS_TABLE = RAW_DIR / ".labels.csv"
@@ -39,11 +43,43 @@ SPLITS = ("train", "val", "test")
 # Names (lower case) that mean a split, as top-level folders of a source or in a labels table's split column.
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 JPEG_QUALITY = 95  # for the images stages write: high enough that re-encoding costs no accuracy
+Row = TypeVar("Row")
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A row of PREPARED_MANIFEST: one usable image, after dedupe and split."""
+
+    path: str  # under PREPARED_DIR: images/<label folder>/<start of sha256>.jpg
+    label: str
+    split: str  # one of SPLITS
+    sha256: str  # of the normalized image's bytes
+    width: int
+    height: int
+    source: str  # its file under RAW_DIR, as quarantine.csv and ignored.csv name files
+
+
+@dataclass(frozen=True)
+class AugmentedImage:
+    """A row of AUGMENTED_MANIFEST: one image as the backbone sees it."""
+
+    path: str  # under AUGMENTED_DIR: <split>/<label>/<stem>_<copy>.jpg
+    label: str
+    split: str
+    copy: int  # 0 = the resized original; 1.. = offline variants (train only)
+    source: str  # the PreparedImage.path it was made from
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
+    """Any CSV a stage writes, as dicts (reports: quarantine.csv, ignored.csv, duplicates.csv, ...)."""
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
+
+
+def read_rows(path: Path, row_type: type[Row]) -> list[Row]:
+    """A manifest of typed rows (PreparedImage, AugmentedImage), each value converted to its field's type."""
+    types = {f.name: f.type for f in fields(row_type)}
+    return [row_type(**{k: types[k](v) for k, v in r.items()}) for r in read_manifest(path)]
 
 
 def write_manifest(path: Path, header: list[str], rows: list[list]) -> None:
@@ -53,9 +89,14 @@ def write_manifest(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def test_images() -> list[dict[str, str]]:
+def write_rows(path: Path, row_type: type[Row], rows: list[Row]) -> None:
+    """Typed rows as a manifest, the fields of ``row_type`` as its header."""
+    write_manifest(path, [f.name for f in fields(row_type)], [astuple(r) for r in rows])
+
+
+def test_images() -> list[AugmentedImage]:
     """The test split's rows of the augmented manifest: copy 0 only, resized, never randomly changed."""
-    return [r for r in read_manifest(AUGMENTED_MANIFEST) if r["split"] == "test" and r["copy"] == "0"]
+    return [r for r in read_rows(AUGMENTED_MANIFEST, AugmentedImage) if r.split == "test" and r.copy == 0]
 
 
 def read_labels(path: Path = PREPARED_LABELS) -> list[str]:

@@ -1,6 +1,6 @@
 """Stage 6, evaluate: score the exported model on the test split, draw the plots, gate on accuracy.
 
-Inputs: ``data/model/`` (``model.keras``, ``labels.json``, ``history.csv``) and the test images of
+Inputs: ``data/model/`` (``model.keras``, ``labels.json``), ``eval/history.csv`` and the test images of
 ``data/augmented`` (resized and center-cropped, never randomly changed).
 Outputs in ``eval/`` (small, meant for git):
 - ``metrics.json``: accuracy, top-k accuracy (k capped at the number of classes), log loss, expected
@@ -18,7 +18,6 @@ registered versions become ``@champion``, the alias ``make serve`` serves.
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from PIL import Image
 
@@ -82,13 +81,13 @@ def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path) ->
     names = [plots.short(label, TITLE_LABEL_CHARACTERS) for label in labels]
     mistakes = most_confident_mistakes(y_true, probabilities, TOP_LOSSES)
     plots.image_grid(
-        list(load_images([rows[i]["path"] for i in mistakes])) if len(mistakes) else [],
+        list(load_images([rows[i].path for i in mistakes])) if len(mistakes) else [],
         [f"{names[y_true[i]]} → {names[y_pred[i]]} ({probabilities[i].max():.2f})" for i in mistakes],
         out / "top_losses.png",
         heading=f"The {len(mistakes)} most confident mistakes: true → predicted (probability)",
     )
     chosen = gradcam_examples(y_true)
-    images = load_images([rows[i]["path"] for i in chosen])
+    images = load_images([rows[i].path for i in chosen])
     shown_classes = len(np.unique(y_true[chosen]))
     plots.image_grid(
         list(images),
@@ -106,9 +105,9 @@ def main() -> None:
     labels = read_labels(MODEL_LABELS)
     rows = test_images()
     model = models.load(MODEL_FILE)
-    paths = [str(AUGMENTED_DIR / r["path"]) for r in rows]
+    paths = [str(AUGMENTED_DIR / r.path) for r in rows]
     probabilities = model.predict(image_batches(paths, cfg.train.batch_size), verbose=0)
-    y_true = np.array([labels.index(r["label"]) for r in rows])
+    y_true = np.array([labels.index(r.label) for r in rows])
     report = metrics.classification_report(y_true, probabilities, labels, cfg.evaluate.top_k)
     if report["top_k"] < cfg.evaluate.top_k:
         print(f"evaluate: evaluate.top_k {cfg.evaluate.top_k} is more than the {len(labels)} classes; "
@@ -117,7 +116,7 @@ def main() -> None:
     EVAL_DIR.mkdir(exist_ok=True)
     write_json(METRICS, report)
     write_manifest(PREDICTIONS, ["path", "actual", "predicted", "confidence"],
-                   [[r["path"], labels[t], labels[p.argmax()], f"{p.max():.4f}"]
+                   [[r.path, labels[t], labels[p.argmax()], f"{p.max():.4f}"]
                     for r, t, p in zip(rows, y_true, probabilities, strict=True)])
     with atomic_dir(PLOTS_DIR) as out:
         draw_plots(model, rows, y_true, probabilities, labels, report, out)
@@ -126,10 +125,8 @@ def main() -> None:
     with tracking.resume_run(recorded):
         tracking.log_test_metrics(report, [model["model_id"] for model in recorded["models"].values()],
                                   tracking.logged_dataset(recorded["run_id"], "test"))
-        mlflow.log_artifacts(str(PLOTS_DIR), artifact_path="plots")
-        for path in [METRICS, PREDICTIONS, *EXTRA_ARTIFACTS]:
-            if path.is_file():
-                mlflow.log_artifact(str(path), artifact_path="reports")
+        tracking.log_plots(PLOTS_DIR)
+        tracking.log_reports([METRICS, PREDICTIONS, *EXTRA_ARTIFACTS])
 
     print(f"evaluate: test accuracy {report['accuracy']:.3f} on {len(rows)} images "
           f"(macro F1 {report['macro']['f1']:.3f}); plots in {PLOTS_DIR}")

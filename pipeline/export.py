@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter  # tf.lite.Interpreter is deprecated in its favour
 
-from pipeline import models
+from pipeline import models, stderr_filtered
 from pipeline.cli import UserError, first_line, run_stage
 from pipeline.config import ToleranceParams, load_config
 from pipeline.data import (
@@ -42,6 +42,8 @@ from pipeline.files import atomic_dir, write_json
 
 SIGNATURE = "serving_default"
 BATCH_SIZE = 32  # test images per call; any size gives the same figures
+# Warnings TF's converter logs on every conversion, about options it sets itself: nothing to act on.
+CONVERTER_NOISE = (b"] Ignored output_format.\n", b"] Ignored drop_control_dependency.\n")
 
 Runner = Callable[[np.ndarray], np.ndarray]  # uint8 image batch -> probabilities
 
@@ -66,7 +68,8 @@ def convert_to_tflite(saved_model: Path, variant: str) -> bytes:
     if variant == "float16":
         converter.target_spec.supported_types = [tf.float16]
     try:
-        return converter.convert()
+        with stderr_filtered(lambda line: not line.endswith(CONVERTER_NOISE)):
+            return converter.convert()
     except Exception as err:  # ConverterError and friends; the converter has logged the details above
         raise UserError(f"export: TFLite {variant} conversion failed ({first_line(err)[:200]}); "
                         "leave the variant out of export.tflite") from None
@@ -128,7 +131,7 @@ def main() -> None:
     for path in (MODEL_FILE, AUGMENTED_MANIFEST):
         if not path.is_file():
             raise UserError(f"{path} is missing: run the earlier stages first (dvc repro)")
-    paths = [str(AUGMENTED_DIR / r["path"]) for r in test_images()]
+    paths = [str(AUGMENTED_DIR / r.path) for r in test_images()]
     if not paths:
         raise UserError(f"{AUGMENTED_MANIFEST} lists no test images (split test, copy 0) to check the exports on")
     model = models.load(MODEL_FILE)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cli import UserError
-from pipeline.data import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, read_manifest
+from pipeline.data import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, AugmentedImage, read_rows
 from pipeline.files import read_json, write_json
 
 ACTIVATION_SPLITS = ("train", "val")  # the splits fine-tuning reads; test images go through the exported model
@@ -111,9 +111,9 @@ def activations(split: str, cut: str, folder: Path = FEATURES_DIR) -> tuple[np.n
     return np.load(folder / f"{split}_activations.npy", mmap_mode="r"), meta.activation_dtype == "bfloat16"
 
 
-def manifest_rows(split: str, folder: Path = FEATURES_DIR) -> list[dict[str, str]]:
+def manifest_rows(split: str, folder: Path = FEATURES_DIR) -> list[AugmentedImage]:
     """The augmented manifest's rows of ``split``, one per row of the store, checked to match it."""
-    rows = [r for r in read_manifest(AUGMENTED_MANIFEST) if r["split"] == split]
+    rows = [r for r in read_rows(AUGMENTED_MANIFEST, AugmentedImage) if r.split == split]
     count = len(labels(split, folder))
     if len(rows) != count:
         raise UserError(f"{folder} does not match {AUGMENTED_DIR} ({count} vs {len(rows)} {split} images): "

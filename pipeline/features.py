@@ -37,9 +37,10 @@ from pipeline.data import (
     FEATURES_DIR,
     PREPARED_LABELS,
     SPLITS,
+    AugmentedImage,
     image_batches,
     read_labels,
-    read_manifest,
+    read_rows,
 )
 from pipeline.feature_store import ACTIVATION_SPLITS, Meta, activation_storage, as_stored
 
@@ -98,7 +99,7 @@ def main() -> None:
     strategy = devices.distribution_strategy()  # before other TF ops: MultiWorkerMirroredStrategy needs that
     keras.utils.set_random_seed(cfg.seed)
     policy = models.use_precision(cfg.model.precision)
-    manifest = read_manifest(manifest_path)
+    manifest = read_rows(manifest_path, AugmentedImage)
     class_index = {name: i for i, name in enumerate(read_labels())}
     cut = cfg.activation_cut
     with strategy.scope():  # the weights on every replica (random ones too: copied from the first)
@@ -113,13 +114,13 @@ def main() -> None:
     started = time.perf_counter()
     with devices.output_dir(strategy, FEATURES_DIR) as out:
         for split in SPLITS:
-            rows = [r for r in manifest if r["split"] == split]
+            rows = [r for r in manifest if r.split == split]
             features = feature_store.new_features(out, split, len(rows), dim)
             activations = None
             if cut and split in ACTIVATION_SPLITS:
                 activations = feature_store.new_activations(out, split, (len(rows), *network.output_shape[1][1:]),
                                                             storage)
-            batches = extract(run, strategy, [str(AUGMENTED_DIR / r["path"]) for r in rows], backbone_batch,
+            batches = extract(run, strategy, [str(AUGMENTED_DIR / r.path) for r in rows], backbone_batch,
                               desc=f"features {split}")
             start = 0
             for values, *cut_values in batches:
@@ -131,7 +132,7 @@ def main() -> None:
                 if array is not None:
                     array.flush()
             del features, activations
-            feature_store.write_labels(out, split, [class_index[r["label"]] for r in rows])
+            feature_store.write_labels(out, split, [class_index[r.label] for r in rows])
         seconds = time.perf_counter() - started
         models.backbone_of(extractor).save_weights(out / feature_store.BACKBONE_WEIGHTS)
         shutil.copy(PREPARED_LABELS, out / feature_store.LABELS)

@@ -46,8 +46,10 @@ from pipeline.data import (
     PREPARED_DIR,
     PREPARED_MANIFEST,
     SPLITS,
+    AugmentedImage,
+    PreparedImage,
     read_labels,
-    read_manifest,
+    read_rows,
     write_manifest,
 )
 
@@ -60,12 +62,12 @@ REGULARIZATION = (1.0, 0.1, 0.01, 0.001)
 GALLERY_HEADING = "Likely mislabelled: given label → suggested (held-out probability of the given label)"
 
 
-def original_images() -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+def original_images() -> tuple[np.ndarray, np.ndarray, list[AugmentedImage]]:
     """Features, class indices and augmented-manifest rows of every split's original images (copy 0)."""
     features, labels, rows = [], [], []
     for split in SPLITS:
         split_rows, split_labels = feature_store.manifest_rows(split), feature_store.labels(split)
-        originals = np.array([r["copy"] == "0" for r in split_rows])
+        originals = np.array([r.copy == 0 for r in split_rows])
         features.append(feature_store.features(split)[originals])  # reads those rows only
         labels.append(split_labels[originals])
         rows += [r for r, original in zip(split_rows, originals, strict=True) if original]
@@ -109,12 +111,12 @@ def main() -> None:
     issues = ranked_issues(labels, probabilities)
 
     # The augmented manifest's source is the prepared image; the prepared manifest's, the raw file.
-    raw_file = {r["path"]: r["source"] for r in read_manifest(PREPARED_MANIFEST)}
-    suspects = [(raw_file[rows[i]["source"]], rows[i]["split"], classes[labels[i]],
+    raw_file = {r.path: r.source for r in read_rows(PREPARED_MANIFEST, PreparedImage)}
+    suspects = [(raw_file[rows[i].source], rows[i].split, classes[labels[i]],
                  classes[probabilities[i].argmax()], probabilities[i, labels[i]]) for i in issues]
     write_manifest(LABEL_ISSUES_REPORT, COLUMNS, [[*suspect[:-1], f"{suspect[-1]:.4f}"] for suspect in suspects])
     shown = issues[: cfg.label_issues.gallery]
-    write_gallery([PREPARED_DIR / rows[i]["source"] for i in shown],
+    write_gallery([PREPARED_DIR / rows[i].source for i in shown],
                   [f"{plots.short(Path(source).name)}\n{plots.short(given)} → {plots.short(suggested)} ({score:.2f})"
                    for source, _, given, suggested, score in suspects[: len(shown)]])
     print(f"label_issues: {len(issues)} of {len(labels)} images flagged as likely mislabelled ({LABEL_ISSUES_REPORT})")

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import keras
-import mlflow
 import numpy as np
 
 from pipeline import models, tracking
@@ -75,15 +74,14 @@ def load_keras_file(path: Path) -> keras.Model:
 
 
 def load_mlflow_model(uri: str, labels_path: Path | None) -> tuple[keras.Model, list[str]]:
-    mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
-        info = mlflow.models.get_model_info(uri)
+        info = tracking.logged_model_info(uri)
     except Exception as err:  # MLflow raises MlflowException, OSError, ... for unknown URIs
         raise UserError(f"--model {uri}: {error_summary(err)}") from None
     if "keras" not in info.flavors:
         raise UserError(f"--model {uri} is not a Keras model (flavors: {', '.join(info.flavors)}); "
                         f"use the run's Keras model, runs:/{info.run_id}/model")
-    model = mlflow.keras.load_model(uri)
+    model = tracking.load_keras_model(uri)
     if labels_path:
         return model, read_labels(labels_path)
     labels = (info.metadata or {}).get("labels")  # where the train stage logs them

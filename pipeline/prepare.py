@@ -98,12 +98,13 @@ from pipeline.data import (
     RAW_DIR,
     SPLIT_NAMES,
     SPLITS,
+    PreparedImage,
     write_manifest,
+    write_rows,
 )
 from pipeline.files import atomic_dir, readable, write_json
 from pipeline.images import FORMATS, IMAGE_SUFFIXES, Unconvertible, decode
 
-MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "width", "height", "source"]
 DOCUMENT_STEMS = {"LICENSE", "LICENCE", "COPYING", "NOTICE", "README"}  # LICENSE, license.txt, README.md...
 IMBALANCE_WARNING = 10  # warn when the largest class has more than this many times the smallest's images
 HELD_OUT = ("val", "test")  # the splits drawn from train when the source does not give them
@@ -129,6 +130,9 @@ class Record:
     @property
     def path(self) -> str:
         return f"images/{folder_name(self.label)}/{self.sha256[:20]}.jpg"
+
+    def row(self) -> PreparedImage:
+        return PreparedImage(self.path, self.label, self.split, self.sha256, self.width, self.height, self.source)
 
     @property
     def held_out(self) -> str:
@@ -700,8 +704,7 @@ def main() -> None:
         move_into_place(images, out)
         shutil.rmtree(out / ".pending")  # the normalized copies of duplicates and excluded images
         images.sort(key=lambda i: (i.split, i.label, i.path))
-        write_manifest(out / PREPARED_MANIFEST.name, MANIFEST_COLUMNS,
-                       [[getattr(i, column) for column in MANIFEST_COLUMNS] for i in images])
+        write_rows(out / PREPARED_MANIFEST.name, PreparedImage, [i.row() for i in images])
         write_manifest(out / "quarantine.csv", ["source", "reason"], sorted(quarantine))
         write_manifest(out / "ignored.csv", ["source", "reason"], sorted((s, r) for s, r, _ in found.ignored))
         write_manifest(out / "duplicates.csv", ["source", "label", "kind", "same_as"],

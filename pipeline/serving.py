@@ -104,8 +104,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         with ONE_IMAGE_AT_A_TIME:
             pixels = decode_request_image(data, index)
             try:
-                # Images differ in size, so each is its own batch; the model resizes internally.
-                probabilities = self.model.predict(pixels[np.newaxis], verbose=0)[0]
+                # Images differ in size, so each is its own batch; the model resizes internally. One batch
+                # needs no tf.data pipeline (predict builds one per call: under train's op determinism
+                # TF rewrites its parallel map and logs a false E0000 "use_unbounded_threadpool" error).
+                probabilities = self.model.predict_on_batch(pixels[np.newaxis])[0]
             except Exception as err:  # the scoring server would send the traceback to the client
                 log.exception("image %d: the prediction failed", index)
                 raise MlflowException(f"image {index}: the prediction failed ({type(err).__name__}); "

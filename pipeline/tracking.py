@@ -1,4 +1,5 @@
-"""MLflow set-up shared by the stages that log: where runs go and which run a pipeline run is.
+"""The one module that talks to MLflow for the stages: where runs go, which run a pipeline run is,
+and what each stage logs, loads or looks up there (``serving.py``, the served model, is MLflow's own).
 
 By default runs go to a local SQLite store, ``mlflow.db`` in the project root, with artifacts in
 ``mlartifacts/`` beside it (``make ui`` shows them). The project root is DVC's ``DVC_ROOT``, which
@@ -12,6 +13,7 @@ model, and records the run and the model versions in ``data/model/mlflow_run.jso
 registry alias ``@champion`` when the model passes its gate.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -37,7 +39,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline.cli import UserError, redact_url
 from pipeline.config import flatten, load_config
-from pipeline.data import DOWNLOAD_REPORT, MLFLOW_RUN_FILE, PREPARED_MANIFEST, SPLITS
+from pipeline.data import DOWNLOAD_REPORT, MLFLOW_RUN_FILE, MODEL_LABELS, PREPARED_MANIFEST, SPLITS
 from pipeline.files import read_json, write_json
 
 # Per-class metric keys (test_per_class_<key>_recall). MLflow takes letters, digits, _ - . space : /
@@ -46,7 +48,9 @@ CLASS_KEY_LENGTH = 100  # leaves room for test_per_class_..._precision within ML
 KEY_CHARACTERS = "A-Za-z0-9_-"  # of those MLflow takes; "." is kept to mark a changed name
 PLAIN_CLASS_KEY = re.compile(f"[{KEY_CHARACTERS}]{{1,{CLASS_KEY_LENGTH}}}")  # such a name is its own key
 NOT_KEY_CHARACTER = re.compile(f"[^{KEY_CHARACTERS}]")
-CLASS_KEYS_ARTIFACT = "reports/class_keys.json"  # per-class key -> class name, logged with the metrics
+# Artifact folders of a run: evaluate's plots, and its reports (metrics, predictions, ...).
+PLOTS_ARTIFACTS, REPORTS_ARTIFACTS = "plots", "reports"
+CLASS_KEYS_ARTIFACT = f"{REPORTS_ARTIFACTS}/class_keys.json"  # per-class key -> class name, logged with the metrics
 # MLflow's experiment kind, a tag: the experiment is model training ("Machine learning" in the UI),
 # not a GenAI app, whose pages (traces, sessions) MLflow 3 opens by default.
 KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -91,9 +95,20 @@ def check_reachable() -> None:
         ) from None
 
 
+def use_project_store() -> str:
+    """Point MLflow at the store of :func:`tracking_uri`; returns its URI to show (credentials masked)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    return redact_url(mlflow.get_tracking_uri())
+
+
 def loggable_params(params: dict[str, Any]) -> dict[str, Any]:
     """Params safe to log: credentials stripped from URLs (the strict config has no secret keys)."""
     return {key: redact_url(value) if isinstance(value, str) else value for key, value in params.items()}
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """The flat params (``model.backbone``, ...) as the active run's params, see :func:`loggable_params`."""
+    mlflow.log_params(loggable_params(params))
 
 
 def start_new_run(experiment_name: str, system_metrics: bool) -> mlflow.ActiveRun:
@@ -114,6 +129,14 @@ def start_new_run(experiment_name: str, system_metrics: bool) -> mlflow.ActiveRu
     quiet_system_metrics()
     return mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
                             tags=lineage_tags(), log_system_metrics=system_metrics)
+
+
+def mark_killed(run_id: str) -> None:
+    """End the run of a killed training attempt as ``KILLED`` if the store still has it running."""
+    client = mlflow.MlflowClient()
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # e.g. another tracking store now
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
 
 
 def quiet_system_metrics() -> None:
@@ -177,10 +200,17 @@ def logged_dataset(run_id: str, context: str) -> mlflow.entities.Dataset | None:
 
 def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
     """A Keras callback logging each epoch's metrics (loss, accuracy, val_*) to the active run."""
-    return keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()},
-                                                             step=epoch + 1)
-    )
+    return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: log_epoch(logs, epoch + 1, prefix))
+
+
+def log_epoch(logs: dict[str, float], epoch: int, prefix: str = "") -> None:
+    """One epoch's metrics, each name with ``prefix``, at step ``epoch`` (counted from 1)."""
+    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
+
+
+def log_temperature(temperature: float) -> None:
+    """The temperature that train's temperature scaling divides the logits by, as metric ``temperature``."""
+    mlflow.log_metric("temperature", temperature)
 
 
 def class_keys(labels: list[str]) -> list[str]:
@@ -212,6 +242,18 @@ def log_test_metrics(report: dict, model_ids: Sequence[str] = (), dataset: mlflo
     mlflow.log_dict(dict(zip(keys, names, strict=True)), CLASS_KEYS_ARTIFACT)
 
 
+def log_plots(folder: Path) -> None:
+    """Every file in ``folder`` as an artifact of the active run, under ``plots/``."""
+    mlflow.log_artifacts(str(folder), artifact_path=PLOTS_ARTIFACTS)
+
+
+def log_reports(paths: Sequence[Path]) -> None:
+    """Each file of ``paths`` that exists as an artifact of the active run, under ``reports/``."""
+    for path in paths:
+        if path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=REPORTS_ARTIFACTS)
+
+
 def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) -> dict[str, dict]:
     """Log the trained model as two MLflow models that share one copy of the weights, register each
     (unless ``registered_name`` is None) with the alias ``@candidate``, and return, per model, its
@@ -226,7 +268,7 @@ def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) 
     """
     from pipeline import serving
 
-    labels = read_json(model_dir / "labels.json")
+    labels = read_json(model_dir / MODEL_LABELS.name)
     requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "pandas"]
     weights = mlflow.keras.log_model(
         model,
@@ -287,11 +329,33 @@ def recorded_run() -> dict:
 
 
 def resume_run(recorded: dict) -> mlflow.ActiveRun:
-    mlflow.set_tracking_uri(tracking_uri())
+    use_project_store()
     quiet_system_metrics()
     return mlflow.start_run(run_id=recorded["run_id"], log_system_metrics=recorded["system_metrics"])
 
 
+def logged_model_info(uri: str) -> ModelInfo:
+    """What the project's store knows of the logged model at ``uri``: flavors, metadata, run id.
+    Raises MLflow's errors (MlflowException, OSError, ...) for a URI it cannot resolve."""
+    use_project_store()
+    return mlflow.models.get_model_info(uri)
+
+
+def load_keras_model(uri: str) -> keras.Model:
+    """The Keras model of the logged model at ``uri`` (its ``keras`` flavor, see :func:`logged_model_info`)."""
+    return mlflow.keras.load_model(uri)
+
+
+def finished_runs(experiment_name: str, metric: str, max_runs: int) -> pd.DataFrame | None:
+    """The experiment's finished runs, best ``metric`` first, at most ``max_runs``, as MLflow's
+    search table (``tags.mlflow.runName``, ``metrics.<name>``, ``params.<name>``, ``run_id``, ...);
+    None when the store has no such experiment."""
+    if mlflow.get_experiment_by_name(experiment_name) is None:
+        return None
+    return mlflow.search_runs(experiment_names=[experiment_name], order_by=[f"metrics.{metric} DESC"],
+                              max_results=max_runs, filter_string="attributes.status = 'FINISHED'")
+
+
 if __name__ == "__main__":  # `python -m pipeline.tracking http://127.0.0.1:5000`: the link make ui prints
-    mlflow.set_tracking_uri(tracking_uri())
+    use_project_store()
     print(training_runs_url(sys.argv[1], load_config().experiment_name))

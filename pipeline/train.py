@@ -19,13 +19,13 @@ are numbered on from one phase to the next. After every epoch the training state
 (``pipeline.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch.
 
 Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
-float32), ``labels.json``, ``history.csv`` (phase, epoch, seconds, metrics) and ``mlflow_run.json``.
+float32), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
+metrics), kept in Git for ``dvc plots``.
 The MLflow run gets every param, the prepared data as dataset inputs (one per split), the per-epoch
 metrics (fine-tuning ones prefixed ``finetune_``, at their epoch numbers), system metrics
 (``mlflow.system_metrics``) and the model, registered with the alias ``@candidate``.
 """
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -35,16 +35,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import keras
-import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import checkpoints, devices, feature_store, models, tracking
-from pipeline.augmentation import online_augmentation
+from pipeline import checkpoints, devices, feature_store, metrics, models, tracking
+from pipeline.augmentation import label_mixing, online_augmentation
 from pipeline.cli import UserError, error_summary, run_stage
 from pipeline.config import Config, ModelParams, load_config
 from pipeline.data import (
@@ -120,7 +119,7 @@ def activation_examples(split: str, cut: str, n_classes: int) -> Examples:
 def image_examples(split: str, n_classes: int, size: int) -> Examples:
     """The split's images in ``data/augmented`` (offline variants included), in the features' row order."""
     rows, labels = feature_store.manifest_rows(split), feature_store.labels(split)
-    paths = tf.constant([str(AUGMENTED_DIR / r["path"]) for r in rows])
+    paths = tf.constant([str(AUGMENTED_DIR / r.path) for r in rows])
     one_hot = tf.constant(keras.utils.to_categorical(labels, n_classes))
 
     def example(i):
@@ -169,14 +168,11 @@ def resume_key(cfg: Config) -> str:
     return digest.hexdigest()
 
 
-def take_over(killed: dict | None, key: str, run: mlflow.ActiveRun) -> None:
-    """Mark the MLflow run of a killed attempt as such; this run now owns the checkpoints."""
+def take_over(killed: dict | None, key: str, run_id: str) -> None:
+    """Mark the MLflow run of a killed attempt as such; the run ``run_id`` now owns the checkpoints."""
     if killed:
-        client = mlflow.MlflowClient()
-        with contextlib.suppress(mlflow.exceptions.MlflowException):  # e.g. another tracking store now
-            if client.get_run(killed["mlflow_run_id"]).info.status == "RUNNING":
-                client.set_terminated(killed["mlflow_run_id"], "KILLED")
-    checkpoints.claim(key, run.info.run_id)
+        tracking.mark_killed(killed["mlflow_run_id"])
+    checkpoints.claim(key, run_id)
 
 
 # ---- one phase --------------------------------------------------------------------------------
@@ -254,7 +250,7 @@ def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, 
         print(f"train: resuming the {phase.name} phase after epoch {start} "
               f"(checkpoint in {checkpoints.CHECKPOINT_DIR})")
     for row in checkpoint.history:  # the killed run's epochs, into this run
-        mlflow.log_metrics({f"{phase.metric_prefix}{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"], phase.metric_prefix)
     model.fit(
         shuffled_epochs(train, phase.batch_size, cfg.seed, range(start, end)),
         validation_data=in_order(val, phase.batch_size),
@@ -282,15 +278,28 @@ def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model
 
     head_phase = Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size * replicas, cfg.train.learning_rate,
                        "train.learning_rate")
-    history = fit_phase(head, head_phase, row_examples(x_train, feature_store.labels("train"), n_classes),
-                        row_examples(feature_store.features("val"), feature_store.labels("val"), n_classes), cfg)
+    val = row_examples(feature_store.features("val"), feature_store.labels("val"), n_classes)
+    history = fit_phase(head, head_phase, row_examples(x_train, feature_store.labels("train"), n_classes), val, cfg)
+    network, last_phase = head, head_phase
     if fine_tune.enabled:
         models.unfreeze_top(base, top_start)
         network, train, val = fine_tune_inputs(cfg, extractor, head, n_classes)
-        tune_phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs,
+        last_phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs,
                            fine_tune.batch_size * replicas, fine_tune.learning_rate, "train.fine_tune.learning_rate")
-        history += fit_phase(network, tune_phase, train, val, cfg)
+        history += fit_phase(network, last_phase, train, val, cfg)
+    if cfg.train.temperature_scaling:
+        calibrate(head, network, val, last_phase.batch_size)
     return exported(cfg.model, extractor, head), history
+
+
+def calibrate(head: keras.Model, network: keras.Model, val: Examples, batch_size: int) -> None:
+    """Temperature scaling: the temperature that best fits the trained ``network``'s val
+    probabilities, folded into ``head``'s softmax layer (label smoothing leaves a model
+    underconfident, a long head phase overconfident; accuracy stays as it is)."""
+    temperature = metrics.fitted_temperature(val.labels, network.predict(in_order(val, batch_size), verbose=0))
+    models.fold_temperature(head, temperature)
+    tracking.log_temperature(temperature)
+    print(f"train: temperature scaling on the val split: logits divided by {temperature:.3f}")
 
 
 def fine_tune_inputs(cfg: Config, extractor: keras.Model, head: keras.Model,
@@ -304,8 +313,9 @@ def fine_tune_inputs(cfg: Config, extractor: keras.Model, head: keras.Model,
                 *(activation_examples(split, cut, n_classes) for split in ("train", "val")))
     size = cfg.model.input_size
     augmentation = online_augmentation(cfg) if cfg.augment.mode in ("online", "both") else None
-    return (models.on_pixels(extractor, head, size, augmentation),
-            *(image_examples(split, n_classes, size) for split in ("train", "val")))
+    train, val = (image_examples(split, n_classes, size) for split in ("train", "val"))
+    train = replace(train, batches=label_mixing(cfg, train.batches))  # augment.online.mix, if any
+    return models.on_pixels(extractor, head, size, augmentation), train, val
 
 
 def exported(params: ModelParams, extractor: keras.Model, head: keras.Model) -> keras.Model:
@@ -352,15 +362,15 @@ def main() -> None:
     killed = checkpoints.killed_attempt(key)
     # Fails here, before any training, when a configured tracking server does not answer.
     with tracking.start_new_run(cfg.experiment_name, cfg.mlflow.system_metrics) as run:
-        mlflow.log_params(tracking.loggable_params(cfg.flat()))
+        tracking.log_params(cfg.flat())
         tracking.log_datasets(cfg.dataset_name, cfg.data.url)
-        take_over(killed, key, run)
+        take_over(killed, key, run.info.run_id)
         with strategy.scope():
             model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync)
         with atomic_dir(MODEL_DIR) as out:
             model.save(out / MODEL_FILE.name)
             shutil.copy(FEATURES_DIR / feature_store.LABELS, out / MODEL_LABELS.name)
-            write_history(history, out / HISTORY.name)
+        write_history(history, HISTORY)
         # The model is on disk before anything more goes to MLflow: a logging failure loses no
         # training (and the checkpoints stay, so a rerun only logs again).
         try:

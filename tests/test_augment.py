@@ -16,13 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-from conftest import REPO, make_images, project_env, run, set_params
+from conftest import REPO, make_images, project_env, project_through, run, set_params, stages_run
 from pipeline.augment import decode, encode_jpeg, render_copy
-from pipeline.augmentation import IMAGENET_EIGVAL, IMAGENET_EIGVEC, offline_policy, offline_variant, online_augmentation
+from pipeline.augmentation import (
+    IMAGENET_EIGVAL,
+    IMAGENET_EIGVEC,
+    label_mixing,
+    offline_policy,
+    offline_variant,
+    online_augmentation,
+    online_variants,
+)
 from pipeline.cli import UserError
 from pipeline.config import Config, load_config
+from pipeline.data import HISTORY
 
 SIZE = 128
 N = 300  # samples per statistical check: standard errors of a few percent
@@ -171,6 +181,12 @@ def test_online_layers_do_nothing_at_inference():
         ("augment.crop_ratio", [1.3, 0.7], "augment: crop_ratio must be [min, max] with min <= max"),
         ("augment.mode", "sometimes", "augment.mode: Input should be 'offline', 'online' or 'both'"),
         ("augment.hue", 0.6, "augment.hue: Input should be less than or equal to 0.5"),
+        ("augment.online.mix", "cutmix", "augment: online.mix=cutmix runs only in the training graph, which mode "
+                                         "offline leaves out"),
+        ("augment.online.rand_augment_ops", 2, "augment: online.rand_augment_ops=2 runs only in the training graph"),
+        ("augment.online.mix", "augmix", "augment.online.mix: Input should be 'none', 'mixup' or 'cutmix'"),
+        ("augment.online.rand_augment_ops", 12, "augment.online.rand_augment_ops: Input should be less than or "
+                                                "equal to 11"),
         ("model.image_size", 2000, "model: image_size 2000 is above the largest size, 1024 (ImageNet backbones are "
                                    "trained at 224-300 px; memory grows with the square of the side): lower it"),
     ],
@@ -180,6 +196,97 @@ def test_bad_policy_fails_naming_the_key(tmp_path, key, value, expected):
     set_params(tmp_path, **{key: value})
     with pytest.raises(UserError, match=re.escape(expected)):
         load_config(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("mode", ["online", "both"])
+def test_online_only_layers_load_with_an_online_mode(tmp_path, mode):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    set_params(tmp_path, **{"augment.mode": mode, "augment.online.mix": "mixup", "augment.online.rand_augment_ops": 1})
+    online = load_config(tmp_path / "params.yaml").augment.online
+    assert (online.mix, online.rand_augment_ops) == ("mixup", 1)
+
+
+# ---- online only: RandAugment, MixUp, CutMix (core Keras 3) -------------------------------------
+
+
+def online_config(**online) -> Config:
+    """config() with augment.mode online and ``online`` (augment.online) set: every other step off."""
+    cfg = config()
+    augment = cfg.augment.model_copy(update={"mode": "online", "online": cfg.augment.online.model_copy(update=online)})
+    return cfg.model_copy(update={"augment": augment})
+
+
+def test_rand_augment_changes_images_in_training_only_and_the_same_way_every_run():
+    cfg = online_config(rand_augment_ops=2)
+    batch = np.repeat(gradient()[None].astype("float32"), 4, axis=0)
+    layers = online_augmentation(cfg)
+    assert layers.layers[-1].name == "rand_augment"
+    out = [np.asarray(layers(batch, training=True)) for _ in range(6)]
+    assert all(o.min() >= 0 and o.max() <= 255 + 1e-3 for o in out)
+    assert sum(np.abs(o - batch).mean() > 2 for o in out) >= 5  # two ops drawn per batch: rarely both near no-ops
+    assert np.allclose(layers(batch, training=False), batch, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(online_augmentation(cfg)(batch, training=True)), out[0])  # seeded
+
+
+VALUES = 10.0 * np.arange(1, 17)  # image i: every pixel VALUES[i]; its label: class i of 16
+
+
+def flat_batches(indices: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """Batches of (image, one-hot label) as train's Examples.batches makes them, from row indices."""
+    def example(i):
+        return tf.fill((SIZE, SIZE, 3), tf.gather(VALUES.astype("float32"), i)), tf.one_hot(i, len(VALUES))
+    return indices.map(example).batch(batch_size)
+
+
+def mixed_arrays(batches, rows: range) -> tuple[np.ndarray, np.ndarray]:
+    pairs = list(batches(tf.data.Dataset.range(rows.start, rows.stop), 8).as_numpy_iterator())
+    return np.concatenate([images for images, _ in pairs]), np.concatenate([labels for _, labels in pairs])
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_label_mixing_mixes_the_labels_as_it_mixes_the_pixels(mix):
+    cfg = online_config(mix=mix, mix_alpha=1.0)
+    images, labels = mixed_arrays(label_mixing(cfg, flat_batches), range(16))
+    assert np.allclose(labels.sum(axis=1), 1, atol=1e-5) and labels.min() >= 0
+    assert (labels.max(axis=1) < 0.95).sum() >= 6  # most of the 16 are mixed (Beta(1, 1) weights)
+    # Each label weight is the share of that image in the pixels: exact for MixUp's blend, for
+    # CutMix's box up to the pixels its edges cut.
+    np.testing.assert_allclose(images.mean(axis=(1, 2, 3)), labels @ VALUES, atol=1e-3 if mix == "mixup" else 3)
+    pasted = np.isin(images, VALUES).mean()
+    assert (pasted == 1) if mix == "cutmix" else (pasted < 0.5)  # CutMix moves pixels, MixUp blends them
+
+    # Seeded by the batch's rows alone: a run resumed at the second batch mixes it the same way.
+    again_images, again_labels = mixed_arrays(label_mixing(cfg, flat_batches), range(8, 16))
+    np.testing.assert_array_equal(again_images, images[8:])
+    np.testing.assert_array_equal(again_labels, labels[8:])
+
+
+def test_no_mixing_leaves_the_batches_alone_and_the_gallery_shows_mixing():
+    assert label_mixing(online_config(), flat_batches) is flat_batches
+    images = np.stack([flat([v] * 3) for v in VALUES[:6]]).astype("float32")
+    assert np.allclose(online_variants(online_config(), images, SIZE), images, atol=1e-3)
+    mixed = online_variants(online_config(mix="mixup", mix_alpha=1.0), images, SIZE)
+    assert np.isin(mixed.round(3), VALUES).mean() < 0.5
+
+
+@pytest.fixture(scope="module")
+def online_template(tmp_path_factory) -> Path:
+    """A project through features with augment.mode online, fine-tuning 1 block: ResNet50 at 32 px."""
+    params = {"model.backbone": "resnet50", "model.image_size": 32, "augment.mode": "online", "train.epochs": 1,
+              "train.fine_tune.blocks": 1, "train.fine_tune.epochs": 2, "train.early_stopping_patience": None}
+    return project_through("features", tmp_path_factory.mktemp("online"), {"red": 8, "green": 8, "blue": 8}, params)
+
+
+@pytest.mark.parametrize("online", [{"rand_augment_ops": 2, "mix": "cutmix", "mix_alpha": 1.0}, {"mix": "mixup"}])
+def test_train_stage_fine_tunes_through_the_online_only_layers(online_template, tmp_path, online):
+    project = Path(shutil.copytree(online_template, tmp_path / "project", symlinks=True))
+    set_params(project, **{f"augment.online.{key}": value for key, value in online.items()})
+    # The augment stage writes the same files (only its gallery changes), so features are reused.
+    assert stages_run(run(["dvc", "repro", "train"], project).stdout) == ["augment", "train"]
+    with open(project / HISTORY, newline="") as fh:
+        history = list(csv.DictReader(fh))
+    assert [row["phase"] for row in history] == ["head", "fine_tune", "fine_tune"]
+    assert all(np.isfinite(float(row["loss"])) for row in history)
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -250,7 +357,7 @@ def test_stage_renders_only_what_is_new_and_never_reuses_stale_files(project, tm
     assert rendered == sum(r["copy"] != "0" for r in changed)  # originals reused, every variant redone
     assert_matches_a_fresh_render(project, changed)
 
-    set_params(project, **{"augment.mode": "online"})
+    set_params(project, **{"augment.mode": "online", "train.fine_tune.blocks": 1})
     online, rendered = run_augment(project, cache)
     assert rendered == 0 and {r["copy"] for r in online} == {"0"}
 
@@ -270,12 +377,12 @@ import re
 from pathlib import Path
 from pipeline.augment import write_gallery
 from pipeline.config import load_config
-from pipeline.data import PREPARED_DIR, read_manifest
+from pipeline.data import PREPARED_MANIFEST, PreparedImage, read_rows
 
 def megabytes(key):
     return int(re.search(key + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
 
-cfg, manifest = load_config(), read_manifest(PREPARED_DIR / "manifest.csv")
+cfg, manifest = load_config(), read_rows(PREPARED_MANIFEST, PreparedImage)
 before = megabytes("VmRSS")
 write_gallery(manifest, cfg)
 print(megabytes("VmHWM") - before)

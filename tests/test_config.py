@@ -24,6 +24,7 @@ from pipeline.config import load_config
         ("data.sha256", "abc", "data.sha256: String should match pattern"),
         ("model.precision", "bfloat16", "model.precision: Input should be 'auto', 'float32', 'mixed_float16'"),
         ("train.fine_tune.blocks", 12, "params.yaml: train.fine_tune.blocks=12, but inception_v3 has 11 blocks"),
+        ("augment.mode", "online", "params.yaml: augment.mode=online: the online layers run only while fine-tuning"),
     ],
 )
 def test_bad_params_fail_naming_the_key(tmp_path, key, value, expected):
@@ -123,8 +124,8 @@ def test_stage_help_says_what_it_reads_and_writes_without_running(project, stage
         (lambda text: "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
             f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)) + text,
          "params.yaml:2: not valid YAML: aliases (*name) are not allowed"),
-        (lambda text: text.replace("  epochs: 10\n", "  epochs: [10\n", 1),
-         "not valid YAML: expected ',' or ']', but got ':' (while parsing a flow sequence on line "),
+        (lambda text: text.replace("  epochs: 10 ", "  epochs: [10 ", 1),
+         "not valid YAML: expected ',' or ']', but got '<scalar>' (while parsing a flow sequence on line "),
         (lambda text: text.replace("seed: 42", "seed: 4294967296"), "seed: Input should be less than 4294967296"),
         (lambda text: text.replace("seed: 42", "seed: '" + "x" * 5000 + "'"), "(got 'xxxxxxxx"),
     ],

@@ -2,7 +2,9 @@
 with the result — MLflow runs and registry, a model server, DVC plots, the accuracy gate, sharing
 through a DVC remote, and what reruns when something changes."""
 
+import csv
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ from conftest import (
     set_params,
     stages_run,
 )
+from pipeline.data import HISTORY
 
 CLASSES = {"red": 12, "green": 12, "blue": 12}
 
@@ -34,8 +37,11 @@ def trained(tmp_path_factory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("e2e")
     project = new_project(tmp / "project", make_images(tmp / "images", CLASSES))
     # System metrics every second (MLflow's own setting; 10 s by default, longer than these stages).
-    env = {**project_env(project), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
-    return project, run(["dvc", "repro"], project, env=env).stdout
+    # TF_ENABLE_ONEDNN_OPTS=on is no value TensorFlow takes: it warns (and keeps oneDNN on), a
+    # warning test_console_shows_warnings_not_tensorflow_noise expects to see.
+    env = {**project_env(project), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "TF_ENABLE_ONEDNN_OPTS": "on"}
+    result = run(["dvc", "repro"], project, env=env)
+    return project, result.stdout + result.stderr
 
 
 @pytest.fixture
@@ -183,6 +189,34 @@ def test_make_serve_serves_the_champion_with_top_k_as_a_list(trained):
     assert served["probability"] == pytest.approx(expected["probability"], abs=1e-5)
     assert [p["label"] for p in served["top_k"]] == [p["label"] for p in expected["top_k"]]
     assert served["top_k"][0] == {"label": served["label"], "probability": served["probability"]}
+
+
+def test_console_shows_warnings_not_tensorflow_noise(trained):
+    _, console = trained
+    # No INFO line of TensorFlow's C++ log (oneDNN is on, ...), nor absl's notice that nothing called
+    # absl::InitializeLog(); no false E0000 (tf.data's use_unbounded_threadpool under op determinism)
+    # nor the TFLite converter's warnings about options it sets itself.
+    assert not re.search(r"^[IE]\d{4} ", console, re.M), console
+    assert "absl::InitializeLog" not in console and "Ignored output_format" not in console, console
+    # What the user has to fix still shows, in every stage that loads TensorFlow.
+    warned = re.findall(r"^W\d{4} .*\] TF_ENABLE_ONEDNN_OPTS is not set to either '0', 'false', '1', or 'true'",
+                        console, re.M)
+    assert len(warned) >= 5, console  # augment, features, train, evaluate, export
+
+
+def test_training_curves_of_a_commit_need_no_dvc_cache(trained, tmp_path):
+    """eval/history.csv is in Git: `dvc plots diff` draws a commit's (or an experiment's) training
+    curves where neither the DVC cache nor the outputs are, as in a fresh clone."""
+    project, _ = trained
+    local = shutil.ignore_patterns("cache", "data", ".cache-test", "mlartifacts", "mlflow.db")
+    clone = Path(shutil.copytree(project, tmp_path / "clone", ignore=local))
+    run(["git", "add", "-A"], clone)
+    run(["git", "commit", "-qm", "trained"], clone)
+    shown = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], clone).stdout)
+    points = shown["data"]["Training loss"][0]["content"]["data"]["values"]
+    drawn = [(p["epoch"], p["dvc_inferred_y_value"]) for p in points if p["rev"] == "HEAD" and p["field"] == "val_loss"]
+    with open(project / HISTORY, newline="", encoding="utf-8") as fh:
+        assert drawn == [(row["epoch"], row["val_loss"]) for row in csv.DictReader(fh)] and len(drawn) == 3
 
 
 def test_dvc_plots_render_to_html(trained, tmp_path):

@@ -20,6 +20,7 @@ from PIL import Image
 from conftest import on_two_cpus, project_env, project_through, run, set_params
 from pipeline import models
 from pipeline.config import load_config
+from pipeline.data import HISTORY
 
 TINY = {"model.backbone": "resnet50", "model.image_size": 32, "augment.mode": "both", "train.epochs": 2}
 
@@ -40,7 +41,7 @@ def featured(featured_template, tmp_path) -> Path:
 
 
 def history(project: Path) -> list[dict[str, str]]:
-    with open(project / "data" / "model" / "history.csv", newline="") as fh:
+    with open(project / HISTORY, newline="") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -241,7 +242,7 @@ def test_mixed_precision_training_exports_a_float32_model(tmp_path, policy):
     from pipeline.config import HeadParams, ModelParams
     from pipeline.train import exported
 
-    params = ModelParams(backbone="resnet50", weights="none", image_size=32, precision="float32",
+    params = ModelParams(backbone="resnet50", weights="none", image_size=32, alpha=None, precision="float32",
                          head=HeadParams(dense_units=8, dropout=0.1))
     x_train = np.random.default_rng(0).normal(size=(10, 2048)).astype("float32")
     images = np.random.default_rng(1).integers(0, 255, (2, 40, 50, 3), dtype="uint8")
