@@ -85,6 +85,8 @@ compare: setup
 
 # Speed benchmarks on a slice of the archive (~15 min on 2 CPU cores), then quality with real
 # weights on the whole archive (~45 min more; only with BENCH_WEIGHTS); writes bench/results.md.
+# Then appends the warm loop and a 12-experiment sweep on the slice (bench/sweep.py, ~30 min) and,
+# with BENCH_WEIGHTS, memory and disk per run on the whole archive (bench/footprint.py, ~10 min).
 #   make bench BENCH_ARCHIVE=/path/to/flower_photos.tgz BENCH_WEIGHTS=/path/to/mobilenet_v2_1.0_224_imagenet_no_top.h5
 BENCH_ARCHIVE ?=
 BENCH_WEIGHTS ?=
@@ -93,6 +95,8 @@ BENCH_ARGS ?= --image-size 299 --epochs 10 --more-epochs 20
 bench: setup
 	@test -n "$(BENCH_ARCHIVE)" || { echo 'usage: make bench BENCH_ARCHIVE=<flower_photos.tgz> [BENCH_WEIGHTS=<MobileNetV2 no-top .h5>]' >&2; exit 2; }
 	python bench/run_all.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) $(if $(BENCH_WEIGHTS),--weights $(BENCH_WEIGHTS)) $(BENCH_ARGS)
+	python bench/sweep.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) --append bench/results.md
+	$(if $(BENCH_WEIGHTS),python bench/footprint.py --archive $(BENCH_ARCHIVE) --weights $(BENCH_WEIGHTS) --append bench/results.md)
 
 # Data, features and models to/from the DVC remote you configured (README: "Sharing").
 push: setup

@@ -377,7 +377,7 @@ def load_config(path: Path = PARAMS_FILE) -> Config:
     except ValidationError as err:
         first = err.errors()[0]
         line = line_of(text, first["loc"])
-        raise UserError(f"{path}{f':{line}' if line else ''}: {_describe(first)}") from None
+        raise UserError(f"{path}{f':{line}' if line else ''}: {_error_text(first)}") from None
 
 
 class NoAliasLoader(yaml.SafeLoader):
@@ -408,7 +408,7 @@ def line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _describe(first: dict[str, Any]) -> str:
+def _error_text(first: dict[str, Any]) -> str:
     """A validation problem as one line: the dotted key, what is wrong, and what was given."""
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":

@@ -61,6 +61,6 @@ def output_dir(strategy: tf.distribute.Strategy, final: Path) -> Iterator[Path]:
         strategy.run(lambda: tf.distribute.get_replica_context().all_reduce("SUM", tf.ones(())))
 
 
-def describe(strategy: tf.distribute.Strategy) -> str:
+def replicas_and_workers(strategy: tf.distribute.Strategy) -> str:
     """``2 replica(s) on 2 worker(s)``, for the stages' summary lines."""
     return f"{strategy.num_replicas_in_sync} replica(s) on {workers(strategy)} worker(s)"

@@ -134,10 +134,10 @@ def archive_format(path: Path, origin: str) -> str:
         return "zip"
     if tarfile.is_tarfile(path):
         return "tar"
-    raise UserError(f"data.url: {origin} is not a tar or zip archive: it is {describe(path)}")
+    raise UserError(f"data.url: {origin} is not a tar or zip archive: it is {file_kind(path)}")
 
 
-def describe(path: Path) -> str:
+def file_kind(path: Path) -> str:
     with open(path, "rb") as fh:
         head = fh.read(512)
     text = head.lstrip().lower()

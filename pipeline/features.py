@@ -142,7 +142,7 @@ def main() -> None:
             images=len(manifest), seconds=round(seconds, 2)))
     cached = f"; activations at {cut} cached for fine-tuning" if cut else ""
     print(f"features: {len(manifest)} images -> {dim}-d features in {seconds:.1f}s "
-          f"({len(manifest) / seconds:.1f} images/s, {policy}, {devices.describe(strategy)}){cached}")
+          f"({len(manifest) / seconds:.1f} images/s, {policy}, {devices.replicas_and_workers(strategy)}){cached}")
 
 
 if __name__ == "__main__":

@@ -337,7 +337,7 @@ def write_history(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def describe(history: list[dict]) -> str:
+def history_summary(history: list[dict]) -> str:
     """Per phase: epochs, time per epoch (the first one apart: it includes building the graph), last val_accuracy."""
     parts = []
     for phase in dict.fromkeys(row["phase"] for row in history):
@@ -356,7 +356,7 @@ def main() -> None:
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
     policy = models.use_precision(cfg.model.precision)
-    print(f"train: {devices.describe(strategy)}, backbone computes in {policy}")
+    print(f"train: {devices.replicas_and_workers(strategy)}, backbone computes in {policy}")
     labels = read_labels(FEATURES_DIR / feature_store.LABELS)
     key = resume_key(cfg)
     killed = checkpoints.killed_attempt(key)
@@ -381,7 +381,7 @@ def main() -> None:
                             "rerun dvc repro once the tracking store is back") from None
         tracking.record_run(run, logged, cfg.mlflow.system_metrics)
     checkpoints.remove()
-    print(f"train: {describe(history)}; model in {MODEL_DIR}, MLflow run {run.info.run_id}")
+    print(f"train: {history_summary(history)}; model in {MODEL_DIR}, MLflow run {run.info.run_id}")
 
 
 if __name__ == "__main__":
