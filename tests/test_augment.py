@@ -201,7 +201,8 @@ def test_bad_policy_fails_naming_the_key(tmp_path, key, value, expected):
 @pytest.mark.parametrize("mode", ["online", "both"])
 def test_online_only_layers_load_with_an_online_mode(tmp_path, mode):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    set_params(tmp_path, **{"augment.mode": mode, "augment.online.mix": "mixup", "augment.online.rand_augment_ops": 1})
+    set_params(tmp_path, **{"augment.mode": mode, "augment.online.mix": "mixup", "augment.online.rand_augment_ops": 1,
+                            "train.fine_tune.blocks": 1})  # the online layers run in fine-tuning
     online = load_config(tmp_path / "params.yaml").augment.online
     assert (online.mix, online.rand_augment_ops) == ("mixup", 1)
 
