@@ -86,6 +86,13 @@ def run_stage(name: str, workdir: Path) -> StageRun:
                 peaks["single"] = max(peaks["single"], max(rss))
             done.wait(POLL_SECONDS)
 
+    output, seconds = finish_polled(process, poll, done, started, f"pipeline.{name}")
+    return StageRun(seconds, peaks["sum"] / 2**20, peaks["single"] / 2**20)
+
+
+def finish_polled(process: subprocess.Popen, poll, done: threading.Event, started: float, what: str) -> tuple[str, float]:
+    """Wait for ``process`` with ``poll`` (which returns once ``done`` is set) running beside it in a
+    thread; its output and wall time since ``started``; exit naming ``what`` if it failed."""
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     output = process.communicate()[0]
@@ -93,8 +100,8 @@ def run_stage(name: str, workdir: Path) -> StageRun:
     done.set()
     poller.join()
     if process.returncode:
-        sys.exit(f"pipeline.{name} failed ({process.returncode}):\n{output[-3000:]}")
-    return StageRun(seconds, peaks["sum"] / 2**20, peaks["single"] / 2**20)
+        sys.exit(f"{what} failed ({process.returncode}):\n{output[-3000:]}")
+    return output, seconds
 
 
 def manifest_rows(path: Path) -> list[dict[str, str]]:

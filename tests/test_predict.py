@@ -135,7 +135,7 @@ def test_served_model_reports_its_own_failure_as_500_without_a_traceback(tmp_pat
     def broken(*args, **kwargs):
         raise RuntimeError("out of device memory")
 
-    monkeypatch.setattr(classifier.unwrap_python_model().model, "predict", broken)
+    monkeypatch.setattr(classifier.unwrap_python_model().model, "predict_on_batch", broken)
     with pytest.raises(MlflowException) as failed:
         classifier.predict(pd.DataFrame({"image": [image.read_bytes()]}))
     assert failed.value.get_http_status_code() == 500
