@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # TensorFlow's C++ log: warnings and errors, not INFO (0 shows INFO too, 2 only errors).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# MLflow's own log: warnings, not its INFO notes (database set-up, input-example checks, system metrics).
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 # A line of TensorFlow's C++ log (absl's format): "I0000 00:00:1796132670.822006    3742 port.cc:153] ...".
 ABSL_LINE = re.compile(rb"([IWEF])\d{4} [\d:.]+ +\d+ [^ \]]+:\d+\] ")

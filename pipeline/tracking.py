@@ -15,7 +15,6 @@ registry alias ``@champion`` when the model passes its gate.
 
 import contextlib
 import hashlib
-import logging
 import os
 import re
 import subprocess
@@ -126,7 +125,6 @@ def start_new_run(experiment_name: str, system_metrics: bool) -> mlflow.ActiveRu
         experiment_id = experiment.experiment_id
         if KIND_TAG not in experiment.tags:  # made before this tag was set; a kind set by hand stays
             mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
-    quiet_system_metrics()
     return mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
                             tags=lineage_tags(), log_system_metrics=system_metrics)
 
@@ -137,11 +135,6 @@ def mark_killed(run_id: str) -> None:
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # e.g. another tracking store now
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, "KILLED")
-
-
-def quiet_system_metrics() -> None:
-    """The system metrics monitor announces its start and stop at INFO; its warnings still show."""
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 def training_runs_url(ui_url: str, experiment_name: str) -> str:
@@ -330,7 +323,6 @@ def recorded_run() -> dict:
 
 def resume_run(recorded: dict) -> mlflow.ActiveRun:
     use_project_store()
-    quiet_system_metrics()
     return mlflow.start_run(run_id=recorded["run_id"], log_system_metrics=recorded["system_metrics"])
 
 

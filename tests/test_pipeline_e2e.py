@@ -198,6 +198,7 @@ def test_console_shows_warnings_not_tensorflow_noise(trained):
     # nor the TFLite converter's warnings about options it sets itself.
     assert not re.search(r"^[IE]\d{4} ", console, re.M), console
     assert "absl::InitializeLog" not in console and "Ignored output_format" not in console, console
+    assert not re.search(r" INFO mlflow", console), console  # MLflow's notes (MLFLOW_LOGGING_LEVEL)
     # What the user has to fix still shows, in every stage that loads TensorFlow.
     warned = re.findall(r"^W\d{4} .*\] TF_ENABLE_ONEDNN_OPTS is not set to either '0', 'false', '1', or 'true'",
                         console, re.M)
