@@ -30,14 +30,12 @@ from pipeline.files import read_json
 from pipeline.images import IMAGE_SUFFIXES, read_rgb
 from pipeline.serving import DEFAULT_TOP_K, top_labels
 
-DEFAULT_MODEL = MODEL_FILE
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL),
-                        help=f"a .keras file or an MLflow model URI (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=str(MODEL_FILE),
+                        help=f"a .keras file or an MLflow model URI (default: {MODEL_FILE})")
     parser.add_argument("--labels", type=Path, help="JSON list of class names (default: beside the model)")
     parser.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K,
                         help=f"labels per image, at most the number of classes (default: {DEFAULT_TOP_K})")
