@@ -21,6 +21,7 @@ why; any other failure with HTTP 500, its traceback only in the server's log.
 import base64
 import io
 import logging
+import tempfile
 import threading
 
 import mlflow
@@ -88,9 +89,17 @@ def decode_request_image(data: bytes | str, index: int) -> np.ndarray:
                   f"this server decodes at most {MAX_MEGAPIXELS} megapixels per image: send it smaller")
 
 
+def load_keras_model(uri: str):
+    """The Keras flavor of the logged model at ``uri``. MLflow copies the model out of the store to
+    load it, by default into a folder of the temp dir it never removes (a whole model per load):
+    here into one removed once the model is in memory."""
+    with tempfile.TemporaryDirectory(prefix="keras-model-") as scratch:
+        return mlflow.keras.load_model(uri, dst_path=scratch)
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        self.model = mlflow.keras.load_model(context.model_config["keras_model"])
+        self.model = load_keras_model(context.model_config["keras_model"])
         self.labels = context.model_config["labels"]
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

@@ -335,7 +335,9 @@ def logged_model_info(uri: str) -> ModelInfo:
 
 def load_keras_model(uri: str) -> keras.Model:
     """The Keras model of the logged model at ``uri`` (its ``keras`` flavor, see :func:`logged_model_info`)."""
-    return mlflow.keras.load_model(uri)
+    from pipeline import serving
+
+    return serving.load_keras_model(uri)
 
 
 def finished_runs(experiment_name: str, metric: str, max_runs: int) -> pd.DataFrame | None:

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +157,17 @@ def project_through(stage: str, root: Path, per_class: dict[str, int], params: d
     set_params(project, **params)
     run(["dvc", "repro", stage], project)
     return project
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_dir_inside_pytests(tmp_path_factory) -> Iterator[None]:
+    """The temp dir of the tests and of every process they start (MLflow's serving and model loads
+    leave folders there) inside pytest's base temp, which goes with a passing session."""
+    scratch = str(tmp_path_factory.mktemp("tmp", numbered=False))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", scratch)
+        patch.setattr(tempfile, "tempdir", scratch)
+        yield
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -144,9 +145,13 @@ def test_served_model_reports_its_own_failure_as_500_without_a_traceback(tmp_pat
 
 
 def test_model_from_mlflow_runs_and_models_uris(tmp_path, store, model, monkeypatch, capsys):
-    """The Keras flavor by run, version and alias; its class names come from its metadata."""
+    """The Keras flavor by run, version and alias; its class names come from its metadata. No copy
+    of the weights is left in the temp dir (MLflow's default download folder is never removed)."""
     uri, run_id = store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     image = next(make_images(tmp_path / "photos", {"red": 1}).rglob("*.jpg"))
     expected = expected_top(model, image)
 
@@ -156,6 +161,7 @@ def test_model_from_mlflow_runs_and_models_uris(tmp_path, store, model, monkeypa
     for registered in ("models:/tiny-keras/1", "models:/tiny-keras@candidate"):
         predict.main([str(image), "--model", registered, "--top-k", "1"])
         assert capsys.readouterr().out == f"{image}\t{expected[0][0]} {expected[0][1]:.3f}\n"
+    assert not list(scratch.rglob("*.keras"))  # only MLflow's MLmodel files of get_model_info
 
     with pytest.raises(UserError, match=r"^--model runs:/0123456789abcdef/model: "):
         predict.main([str(image), "--model", "runs:/0123456789abcdef/model"])
