@@ -23,6 +23,9 @@ from pipeline.config import override_params
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["pipeline", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config"]
+# The smallest real backbone (MobileNet 0.25 at 32 px: 0.2 M weights, 1 MB files, against Inception
+# v3's 22 M and 90 MB at new_project's 75 px), for tests about the pipeline around the model.
+SMALL_BACKBONE = {"model.backbone": "mobilenet", "model.alpha": 0.25, "model.image_size": 32}
 
 
 def make_images(root: Path, per_class: dict[str, int], size: tuple[int, int] = (64, 48), seed: int = 0) -> Path:

@@ -13,7 +13,7 @@ import mlflow
 import requests
 from test_pipeline_e2e import free_port
 
-from conftest import input_split, project_env, run
+from conftest import SMALL_BACKBONE, input_split, project_env, run, set_params
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -54,6 +54,7 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
     try:
         wait_until_up(f"{uri}/health", server)
         env = {**project_env(project), "MLFLOW_TRACKING_URI": uri}
+        set_params(project, **SMALL_BACKBONE)
         run(["git", "add", "-A"], project, env=env)
         run(["git", "commit", "-qm", "baseline"], project, env=env)
         # What `make exp` runs, with a small grid.

@@ -11,7 +11,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import image_request, make_images, model_server, new_project, run, set_params, stages_run
+from conftest import SMALL_BACKBONE, image_request, make_images, model_server, new_project, run, set_params, stages_run
 from pipeline import predict
 from pipeline.tracking import CLASS_KEYS_ARTIFACT, class_keys
 
@@ -28,7 +28,7 @@ def two_classes(tmp_path_factory) -> tuple[Path, str, Path]:
     tmp = tmp_path_factory.mktemp("two")
     images = make_images(tmp / "images", CLASSES, size=(40, 32))
     project = new_project(tmp / "project", images)
-    set_params(project, **{"train.epochs": 1, "augment.copies": 0, "evaluate.top_k": 5, "export.tflite": [],
+    set_params(project, **SMALL_BACKBONE, **{"train.epochs": 1, "augment.copies": 0, "evaluate.top_k": 5, "export.tflite": [],
                            "mlflow.registered_model_name": MODEL_NAME})
     return project, run(["dvc", "repro"], project).stdout, images
 
