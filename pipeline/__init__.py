@@ -19,7 +19,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # MLflow's own log: warnings, not its INFO notes (database set-up, input-example checks, system metrics).
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-# ... and no progress bars for its artifact copies (predict --model models:/..., make serve): noise in logs.
+# ... and no progress bars when we copy a model out of its store (predict --model models:/...).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # A line of TensorFlow's C++ log (absl's format): "I0000 00:00:1796132670.822006    3742 port.cc:153] ...".
