@@ -39,7 +39,7 @@ def run(workdir: Path, repeats: int) -> list[tuple[str, str]]:
 
     strategy = distribution_strategy()
     cfg = load_config(workdir / "params.yaml")
-    policy = use_precision(cfg.model.precision)
+    policy = use_precision(cfg.model)
     batch_size = cfg.train.batch_size
     augmented = workdir / "data/augmented"
     paths = [str(augmented / row["path"]) for row in manifest_rows(augmented / "manifest.csv")]

@@ -16,6 +16,12 @@ what the process built before), its entry is the top block's last named layer.
 ``alphas`` lists the width multipliers (``model.alpha``) that ImageNet weights exist for, the
 default first; an empty tuple means the architecture has no such knob.
 
+``cpu_bfloat16`` says whether the backbone computes faster in bfloat16 than in float32 on a CPU with
+bfloat16 units, so that ``model.precision: auto`` picks it there. Measured with ``bench/precision.py``
+on a Xeon with AMX (bench/results.md): Inception v3 1.9x, ResNets 1.45-1.65x, EfficientNetV2
+1.1-1.17x faster; the MobileNets, mostly depthwise convolutions, 0.72-0.90x (slower); ConvNeXt
+1.01x, no gain, so float32, the exact one.
+
 EfficientNet is here as V2 only: Keras's EfficientNet B0-B7 (V1) adds one of its preprocessing
 layers only when built with ``weights="imagenet"``, so the same weights rebuilt from a file (as
 the train stage does from the features stage's ``backbone.weights.h5``) would compute other features.
@@ -34,6 +40,7 @@ class Backbone:
     preprocessing: Literal["tf", "caffe", "included"]
     blocks: tuple[str, ...]  # layer ending each block, bottom to top
     alphas: tuple[float, ...] = ()  # width multipliers (model.alpha), the default first
+    cpu_bfloat16: bool = True  # faster in bfloat16 than float32 on CPUs with bfloat16 units
 
 
 def _resnet_blocks(stage_depths: tuple[int, int, int, int]) -> tuple[str, ...]:
@@ -94,18 +101,18 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("resnet152", "ResNet152", 224, 32, "caffe", RESNET152_BLOCKS),
         Backbone("resnet50_v2", "ResNet50V2", 224, 32, "tf", RESNET50_BLOCKS),
         Backbone("mobilenet_v2", "MobileNetV2", 224, 32, "tf", MOBILENET_V2_BLOCKS,
-                 alphas=(1.0, 0.35, 0.5, 0.75, 1.3, 1.4)),
-        Backbone("mobilenet", "MobileNet", 224, 32, "tf", MOBILENET_BLOCKS, alphas=(1.0, 0.25, 0.5, 0.75)),
+                 alphas=(1.0, 0.35, 0.5, 0.75, 1.3, 1.4), cpu_bfloat16=False),
+        Backbone("mobilenet", "MobileNet", 224, 32, "tf", MOBILENET_BLOCKS, alphas=(1.0, 0.25, 0.5, 0.75), cpu_bfloat16=False),
         Backbone("mobilenet_v3_small", "MobileNetV3Small", 224, 32, "included", MOBILENET_V3_SMALL_BLOCKS,
-                 alphas=(1.0, 0.75)),
+                 alphas=(1.0, 0.75), cpu_bfloat16=False),
         Backbone("mobilenet_v3_large", "MobileNetV3Large", 224, 32, "included", MOBILENET_V3_LARGE_BLOCKS,
-                 alphas=(1.0, 0.75)),
+                 alphas=(1.0, 0.75), cpu_bfloat16=False),
         Backbone("efficientnet_v2_b0", "EfficientNetV2B0", 224, 32, "included", _efficientnet_v2_blocks((1, 2, 2, 3, 5, 8))),
         Backbone("efficientnet_v2_b1", "EfficientNetV2B1", 240, 32, "included", _efficientnet_v2_blocks((2, 3, 3, 4, 6, 9))),
         Backbone("efficientnet_v2_b2", "EfficientNetV2B2", 260, 32, "included",
                  _efficientnet_v2_blocks((2, 3, 3, 4, 6, 10))),
         Backbone("efficientnet_v2_b3", "EfficientNetV2B3", 300, 32, "included",
                  _efficientnet_v2_blocks((2, 3, 3, 5, 7, 12))),
-        Backbone("convnext_tiny", "ConvNeXtTiny", 224, 32, "included", CONVNEXT_TINY_BLOCKS),
+        Backbone("convnext_tiny", "ConvNeXtTiny", 224, 32, "included", CONVNEXT_TINY_BLOCKS, cpu_bfloat16=False),
     )
 }

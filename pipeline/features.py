@@ -98,7 +98,7 @@ def main() -> None:
         raise UserError(f"{manifest_path} is missing: run the augment stage first (dvc repro)")
     strategy = devices.distribution_strategy()  # before other TF ops: MultiWorkerMirroredStrategy needs that
     keras.utils.set_random_seed(cfg.seed)
-    policy = models.use_precision(cfg.model.precision)
+    policy = models.use_precision(cfg.model)
     manifest = read_rows(manifest_path, AugmentedImage)
     class_index = {name: i for i, name in enumerate(read_labels())}
     cut = cfg.activation_cut

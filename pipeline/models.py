@@ -209,25 +209,27 @@ def unfreeze_top(base: keras.Model, start: int) -> None:
 BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def compute_policy(setting: str) -> str:
-    """The Keras dtype policy ``model.precision`` asks for; ``auto`` picks the fastest safe one here.
+def compute_policy(params: ModelParams) -> str:
+    """The Keras dtype policy ``params.precision`` asks for; ``auto`` picks the fastest safe one here.
 
     Mixed policies compute in 16 bits and keep the weights in float32. float16 needs loss scaling
     (Keras adds it) and is only fast on GPUs; bfloat16 keeps float32's range, and CPUs with AMX or
-    AVX512-BF16 run it several times faster than float32. Elsewhere float32 is the fast one.
+    AVX512-BF16 run most backbones several times faster in it than in float32, though not all
+    (``Backbone.cpu_bfloat16``). Elsewhere float32 is the fast one.
     """
-    if setting != "auto":
-        return setting
+    if params.precision != "auto":
+        return params.precision
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
         return "mixed_float16"
-    return "mixed_bfloat16" if any(flag in _cpu_flags() for flag in BFLOAT16_CPU_FLAGS) else "float32"
+    bfloat16_units = any(flag in _cpu_flags() for flag in BFLOAT16_CPU_FLAGS)
+    return "mixed_bfloat16" if bfloat16_units and params.spec.cpu_bfloat16 else "float32"
 
 
-def use_precision(setting: str) -> str:
+def use_precision(params: ModelParams) -> str:
     """Build every later layer under ``model.precision``'s policy; returns the policy's name."""
-    policy = compute_policy(setting)
+    policy = compute_policy(params)
     keras.config.set_dtype_policy(policy)
     return policy
 

@@ -355,7 +355,7 @@ def main() -> None:
     strategy = devices.distribution_strategy()  # first: MultiWorkerMirroredStrategy must come before other TF ops
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
-    policy = models.use_precision(cfg.model.precision)
+    policy = models.use_precision(cfg.model)
     print(f"train: {devices.replicas_and_workers(strategy)}, backbone computes in {policy}")
     labels = read_labels(FEATURES_DIR / feature_store.LABELS)
     key = resume_key(cfg)

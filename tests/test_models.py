@@ -116,21 +116,25 @@ def test_column_stats_streams_in_chunks_and_matches_numpy(tmp_path):
     np.testing.assert_allclose(variance, exact.var(axis=0), rtol=1e-9)
 
 
-@pytest.mark.parametrize(("setting", "gpu", "flags", "expected"), [
-    ("float32", False, {"amx_bf16"}, "float32"),
-    ("mixed_bfloat16", False, set(), "mixed_bfloat16"),
-    ("auto", False, {"avx2", "amx_bf16"}, "mixed_bfloat16"),
-    ("auto", False, {"avx512_bf16"}, "mixed_bfloat16"),
-    ("auto", False, {"avx2", "avx512f"}, "float32"),
-    ("auto", True, {"amx_bf16"}, "mixed_float16"),
+@pytest.mark.parametrize(("setting", "backbone", "gpu", "flags", "expected"), [
+    ("float32", "inception_v3", False, {"amx_bf16"}, "float32"),
+    ("mixed_bfloat16", "mobilenet_v2", False, set(), "mixed_bfloat16"),
+    ("auto", "inception_v3", False, {"avx2", "amx_bf16"}, "mixed_bfloat16"),
+    ("auto", "resnet50", False, {"avx512_bf16"}, "mixed_bfloat16"),
+    ("auto", "inception_v3", False, {"avx2", "avx512f"}, "float32"),
+    ("auto", "mobilenet_v2", False, {"avx2", "amx_bf16"}, "float32"),  # depthwise: slower in bfloat16
+    ("auto", "efficientnet_v2_b0", False, {"amx_bf16"}, "mixed_bfloat16"),  # its fused blocks gain
+    ("auto", "convnext_tiny", False, {"amx_bf16"}, "float32"),  # no gain: the exact one
+    ("auto", "mobilenet_v2", True, {"amx_bf16"}, "mixed_float16"),
 ])
-def test_precision_auto_picks_float16_on_gpus_bfloat16_on_cpus_that_have_it(monkeypatch, setting, gpu, flags,
-                                                                            expected):
+def test_precision_auto_picks_float16_on_gpus_bfloat16_on_cpus_where_it_is_faster(monkeypatch, setting, backbone, gpu,
+                                                                                 flags, expected):
     import tensorflow as tf
 
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["gpu0"] if gpu and kind == "GPU" else [])
     monkeypatch.setattr(models, "_cpu_flags", lambda: flags)
-    assert models.compute_policy(setting) == expected
+    chosen = params(backbone, 224).model_copy(update={"precision": setting})
+    assert models.compute_policy(chosen) == expected
 
 
 def test_fine_tuning_unfreezes_only_the_top_blocks_and_never_batchnorm():
