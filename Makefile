@@ -96,6 +96,7 @@ bench: setup
 	@test -n "$(BENCH_ARCHIVE)" || { echo 'usage: make bench BENCH_ARCHIVE=<flower_photos.tgz> [BENCH_WEIGHTS=<MobileNetV2 no-top .h5>]' >&2; exit 2; }
 	python bench/run_all.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) $(if $(BENCH_WEIGHTS),--weights $(BENCH_WEIGHTS)) $(BENCH_ARGS)
 	python bench/sweep.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) --append bench/results.md
+	python bench/precision.py --append bench/results.md
 	$(if $(BENCH_WEIGHTS),python bench/footprint.py --archive $(BENCH_ARCHIVE) --weights $(BENCH_WEIGHTS) --append bench/results.md)
 
 # Data, features and models to/from the DVC remote you configured (README: "Sharing").

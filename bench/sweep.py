@@ -305,13 +305,13 @@ def main() -> None:
     report(title, rows, command, started, info, args.append)
 
 
-def report(title: str, rows: list[tuple[str, str]], command: str, started: float, info: dict[str, str],
-           append: Path | None, note: str = "") -> None:
+def report(title: str, rows: list[tuple[str, ...]], command: str, started: float, info: dict[str, str],
+           append: Path | None, note: str = "", header: tuple[str, ...] = ("figure", "value")) -> None:
     """Print the results.md section (when and how long, the machine's load, ``note``, the table) and
     append it to ``append``."""
     intro = (f"On {time.strftime('%Y-%m-%d')} in {(time.perf_counter() - started) / 60:.1f} min; load average "
              f"(1, 5, 15 min) at start {info['load average (1, 5, 15 min) at start']}.{note}")
-    heading, table = section(title, rows, command).split("\n\n", 1)
+    heading, table = section(title, rows, command, header).split("\n\n", 1)
     text = f"{heading}\n\n{intro}\n\n{table}"
     print(text)
     if append:
