@@ -214,8 +214,8 @@ def compute_policy(params: ModelParams) -> str:
 
     Mixed policies compute in 16 bits and keep the weights in float32. float16 needs loss scaling
     (Keras adds it) and is only fast on GPUs; bfloat16 keeps float32's range, and CPUs with AMX or
-    AVX512-BF16 run most backbones several times faster in it than in float32, though not all
-    (``Backbone.cpu_bfloat16``). Elsewhere float32 is the fast one.
+    AVX512-BF16 run most backbones faster in it than in float32 (1.1-1.9x, bench/results.md), though
+    not all (``Backbone.cpu_bfloat16``). Elsewhere float32 is the fast one.
     """
     if params.precision != "auto":
         return params.precision
