@@ -85,7 +85,8 @@ compare: setup
 
 # Speed benchmarks on a slice of the archive (~15 min on 2 CPU cores), then quality with real
 # weights on the whole archive (~45 min more; only with BENCH_WEIGHTS); writes bench/results.md.
-# Then appends the warm loop and a 12-experiment sweep on the slice (bench/sweep.py, ~30 min) and,
+# Then appends the warm loop (bench/warm_loop.py, ~5 min) and a 12-experiment sweep on the slice
+# (bench/sweep.py, ~30 min) and,
 # with BENCH_WEIGHTS, memory and disk per run on the whole archive (bench/footprint.py, ~10 min).
 #   make bench BENCH_ARCHIVE=/path/to/flower_photos.tgz BENCH_WEIGHTS=/path/to/mobilenet_v2_1.0_224_imagenet_no_top.h5
 BENCH_ARCHIVE ?=
@@ -95,6 +96,7 @@ BENCH_ARGS ?= --image-size 299 --epochs 10 --more-epochs 20
 bench: setup
 	@test -n "$(BENCH_ARCHIVE)" || { echo 'usage: make bench BENCH_ARCHIVE=<flower_photos.tgz> [BENCH_WEIGHTS=<MobileNetV2 no-top .h5>]' >&2; exit 2; }
 	python bench/run_all.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) $(if $(BENCH_WEIGHTS),--weights $(BENCH_WEIGHTS)) $(BENCH_ARGS)
+	python bench/warm_loop.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) --append bench/results.md
 	python bench/sweep.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) --append bench/results.md
 	python bench/precision.py --append bench/results.md
 	$(if $(BENCH_WEIGHTS),python bench/footprint.py --archive $(BENCH_ARCHIVE) --weights $(BENCH_WEIGHTS) --append bench/results.md)
@@ -111,5 +113,5 @@ lock:
 	$(PYTHON) -m uv pip compile --python-version 3.11 --extra test pyproject.toml -o requirements.lock
 
 clean:
-	rm -rf data/raw data/prepared data/augmented data/features data/checkpoints data/model data/export eval reports
+	rm -rf data/raw data/prepared data/augmented data/features data/checkpoints data/model data/test_probabilities.npz data/export eval reports
 	rm -rf .pytest_cache

@@ -1,11 +1,11 @@
-"""A sweep of 12 head settings as queued DVC experiments vs 12 runs of the keras.io recipe, and the warm loop.
+"""A sweep of 12 head settings as queued DVC experiments vs 12 runs of the keras.io recipe.
 
 A scratch git + DVC project (this repository's pipeline, dvc.yaml and params.yaml copied in) on an
-archive slice: ``dvc repro`` first; then the warm loop once, ``dvc exp run -S train.learning_rate=...``
-in the workspace (each stage's wall time and peak RSS, polled; DVC's own time is the rest); then 12
-experiments, learning rate x dropout x label smoothing, queued with ``dvc exp run --queue -S ...``
-and run by ``dvc queue start -j 1``. None of the 12 has the baseline's or the warm loop's settings,
-so DVC's run cache cannot hand back a trained model: each one trains. Every experiment's log must
+archive slice: ``dvc repro`` first (each stage's wall time and peak RSS, polled; DVC's own time is
+the rest); then 12 experiments, learning rate x dropout x label smoothing, queued with
+``dvc exp run --queue -S ...`` and run by ``dvc queue start -j 1``. None of the 12 has the
+baseline's settings, so DVC's run cache cannot hand back a trained model: each one trains.
+(One head setting at a time in the workspace, the warm loop, is ``warm_loop.py``'s.) Every experiment's log must
 show only train, evaluate and export running, and ``dvc exp show`` the baseline's features as its
 input (the script stops otherwise): the sweep reuses the cached features. The DVC cache and the
 MLflow store (``mlartifacts/``, ``mlflow.db``) are measured before and after the queue.
@@ -44,7 +44,6 @@ RERUN = ["train", "evaluate", "export"]  # what a head setting reruns; everythin
 REUSED = ["download", "prepare", "augment", "features", "label_issues"]
 GRID = {"train.learning_rate": (0.0003, 0.001, 0.003), "model.head.dropout": (0.2, 0.5),
         "train.label_smoothing": (0.0, 0.05)}  # params.yaml: 0.001, 0.2, 0.1
-WARM_LOOP = {"train.learning_rate": 0.0005}
 STAGE_COMMAND = re.compile(r"-m pipeline\.(\w+)")
 POLL_SECONDS = 0.1
 QUEUE_POLL_SECONDS = 5
@@ -233,32 +232,12 @@ def stage_breakdown(run: DvcRun) -> str:
     return " + ".join([*(f"{name} {stage.seconds:.1f}" for name, stage in run.stages.items()), f"DVC {own:.1f}"])
 
 
-def warm_loop_rows(project: Path) -> list[tuple[str, str]]:
-    """One `dvc exp run -S` in the workspace after the first run: where its time and memory go."""
-    run = timed_dvc(project, "exp", "run", *set_args(WARM_LOOP))
-    if stages_run(run.output) != RERUN:
-        sys.exit(f"the warm loop ran {stages_run(run.output)}, not {RERUN}:\n{run.output[-3000:]}")
-    memory = ", ".join(f"{name} {stage.peak_rss_mb:.0f} / {stage.peak_single_rss_mb:.0f}"
-                       for name, stage in run.stages.items())
-    return [(f"warm loop: dvc exp run {' '.join(set_args(WARM_LOOP))}, wall", f"{run.seconds:.1f} s"),
-            ("  stage by stage (s; DVC = its own start-up, checks and caching)", stage_breakdown(run)),
-            ("  peak RSS (MiB, process tree sum / largest process)", memory)]
-
-
-def restore_baseline(project: Path) -> None:
-    """The workspace back at the baseline commit, outputs included, for the queue to start from."""
-    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=project, check=True)
-    dvc(project, "checkout", "--force")
-
-
 def run(project: Path, epochs: int, recipe_figure: float | None) -> list[tuple[str, str]]:
     first = timed_dvc(project, "repro")
     commit(project, "baseline")
     baseline = disk(project)
     rows = [("first run: dvc repro, wall", f"{first.seconds:.1f} s ({stage_breakdown(first)})"),
-            ("stores after it (DVC cache, MLflow artifacts, MLflow database)", mib(baseline)),
-            *warm_loop_rows(project)]
-    restore_baseline(project)
+            ("stores after it (DVC cache, MLflow artifacts, MLflow database)", mib(baseline))]
     grid = settings()
     started = time.perf_counter()
     for overrides in grid:
@@ -300,7 +279,7 @@ def main() -> None:
     command = (f"python bench/sweep.py --archive {args.archive} --per-class {args.per_class} --image-size "
                f"{args.image_size} --copies {args.copies} --epochs {args.epochs} --backbone {args.backbone}"
                + (f" --recipe-seconds {args.recipe_seconds}" if args.recipe_seconds else ""))
-    title = (f"Warm loop and a {len(settings())}-point sweep of queued DVC experiments vs the keras.io recipe ({args.backbone}, "
+    title = (f"A {len(settings())}-point sweep of queued DVC experiments vs the keras.io recipe ({args.backbone}, "
              f"{args.image_size} px, {args.per_class} per class, {args.epochs} epochs, model.weights=none)")
     report(title, rows, command, started, info, args.append)
 

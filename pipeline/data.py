@@ -1,10 +1,14 @@
 """Reading the files stages hand to each other: manifests, labels, and image batches for tf.data."""
 
 import csv
+import hashlib
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
+from pipeline.cli import UserError
 from pipeline.files import atomic_file, read_json
 
 # Every location a stage writes, the one home of these paths: stages, benches and tests import them,
@@ -26,6 +30,7 @@ EVAL_DIR = Path("eval")
 METRICS = EVAL_DIR / "metrics.json"
 PREDICTIONS = EVAL_DIR / "predictions.csv"
 PLOTS_DIR = EVAL_DIR / "plots"
+TEST_PROBABILITIES = Path("data/test_probabilities.npz")  # evaluate: the Keras model's output on each test image
 EXPORT_DIR = Path("data/export")  # export: SavedModel, TFLite files, labels.json
 EXPORT_REPORT = EVAL_DIR / "export.json"  # export: parity metrics
 HISTORY = EVAL_DIR / "history.csv"  # train: one row per epoch (phase, epoch, seconds, metrics): the training curves
@@ -97,6 +102,29 @@ def write_rows(path: Path, row_type: type[Row], rows: list[Row]) -> None:
 def test_images() -> list[AugmentedImage]:
     """The test split's rows of the augmented manifest: copy 0 only, resized, never randomly changed."""
     return [r for r in read_rows(AUGMENTED_MANIFEST, AugmentedImage) if r.split == "test" and r.copy == 0]
+
+
+def write_test_probabilities(probabilities: np.ndarray, paths: list[str]) -> None:
+    """TEST_PROBABILITIES: ``probabilities`` (a row per test image of ``paths``, a column per label)
+    of the model in MODEL_FILE, which it names by its sha256."""
+    with atomic_file(TEST_PROBABILITIES, "wb") as fh:
+        np.savez(fh, probabilities=probabilities, paths=np.array(paths), model_sha256=_sha256(MODEL_FILE))
+
+
+def read_test_probabilities(paths: list[str]) -> np.ndarray:
+    """TEST_PROBABILITIES' rows, checked to be of MODEL_FILE's model on exactly ``paths``."""
+    if not TEST_PROBABILITIES.is_file():
+        raise UserError(f"{TEST_PROBABILITIES} is missing: run the evaluate stage first (dvc repro)")
+    with np.load(TEST_PROBABILITIES) as saved:
+        if str(saved["model_sha256"]) != _sha256(MODEL_FILE) or saved["paths"].tolist() != paths:
+            raise UserError(f"{TEST_PROBABILITIES} is of another model or other test images than {MODEL_FILE}'s: "
+                            "run the evaluate stage first (dvc repro)")
+        return saved["probabilities"]
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def read_labels(path: Path = PREPARED_LABELS) -> list[str]:

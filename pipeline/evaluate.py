@@ -9,6 +9,8 @@ Outputs in ``eval/`` (small, meant for git):
 - ``predictions.csv``: one row per test image (DVC's confusion-matrix plot reads it);
 - ``plots/``: confusion matrices (counts, row-normalized), reliability diagram, training curves,
   the most confident mistakes, and Grad-CAM overlays.
+And ``data/test_probabilities.npz``, every probability, which export checks its formats against
+(so the test images go through the Keras model once per run, here).
 Everything is also logged to the pipeline run in MLflow (per-class metrics under keys made by
 ``tracking.class_keys``, as class names may hold anything a folder name can), the test metrics
 also on the run's logged models. With ``evaluate.min_accuracy`` set, the stage fails (after writing
@@ -43,6 +45,7 @@ from pipeline.data import (
     read_labels,
     test_images,
     write_manifest,
+    write_test_probabilities,
 )
 from pipeline.files import atomic_dir, write_json
 
@@ -71,7 +74,9 @@ def gradcam_examples(y_true: np.ndarray) -> np.ndarray:
     return np.array([i for c in classes[:GRADCAM_IMAGES] for i in np.flatnonzero(y_true == c)[:per_class]], dtype=int)
 
 
-def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path) -> None:
+def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path,
+               chosen: np.ndarray, chosen_maps: np.ndarray) -> None:
+    """Every plot of ``plots/``; ``chosen``: the images shown with Grad-CAM, ``chosen_maps`` their feature maps."""
     y_pred = probabilities.argmax(axis=1)
     plots.confusion_matrices(y_true, y_pred, labels, out)
     plots.reliability_diagram(*metrics.reliability(y_true, probabilities), report["ece"], out / "reliability.png")
@@ -86,14 +91,12 @@ def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path) ->
         out / "top_losses.png",
         heading=f"The {len(mistakes)} most confident mistakes: true → predicted (probability)",
     )
-    chosen = gradcam_examples(y_true)
-    images = load_images([rows[i].path for i in chosen])
     shown_classes = len(np.unique(y_true[chosen]))
     plots.image_grid(
-        list(images),
+        list(load_images([rows[i].path for i in chosen])),
         [f"{names[y_true[i]]}: pred {names[y_pred[i]]}" for i in chosen],
         out / "gradcam.png",
-        overlays=list(gradcam.heatmaps(model, images, y_pred[chosen])),
+        overlays=list(gradcam.heatmaps(model, chosen_maps, y_pred[chosen])),
         heading=f"Grad-CAM of the predicted class, {shown_classes} of {len(labels)} classes",
     )
 
@@ -106,8 +109,11 @@ def main() -> None:
     rows = test_images()
     model = models.load(MODEL_FILE)
     paths = [str(AUGMENTED_DIR / r.path) for r in rows]
-    probabilities = model.predict(image_batches(paths, cfg.train.batch_size), verbose=0)
     y_true = np.array([labels.index(r.label) for r in rows])
+    # One pass of the test images through the model: every probability, and the backbone's
+    # feature maps of the images the Grad-CAM plot shows.
+    chosen = gradcam_examples(y_true)
+    probabilities, chosen_maps = gradcam.predict_with_maps(model, image_batches(paths, cfg.train.batch_size), chosen)
     report = metrics.classification_report(y_true, probabilities, labels, cfg.evaluate.top_k)
     if report["top_k"] < cfg.evaluate.top_k:
         print(f"evaluate: evaluate.top_k {cfg.evaluate.top_k} is more than the {len(labels)} classes; "
@@ -115,11 +121,12 @@ def main() -> None:
 
     EVAL_DIR.mkdir(exist_ok=True)
     write_json(METRICS, report)
+    write_test_probabilities(probabilities, paths)
     write_manifest(PREDICTIONS, ["path", "actual", "predicted", "confidence"],
                    [[r.path, labels[t], labels[p.argmax()], f"{p.max():.4f}"]
                     for r, t, p in zip(rows, y_true, probabilities, strict=True)])
     with atomic_dir(PLOTS_DIR) as out:
-        draw_plots(model, rows, y_true, probabilities, labels, report, out)
+        draw_plots(model, rows, y_true, probabilities, labels, report, out, chosen, chosen_maps)
 
     recorded = tracking.recorded_run()
     with tracking.resume_run(recorded):

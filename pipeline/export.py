@@ -1,7 +1,8 @@
 """Stage 7, export: the trained model as a TensorFlow SavedModel and TFLite files, checked for parity.
 
-Inputs: ``data/model/`` (``model.keras``, ``labels.json``) and the test images of ``data/augmented``
-(copy 0: resized and center-cropped, never randomly changed). Outputs in ``data/export/``:
+Inputs: ``data/model/`` (``model.keras``, ``labels.json``), the test images of ``data/augmented``
+(copy 0: resized and center-cropped, never randomly changed) and the Keras model's probabilities on
+them, which evaluate wrote (``data/test_probabilities.npz``). Outputs in ``data/export/``:
 - ``saved_model/``: signature ``serving_default`` (also the method ``serve``), input ``image``:
   uint8 ``(batch, height, width, 3)`` of any size, output ``probabilities`` ``(batch, classes)``;
   the same contract as ``model.keras``, for TensorFlow Serving or ``tf.saved_model.load``;
@@ -36,6 +37,7 @@ from pipeline.data import (
     MODEL_FILE,
     MODEL_LABELS,
     image_batches,
+    read_test_probabilities,
     test_images,
 )
 from pipeline.files import atomic_dir, write_json
@@ -134,9 +136,10 @@ def main() -> None:
     paths = [str(AUGMENTED_DIR / r.path) for r in test_images()]
     if not paths:
         raise UserError(f"{AUGMENTED_MANIFEST} lists no test images (split test, copy 0) to check the exports on")
+    # The Keras model's probabilities, as evaluate computed them on the same images (one pass per run).
+    reference = read_test_probabilities(paths)
     model = models.load(MODEL_FILE)
     batches = [batch.numpy() for batch in image_batches(paths, BATCH_SIZE)]
-    reference = np.concatenate([model.predict_on_batch(batch) for batch in batches])
     check = ParityCheck(paths, batches, reference, cfg.export.tolerance)
     report = {"test_images": len(paths)}
     with atomic_dir(EXPORT_DIR) as out:

@@ -26,6 +26,7 @@ metrics (fine-tuning ones prefixed ``finetune_``, at their epoch numbers), syste
 (``mlflow.system_metrics``) and the model, registered with the alias ``@candidate``.
 """
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -270,9 +271,12 @@ def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, 
 
 def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model, list[dict]]:
     x_train = feature_store.features("train")
-    extractor = models.saved_feature_extractor(cfg.model, FEATURES_DIR)
-    head = models.head(x_train, n_classes, cfg.model.head)
     fine_tune = cfg.train.fine_tune
+    # Without fine-tuning the backbone runs only in the exported model, which is float32: built
+    # so at once, rather than in model.precision and then once more (seconds for a large backbone).
+    with contextlib.nullcontext() if fine_tune.enabled else models.dtype_policy("float32"):
+        extractor = models.saved_feature_extractor(cfg.model, FEATURES_DIR)
+    head = models.head(x_train, n_classes, cfg.model.head)
     base = models.backbone_of(extractor)
     top_start = models.trainable_top_start(base, cfg.model.spec, fine_tune) if fine_tune.enabled else None
 
@@ -321,12 +325,12 @@ def fine_tune_inputs(cfg: Config, extractor: keras.Model, head: keras.Model,
 def exported(params: ModelParams, extractor: keras.Model, head: keras.Model) -> keras.Model:
     """The deliverable, in float32 even after mixed-precision training (16-bit is slow on many CPUs).
     The head is float32 already; a mixed-precision extractor is rebuilt in float32 with its weights."""
-    if keras.config.dtype_policy().name == "float32":
-        return models.classifier(extractor, head, params.input_size)
     with models.dtype_policy("float32"):  # the resize layer too
-        copy = models.feature_extractor(params.model_copy(update={"weights": "none"}))
-        copy.set_weights(extractor.get_weights())
-        return models.classifier(copy, head, params.input_size)
+        if extractor.dtype_policy.name != "float32":
+            copy = models.feature_extractor(params.model_copy(update={"weights": "none"}))
+            copy.set_weights(extractor.get_weights())
+            extractor = copy
+        return models.classifier(extractor, head, params.input_size)
 
 
 def write_history(rows: list[dict], path: Path) -> None:

@@ -1,6 +1,7 @@
 """The export stage, for real: a small model converted to a SavedModel and TFLite, each checked
 against the Keras model on test images, and a parity failure stopping the stage in one line."""
 
+import contextlib
 import json
 import re
 import shutil
@@ -16,7 +17,14 @@ from conftest import REPO, make_images, set_params
 from pipeline import export, models
 from pipeline.cli import UserError, run_stage
 from pipeline.config import HeadParams, ModelParams, ToleranceParams
-from pipeline.data import write_manifest
+from pipeline.data import (
+    AUGMENTED_DIR,
+    MODEL_FILE,
+    TEST_PROBABILITIES,
+    image_batches,
+    write_manifest,
+    write_test_probabilities,
+)
 
 LABELS = ["red", "green", "blue"]
 
@@ -41,13 +49,18 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def trained_project(root: Path, tiny_model: Path) -> Path:
-    """What the export stage reads after `train`: params.yaml, data/model, and 32 px test images."""
+    """What the export stage reads after `train` and `evaluate`: params.yaml, data/model, 32 px
+    test images and the Keras model's probabilities on them."""
     shutil.copytree(tiny_model, root / "data" / "model")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     test_dir = make_images(root / "data" / "augmented" / "test", {label: 3 for label in LABELS}, size=(32, 32))
     rows = [[str(p.relative_to(root / "data" / "augmented")), p.parent.name, "test", 0, p.name]
             for p in sorted(test_dir.rglob("*.jpg"))]
     write_manifest(root / "data" / "augmented" / "manifest.csv", ["path", "label", "split", "copy", "source"], rows)
+    with contextlib.chdir(root):
+        paths = [str(AUGMENTED_DIR / row[0]) for row in rows]
+        # Decoded as evaluate decodes them (TF's JPEG decoder): random weights magnify any pixel's change.
+        write_test_probabilities(models.load(MODEL_FILE).predict(image_batches(paths, 32), verbose=0), paths)
     return root
 
 
@@ -101,6 +114,27 @@ def test_parity_failure_stops_the_stage_in_one_line(tmp_path, tiny_model, monkey
                         last), last
     assert not (project / "data" / "export").exists()  # nothing half-written
     assert not (project / "eval" / "export.json").exists()
+
+
+def test_probabilities_of_another_model_stop_the_stage_in_one_line(tmp_path, tiny_model, monkeypatch, capsys):
+    project = trained_project(tmp_path, tiny_model)
+    monkeypatch.chdir(project)
+    model = models.load(MODEL_FILE)
+    model.get_layer("head").get_layer("probabilities").set_weights(
+        [w + 0.1 for w in model.get_layer("head").get_layer("probabilities").get_weights()])
+    model.save(MODEL_FILE)  # retrained, say, and evaluate not run since
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(export.main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {TEST_PROBABILITIES} is of another model or other test images than {MODEL_FILE}'s: "
+        "run the evaluate stage first (dvc repro)")
+    TEST_PROBABILITIES.unlink()
+    with pytest.raises(SystemExit):
+        run_stage(export.main)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {TEST_PROBABILITIES} is missing: run the evaluate stage first (dvc repro)")
+    assert not (project / "data" / "export").exists()
 
 
 def test_parity_figures_and_the_worst_image():

@@ -257,3 +257,21 @@ def test_mixed_precision_training_exports_a_float32_model(tmp_path, policy):
     assert {layer.compute_dtype for layer in backbone.layers[1:]} == {"float32"}
     assert {layer.compute_dtype for layer in loaded.layers[1:]} == {"float32"}  # resize, extractor, head
     np.testing.assert_allclose(loaded.predict(images, verbose=0), trained.predict(images, verbose=0), atol=2e-2)
+
+
+def test_a_float32_extractor_goes_into_the_exported_model_as_it_is():
+    """Without fine-tuning train builds the backbone in float32 whatever model.precision says: the
+    exported model takes it without a copy, and its resize layer is float32 too."""
+    from pipeline.config import HeadParams, ModelParams
+    from pipeline.train import exported
+
+    params = ModelParams(backbone="mobilenet", weights="none", image_size=32, alpha=0.25, precision="mixed_bfloat16",
+                         head=HeadParams(dense_units=0, dropout=0.1))
+    with models.dtype_policy("mixed_bfloat16"):
+        with models.dtype_policy("float32"):
+            extractor = models.feature_extractor(params)
+        head = models.head(np.ones((4, 256), "float32"), 2, params.head)
+        model = exported(params, extractor, head)
+    assert model.get_layer(extractor.name) is extractor
+    assert {layer.compute_dtype for layer in [model.get_layer("resize"), *extractor.layers[1:],
+                                              *models.backbone_of(extractor).layers[1:]]} == {"float32"}
