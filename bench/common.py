@@ -55,6 +55,12 @@ def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copies", type=int, default=2, help="augment.copies")
 
 
+def add_project_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scratch project's folder and the results file, for the benchmarks that build a DVC project."""
+    parser.add_argument("--workdir", type=Path, help="an empty scratch folder (default: a new temporary one)")
+    parser.add_argument("--append", type=Path, help="append the section to this file (bench/results.md)")
+
+
 def stage_env(workdir: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_CACHE_DIR": str(workdir / "cache"),
             "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}

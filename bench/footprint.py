@@ -20,7 +20,7 @@ from pathlib import Path
 
 import sweep
 
-from common import REPO, load_average, machine
+from common import REPO, add_project_arguments, load_average, machine
 from pipeline.config import load_config
 
 LEARNING_RATES = (0.0005, 0.002, 0.0003, 0.003)  # one per experiment; none is params.yaml's
@@ -68,8 +68,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, help="data.max_per_class (default: every image)")
     parser.add_argument("--experiments", type=int, choices=range(len(LEARNING_RATES) + 1), default=2,
                         help="warm-loop experiments after the first run")
-    parser.add_argument("--workdir", type=Path, help="an empty scratch folder (default: a new temporary one)")
-    parser.add_argument("--append", type=Path, help="append the section to this file (bench/results.md)")
+    add_project_arguments(parser)
     args = parser.parse_args()
     defaults = load_config(REPO / "params.yaml")
     overrides = {"model.backbone": args.backbone, "model.weights": str(args.weights.resolve()),

@@ -34,7 +34,17 @@ from pathlib import Path
 import psutil
 
 import recipe
-from common import REPO, StageRun, add_slice_arguments, finish_polled, load_average, machine, new_workdir, section
+from common import (
+    REPO,
+    StageRun,
+    add_project_arguments,
+    add_slice_arguments,
+    finish_polled,
+    load_average,
+    machine,
+    new_workdir,
+    section,
+)
 from pipeline.backbones import BACKBONES
 from pipeline.config import load_config, override_params
 
@@ -268,8 +278,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="inception_v3")
     parser.add_argument("--recipe-seconds", type=float,
                         help="the recipe's wall time at these settings, measured earlier (default: run it once)")
-    parser.add_argument("--workdir", type=Path, help="an empty scratch folder (default: a new temporary one)")
-    parser.add_argument("--append", type=Path, help="append the section to this file (bench/results.md)")
+    add_project_arguments(parser)
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="sweep-"))
     project = new_project(root, args.archive, args.per_class, args.image_size, args.copies, args.epochs,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sweep import RERUN, commit, new_project, report, set_args, stage_breakdown, stages_run, timed_dvc
 
-from common import add_slice_arguments, load_average, machine
+from common import add_project_arguments, add_slice_arguments, load_average, machine
 
 LEARNING_RATES = (0.0005, 0.0007, 0.0015, 0.002, 0.0025, 0.0004, 0.0006, 0.0008)  # none is params.yaml's 0.001
 
@@ -57,8 +57,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="inception_v3")
     parser.add_argument("--weights", default="none", help="model.weights: none or a weights file")
     parser.add_argument("--loops", type=int, default=3, help="runs of each loop (at most 4)")
-    parser.add_argument("--workdir", type=Path, help="an empty scratch folder (default: a new temporary one)")
-    parser.add_argument("--append", type=Path, help="append the section to this file (bench/results.md)")
+    add_project_arguments(parser)
     args = parser.parse_args()
     if not 1 <= args.loops <= len(LEARNING_RATES) // 2:
         parser.error(f"--loops must be 1..{len(LEARNING_RATES) // 2}")
