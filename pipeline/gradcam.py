@@ -46,7 +46,7 @@ def _chain(layers: list[keras.layers.Layer], x):
 
 def predict_with_maps(model: keras.Model, batches, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One pass of ``batches`` (uint8 images) through ``model``: the probabilities of every image,
-    and the last feature maps of the images at the indices ``keep`` (in that order)."""
+    and the last feature maps of the images at the indices ``keep`` (in that order; at least one)."""
     to_map, after_map = _split_at_last_map(model)
     inputs = keras.Input(shape=model.input_shape[1:], dtype=model.input.dtype, name="image")
     feature_map = _chain(to_map, inputs)
@@ -64,8 +64,7 @@ def predict_with_maps(model: keras.Model, batches, keep: np.ndarray) -> tuple[np
                 maps[seen + row] = batch_maps[row]
         probabilities.append(batch_probabilities)
         seen += len(batch_probabilities)
-    kept = np.stack([maps[i] for i in keep]) if len(keep) else np.zeros((0, *feature_map.shape[1:]), "float32")
-    return np.concatenate(probabilities), kept
+    return np.concatenate(probabilities), np.stack([maps[i] for i in keep])
 
 
 def heatmaps(model: keras.Model, feature_maps: np.ndarray, classes: np.ndarray) -> np.ndarray:
