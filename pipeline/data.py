@@ -1,7 +1,6 @@
 """Reading the files stages hand to each other: manifests, labels, and image batches for tf.data."""
 
 import csv
-import hashlib
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import TypeVar
@@ -9,7 +8,7 @@ from typing import TypeVar
 import numpy as np
 
 from pipeline.cli import UserError
-from pipeline.files import atomic_file, read_json
+from pipeline.files import atomic_file, read_json, sha256_of
 
 # Every location a stage writes, the one home of these paths: stages, benches and tests import them,
 # and tests/test_dvc_deps.py checks that they are exactly the outs and metrics of dvc.yaml.
@@ -108,7 +107,7 @@ def write_test_probabilities(probabilities: np.ndarray, paths: list[str]) -> Non
     """TEST_PROBABILITIES: ``probabilities`` (a row per test image of ``paths``, a column per label)
     of the model in MODEL_FILE, which it names by its sha256."""
     with atomic_file(TEST_PROBABILITIES, "wb") as fh:
-        np.savez(fh, probabilities=probabilities, paths=np.array(paths), model_sha256=_sha256(MODEL_FILE))
+        np.savez(fh, probabilities=probabilities, paths=np.array(paths), model_sha256=sha256_of(MODEL_FILE))
 
 
 def read_test_probabilities(paths: list[str]) -> np.ndarray:
@@ -116,15 +115,10 @@ def read_test_probabilities(paths: list[str]) -> np.ndarray:
     if not TEST_PROBABILITIES.is_file():
         raise UserError(f"{TEST_PROBABILITIES} is missing: run the evaluate stage first (dvc repro)")
     with np.load(TEST_PROBABILITIES) as saved:
-        if str(saved["model_sha256"]) != _sha256(MODEL_FILE) or saved["paths"].tolist() != paths:
+        if str(saved["model_sha256"]) != sha256_of(MODEL_FILE) or saved["paths"].tolist() != paths:
             raise UserError(f"{TEST_PROBABILITIES} is of another model or other test images than {MODEL_FILE}'s: "
                             "run the evaluate stage first (dvc repro)")
         return saved["probabilities"]
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def read_labels(path: Path = PREPARED_LABELS) -> list[str]:

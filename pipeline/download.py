@@ -65,7 +65,7 @@ from tqdm import tqdm
 from pipeline.cli import OUT_OF_SPACE, UserError, redact_url, run_stage
 from pipeline.config import DataParams, load_config
 from pipeline.data import DOWNLOAD_REPORT, LABELS_COLUMNS, LABELS_TABLE, RAW_DIR, SPLIT_NAMES, write_manifest
-from pipeline.files import atomic_dir, cache_root, readable, write_json
+from pipeline.files import atomic_dir, cache_root, readable, sha256_of, write_json
 
 RETRIES = 4
 RETRY_WAIT_S = 1.0  # doubles after each failed try
@@ -103,14 +103,6 @@ def local_source(url: str) -> Path | None:
 
 
 # --- Checksums and what a file is -------------------------------------------------------------
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify(path: Path, expected: str | None, origin: str) -> str:

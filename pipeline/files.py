@@ -8,6 +8,7 @@ files and folders get the permissions the umask allows, as ``open`` and ``mkdir`
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -108,6 +109,11 @@ def cache_root() -> Path:
 def readable(name: str) -> str:
     """``name`` as valid UTF-8: bytes that were not UTF-8 (surrogate escapes) become ``\\xNN`` text."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> None:
