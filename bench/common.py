@@ -138,3 +138,17 @@ def section(title: str, rows: list[tuple[str, ...]], command: str, header: tuple
     lines = [f"## {title}", "", f"| {' | '.join(header)} |", f"|{' --- |' * len(header)}"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join([*lines, "", f"Reproduce: `{command}`", ""])
+
+
+def report(title: str, rows: list[tuple[str, ...]], command: str, started: float, info: dict[str, str],
+           append: Path | None, note: str = "", header: tuple[str, ...] = ("figure", "value")) -> None:
+    """Print the results.md section (when and how long, the machine's load, ``note``, the table) and
+    append it to ``append``."""
+    intro = (f"On {time.strftime('%Y-%m-%d')} in {(time.perf_counter() - started) / 60:.1f} min; load average "
+             f"(1, 5, 15 min) at start {info['load average (1, 5, 15 min) at start']}.{note}")
+    heading, table = section(title, rows, command, header).split("\n\n", 1)
+    text = f"{heading}\n\n{intro}\n\n{table}"
+    print(text)
+    if append:
+        with open(append, "a") as fh:
+            fh.write("\n" + text)

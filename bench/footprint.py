@@ -20,7 +20,7 @@ from pathlib import Path
 
 import sweep
 
-from common import REPO, add_project_arguments, load_average, machine
+from common import REPO, add_project_arguments, load_average, machine, report
 from pipeline.config import load_config
 
 LEARNING_RATES = (0.0005, 0.002, 0.0003, 0.003)  # one per experiment; none is params.yaml's
@@ -83,7 +83,7 @@ def main() -> None:
     command = (f"python bench/footprint.py --archive {args.archive} --weights {args.weights} "
                f"--backbone {args.backbone} --image-size {args.image_size} --experiments {args.experiments}"
                + (f" --per-class {args.per_class}" if args.per_class else ""))
-    sweep.report(title, rows, command, started, info, args.append, f" Stores: {', '.join(sweep.STORES)} (`du -sb`).")
+    report(title, rows, command, started, info, args.append, f" Stores: {', '.join(sweep.STORES)} (`du -sb`).")
 
 
 if __name__ == "__main__":

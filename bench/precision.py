@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sweep import report
 
-from common import load_average, machine  # also puts the repository on the path, for pipeline
+from common import load_average, machine, report  # also puts the repository on the path, for pipeline
 from pipeline.backbones import BACKBONES
 
 BATCH = 32

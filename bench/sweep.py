@@ -43,7 +43,7 @@ from common import (
     load_average,
     machine,
     new_workdir,
-    section,
+    report,
 )
 from pipeline.backbones import BACKBONES
 from pipeline.config import load_config, override_params
@@ -292,19 +292,6 @@ def main() -> None:
              f"{args.image_size} px, {args.per_class} per class, {args.epochs} epochs, model.weights=none)")
     report(title, rows, command, started, info, args.append)
 
-
-def report(title: str, rows: list[tuple[str, ...]], command: str, started: float, info: dict[str, str],
-           append: Path | None, note: str = "", header: tuple[str, ...] = ("figure", "value")) -> None:
-    """Print the results.md section (when and how long, the machine's load, ``note``, the table) and
-    append it to ``append``."""
-    intro = (f"On {time.strftime('%Y-%m-%d')} in {(time.perf_counter() - started) / 60:.1f} min; load average "
-             f"(1, 5, 15 min) at start {info['load average (1, 5, 15 min) at start']}.{note}")
-    heading, table = section(title, rows, command, header).split("\n\n", 1)
-    text = f"{heading}\n\n{intro}\n\n{table}"
-    print(text)
-    if append:
-        with open(append, "a") as fh:
-            fh.write("\n" + text)
 
 if __name__ == "__main__":
     main()

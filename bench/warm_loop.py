@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweep import RERUN, commit, new_project, report, set_args, stage_breakdown, stages_run, timed_dvc
+from sweep import RERUN, commit, new_project, set_args, stage_breakdown, stages_run, timed_dvc
 
-from common import add_project_arguments, add_slice_arguments, load_average, machine
+from common import add_project_arguments, add_slice_arguments, load_average, machine, report
 
 LEARNING_RATES = (0.0005, 0.0007, 0.0015, 0.002, 0.0025, 0.0004, 0.0006, 0.0008)  # none is params.yaml's 0.001
 
