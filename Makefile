@@ -47,7 +47,7 @@ else
 	@eval "overrides=($$SET)"; args=(); for o in "$${overrides[@]}"; do args+=(-S "$$o"); done; \
 	  echo "dvc exp run $${args[*]}"; dvc exp run "$${args[@]}"
 endif
-	@python -m pipeline.summary
+	@python -m pipeline.tools.summary
 
 test: setup lint
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || $(MAKE) --no-print-directory chromium
@@ -63,7 +63,7 @@ chromium:
 
 # Prints the link to the experiment's runs in the UI's model-training view, then serves the UI.
 ui: setup
-	@echo "MLflow UI, this project's runs: $$(python -m pipeline.tracking http://127.0.0.1:$(MLFLOW_PORT))"
+	@echo "MLflow UI, this project's runs: $$(python -m pipeline.report.tracking http://127.0.0.1:$(MLFLOW_PORT))"
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # Serves the registered model's @champion: POST base64 JPEG/PNG to /invocations (see README).
@@ -72,7 +72,7 @@ serve: setup
 
 predict: setup
 	@test -n "$(PATHS)" || { echo 'usage: make predict PATHS="photo.jpg folder/" [ARGS="--top-k 5 --json"]' >&2; exit 2; }
-	python -m pipeline.predict $(PATHS) $(ARGS)
+	python -m pipeline.tools.predict $(PATHS) $(ARGS)
 
 exp: setup
 	dvc exp run --queue $(EXP_GRID)
@@ -81,7 +81,7 @@ exp: setup
 	  echo "some experiments failed: see dvc queue logs <name>; clear with dvc queue remove --failed" >&2; exit 1; fi
 
 compare: setup
-	python -m pipeline.compare
+	python -m pipeline.tools.compare
 
 # Speed benchmarks on a slice of the archive (~15 min on 2 CPU cores), then quality with real
 # weights on the whole archive (~45 min more; only with BENCH_WEIGHTS); writes bench/results.md.

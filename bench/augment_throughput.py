@@ -1,7 +1,7 @@
 """Throughput of the offline augment stage on a real archive, with a cold and a warm render cache.
 
 Runs download + prepare once in a scratch folder outside the repository (or reuses one given with
---workdir that already holds data/prepared), then times ``python -m pipeline.augment`` there, as
+--workdir that already holds data/prepared), then times ``python -m pipeline.stages.augment`` there, as
 DVC would run it, on all cores: first with an empty render cache (every file rendered), then again
 (every file from the cache, as after `dvc repro` with nothing new). Prints images written per
 second (whole stage wall time, start-up and gallery included), the CPU time it took, and the
@@ -35,7 +35,7 @@ def stage(name: str, workdir: Path) -> tuple[float, float]:
     """Run one pipeline stage in ``workdir``; return its wall time and CPU time (all processes) in seconds."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_CACHE_DIR": str(workdir / "cache")}
     started, cpu = time.perf_counter(), cpu_seconds()
-    subprocess.run([sys.executable, "-m", f"pipeline.{name}"], cwd=workdir, env=env, check=True,
+    subprocess.run([sys.executable, "-m", f"pipeline.stages.{name}"], cwd=workdir, env=env, check=True,
                    stdout=subprocess.DEVNULL)
     return time.perf_counter() - started, cpu_seconds() - cpu
 

@@ -70,7 +70,7 @@ def run_stage(name: str, workdir: Path) -> StageRun:
     """Run ``python -m pipeline.<name>`` in ``workdir``, polling the RSS of its process tree
     (ProcessPoolExecutor workers included) every POLL_SECONDS."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", f"pipeline.{name}"], cwd=workdir, env=stage_env(workdir),
+    process = subprocess.Popen([sys.executable, "-m", f"pipeline.stages.{name}"], cwd=workdir, env=stage_env(workdir),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks = {"sum": 0, "single": 0}
     done = threading.Event()
@@ -92,7 +92,7 @@ def run_stage(name: str, workdir: Path) -> StageRun:
                 peaks["single"] = max(peaks["single"], max(rss))
             done.wait(POLL_SECONDS)
 
-    output, seconds = finish_polled(process, poll, done, started, f"pipeline.{name}")
+    output, seconds = finish_polled(process, poll, done, started, f"pipeline.stages.{name}")
     return StageRun(seconds, peaks["sum"] / 2**20, peaks["single"] / 2**20)
 
 

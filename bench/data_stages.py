@@ -15,7 +15,7 @@ from pathlib import Path
 
 # common puts the repository on sys.path, so pipeline is importable from here on.
 from common import add_slice_arguments, load_average, manifest_rows, new_workdir, run_stage
-from pipeline.images import IMAGE_SUFFIXES
+from pipeline.data.images import IMAGE_SUFFIXES
 
 
 def run(workdir: Path) -> list[tuple[str, str]]:

@@ -1,7 +1,7 @@
 """Feature extraction efficiency: our end-to-end extraction vs the model alone on in-memory tensors.
 
-End to end is what ``pipeline/features.py`` does: ``features.extract`` (read + decode JPEGs with
-tf.data, in parallel, prefetched, the last batch padded, on every device of ``pipeline.devices``),
+End to end is what ``pipeline/stages/features.py`` does: ``features.extract`` (read + decode JPEGs with
+tf.data, in parallel, prefetched, the last batch padded, on every device of ``pipeline.model.devices``),
 at the stage's precision (``model.precision``). The references run the same extractor, same batch
 size, on the same images already decoded into one numpy array: with ``model.predict`` (the
 issue's reference) and with a bare ``predict_on_batch`` loop over slices (the pure forward pass).
@@ -32,10 +32,10 @@ def run(workdir: Path, repeats: int) -> list[tuple[str, str]]:
     import numpy as np
 
     from pipeline.config import load_config
-    from pipeline.data import image_batches
-    from pipeline.devices import distribution_strategy
-    from pipeline.features import extract, on_every_replica
-    from pipeline.models import feature_extractor, use_precision
+    from pipeline.data.manifests import image_batches
+    from pipeline.model.devices import distribution_strategy
+    from pipeline.model.networks import feature_extractor, use_precision
+    from pipeline.stages.features import extract, on_every_replica
 
     strategy = distribution_strategy()
     cfg = load_config(workdir / "params.yaml")

@@ -1,10 +1,10 @@
 """Head settings on real features: what each training default of the head phase is worth.
 
-Trains the head (``models.head``) the way the train stage's head phase does (its loss, optimizer,
+Trains the head (``networks.head``) the way the train stage's head phase does (its loss, optimizer,
 learning-rate schedule, early stopping, class weights and temperature scaling: ``train.compile_for``,
 ``train.stopping_and_schedule``, ``train.class_weights``, ``metrics.fitted_temperature`` and
-``models.fold_temperature``) on the features a project's features stage cached, once per seed and
-setting, and scores it on the test split's features: accuracy, ECE (``pipeline.metrics``, as the
+``networks.fold_temperature``) on the features a project's features stage cached, once per seed and
+setting, and scores it on the test split's features: accuracy, ECE (``pipeline.report.metrics``, as the
 evaluate stage) and log loss, as means over the seeds. Each setting changes one or more params
 from the project's ``params.yaml``.
 
@@ -23,9 +23,10 @@ import numpy as np
 from sklearn.metrics import log_loss
 
 from common import section
-from pipeline import models, train
 from pipeline.config import Config, load_config, override_params
-from pipeline.metrics import expected_calibration_error, fitted_temperature
+from pipeline.model import networks
+from pipeline.report.metrics import expected_calibration_error, fitted_temperature
+from pipeline.stages import train
 
 SEEDS = [42, 1, 2, 3, 4, 5]
 SETTINGS = {  # name: params changed from the project's; the first is the project's own
@@ -51,7 +52,7 @@ def config_with(workdir: Path, overrides: dict) -> Config:
 def one_run(cfg: Config, features: dict, labels: dict, seed: int) -> dict:
     keras.utils.set_random_seed(seed)
     n_classes = int(labels["train"].max()) + 1
-    head = models.head(features["train"], n_classes, cfg.model.head)
+    head = networks.head(features["train"], n_classes, cfg.model.head)
     phase = train.Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate,
                         "train.learning_rate")
     train.compile_for(head, phase, -(-len(features["train"]) // phase.batch_size), cfg)
@@ -63,7 +64,7 @@ def one_run(cfg: Config, features: dict, labels: dict, seed: int) -> dict:
     temperature = 1.0
     if cfg.train.temperature_scaling:
         temperature = fitted_temperature(labels["val"], head.predict(features["val"], verbose=0))
-        models.fold_temperature(head, temperature)
+        networks.fold_temperature(head, temperature)
     test = head.predict(features["test"], verbose=0)
     return {"accuracy": float(np.mean(test.argmax(axis=1) == labels["test"])),
             "ece": expected_calibration_error(labels["test"], test),

@@ -1,6 +1,6 @@
 """Head phase vs the keras.io transfer-learning recipe, same split, backbone, weights, size, epochs, batch.
 
-Ours: ``python -m pipeline.augment``, ``pipeline.features``, ``pipeline.train`` (head phase only)
+Ours: ``python -m pipeline.stages.augment``, ``pipeline.stages.features``, ``pipeline.stages.train`` (head phase only)
 as subprocesses in a scratch project; their total wall time is the honest cost (offline augmentation
 and feature extraction included, each with its own Python + TensorFlow start-up).
 The recipe: ``recipe.py`` (the keras.io one, on our prepared split, in float32 as written), run as
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import recipe
 from common import add_slice_arguments, load_average, manifest_rows, new_workdir, run_stage
-from pipeline import feature_store
-from pipeline.backbones import BACKBONES
 from pipeline.config import override_params
-from pipeline.data import FEATURES_DIR, HISTORY
+from pipeline.model import feature_store
+from pipeline.model.backbones import BACKBONES
+from pipeline.paths import FEATURES_DIR, HISTORY
 
 
 def ours(workdir: Path) -> dict:

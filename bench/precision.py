@@ -6,7 +6,7 @@ its native input size) runs ``--batches`` batches of 32 random uint8 images thro
 (alternating, so load drifts hit both alike); the best run counts. Weights are random (``none``):
 the arithmetic, hence the speed, is the same as with ImageNet weights.
 
-    python bench/precision.py --append bench/results.md   # every backbone in pipeline/backbones.py
+    python bench/precision.py --append bench/results.md   # every backbone in pipeline/model/backbones.py
     python bench/precision.py --backbones mobilenet_v2 inception_v3
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from common import load_average, machine, report  # also puts the repository on the path, for pipeline
-from pipeline.backbones import BACKBONES
+from pipeline.model.backbones import BACKBONES
 
 BATCH = 32
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -27,7 +27,7 @@ def images_per_second(name: str, precision: str, batches: int) -> float:
     import keras
 
     from pipeline.config import HeadParams, ModelParams
-    from pipeline.models import feature_extractor
+    from pipeline.model.networks import feature_extractor
 
     keras.config.set_dtype_policy(precision)
     params = ModelParams(backbone=name, weights="none", image_size=None, alpha=None, precision=precision,

@@ -6,7 +6,7 @@ Contenders, all with the same backbone, weights file, image size and epochs, on 
 - the keras.io recipe (``recipe.py``), on our prepare stage's split.
 
 For each: test accuracy, macro F1 and ECE (ours from ``eval/metrics.json``, the recipe's from the
-same ``pipeline.metrics``), the wall time end to end from the archive, and the wall time it takes
+same ``pipeline.report.metrics``), the wall time end to end from the archive, and the wall time it takes
 to first reach each ``--thresholds`` test accuracy. Ours end to end is every stage a ``dvc repro``
 runs up to ``evaluate``, each its own ``python -m pipeline.<stage>`` process (download, prepare,
 augment with an empty render cache, features, train, evaluate; export is left out, as is DVC's
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import recipe
 from common import REPO, load_average, machine, new_workdir, run_stage, section
-from pipeline.backbones import BACKBONES
 from pipeline.config import load_config, override_params
-from pipeline.data import HISTORY
+from pipeline.model.backbones import BACKBONES
+from pipeline.paths import HISTORY
 
 BEFORE_TRAIN = ("augment", "features")
 TRAIN = ("train", "evaluate")

@@ -43,11 +43,11 @@ def split_folders(workdir: Path, splits: tuple[str, ...]) -> Path:
 def recipe(folders: Path, application: str, weights: str | None, size: int, epochs: int, batch_size: int, seed: int,
            launched: float, test: bool) -> dict:
     """Train the recipe on ``folders``/train, validating on ``folders``/val; with ``test``, the test
-    accuracy after each epoch and the final test metrics (pipeline.metrics, as our evaluate stage)."""
+    accuracy after each epoch and the final test metrics (pipeline.report.metrics, as our evaluate stage)."""
     import keras
     import numpy as np
 
-    from pipeline.metrics import classification_report
+    from pipeline.report.metrics import classification_report
 
     keras.utils.set_random_seed(seed)
     started = time.perf_counter()

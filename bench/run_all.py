@@ -28,7 +28,7 @@ NOTES = ("Reading the figures: our feature extraction runs the backbone once per
          "backbone forward passes (a row below) times what bfloat16 buys on this CPU, less our fixed per-stage "
          "costs (Python + TensorFlow start-up, building the backbone, logging and registering the model in "
          "MLflow: ~25 s over the three stages); it grows with the data and the epochs. With random-init backbones the features are tiny (~1e-4) and the recipe's plain head barely "
-         "moves from chance (0.2 for 5 classes), while ours standardizes the features first (models.head).")
+         "moves from chance (0.2 for 5 classes), while ours standardizes the features first (networks.head).")
 
 
 def main() -> None:

@@ -45,8 +45,8 @@ from common import (
     new_workdir,
     report,
 )
-from pipeline.backbones import BACKBONES
 from pipeline.config import load_config, override_params
+from pipeline.model.backbones import BACKBONES
 
 PROJECT_FILES = ("pipeline", "dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config")
 STORES = (".dvc/cache", "mlartifacts", "mlflow.db")

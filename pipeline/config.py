@@ -15,9 +15,9 @@ from urllib.parse import unquote, urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.backbones import BACKBONES, Backbone
 from pipeline.cli import UserError
-from pipeline.data import SPLIT_NAMES
+from pipeline.model.backbones import BACKBONES, Backbone
+from pipeline.paths import SPLIT_NAMES
 
 PARAMS_FILE = Path("params.yaml")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")  # what data.url may end in besides a folder
@@ -62,7 +62,7 @@ class PrepareParams(Section):
 
 
 class HeadParams(Section):
-    """The new classifier on the pooled backbone features (pipeline.models.head)."""
+    """The new classifier on the pooled backbone features (pipeline.model.networks.head)."""
 
     dense_units: Annotated[int, Field(ge=0)]
     dropout: Annotated[float, Field(ge=0, lt=1)]
@@ -149,7 +149,7 @@ class OnlineOnlyParams(Section):
 
 
 class AugmentParams(Section):
-    """One policy for the offline augment stage and the online training layers (pipeline/augmentation.py)."""
+    """One policy for the offline augment stage and the online training layers (pipeline/data/augmentation.py)."""
 
     mode: Literal["offline", "online", "both"]
     copies: Annotated[int, Field(ge=0, le=100)]

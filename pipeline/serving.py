@@ -35,7 +35,7 @@ from mlflow.types.schema import Array, Object, Property
 from PIL import Image
 
 from pipeline.cli import error_summary
-from pipeline.images import FORMATS, read_rgb
+from pipeline.data.images import FORMATS, read_rgb
 
 DEFAULT_TOP_K = 3  # labels per image unless asked for more or fewer
 # Largest image decoded, read from the file's header before decoding: 50 Mpx is 150 MB of pixels,

@@ -73,12 +73,12 @@ def free_port() -> int:
 
 def on_two_cpus(stage: str) -> list[str]:
     """The command running ``python -m pipeline.<stage>`` with the CPU split into two logical
-    devices: pipeline.devices then mirrors over them, as it would over two GPUs."""
+    devices: pipeline.model.devices then mirrors over them, as it would over two GPUs."""
     script = ("import tensorflow as tf\n"
               "cpu = tf.config.list_physical_devices('CPU')[0]\n"
               "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
               "from pipeline.cli import run_stage\n"
-              f"from pipeline.{stage} import main\n"
+              f"from pipeline.stages.{stage} import main\n"
               "run_stage(main)\n")
     return [sys.executable, "-c", script]
 

@@ -2,7 +2,7 @@
 
 Policy tests measure generated images whose content encodes what a transform did: a coordinate
 gradient (crop size, flips), flat colours (brightness, contrast, saturation, hue, PCA lighting).
-Stage tests run `python -m pipeline.augment` for real and compare every output file with the same
+Stage tests run `python -m pipeline.stages.augment` for real and compare every output file with the same
 image rendered here, in this one process: equal bytes mean the stage is deterministic, independent
 of its worker processes, and that nothing stale came from its render cache.
 """
@@ -20,8 +20,9 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import REPO, make_images, project_env, project_through, run, set_params, stages_run
-from pipeline.augment import decode, encode_jpeg, render_copy
-from pipeline.augmentation import (
+from pipeline.cli import UserError
+from pipeline.config import Config, load_config
+from pipeline.data.augmentation import (
     IMAGENET_EIGVAL,
     IMAGENET_EIGVEC,
     label_mixing,
@@ -30,9 +31,8 @@ from pipeline.augmentation import (
     online_augmentation,
     online_variants,
 )
-from pipeline.cli import UserError
-from pipeline.config import Config, load_config
-from pipeline.data import HISTORY
+from pipeline.paths import HISTORY
+from pipeline.stages.augment import decode, encode_jpeg, render_copy
 
 SIZE = 128
 N = 300  # samples per statistical check: standard errors of a few percent
@@ -295,7 +295,7 @@ def test_train_stage_fine_tunes_through_the_online_only_layers(online_template, 
 
 def run_augment(project: Path, cache: Path) -> tuple[list[dict[str, str]], int]:
     """Run the stage with render cache ``cache``; its manifest and how many files it rendered."""
-    result = run([sys.executable, "-m", "pipeline.augment"], project,
+    result = run([sys.executable, "-m", "pipeline.stages.augment"], project,
                  env={**project_env(project), "PIPELINE_CACHE_DIR": str(cache)})
     with open(project / "data" / "augmented" / "manifest.csv", newline="") as fh:
         return list(csv.DictReader(fh)), int(re.search(r"\((\d+) rendered", result.stdout).group(1))
@@ -303,7 +303,7 @@ def run_augment(project: Path, cache: Path) -> tuple[list[dict[str, str]], int]:
 
 def prepare(project: Path) -> None:
     for stage in ("download", "prepare"):
-        run([sys.executable, "-m", f"pipeline.{stage}"], project)
+        run([sys.executable, "-m", f"pipeline.stages.{stage}"], project)
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -364,7 +364,7 @@ def test_stage_renders_only_what_is_new_and_never_reuses_stale_files(project, tm
 
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
-    result = run([sys.executable, "-m", "pipeline.augment"], project, check=False,
+    result = run([sys.executable, "-m", "pipeline.stages.augment"], project, check=False,
                  env={**project_env(project), "PIPELINE_CACHE_DIR": str(blocked)})
     # One line from us, after whatever TensorFlow logs when it loads; no traceback.
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -376,9 +376,10 @@ def test_stage_renders_only_what_is_new_and_never_reuses_stale_files(project, tm
 GALLERY_MEMORY = """
 import re
 from pathlib import Path
-from pipeline.augment import write_gallery
+from pipeline.stages.augment import write_gallery
 from pipeline.config import load_config
-from pipeline.data import PREPARED_MANIFEST, PreparedImage, read_rows
+from pipeline.paths import PREPARED_MANIFEST
+from pipeline.data.manifests import PreparedImage, read_rows
 
 def megabytes(key):
     return int(re.search(key + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024

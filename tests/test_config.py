@@ -62,7 +62,7 @@ def test_activations_are_cached_only_where_fine_tuning_has_a_fixed_frozen_prefix
 
 def test_stage_reports_bad_params_in_one_line(project):
     set_params(project, **{"train.learning_rate": -1})
-    result = run([sys.executable, "-m", "pipeline.download"], project, check=False)
+    result = run([sys.executable, "-m", "pipeline.stages.download"], project, check=False)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert re.fullmatch(r"error: params\.yaml:\d+: train\.learning_rate: Input should be greater than 0 \(got -1\)", line)
@@ -108,11 +108,11 @@ def test_mlflow_names_set_in_params_win(tmp_path):
 
 @pytest.mark.parametrize("stage", ["download", "prepare", "train"])
 def test_stage_help_says_what_it_reads_and_writes_without_running(project, stage):
-    shown = run([sys.executable, "-m", f"pipeline.{stage}", "--help"], project)
+    shown = run([sys.executable, "-m", f"pipeline.stages.{stage}", "--help"], project)
     assert f", {stage}:" in shown.stdout.splitlines()[0]  # "Stage 2, prepare: decode every image once, ..."
     assert "data/" in shown.stdout
     assert not (project / "data").exists() and not (project / "reports").exists()
-    refused = run([sys.executable, "-m", f"pipeline.{stage}", "--epochs", "3"], project, check=False)
+    refused = run([sys.executable, "-m", f"pipeline.stages.{stage}", "--epochs", "3"], project, check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("error: the stage takes no arguments (got --epochs 3)")
 

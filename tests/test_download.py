@@ -23,13 +23,14 @@ import pytest
 
 from conftest import REPO, set_params
 from fixtures_bad import HTML_PAGE, jpeg_bytes, tar_entry, tar_with, write_pictures, zip_claiming, zip_with
-from pipeline import download
 from pipeline.cli import UserError
+from pipeline.sources import fetch
+from pipeline.stages import download
 
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch) -> None:
-    monkeypatch.setattr(download, "RETRY_WAIT_S", 0.01)
+    monkeypatch.setattr(fetch, "RETRY_WAIT_S", 0.01)
 
 
 def download_from(url, **params) -> dict:
@@ -284,7 +285,7 @@ def test_stage_prints_one_line_for_a_bad_archive(workdir):
     (workdir / "page.tgz").write_bytes(HTML_PAGE)
     set_params(workdir, **{"data.url": "page.tgz"})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "pipeline.download"], cwd=workdir, env=env,
+    result = subprocess.run([sys.executable, "-m", "pipeline.stages.download"], cwd=workdir, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
@@ -487,18 +488,18 @@ def test_interrupted_download_resumes_with_range(workdir, server):
 
 
 def test_failed_download_keeps_the_part_and_the_next_run_resumes(workdir, server):
-    server.cuts = [1000] * download.RETRIES
+    server.cuts = [1000] * fetch.RETRIES
     message = refused(server.url)
-    assert f"after {download.RETRIES} tries" in message and "is kept and resumes next run" in message
+    assert f"after {fetch.RETRIES} tries" in message and "is kept and resumes next run" in message
     [part] = cached_files(workdir)
-    assert part.name == "flower_photos.tgz.part" and part.stat().st_size == 1000 * download.RETRIES
+    assert part.name == "flower_photos.tgz.part" and part.stat().st_size == 1000 * fetch.RETRIES
     download_from(server.url)
-    assert server.ranges[-1] == f"bytes={1000 * download.RETRIES}-"
+    assert server.ranges[-1] == f"bytes={1000 * fetch.RETRIES}-"
     assert [p.read_bytes() for p in cached_files(workdir)] == [server.payload]
 
 
 def test_a_complete_part_left_by_a_killed_run_is_used(workdir, server):
-    server.cuts = [1000] * download.RETRIES
+    server.cuts = [1000] * fetch.RETRIES
     refused(server.url)
     [part] = cached_files(workdir)
     part.write_bytes(server.payload)  # as if the previous run died between the last byte and the rename
@@ -547,7 +548,7 @@ def test_client_errors_are_not_retried(workdir, server):
 def test_server_errors_are_retried(workdir, server):
     server.status = 503
     assert "(server answered 503 Service Unavailable) after 4 tries" in refused(server.url)
-    assert len(server.ranges) == download.RETRIES
+    assert len(server.ranges) == fetch.RETRIES
 
 
 def stop(server: ArchiveServer) -> None:
@@ -612,5 +613,5 @@ def test_credentials_from_the_environment_win_over_netrc(workdir, server, monkey
     netrc = workdir.parent / "netrc"
     netrc.write_text("machine 127.0.0.1 login alice password wrong\n")
     monkeypatch.setenv("NETRC", str(netrc))
-    monkeypatch.setenv(download.AUTH_VARIABLE, "Bearer tok-123")
+    monkeypatch.setenv(fetch.AUTH_VARIABLE, "Bearer tok-123")
     assert download_from(server.url)["url"] == server.url

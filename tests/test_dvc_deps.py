@@ -18,7 +18,7 @@ def stages() -> dict[str, dict]:
 
 
 def module_file(name: str) -> Path | None:
-    """``pipeline.models`` -> pipeline/models.py (or a package's __init__.py); None outside the package."""
+    """``pipeline.model.networks`` -> pipeline/model/networks.py (or a package's __init__.py); None outside the package."""
     if name != PACKAGE and not name.startswith(f"{PACKAGE}."):
         return None
     path = REPO / Path(*name.split("."))
@@ -55,7 +55,7 @@ def import_closure(module: str) -> set[Path]:
 
 
 def stage_module(cmd: str) -> str:
-    match = re.fullmatch(rf"python -m ({PACKAGE}\.\w+)", cmd.strip())
+    match = re.fullmatch(rf"python -m ({PACKAGE}(?:\.\w+)+)", cmd.strip())
     assert match, f"stage command {cmd!r} is not `python -m {PACKAGE}.<stage>`"
     return match.group(1)
 
@@ -74,10 +74,10 @@ def test_stage_deps_are_its_import_closure(name):
 
 
 def test_closure_follows_lazy_and_from_imports():
-    closure = {str(p.relative_to(REPO)) for p in import_closure("pipeline.evaluate")}
+    closure = {str(p.relative_to(REPO)) for p in import_closure("pipeline.stages.evaluate")}
     # evaluate -> models -> config -> backbones; pipeline/__init__.py runs before any module of it.
-    assert {"pipeline/__init__.py", "pipeline/evaluate.py", "pipeline/models.py", "pipeline/config.py",
-            "pipeline/backbones.py"} <= closure
+    assert {"pipeline/__init__.py", "pipeline/stages/evaluate.py", "pipeline/model/networks.py", "pipeline/config.py",
+            "pipeline/model/backbones.py"} <= closure
 
 
 def stage_outputs() -> set[str]:
@@ -88,8 +88,8 @@ def stage_outputs() -> set[str]:
     return paths
 
 
-def test_every_output_path_has_its_one_home_in_data_py():
-    from pipeline import data
+def test_every_output_path_has_its_one_home_in_paths_py():
+    from pipeline import paths
 
-    homes = {str(value) for name, value in vars(data).items() if name.isupper() and isinstance(value, Path)}
-    assert not stage_outputs() - homes, f"outputs in dvc.yaml without a constant in pipeline/data.py: {sorted(stage_outputs() - homes)}"
+    homes = {str(value) for name, value in vars(paths).items() if name.isupper() and isinstance(value, Path)}
+    assert not stage_outputs() - homes, f"outputs in dvc.yaml without a constant in pipeline/paths.py: {sorted(stage_outputs() - homes)}"

@@ -1,5 +1,5 @@
 """A grid of DVC experiments logged to a real `mlflow server` on 127.0.0.1, compared with
-`pipeline.compare`, and listed by the MLflow UI in headless Chromium on the page `make ui` links to."""
+`pipeline.tools.compare`, and listed by the MLflow UI in headless Chromium on the page `make ui` links to."""
 
 import json
 import re
@@ -72,14 +72,14 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
         assert all("test_accuracy" in r.data.metrics for r in runs)
         assert sorted(r.data.params["train.epochs"] for r in runs) == ["1", "2"]
 
-        compared = run([sys.executable, "-m", "pipeline.compare"], project, env=env).stdout
+        compared = run([sys.executable, "-m", "pipeline.tools.compare"], project, env=env).stdout
         for name in experiments:
             assert name in compared
 
         experiment = mlflow.get_experiment_by_name("images")
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         # The link `make ui` prints opens the runs table, in the UI's model-training view.
-        link = run([sys.executable, "-m", "pipeline.tracking", uri], project, env=env).stdout.strip().splitlines()[-1]
+        link = run([sys.executable, "-m", "pipeline.report.tracking", uri], project, env=env).stdout.strip().splitlines()[-1]
         assert link == f"{uri}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
         page = " ".join(rendered_text(link, tmp_path / "chromium").split())
         assert page.startswith(f"Runs - Experiment {experiment.experiment_id} - MLflow"), page[:300]

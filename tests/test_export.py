@@ -14,17 +14,12 @@ from ai_edge_litert.interpreter import Interpreter
 from PIL import Image
 
 from conftest import REPO, make_images, set_params
-from pipeline import export, models
 from pipeline.cli import UserError, run_stage
 from pipeline.config import HeadParams, ModelParams, ToleranceParams
-from pipeline.data import (
-    AUGMENTED_DIR,
-    MODEL_FILE,
-    TEST_PROBABILITIES,
-    image_batches,
-    write_manifest,
-    write_test_probabilities,
-)
+from pipeline.data.manifests import image_batches, write_manifest, write_test_probabilities
+from pipeline.model import networks
+from pipeline.paths import AUGMENTED_DIR, MODEL_FILE, TEST_PROBABILITIES
+from pipeline.stages import export
 
 LABELS = ["red", "green", "blue"]
 
@@ -37,13 +32,13 @@ def tiny_model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_model")
     params = ModelParams(backbone="resnet50", weights="none", image_size=32, alpha=None, precision="float32",
                          head=HeadParams(dense_units=0, dropout=0.1))
-    extractor = models.feature_extractor(params)
+    extractor = networks.feature_extractor(params)
     images = make_images(root / "images", {label: 4 for label in LABELS}, size=(32, 32))
     pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(images.rglob("*.jpg"))])
-    head = models.head(extractor.predict(pixels, verbose=0), len(LABELS), params.head)
+    head = networks.head(extractor.predict(pixels, verbose=0), len(LABELS), params.head)
     model_dir = root / "model"
     model_dir.mkdir()
-    models.classifier(extractor, head, params.input_size).save(model_dir / "model.keras")
+    networks.classifier(extractor, head, params.input_size).save(model_dir / "model.keras")
     (model_dir / "labels.json").write_text(json.dumps(LABELS))
     return model_dir
 
@@ -60,7 +55,7 @@ def trained_project(root: Path, tiny_model: Path) -> Path:
     with contextlib.chdir(root):
         paths = [str(AUGMENTED_DIR / row[0]) for row in rows]
         # Decoded as evaluate decodes them (TF's JPEG decoder): random weights magnify any pixel's change.
-        write_test_probabilities(models.load(MODEL_FILE).predict(image_batches(paths, 32), verbose=0), paths)
+        write_test_probabilities(networks.load(MODEL_FILE).predict(image_batches(paths, 32), verbose=0), paths)
     return root
 
 
@@ -87,7 +82,7 @@ def test_exports_match_the_keras_model(tmp_path, tiny_model, monkeypatch):
 
     # Both formats keep model.keras's contract: uint8 images of any size, not only the test size.
     image = np.random.default_rng(0).integers(0, 256, (2, 45, 70, 3), dtype="uint8")
-    expected = models.load(tiny_model / "model.keras").predict(image, verbose=0)
+    expected = networks.load(tiny_model / "model.keras").predict(image, verbose=0)
     import tensorflow as tf
 
     served = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"](image=tf.constant(image))
@@ -119,7 +114,7 @@ def test_parity_failure_stops_the_stage_in_one_line(tmp_path, tiny_model, monkey
 def test_probabilities_of_another_model_stop_the_stage_in_one_line(tmp_path, tiny_model, monkeypatch, capsys):
     project = trained_project(tmp_path, tiny_model)
     monkeypatch.chdir(project)
-    model = models.load(MODEL_FILE)
+    model = networks.load(MODEL_FILE)
     model.get_layer("head").get_layer("probabilities").set_weights(
         [w + 0.1 for w in model.get_layer("head").get_layer("probabilities").get_weights()])
     model.save(MODEL_FILE)  # retrained, say, and evaluate not run since

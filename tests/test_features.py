@@ -37,7 +37,7 @@ def meta_but_time(project: Path) -> dict:
 
 
 def two_workers(chief: Path, worker: Path) -> list[str]:
-    """``python -m pipeline.features`` as worker 0 (the chief) in ``chief`` and as worker 1 in
+    """``python -m pipeline.stages.features`` as worker 0 (the chief) in ``chief`` and as worker 1 in
     ``worker``, like two machines, each with its TF_CONFIG; their output."""
     ports = set()
     while len(ports) < 2:
@@ -47,7 +47,7 @@ def two_workers(chief: Path, worker: Path) -> list[str]:
     for index, project in enumerate((chief, worker)):
         env = {**project_env(project), "TF_CONFIG": json.dumps({"cluster": cluster,
                                                                 "task": {"type": "worker", "index": index}})}
-        processes.append(subprocess.Popen([sys.executable, "-m", "pipeline.features"], cwd=project, env=env,
+        processes.append(subprocess.Popen([sys.executable, "-m", "pipeline.stages.features"], cwd=project, env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         logs = [process.communicate(timeout=300)[0] for process in processes]
@@ -62,7 +62,7 @@ def two_workers(chief: Path, worker: Path) -> list[str]:
 def test_every_device_count_and_worker_count_writes_the_same_features(augmented, tmp_path):
     one, mirrored, chief, worker = (copy_of(augmented, tmp_path, name)
                                     for name in ("one", "mirrored", "chief", "worker"))
-    assert "1 replica(s) on 1 worker(s)" in run([sys.executable, "-m", "pipeline.features"], one).stdout
+    assert "1 replica(s) on 1 worker(s)" in run([sys.executable, "-m", "pipeline.stages.features"], one).stdout
     assert "2 replica(s) on 1 worker(s)" in run(on_two_cpus("features"), mirrored).stdout
     assert all("2 replica(s) on 2 worker(s)" in log for log in two_workers(chief, worker))
     assert not (worker / "data" / "features").exists()  # only the chief writes
@@ -83,7 +83,7 @@ def test_every_device_count_and_worker_count_writes_the_same_features(augmented,
 
 PEAK_RSS = """
 import resource, subprocess, sys
-subprocess.run([sys.executable, "-m", "pipeline.features"], check=True, capture_output=True)
+subprocess.run([sys.executable, "-m", "pipeline.stages.features"], check=True, capture_output=True)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)
 """
 

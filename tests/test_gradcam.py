@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import gradcam, models
 from pipeline.config import HeadParams, ModelParams
+from pipeline.model import networks
+from pipeline.report import gradcam
 
 SIZE = 96  # MobileNet's last feature map is 3x3 here: heatmaps with a shape to compare
 
@@ -19,14 +20,14 @@ def model() -> keras.Model:
     keras.utils.set_random_seed(0)
     params = ModelParams(backbone="mobilenet", weights="none", image_size=SIZE, alpha=0.25, precision="float32",
                          head=HeadParams(dense_units=8, dropout=0.1))
-    extractor = models.feature_extractor(params)
+    extractor = networks.feature_extractor(params)
     features = np.random.default_rng(0).normal(size=(16, extractor.output_shape[-1]))
-    return models.classifier(extractor, models.head(features, 3, params.head), SIZE)
+    return networks.classifier(extractor, networks.head(features, 3, params.head), SIZE)
 
 
 def parts(model: keras.Model):
     extractor = next(layer for layer in model.layers if layer.name.endswith("_features"))
-    return (model.get_layer("resize"), extractor.get_layer("preprocess"), models.backbone_of(extractor),
+    return (model.get_layer("resize"), extractor.get_layer("preprocess"), networks.backbone_of(extractor),
             extractor.get_layer("pool"), model.get_layer("head"))
 
 

@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from conftest import set_params
-from pipeline import feature_store, label_issues
 from pipeline.cli import UserError
 from pipeline.config import load_config
-from pipeline.data import write_manifest
+from pipeline.data.manifests import write_manifest
+from pipeline.model import feature_store
+from pipeline.stages import label_issues
 
 CLASSES = ["daisy", "roses", "tulips"]
 

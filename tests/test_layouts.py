@@ -15,8 +15,9 @@ from test_prepare import PREPARED, RAW, manifest, quarantine, refused, run_prepa
 
 import fixtures_bad as bad
 from conftest import make_images, set_params
-from pipeline import download
-from pipeline.data import LABELS_TABLE, read_manifest
+from pipeline.data.manifests import read_manifest
+from pipeline.paths import LABELS_TABLE
+from pipeline.stages import download
 
 
 def splits_by_top_folder() -> dict[str, set[str]]:

@@ -10,9 +10,9 @@ from mlflow.utils.validation import _validate_metric
 from PIL import Image
 from sklearn.metrics import top_k_accuracy_score
 
-from pipeline import plots, tracking
-from pipeline.evaluate import GRADCAM_IMAGES, gradcam_examples
-from pipeline.metrics import classification_report, expected_calibration_error, fitted_temperature, reliability
+from pipeline.report import plots, tracking
+from pipeline.report.metrics import classification_report, expected_calibration_error, fitted_temperature, reliability
+from pipeline.stages.evaluate import GRADCAM_IMAGES, gradcam_examples
 
 LABELS = ["cat", "dog", "fox"]
 Y_TRUE = np.array([0, 0, 1, 1, 2, 2])

@@ -27,7 +27,7 @@ from conftest import (
     set_params,
     stages_run,
 )
-from pipeline.data import HISTORY
+from pipeline.paths import HISTORY
 
 CLASSES = {"red": 12, "green": 12, "blue": 12}
 
@@ -237,15 +237,15 @@ def test_accuracy_gate_fails_the_stage_and_moves_champion_only_when_passed(train
     for name in ("images-classifier", "images-classifier-keras"):
         client.delete_registered_model_alias(name, "champion")
     # A model that always answers the first class: exactly 2 of 6 test images right.
-    from pipeline import models
+    from pipeline.model import networks
 
-    model = models.load(project / "data" / "model" / "model.keras")
+    model = networks.load(project / "data" / "model" / "model.keras")
     dense = model.get_layer("head").get_layer("probabilities")
     kernel, bias = dense.get_weights()
     dense.set_weights([np.zeros_like(kernel), np.eye(len(bias))[0] * 10])
     model.save(project / "data" / "model" / "model.keras")
     set_params(project, **{"evaluate.min_accuracy": 0.5})
-    result = run([sys.executable, "-m", "pipeline.evaluate"], project, check=False)
+    result = run([sys.executable, "-m", "pipeline.stages.evaluate"], project, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: test accuracy 0.3333 is below evaluate.min_accuracy 0.5; @champion stays where it was")
@@ -253,7 +253,7 @@ def test_accuracy_gate_fails_the_stage_and_moves_champion_only_when_passed(train
     assert client.get_registered_model("images-classifier").aliases == {"candidate": 1}
 
     set_params(project, **{"evaluate.min_accuracy": 0.3})
-    passed = run([sys.executable, "-m", "pipeline.evaluate"], project)
+    passed = run([sys.executable, "-m", "pipeline.stages.evaluate"], project)
     assert "evaluate: @champion is now models:/images-classifier-keras/1, models:/images-classifier/1" in passed.stdout
     for name in ("images-classifier", "images-classifier-keras"):
         assert client.get_registered_model(name).aliases == {"candidate": 1, "champion": 1}
@@ -264,7 +264,7 @@ def test_unreachable_tracking_server_stops_training_before_it_starts(trained):
     model = project / "data" / "model" / "model.keras"
     before = model.read_bytes()
     env = {**project_env(project), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
-    result = run([sys.executable, "-m", "pipeline.train"], project, check=False, env=env)
+    result = run([sys.executable, "-m", "pipeline.stages.train"], project, check=False, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: MLflow tracking server http://127.0.0.1:")
     assert "Epoch" not in result.stdout  # no training happened
@@ -313,7 +313,7 @@ def test_editing_a_module_marks_the_stages_that_run_it_as_changed(trained):
         changed = json.loads(run(["dvc", "status", "--json"], project).stdout)
     finally:
         module.write_text(original, encoding="utf-8")
-    assert "pipeline/images.py" in json.dumps(changed["prepare"])
+    assert "pipeline/data/images.py" in json.dumps(changed["prepare"])
     assert "download" not in changed  # it never imports images.py
     assert "prepare" not in json.loads(run(["dvc", "status", "--json"], project).stdout)
 
@@ -321,7 +321,7 @@ def test_editing_a_module_marks_the_stages_that_run_it_as_changed(trained):
 def test_summary_says_what_the_run_scored_and_where_to_look(trained):
     project, _ = trained
     metrics = json.loads((project / "eval" / "metrics.json").read_text())
-    shown = run([sys.executable, "-m", "pipeline.summary"], project).stdout.splitlines()
+    shown = run([sys.executable, "-m", "pipeline.tools.summary"], project).stdout.splitlines()
     assert shown[0].startswith(f"test accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro']['f1']:.3f}")
     recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
     assert any(recorded["run_id"] in line and "experiment 'images'" in line for line in shown)

@@ -13,9 +13,11 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from conftest import REPO, make_images, project_env, run
-from pipeline import models, predict, tracking
 from pipeline.cli import UserError
-from pipeline.images import read_rgb
+from pipeline.data.images import read_rgb
+from pipeline.model import networks
+from pipeline.report import tracking
+from pipeline.tools import predict
 
 LABELS = ["red", "green", "blue"]
 
@@ -23,7 +25,7 @@ LABELS = ["red", "green", "blue"]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A folder like data/model: model.keras and labels.json. The exported model's structure
-    (models.classifier: resize, extractor, models.head) around a one-layer extractor, so that
+    (networks.classifier: resize, extractor, networks.head) around a one-layer extractor, so that
     loading it takes a moment; the export tests use a real backbone."""
     import keras
 
@@ -33,15 +35,15 @@ def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("model")
     extractor = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3), keras.layers.GlobalAveragePooling2D()])
     pixels = np.stack([np.asarray(Image.open(p)) for p in make_images(root / "images", {"a": 6}, (32, 32)).rglob("*.jpg")])
-    head = models.head(extractor.predict(pixels, verbose=0), len(LABELS), HeadParams(dense_units=0, dropout=0.5))
-    models.classifier(extractor, head, 32).save(root / "model.keras")
+    head = networks.head(extractor.predict(pixels, verbose=0), len(LABELS), HeadParams(dense_units=0, dropout=0.5))
+    networks.classifier(extractor, head, 32).save(root / "model.keras")
     (root / "labels.json").write_text(json.dumps(LABELS))
     return root
 
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return models.load(model_dir / "model.keras")
+    return networks.load(model_dir / "model.keras")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_folder_with_a_corrupt_file_prints_the_rest_and_exits_1(tmp_path, model_
     Image.new("RGBA", (30, 60), (255, 0, 0, 128)).save(folder / "green" / "transparent.png")
     (folder / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (folder / "notes.txt").write_text("not an image, not a candidate")
-    result = run([sys.executable, "-m", "pipeline.predict", str(folder), "--model", str(model_dir / "model.keras")],
+    result = run([sys.executable, "-m", "pipeline.tools.predict", str(folder), "--model", str(model_dir / "model.keras")],
                  tmp_path, check=False, env={**project_env(tmp_path), "PYTHONPATH": str(REPO)})
 
     assert result.returncode == 1, result.stderr

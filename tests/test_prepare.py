@@ -17,10 +17,10 @@ from PIL import Image
 
 import fixtures_bad as bad
 from conftest import REPO, set_params
-from pipeline import prepare
 from pipeline.cli import UserError
-from pipeline.data import read_manifest
-from pipeline.images import read_rgb
+from pipeline.data.images import read_rgb
+from pipeline.data.manifests import read_manifest
+from pipeline.stages import prepare
 
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
@@ -363,7 +363,7 @@ def test_heavy_imbalance_warns_in_one_line(workdir, capsys):
 
 def test_stage_prints_one_line_for_a_user_mistake(workdir):
     bad.write_pictures(RAW, {"only": 5})
-    result = subprocess.run([sys.executable, "-m", "pipeline.prepare"], cwd=workdir, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "pipeline.stages.prepare"], cwd=workdir, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2
     assert result.stderr.splitlines() == [

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, new_project, run, set_params
-from pipeline import models
 from pipeline.cli import UserError
 from pipeline.config import HeadParams, ModelParams
+from pipeline.model import networks
 
 SHARED = REPO.parent / "shared"  # beside the clone, in CI as here
 WEIGHTS = SHARED / "weights"
@@ -43,7 +43,7 @@ def params(backbone: str, weights: Path, alpha: float | None = None) -> ModelPar
     ("mobilenet", MOBILENET_025, 0.25, "conv1_bn"),
 ])
 def test_each_weights_file_loads_into_its_backbone_and_width(backbone, weights, alpha, batchnorm):
-    base = models.backbone(params(backbone, weights, alpha))
+    base = networks.backbone(params(backbone, weights, alpha))
     # Keras initializes BatchNorm variances to ones: ImageNet's are anything but.
     assert not np.allclose(base.get_layer(batchnorm).moving_variance.numpy(), 1)
 
@@ -55,7 +55,7 @@ def test_each_weights_file_loads_into_its_backbone_and_width(backbone, weights, 
 ])
 def test_a_file_for_another_backbone_or_width_stops_in_one_line(backbone, weights, alpha, asked):
     with pytest.raises(UserError) as error:
-        models.backbone(params(backbone, weights, alpha))
+        networks.backbone(params(backbone, weights, alpha))
     message = str(error.value)
     assert message.startswith(f"model.weights: {weights} does not fit {asked} without its top (")
     assert message.endswith("; set model.backbone and model.alpha to the network the file was saved from")

@@ -14,9 +14,11 @@ import pytest
 from test_pipeline_e2e import free_port
 
 from conftest import make_images, run, set_params
-from pipeline import download, files, tracking
+from pipeline import files
 from pipeline.cli import UserError, redact_url
-from pipeline.data import DOWNLOAD_REPORT
+from pipeline.paths import DOWNLOAD_REPORT
+from pipeline.report import tracking
+from pipeline.stages import download
 
 
 def tree_digest(folder: Path) -> str:
@@ -33,11 +35,11 @@ def limit_file_size() -> None:
 
 
 def test_write_failure_is_one_line_and_keeps_previous_outputs(project, tmp_path):
-    run([sys.executable, "-m", "pipeline.download"], project)
+    run([sys.executable, "-m", "pipeline.stages.download"], project)
     before = tree_digest(project / "data" / "raw")
     # New, bigger images: the copy into data/raw fails part-way.
     set_params(project, **{"data.url": str(make_images(tmp_path / "big", {"a": 3, "b": 3}, size=(400, 300)))})
-    result = subprocess.run([sys.executable, "-m", "pipeline.download"], cwd=project, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "pipeline.stages.download"], cwd=project, capture_output=True,
                             text=True, preexec_fn=limit_file_size)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -114,13 +116,13 @@ def test_models_with_arbitrary_code_are_refused(tmp_path):
     """Keras safe mode: a .keras file carrying a Lambda (pickled Python code) does not load."""
     import keras
 
-    from pipeline import models
+    from pipeline.model import networks
 
     inputs = keras.Input((3,))
     outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
     keras.Model(inputs, outputs).save(tmp_path / "lambda.keras")
     with pytest.raises(UserError, match=r"contains Python code .* \(Keras safe mode\)"):
-        models.load(tmp_path / "lambda.keras")
+        networks.load(tmp_path / "lambda.keras")
 
 
 # --- What killed runs leave behind ------------------------------------------------------------

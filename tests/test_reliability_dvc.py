@@ -82,7 +82,7 @@ def stage_and_workers(dvc: subprocess.Popen, stage: str, seconds: float = 120) -
             # Python processes only: without $SHELL, DVC runs the stage under `/bin/sh -c`, and
             # dash does not exec its one command, so the shell is there too.
             tree = [p for p in psutil.Process(dvc.pid).children(recursive=True)
-                    if p.name().startswith("python") and f"pipeline.{stage}" in " ".join(p.cmdline())]
+                    if p.name().startswith("python") and f"pipeline.stages.{stage}" in " ".join(p.cmdline())]
             pids = {p.pid for p in tree}
             for process in tree:
                 if process.ppid() not in pids and process.children():

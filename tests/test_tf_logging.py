@@ -1,4 +1,4 @@
-"""TensorFlow's C++ log as the stages show it (pipeline/__init__.py): warnings and errors, not INFO,
+"""TensorFlow's C++ log as the stages show it (pipeline/cli.py, applied in stage processes by pipeline/stages/__init__.py): warnings and errors, not INFO,
 also for the lines its libraries log while they load; a TF_CPP_MIN_LOG_LEVEL of the user's own wins."""
 
 import os
@@ -12,7 +12,7 @@ from conftest import REPO
 
 # Loads TensorFlow through the pipeline package, as every stage does, then makes TensorFlow log a
 # C++ warning at run time, long after it read TF_CPP_MIN_LOG_LEVEL.
-PARTLY_READ_CACHE = "import pipeline, tensorflow as tf\nnext(iter(tf.data.Dataset.range(4).cache()))\n"
+PARTLY_READ_CACHE = "import pipeline.stages, tensorflow as tf\nnext(iter(tf.data.Dataset.range(4).cache()))\n"
 WARNING = re.compile(r"^W\d{4} .*\] The calling iterator did not fully read the dataset being cached", re.M)
 INFO = re.compile(r"^I\d{4} .*\] oneDNN custom operations are on", re.M)  # logged while TensorFlow loads
 

@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from conftest import on_two_cpus, project_env, project_through, run, set_params
-from pipeline import models
 from pipeline.config import load_config
-from pipeline.data import HISTORY
+from pipeline.model import networks
+from pipeline.paths import HISTORY
 
 TINY = {"model.backbone": "resnet50", "model.image_size": 32, "augment.mode": "both", "train.epochs": 2}
 
@@ -110,7 +110,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_r
     assert not (project / "data" / "checkpoints").exists()
     val_images = sorted((project / "data" / "augmented" / "val").rglob("*.jpg"))
     images = np.stack([np.asarray(Image.open(path)) for path in val_images])
-    np.testing.assert_array_equal(*(models.load(p / "data" / "model" / "model.keras").predict(images, verbose=0)
+    np.testing.assert_array_equal(*(networks.load(p / "data" / "model" / "model.keras").predict(images, verbose=0)
                                     for p in (uninterrupted, project)))
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
@@ -153,19 +153,19 @@ def test_cached_fine_tuning_trains_like_fine_tuning_on_the_images(featured_templ
             assert float(with_cache[key]) == pytest.approx(float(without[key]), rel=2e-3)
     val_images = sorted((cached / "data" / "augmented" / "val").rglob("*.jpg"))
     images = np.stack([np.asarray(Image.open(path)) for path in val_images])
-    tuned = {name: models.load(project / "data" / "model" / "model.keras") for name, project in
+    tuned = {name: networks.load(project / "data" / "model" / "model.keras") for name, project in
              (("cached", cached), ("plain", plain))}
     np.testing.assert_allclose(*(model.predict(images, verbose=0) for model in tuned.values()), atol=2e-3)
-    untuned = models.saved_feature_extractor(load_config(cached / "params.yaml").model, features)
-    top = models.backbone_of(untuned).get_layer("conv5_block3_3_conv").get_weights()[0]
-    assert not np.allclose(top, models.backbone_of(tuned["cached"].get_layer(untuned.name))
+    untuned = networks.saved_feature_extractor(load_config(cached / "params.yaml").model, features)
+    top = networks.backbone_of(untuned).get_layer("conv5_block3_3_conv").get_weights()[0]
+    assert not np.allclose(top, networks.backbone_of(tuned["cached"].get_layer(untuned.name))
                            .get_layer("conv5_block3_3_conv").get_weights()[0])
 
 
 @pytest.mark.parametrize(("policy", "rtol"), [("mixed_bfloat16", 2**-8), ("mixed_float16", 2**-11)])
 def test_stored_activations_read_back_as_computed(tmp_path, policy, rtol):
-    from pipeline.feature_store import activation_storage, as_stored
-    from pipeline.train import in_order, row_examples
+    from pipeline.model.feature_store import activation_storage, as_stored
+    from pipeline.stages.train import in_order, row_examples
 
     storage = activation_storage(policy)
     rng = np.random.default_rng(0)
@@ -186,7 +186,7 @@ def anonymous_memory_mib() -> float:
 
 
 def test_features_far_larger_than_a_memory_cap_stream_from_disk(tmp_path):
-    from pipeline.train import row_examples, shuffled_epochs
+    from pipeline.stages.train import row_examples, shuffled_epochs
 
     cap_mib, count, dim = 100, 24_000, 8192  # a 375 MiB float16 file
     rows = np.lib.format.open_memmap(tmp_path / "train.npy", mode="w+", dtype="float16", shape=(count, dim))
@@ -229,7 +229,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(featured):
 
 def test_nan_loss_stops_the_stage_naming_the_learning_rate(featured):
     set_params(featured, **{"train.learning_rate": 1e38})
-    result = run([sys.executable, "-m", "pipeline.train"], featured, check=False)
+    result = run([sys.executable, "-m", "pipeline.stages.train"], featured, check=False)
     assert result.returncode == 2
     assert re.fullmatch(r"error: the training loss became nan in epoch 1 \(head phase\): "
                         r"train.learning_rate=1e\+38 is probably too high; lower it",
@@ -240,20 +240,20 @@ def test_nan_loss_stops_the_stage_naming_the_learning_rate(featured):
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_training_exports_a_float32_model(tmp_path, policy):
     from pipeline.config import HeadParams, ModelParams
-    from pipeline.train import exported
+    from pipeline.stages.train import exported
 
     params = ModelParams(backbone="resnet50", weights="none", image_size=32, alpha=None, precision="float32",
                          head=HeadParams(dense_units=8, dropout=0.1))
     x_train = np.random.default_rng(0).normal(size=(10, 2048)).astype("float32")
     images = np.random.default_rng(1).integers(0, 255, (2, 40, 50, 3), dtype="uint8")
-    with models.dtype_policy(policy):
-        extractor, head = models.feature_extractor(params), models.head(x_train, 3, params.head)
-        trained = models.classifier(extractor, head, 32)
-        assert models.backbone_of(extractor).layers[2].compute_dtype == policy.removeprefix("mixed_")
+    with networks.dtype_policy(policy):
+        extractor, head = networks.feature_extractor(params), networks.head(x_train, 3, params.head)
+        trained = networks.classifier(extractor, head, 32)
+        assert networks.backbone_of(extractor).layers[2].compute_dtype == policy.removeprefix("mixed_")
         model = exported(params, extractor, head)
     model.save(tmp_path / "model.keras")
-    loaded = models.load(tmp_path / "model.keras")
-    backbone = models.backbone_of(loaded.get_layer(extractor.name))
+    loaded = networks.load(tmp_path / "model.keras")
+    backbone = networks.backbone_of(loaded.get_layer(extractor.name))
     assert {layer.compute_dtype for layer in backbone.layers[1:]} == {"float32"}
     assert {layer.compute_dtype for layer in loaded.layers[1:]} == {"float32"}  # resize, extractor, head
     np.testing.assert_allclose(loaded.predict(images, verbose=0), trained.predict(images, verbose=0), atol=2e-2)
@@ -263,15 +263,15 @@ def test_a_float32_extractor_goes_into_the_exported_model_as_it_is():
     """Without fine-tuning train builds the backbone in float32 whatever model.precision says: the
     exported model takes it without a copy, and its resize layer is float32 too."""
     from pipeline.config import HeadParams, ModelParams
-    from pipeline.train import exported
+    from pipeline.stages.train import exported
 
     params = ModelParams(backbone="mobilenet", weights="none", image_size=32, alpha=0.25, precision="mixed_bfloat16",
                          head=HeadParams(dense_units=0, dropout=0.1))
-    with models.dtype_policy("mixed_bfloat16"):
-        with models.dtype_policy("float32"):
-            extractor = models.feature_extractor(params)
-        head = models.head(np.ones((4, 256), "float32"), 2, params.head)
+    with networks.dtype_policy("mixed_bfloat16"):
+        with networks.dtype_policy("float32"):
+            extractor = networks.feature_extractor(params)
+        head = networks.head(np.ones((4, 256), "float32"), 2, params.head)
         model = exported(params, extractor, head)
     assert model.get_layer(extractor.name) is extractor
     assert {layer.compute_dtype for layer in [model.get_layer("resize"), *extractor.layers[1:],
-                                              *models.backbone_of(extractor).layers[1:]]} == {"float32"}
+                                              *networks.backbone_of(extractor).layers[1:]]} == {"float32"}

@@ -12,8 +12,8 @@ import requests
 import yaml
 
 from conftest import SMALL_BACKBONE, image_request, make_images, model_server, new_project, run, set_params, stages_run
-from pipeline import predict
-from pipeline.tracking import CLASS_KEYS_ARTIFACT, class_keys
+from pipeline.report.tracking import CLASS_KEYS_ARTIFACT, class_keys
+from pipeline.tools import predict
 
 # A comma, an apostrophe, quotes and letters outside ASCII: none may appear in an MLflow metric key.
 CLASSES = {"Ünïcode, cats": 10, 'dogs\' "best"': 10}

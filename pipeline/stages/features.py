@@ -4,14 +4,14 @@ The backbone is frozen during head training, so its output for a given image nev
 computing it once here turns each training epoch from minutes into milliseconds. DVC reruns this
 stage only when the augmented images or the backbone, weights, image size or precision change.
 
-Outputs in ``data/features/``, in the format ``pipeline.feature_store`` owns: per split the pooled
+Outputs in ``data/features/``, in the format ``pipeline.model.feature_store`` owns: per split the pooled
 features and class indices, one row per row of the augmented manifest's split, in order; the
 backbone weights that made them (the train stage builds the final model from those); and, when
 fine-tuning will train only the top blocks on offline-augmented images (``Config.activation_cut``),
 the frozen prefix's output for the train and val images in 16 bits, so that fine-tuning runs only
 the unfrozen top.
 
-The backbone runs on every device the train stage trains on (``pipeline.devices``: all GPUs, or
+The backbone runs on every device the train stage trains on (``pipeline.model.devices``: all GPUs, or
 every worker under ``TF_CONFIG``): each replica computes its share of each global batch
 (``train.batch_size`` per replica, at most ``MAX_BACKBONE_BATCH``, times the replicas) and the
 shares are gathered back in manifest order, so the outputs are those of one device. Only the chief
@@ -28,21 +28,12 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from pipeline import devices, feature_store, models
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
-from pipeline.data import (
-    AUGMENTED_DIR,
-    AUGMENTED_MANIFEST,
-    FEATURES_DIR,
-    PREPARED_LABELS,
-    SPLITS,
-    AugmentedImage,
-    image_batches,
-    read_labels,
-    read_rows,
-)
-from pipeline.feature_store import ACTIVATION_SPLITS, Meta, activation_storage, as_stored
+from pipeline.data.manifests import AugmentedImage, image_batches, read_labels, read_rows
+from pipeline.model import devices, feature_store, networks
+from pipeline.model.feature_store import ACTIVATION_SPLITS, Meta, activation_storage, as_stored
+from pipeline.paths import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, PREPARED_LABELS, SPLITS
 
 MAX_BACKBONE_BATCH = 64  # images per replica per backbone pass: Inception v3 at 299 px needs ~2 GB for 64
 
@@ -98,13 +89,13 @@ def main() -> None:
         raise UserError(f"{manifest_path} is missing: run the augment stage first (dvc repro)")
     strategy = devices.distribution_strategy()  # before other TF ops: MultiWorkerMirroredStrategy needs that
     keras.utils.set_random_seed(cfg.seed)
-    policy = models.use_precision(cfg.model)
+    policy = networks.use_precision(cfg.model)
     manifest = read_rows(manifest_path, AugmentedImage)
     class_index = {name: i for i, name in enumerate(read_labels())}
     cut = cfg.activation_cut
     with strategy.scope():  # the weights on every replica (random ones too: copied from the first)
-        extractor = models.feature_extractor(cfg.model)
-        network = models.with_activations(extractor, cut) if cut else extractor
+        extractor = networks.feature_extractor(cfg.model)
+        network = networks.with_activations(extractor, cut) if cut else extractor
     run = on_every_replica(network, strategy)
     dim = extractor.output_shape[-1]
     storage = activation_storage(policy)
@@ -134,7 +125,7 @@ def main() -> None:
             del features, activations
             feature_store.write_labels(out, split, [class_index[r.label] for r in rows])
         seconds = time.perf_counter() - started
-        models.backbone_of(extractor).save_weights(out / feature_store.BACKBONE_WEIGHTS)
+        networks.backbone_of(extractor).save_weights(out / feature_store.BACKBONE_WEIGHTS)
         shutil.copy(PREPARED_LABELS, out / feature_store.LABELS)
         feature_store.write_meta(out, Meta(
             backbone=cfg.model.backbone, weights=cfg.model.weights, image_size=cfg.model.input_size,

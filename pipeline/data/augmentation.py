@@ -32,7 +32,7 @@ from albumentations.core.transforms_interface import BaseTransformInitSchema
 from keras import ops
 
 from pipeline.config import AugmentParams, Config
-from pipeline.models import dtype_policy
+from pipeline.model.networks import dtype_policy
 
 # Principal components of ImageNet's RGB pixel covariance (pixels in 0..1), as used by AlexNet-style
 # lighting in fb.resnet.torch: eigenvalues, and eigenvectors as columns.

@@ -3,7 +3,7 @@
 Input: ``data/prepared``. Outputs:
 - ``data/augmented/<split>/<class>/<name>_<copy>.jpg`` and ``data/augmented/manifest.csv`` (path,
   label, split, copy, source): every image's resized, center-cropped original (copy 0) and, for
-  training images, copies ``1..augment.copies`` drawn from the policy in pipeline/augmentation.py
+  training images, copies ``1..augment.copies`` drawn from the policy in pipeline/data/augmentation.py
   (none when ``augment.mode`` is ``online``: training then augments each batch instead);
 - ``reports/augment_gallery.png``: one training image per class beside variants from the offline
   policy and from the online Keras layers (a DVC plot; the same seeds, so the same picture each run),
@@ -35,23 +35,20 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import augmentation
-from pipeline.augmentation import offline_policy, offline_variant, online_variants, resize_only, variant_seed
 from pipeline.cli import UserError, run_stage
 from pipeline.config import Config, load_config
-from pipeline.data import (
+from pipeline.data import augmentation
+from pipeline.data.augmentation import offline_policy, offline_variant, online_variants, resize_only, variant_seed
+from pipeline.data.manifests import AugmentedImage, PreparedImage, read_rows, write_rows
+from pipeline.files import atomic_dir, atomic_file, cache_root
+from pipeline.paths import (
     AUGMENT_GALLERY,
     AUGMENTED_DIR,
     AUGMENTED_MANIFEST,
     JPEG_QUALITY,
     PREPARED_DIR,
     PREPARED_MANIFEST,
-    AugmentedImage,
-    PreparedImage,
-    read_rows,
-    write_rows,
 )
-from pipeline.files import atomic_dir, atomic_file, cache_root
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)

@@ -1,7 +1,7 @@
 """`make compare`: the DVC experiments, best first, and the matching MLflow runs side by side.
 
 MLflow runs are named after their DVC experiment, so the two tables line up by name.
-Usage: python -m pipeline.compare [--metric test_accuracy] [--max-runs 20]
+Usage: python -m pipeline.tools.compare [--metric test_accuracy] [--max-runs 20]
 """
 
 import argparse
@@ -9,9 +9,9 @@ import subprocess
 
 import pandas as pd
 
-from pipeline import tracking
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
+from pipeline.report import tracking
 
 COLUMNS = {
     "tags.mlflow.runName": "run name",
@@ -36,7 +36,7 @@ def mlflow_runs(experiment_name: str, metric: str, max_runs: int, store: str) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--metric", default="test_accuracy", help="MLflow metric to sort by")
     parser.add_argument("--max-runs", type=int, default=20)
     args = parser.parse_args(argv)

@@ -36,22 +36,19 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline import feature_store, plots
 from pipeline.cli import run_stage
 from pipeline.config import load_config
-from pipeline.data import (
+from pipeline.data.manifests import AugmentedImage, PreparedImage, read_labels, read_rows, write_manifest
+from pipeline.model import feature_store
+from pipeline.paths import (
     FEATURES_DIR,
     LABEL_ISSUES_GALLERY,
     LABEL_ISSUES_REPORT,
     PREPARED_DIR,
     PREPARED_MANIFEST,
     SPLITS,
-    AugmentedImage,
-    PreparedImage,
-    read_labels,
-    read_rows,
-    write_manifest,
 )
+from pipeline.report import plots
 
 COLUMNS = ["source", "split", "given", "suggested", "score"]
 # Logistic regression's C values tried. Confident learning needs probabilities that are not

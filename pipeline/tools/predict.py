@@ -1,6 +1,6 @@
 """Predict: the top labels of image files, from the pipeline's model or any logged MLflow model.
 
-    python -m pipeline.predict PATH... [--model MODEL] [--labels FILE] [--top-k K] [--json]
+    python -m pipeline.tools.predict PATH... [--model MODEL] [--labels FILE] [--top-k K] [--json]
 
 PATH is an image file or a folder (searched recursively for image files). MODEL is
 ``data/model/model.keras`` by default, another ``.keras`` file, or an MLflow model URI of the
@@ -23,16 +23,17 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline import models, tracking
 from pipeline.cli import UserError, error_summary, run_stage
-from pipeline.data import MODEL_FILE, MODEL_LABELS
+from pipeline.data.images import IMAGE_SUFFIXES, read_rgb
 from pipeline.files import read_json
-from pipeline.images import IMAGE_SUFFIXES, read_rgb
+from pipeline.model import networks
+from pipeline.paths import MODEL_FILE, MODEL_LABELS
+from pipeline.report import tracking
 from pipeline.serving import DEFAULT_TOP_K, top_labels
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.predict", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     parser.add_argument("--model", default=str(MODEL_FILE),
                         help=f"a .keras file or an MLflow model URI (default: {MODEL_FILE})")
@@ -66,7 +67,7 @@ def load_model(source: str, labels_path: Path | None) -> tuple[keras.Model, list
 
 def load_keras_file(path: Path) -> keras.Model:
     try:
-        return models.load(path)
+        return networks.load(path)
     except Exception as err:  # Keras raises ValueError, OSError, zipfile errors... for files it cannot load
         raise UserError(f"cannot load a Keras model from {path} ({error_summary(err)})") from None
 

@@ -10,7 +10,7 @@ starts over, and deleted once training has succeeded.
 same seed). Besides the model and optimizer variables (Keras' random-generator states, e.g.
 dropout's, are model variables), that needs the history so far, the state of the callbacks that
 remember earlier epochs (early stopping's best epoch and weights, the plateau counter), and data
-batches that depend on the epoch only (see ``pipeline.train.shuffled_epochs``).
+batches that depend on the epoch only (see ``pipeline.stages.train.shuffled_epochs``).
 """
 
 import shutil
@@ -19,8 +19,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from pipeline.data import CHECKPOINT_DIR
 from pipeline.files import atomic_file, read_json, write_json
+from pipeline.paths import CHECKPOINT_DIR
 
 OWNER_FILE = "owner.json"  # the resume key and the MLflow run that wrote the checkpoints
 STATE_FILE = "state.json"

@@ -38,8 +38,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline.cli import UserError, redact_url
 from pipeline.config import flatten, load_config
-from pipeline.data import DOWNLOAD_REPORT, MLFLOW_RUN_FILE, MODEL_LABELS, PREPARED_MANIFEST, SPLITS
 from pipeline.files import read_json, write_json
+from pipeline.paths import DOWNLOAD_REPORT, MLFLOW_RUN_FILE, MODEL_LABELS, PREPARED_MANIFEST, SPLITS
 
 # Per-class metric keys (test_per_class_<key>_recall). MLflow takes letters, digits, _ - . space : /
 # in a metric key, at most 250 characters (mlflow.utils.validation); a class name is any folder name.
@@ -280,7 +280,7 @@ def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) 
         name="image_classifier",
         python_model=serving.__file__,
         model_config={"keras_model": weights.model_uri, "labels": labels},
-        code_paths=[str(Path(__file__).parent)],  # serving.py imports pipeline.images and pipeline.cli
+        code_paths=[str(Path(__file__).parents[1])],  # the pipeline package: serving.py imports pipeline.data.images, pipeline.cli
         signature=serving.SIGNATURE,
         input_example=serving.example_request(),
         registered_model_name=registered_name,
@@ -350,6 +350,6 @@ def finished_runs(experiment_name: str, metric: str, max_runs: int) -> pd.DataFr
                               max_results=max_runs, filter_string="attributes.status = 'FINISHED'")
 
 
-if __name__ == "__main__":  # `python -m pipeline.tracking http://127.0.0.1:5000`: the link make ui prints
+if __name__ == "__main__":  # `python -m pipeline.report.tracking http://127.0.0.1:5000`: the link make ui prints
     use_project_store()
     print(training_runs_url(sys.argv[1], load_config().experiment_name))

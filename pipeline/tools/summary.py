@@ -9,8 +9,8 @@ import csv
 
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
-from pipeline.data import LABEL_ISSUES_REPORT, METRICS, MLFLOW_RUN_FILE, PLOTS_DIR
 from pipeline.files import read_json
+from pipeline.paths import LABEL_ISSUES_REPORT, METRICS, MLFLOW_RUN_FILE, PLOTS_DIR
 
 
 def lines() -> list[str]:

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cli import UserError
-from pipeline.data import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, AugmentedImage, read_rows
+from pipeline.data.manifests import AugmentedImage, read_rows
 from pipeline.files import read_json, write_json
+from pipeline.paths import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR
 
 ACTIVATION_SPLITS = ("train", "val")  # the splits fine-tuning reads; test images go through the exported model
 BACKBONE_WEIGHTS = "backbone.weights.h5"

@@ -16,7 +16,7 @@ Both phases: early stopping on val_loss keeping the best epoch, ``train.lr_sched
 label smoothing, a stop with a clear message on a NaN loss, 16-bit compute (``model.precision``), and
 tf.distribute over all GPUs (or all workers under TF_CONFIG) with per-replica batch sizes. Epochs
 are numbered on from one phase to the next. After every epoch the training state is saved
-(``pipeline.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch.
+(``pipeline.model.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch.
 
 Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
 float32), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
@@ -43,21 +43,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import checkpoints, devices, feature_store, metrics, models, tracking
-from pipeline.augmentation import label_mixing, online_augmentation
 from pipeline.cli import UserError, error_summary, run_stage
 from pipeline.config import Config, ModelParams, load_config
-from pipeline.data import (
-    AUGMENTED_DIR,
-    AUGMENTED_MANIFEST,
-    FEATURES_DIR,
-    HISTORY,
-    MODEL_DIR,
-    MODEL_FILE,
-    MODEL_LABELS,
-    read_labels,
-)
+from pipeline.data.augmentation import label_mixing, online_augmentation
+from pipeline.data.manifests import read_labels
 from pipeline.files import atomic_dir, atomic_file
+from pipeline.model import checkpoints, devices, feature_store, networks
+from pipeline.paths import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, HISTORY, MODEL_DIR, MODEL_FILE, MODEL_LABELS
+from pipeline.report import metrics, tracking
 
 PLATEAU_FACTOR = 0.2  # lr_schedule plateau: multiply the learning rate by this...
 PLATEAU_PATIENCE = 2  # ...after this many epochs without val_loss progress
@@ -274,11 +267,11 @@ def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model
     fine_tune = cfg.train.fine_tune
     # Without fine-tuning the backbone runs only in the exported model, which is float32: built
     # so at once, rather than in model.precision and then once more (seconds for a large backbone).
-    with contextlib.nullcontext() if fine_tune.enabled else models.dtype_policy("float32"):
-        extractor = models.saved_feature_extractor(cfg.model, FEATURES_DIR)
-    head = models.head(x_train, n_classes, cfg.model.head)
-    base = models.backbone_of(extractor)
-    top_start = models.trainable_top_start(base, cfg.model.spec, fine_tune) if fine_tune.enabled else None
+    with contextlib.nullcontext() if fine_tune.enabled else networks.dtype_policy("float32"):
+        extractor = networks.saved_feature_extractor(cfg.model, FEATURES_DIR)
+    head = networks.head(x_train, n_classes, cfg.model.head)
+    base = networks.backbone_of(extractor)
+    top_start = networks.trainable_top_start(base, cfg.model.spec, fine_tune) if fine_tune.enabled else None
 
     head_phase = Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size * replicas, cfg.train.learning_rate,
                        "train.learning_rate")
@@ -286,7 +279,7 @@ def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model
     history = fit_phase(head, head_phase, row_examples(x_train, feature_store.labels("train"), n_classes), val, cfg)
     network, last_phase = head, head_phase
     if fine_tune.enabled:
-        models.unfreeze_top(base, top_start)
+        networks.unfreeze_top(base, top_start)
         network, train, val = fine_tune_inputs(cfg, extractor, head, n_classes)
         last_phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs,
                            fine_tune.batch_size * replicas, fine_tune.learning_rate, "train.fine_tune.learning_rate")
@@ -301,7 +294,7 @@ def calibrate(head: keras.Model, network: keras.Model, val: Examples, batch_size
     probabilities, folded into ``head``'s softmax layer (label smoothing leaves a model
     underconfident, a long head phase overconfident; accuracy stays as it is)."""
     temperature = metrics.fitted_temperature(val.labels, network.predict(in_order(val, batch_size), verbose=0))
-    models.fold_temperature(head, temperature)
+    networks.fold_temperature(head, temperature)
     tracking.log_temperature(temperature)
     print(f"train: temperature scaling on the val split: logits divided by {temperature:.3f}")
 
@@ -313,24 +306,24 @@ def fine_tune_inputs(cfg: Config, extractor: keras.Model, head: keras.Model,
     cut = cfg.activation_cut
     if cut:
         print(f"train: fine-tuning on the activations at {cut} cached by the features stage")
-        return (models.on_activations(extractor, head, cut),
+        return (networks.on_activations(extractor, head, cut),
                 *(activation_examples(split, cut, n_classes) for split in ("train", "val")))
     size = cfg.model.input_size
     augmentation = online_augmentation(cfg) if cfg.augment.mode in ("online", "both") else None
     train, val = (image_examples(split, n_classes, size) for split in ("train", "val"))
     train = replace(train, batches=label_mixing(cfg, train.batches))  # augment.online.mix, if any
-    return models.on_pixels(extractor, head, size, augmentation), train, val
+    return networks.on_pixels(extractor, head, size, augmentation), train, val
 
 
 def exported(params: ModelParams, extractor: keras.Model, head: keras.Model) -> keras.Model:
     """The deliverable, in float32 even after mixed-precision training (16-bit is slow on many CPUs).
     The head is float32 already; a mixed-precision extractor is rebuilt in float32 with its weights."""
-    with models.dtype_policy("float32"):  # the resize layer too
+    with networks.dtype_policy("float32"):  # the resize layer too
         if extractor.dtype_policy.name != "float32":
-            copy = models.feature_extractor(params.model_copy(update={"weights": "none"}))
+            copy = networks.feature_extractor(params.model_copy(update={"weights": "none"}))
             copy.set_weights(extractor.get_weights())
             extractor = copy
-        return models.classifier(extractor, head, params.input_size)
+        return networks.classifier(extractor, head, params.input_size)
 
 
 def write_history(rows: list[dict], path: Path) -> None:
@@ -359,7 +352,7 @@ def main() -> None:
     strategy = devices.distribution_strategy()  # first: MultiWorkerMirroredStrategy must come before other TF ops
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
-    policy = models.use_precision(cfg.model)
+    policy = networks.use_precision(cfg.model)
     print(f"train: {devices.replicas_and_workers(strategy)}, backbone computes in {policy}")
     labels = read_labels(FEATURES_DIR / feature_store.LABELS)
     key = resume_key(cfg)

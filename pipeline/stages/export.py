@@ -26,21 +26,12 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter  # tf.lite.Interpreter is deprecated in its favour
 
-from pipeline import models, stderr_filtered
-from pipeline.cli import UserError, first_line, run_stage
+from pipeline.cli import UserError, first_line, run_stage, stderr_filtered
 from pipeline.config import ToleranceParams, load_config
-from pipeline.data import (
-    AUGMENTED_DIR,
-    AUGMENTED_MANIFEST,
-    EXPORT_DIR,
-    EXPORT_REPORT,
-    MODEL_FILE,
-    MODEL_LABELS,
-    image_batches,
-    read_test_probabilities,
-    test_images,
-)
+from pipeline.data.manifests import image_batches, read_test_probabilities, test_images
 from pipeline.files import atomic_dir, write_json
+from pipeline.model import networks
+from pipeline.paths import AUGMENTED_DIR, AUGMENTED_MANIFEST, EXPORT_DIR, EXPORT_REPORT, MODEL_FILE, MODEL_LABELS
 
 SIGNATURE = "serving_default"
 BATCH_SIZE = 32  # test images per call; any size gives the same figures
@@ -138,7 +129,7 @@ def main() -> None:
         raise UserError(f"{AUGMENTED_MANIFEST} lists no test images (split test, copy 0) to check the exports on")
     # The Keras model's probabilities, as evaluate computed them on the same images (one pass per run).
     reference = read_test_probabilities(paths)
-    model = models.load(MODEL_FILE)
+    model = networks.load(MODEL_FILE)
     batches = [batch.numpy() for batch in image_batches(paths, BATCH_SIZE)]
     check = ParityCheck(paths, batches, reference, cfg.export.tolerance)
     report = {"test_images": len(paths)}

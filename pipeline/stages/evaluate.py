@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import gradcam, metrics, models, plots, tracking
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
-from pipeline.data import (
+from pipeline.data.manifests import image_batches, read_labels, test_images, write_manifest, write_test_probabilities
+from pipeline.files import atomic_dir, write_json
+from pipeline.model import networks
+from pipeline.paths import (
     AUGMENT_GALLERY,
     AUGMENTED_DIR,
     DATA_REPORT,
@@ -41,13 +43,8 @@ from pipeline.data import (
     PLOTS_DIR,
     PREDICTIONS,
     PREPARED_DIR,
-    image_batches,
-    read_labels,
-    test_images,
-    write_manifest,
-    write_test_probabilities,
 )
-from pipeline.files import atomic_dir, write_json
+from pipeline.report import gradcam, metrics, plots, tracking
 
 TOP_LOSSES = 12
 GRADCAM_PER_CLASS = 2
@@ -107,7 +104,7 @@ def main() -> None:
         raise UserError(f"{MODEL_FILE} is missing: run the train stage first (dvc repro)")
     labels = read_labels(MODEL_LABELS)
     rows = test_images()
-    model = models.load(MODEL_FILE)
+    model = networks.load(MODEL_FILE)
     paths = [str(AUGMENTED_DIR / r.path) for r in rows]
     y_true = np.array([labels.index(r.label) for r in rows])
     # One pass of the test images through the model: every probability, and the backbone's

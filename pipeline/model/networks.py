@@ -3,7 +3,7 @@
 The exported model takes raw RGB uint8 images of any size: resizing (center crop to square, like
 the augment stage) and the backbone's ``preprocess_input`` are layers inside it, built only from
 core Keras layers so it loads with ``keras.saving.load_model(safe_mode=True)`` and no code of ours.
-Its shape, which ``pipeline.gradcam`` relies on: ``image -> resize -> extractor -> head``, where the
+Its shape, which ``pipeline.report.gradcam`` relies on: ``image -> resize -> extractor -> head``, where the
 extractor is ``preprocess -> backbone -> pool`` and the head a chain ending in ``probabilities``.
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline import feature_store
-from pipeline.backbones import Backbone
 from pipeline.cli import UserError, first_line
 from pipeline.config import FineTuneParams, HeadParams, ModelParams
+from pipeline.model import feature_store
+from pipeline.model.backbones import Backbone
 
 IMAGENET_BGR_MEANS = np.array([103.939, 116.779, 123.68], dtype="float32")
 
