@@ -17,8 +17,9 @@ SERVE_PORT ?= 5001
 MODEL ?=
 PATHS ?=
 ARGS ?=
-# `make exp` queues one DVC experiment per combination (DVC's -S a=1,2 sweep syntax), then runs them.
+# `make exp` runs one DVC experiment per combination (DVC's -S a=1,2 sweep syntax), then compares them.
 EXP_GRID ?= -S model.backbone=inception_v3,resnet50 -S train.fine_tune.blocks=0,2
+export EXP_GRID  # handed to Python as it is (no shell evaluates it)
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: setup setup-gpu run test lint chromium ui serve predict exp compare push pull lock clean bench
@@ -75,10 +76,7 @@ predict: setup
 	python -m pipeline.tools.predict $(PATHS) $(ARGS)
 
 exp: setup
-	dvc exp run --queue $(EXP_GRID)
-	dvc exp run --run-all --jobs 1
-	@if dvc queue status | grep -qw Failed; then dvc queue status; \
-	  echo "some experiments failed: see dvc queue logs <name>; clear with dvc queue remove --failed" >&2; exit 1; fi
+	python -m pipeline.tools.experiments --grid "$$EXP_GRID"
 
 compare: setup
 	python -m pipeline.tools.compare
