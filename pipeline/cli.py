@@ -14,8 +14,17 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from types import ModuleType
+from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from tqdm import tqdm
+
+from pipeline.files import read_json, write_json
+from pipeline.paths import STAGE_TIMES
 
 # Write failures a user fixes on their side (space, permissions), not bugs in the stage.
 STORAGE_ERRORS = {
@@ -28,6 +37,7 @@ STORAGE_ERRORS = {
 }
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # of those, the ones never about a file being read
 PR_SET_DEATHSIG = 1  # from <linux/prctl.h>
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -81,6 +91,24 @@ def die_with_parent() -> None:
     os.register_at_fork(before=remember_parent, after_in_child=in_child)
 
 
+LOG_EVERY_S = 30  # off a terminal (a CI log, `dvc queue logs`), a long loop says how far it got this often
+
+
+def progress(items: Iterable[T], total: int, desc: str, unit: str) -> Iterator[T]:
+    """``items``, with tqdm's progress bar on a terminal; elsewhere one line every LOG_EVERY_S seconds
+    (``features: 1200/3670 batch, 41 s``), so a long stage is never silent in a log."""
+    if sys.stderr.isatty():
+        yield from tqdm(items, total=total, desc=desc, unit=unit)
+        return
+    started = last = time.monotonic()
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= LOG_EVERY_S and done < total:
+            print(f"{desc}: {done}/{total} {unit}, {now - started:.0f} s", file=sys.stderr, flush=True)
+            last = now
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main``, turning user mistakes into one line and an exit code of 2.
 
@@ -99,6 +127,7 @@ def run_stage(main: Callable[[], None]) -> None:
               file=sys.stderr)
         sys.exit(2)
     die_with_parent()
+    started = time.monotonic()
     try:
         main()
     except UserError as err:
@@ -116,7 +145,19 @@ def run_stage(main: Callable[[], None]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     if as_program:
+        if not inspect.signature(main).parameters:  # a DVC stage: the summary shows its wall time
+            record_stage_time(sys.modules["__main__"], time.monotonic() - started)
         exit_without_teardown()
+
+
+def record_stage_time(module: ModuleType, seconds: float) -> None:
+    """Note how long the stage ``module`` took, in STAGE_TIMES (``make run``'s summary prints them)."""
+    spec = module.__spec__
+    stage = spec.name.rpartition(".")[2] if spec else "stage"
+    times = read_json(STAGE_TIMES) if STAGE_TIMES.is_file() else {}
+    times[stage] = {"seconds": round(seconds, 1), "finished": datetime.now(UTC).isoformat(timespec="seconds")}
+    STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)
+    write_json(STAGE_TIMES, times)
 
 
 def exit_without_teardown() -> None:

@@ -7,6 +7,7 @@ so no field has a default here.
 """
 
 import re
+import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -346,6 +347,17 @@ def flatten(tree: dict[str, Any], separator: str = ".", prefix: str = "") -> dic
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def committed_params(path: Path = PARAMS_FILE) -> dict[str, Any] | None:
+    """params.yaml as committed at git's HEAD, flattened, or None outside git or before a first commit."""
+    shown = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True)
+    return flatten(yaml.safe_load(shown.stdout) or {}) if shown.returncode == 0 else None
+
+
+def differences(params: dict[str, Any], reference: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Flat params whose value differs from ``reference``'s: key -> (value, reference's value)."""
+    return {key: (value, reference.get(key)) for key, value in sorted(params.items()) if value != reference.get(key)}
 
 
 def override_params(path: Path, overrides: dict[str, Any]) -> None:

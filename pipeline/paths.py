@@ -39,3 +39,5 @@ SPLITS = ("train", "val", "test")
 # Names (lower case) that mean a split, as top-level folders of a source or in a labels table's split column.
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 JPEG_QUALITY = 95  # for the images stages write: high enough that re-encoding costs no accuracy
+# Not a DVC output: each stage's last wall time, for the summary (DVC's own tmp folder, git-ignored).
+STAGE_TIMES = Path(".dvc/tmp/stage_times.json")

@@ -42,3 +42,6 @@ def test_grid_after_a_first_run_reuses_its_data_and_compares_best_first(project)
     # The workspace holds the best one, by name, with the params it ran with.
     best = rows[0].split()[0]
     assert f"the workspace now holds the best experiment, {best}" in grid.stdout
+    summary = run([sys.executable, "-m", "pipeline.tools.summary"], project).stdout
+    epochs = re.search(r"train\.epochs=(\d)", rows[0]).group(1)
+    assert f"settings that differ from the committed params.yaml: train.epochs={epochs} (committed 3)" in summary

@@ -325,4 +325,7 @@ def test_summary_says_what_the_run_scored_and_where_to_look(trained):
     assert shown[0].startswith(f"test accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro']['f1']:.3f}")
     recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
     assert any(recorded["run_id"] in line and "experiment 'images'" in line for line in shown)
-    assert len(shown) <= 6 and all(len(line) < 200 for line in shown)
+    assert len(shown) <= 8 and all(len(line) < 200 for line in shown)
+    times = next(line for line in shown if line.startswith("stage wall times"))
+    assert re.findall(r"(\w+) \d+\.\d s", times) == ["download", "prepare", "augment", "features", "label_issues",
+                                                      "train", "evaluate", "export"], times

@@ -33,9 +33,8 @@ import cv2
 import matplotlib
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from pipeline.cli import UserError, run_stage
+from pipeline.cli import UserError, progress, run_stage
 from pipeline.config import Config, load_config
 from pipeline.data import augmentation
 from pipeline.data.augmentation import offline_policy, offline_variant, online_variants, resize_only, variant_seed
@@ -137,8 +136,7 @@ def render(job: Job) -> tuple[list[AugmentedImage], int]:
 def render_all(jobs: list[Job]) -> tuple[list[AugmentedImage], int]:
     # One process per core, so one OpenCV thread per process.
     with ProcessPoolExecutor(initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-        results = list(tqdm(pool.map(render, jobs, chunksize=8), total=len(jobs), desc="augment", unit="image",
-                            disable=None))  # progress bars on a terminal only, not in logs
+        results = list(progress(pool.map(render, jobs, chunksize=8), len(jobs), "augment", "image"))
     return [r for rows, _ in results for r in rows], sum(n for _, n in results)
 
 

@@ -26,9 +26,8 @@ from collections.abc import Callable, Iterator
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
-from pipeline.cli import UserError, run_stage
+from pipeline.cli import UserError, progress, run_stage
 from pipeline.config import load_config
 from pipeline.data.manifests import AugmentedImage, image_batches, read_labels, read_rows
 from pipeline.model import devices, feature_store, networks
@@ -78,7 +77,7 @@ def extract(run: Callable, strategy: tf.distribute.Strategy, paths: list[str], p
     starts = range(0, len(paths), per_replica * strategy.num_replicas_in_sync)
     # zip stops at the last start without asking for one more batch: a mirrored iterator takes
     # seconds to find its end. replica_rows gave each replica exactly len(starts) batches.
-    for start, batch in tqdm(zip(starts, batches), total=len(starts), desc=desc, unit="batch", disable=None):
+    for start, batch in progress(zip(starts, batches), len(starts), desc, "batch"):
         yield [values.numpy()[: len(paths) - start] for values in run(batch)]
 
 

@@ -78,9 +78,8 @@ from pathlib import Path
 import imagehash
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
-from pipeline.cli import UserError, run_stage
+from pipeline.cli import UserError, progress, run_stage
 from pipeline.config import Config, PrepareParams, load_config
 from pipeline.data.images import FORMATS, Unconvertible, decode
 from pipeline.data.manifests import PreparedImage, write_manifest, write_rows
@@ -152,7 +151,7 @@ def decode_all(candidates: list[tuple[str, Path, str]], pending: Path,
     pending.mkdir()
     jobs = [(path, pending / f"{i}.jpg", cfg.prepare) for i, (_, path, _) in enumerate(candidates)]
     with ProcessPoolExecutor() as pool:
-        results = list(tqdm(pool.map(normalize, jobs, chunksize=16), total=len(jobs), desc="prepare", disable=None))
+        results = list(progress(pool.map(normalize, jobs, chunksize=16), len(jobs), "prepare", "image"))
     images, quarantine = [], []
     for (label, path, given), (_, pending_file, _), result in zip(candidates, jobs, results):
         source = source_of(path)

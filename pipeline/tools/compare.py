@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.cli import UserError, run_stage
-from pipeline.config import Config, flatten
+from pipeline.config import Config, committed_params, differences, flatten
 from pipeline.files import read_json
 from pipeline.paths import METRICS, MLFLOW_RUN_FILE
 from pipeline.report import tracking
@@ -77,15 +75,8 @@ def rows_of(shown: list[dict]) -> list[Row]:
     return [r for r in rows if r.name != "workspace" or (r.tree, r.metrics) not in named]
 
 
-def committed_params() -> dict[str, Any] | None:
-    """params.yaml as committed at HEAD (what `git diff params.yaml` compares with), or None."""
-    shown = subprocess.run(["git", "show", f"HEAD:{PARAMS_FILE}"], capture_output=True, text=True)
-    return flatten(yaml.safe_load(shown.stdout)) if shown.returncode == 0 else None
-
-
 def changed_params(params: dict[str, Any], reference: dict[str, Any]) -> list[str]:
-    return [f"{key}={params[key]}" for key in sorted(params)
-            if key != GROUPED_BY and params[key] != reference.get(key)]
+    return [f"{key}={value}" for key, (value, _) in differences(params, reference).items() if key != GROUPED_BY]
 
 
 def interval(metrics: dict[str, Any], name: str) -> str:

@@ -1,16 +1,18 @@
 """`make run`'s last lines: what the run scored and where to look next.
 
 Reads only files the stages wrote (``eval/metrics.json``, ``reports/label_issues.csv``,
-``data/model/mlflow_run.json``) and the config, so it runs in a second and works on any checkout
-whose outputs are present (`dvc pull`). ``dvc metrics show`` still lists every metric.
+``data/model/mlflow_run.json``, the stages' wall times in ``pipeline.paths.STAGE_TIMES``), the config
+and the committed params.yaml, so it runs in a second and works on any checkout whose outputs are
+present (`dvc pull`). ``dvc metrics show`` still lists every metric.
 """
 
 import csv
+from typing import Any
 
 from pipeline.cli import UserError, run_stage
-from pipeline.config import load_config
+from pipeline.config import committed_params, differences, load_config
 from pipeline.files import read_json
-from pipeline.paths import LABEL_ISSUES_REPORT, METRICS, MLFLOW_RUN_FILE, PLOTS_DIR
+from pipeline.paths import LABEL_ISSUES_REPORT, METRICS, MLFLOW_RUN_FILE, PLOTS_DIR, STAGE_TIMES
 
 
 def lines() -> list[str]:
@@ -31,9 +33,28 @@ def lines() -> list[str]:
         model = f"; model {cfg.registered_model_name} (make serve)" if cfg.registered_model_name else ""
         out.append(f"MLflow: run {run['run_id']} in experiment '{cfg.experiment_name}'{model}; "
                    "browse with make ui (http://127.0.0.1:5000)")
-    out.append("next: make run SET=\"train.learning_rate=0.0003\" (a DVC experiment), make compare, "
-               "make predict PATHS=photo.jpg")
+    out += settings_lines(cfg.flat())
+    if STAGE_TIMES.is_file():
+        times = read_json(STAGE_TIMES)
+        out.append("stage wall times (each stage's last run; DVC skips unchanged ones): "
+                   + ", ".join(f"{stage} {entry['seconds']:.1f} s" for stage, entry in times.items()))
     return out
+
+
+def settings_lines(params: dict[str, Any]) -> list[str]:
+    """The settings this run used that differ from the committed params.yaml, and what to do next:
+    they stay in params.yaml for every later run until reverted."""
+    committed = committed_params()
+    if committed is None:
+        return ["settings: params.yaml (not committed to git yet: commit it to compare later runs against it)"]
+    changed = differences(params, committed)
+    if not changed:
+        return ["settings: the committed params.yaml; next: make run SET=\"train.learning_rate=0.0003\" "
+                "(one experiment) or make exp (a grid), then make compare"]
+    shown = ", ".join(f"{key}={value} (committed {before})" for key, (value, before) in changed.items())
+    return [f"settings that differ from the committed params.yaml: {shown}",
+            "they stay for later runs (git checkout params.yaml to go back); next: make compare, "
+            "make promote EXP=<name> to serve the best, make predict PATHS=photo.jpg"]
 
 
 def main() -> None:
