@@ -51,16 +51,17 @@ endif
 	@python -m pipeline.tools.summary
 
 test: setup lint
-	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || $(MAKE) --no-print-directory chromium
+	@{ command -v chromium || command -v chromium-browser; } >/dev/null && test -f /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc || $(MAKE) --no-print-directory chromium
 	pytest
 
 # Static checks (ruff: config in pyproject.toml); `make test` runs them first.
 lint: setup
 	ruff check pipeline tests bench
 
-# The MLflow UI test renders the UI in headless Chromium: Debian's package (needs root).
+# The UI and report tests render pages in headless Chromium; plots draw CJK class names with Noto Sans CJK.
+# Debian's packages (needs root).
 chromium:
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null
 
 # Prints the link to the experiment's runs in the UI's model-training view, then serves the UI.
 ui: setup

@@ -41,3 +41,4 @@ SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "va
 JPEG_QUALITY = 95  # for the images stages write: high enough that re-encoding costs no accuracy
 # Not a DVC output: each stage's last wall time, for the summary (DVC's own tmp folder, git-ignored).
 STAGE_TIMES = Path(".dvc/tmp/stage_times.json")
+REPORT = EVAL_DIR / "report.html"  # evaluate: the run's one-page report (pipeline/report/html.py)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 from PIL import Image
 
 from conftest import REPO, make_images, project_env, project_through, run, set_params, stages_run
@@ -32,7 +33,7 @@ from pipeline.data.augmentation import (
     online_variants,
 )
 from pipeline.paths import HISTORY
-from pipeline.stages.augment import decode, encode_jpeg, render_copy
+from pipeline.stages.augment import decode, encode_jpeg, gallery_variants, render_copy
 
 SIZE = 128
 N = 300  # samples per statistical check: standard errors of a few percent
@@ -393,7 +394,17 @@ print(megabytes("VmHWM") - before)
 
 def test_gallery_memory_stays_bounded_at_the_largest_image_size(project):
     prepare(project)
-    set_params(project, **{"model.image_size": 1024})  # the largest allowed; the online batch alone was 0.5 GB
+    # The largest size allowed, offline and online variants; the online batch alone was 0.5 GB.
+    set_params(project, **{"model.image_size": 1024, "augment.mode": "both"})
     grown = int(run([sys.executable, "-c", GALLERY_MEMORY], project).stdout.split()[-1])
     assert grown < 700, f"the gallery took {grown} MB more"  # 2,300 MB when drawn at the image size, 220 now
     assert Image.open(project / "reports" / "augment_gallery.png").size[1] < 600  # 3 classes: 3 small rows
+
+
+@pytest.mark.parametrize("mode, copies, drawn", [("offline", 2, (2, 0)), ("offline", 9, (4, 0)), ("online", 2, (0, 4)),
+                                                 ("both", 1, (1, 4))])
+def test_gallery_draws_only_the_variants_training_sees(mode, copies, drawn):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["augment"] |= {"mode": mode, "copies": copies}
+    params["train"]["fine_tune"]["blocks"] = 1  # online augmentation needs images to train on
+    assert gallery_variants(Config.model_validate(params)) == drawn

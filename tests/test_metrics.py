@@ -2,6 +2,7 @@
 classes to hundreds; the MLflow keys of per-class metrics; the plots of many classes."""
 
 import math
+import warnings
 
 import mlflow
 import numpy as np
@@ -154,3 +155,15 @@ def test_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_at(te
     probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))  # what a model at T = 1 says
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     assert fitted_temperature(y_true, probabilities) == pytest.approx(temperature, rel=0.05)
+
+
+def test_class_names_in_cjk_scripts_are_drawn_not_boxes(tmp_path):
+    """With Noto Sans CJK on the system (make test installs Debian's fonts-noto-cjk), no glyph is missing."""
+    labels = ["猫", "犬", "고양이", "cat"]
+    y = np.array([0, 1, 2, 3, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns "Glyph ... missing from font(s)" for each box it draws
+        plots.confusion_matrices(y, y[::-1], labels, tmp_path)
+        plots.image_grid([np.zeros((8, 8, 3), "uint8")] * 2, ["猫 → 犬", "고양이"], tmp_path / "grid.png",
+                         overlays=[np.ones((2, 2))] * 2, heading="Grad-CAM 猫")
+    assert (tmp_path / "grid.png").stat().st_size > 0

@@ -8,6 +8,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import font_manager
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
 
@@ -15,6 +18,19 @@ MATRIX_INCHES = 18  # a confusion matrix's cells span at most this (1,800 px at 
 CELL_VALUES_UP_TO = 25  # classes; with more, numbers would not fit their cells: colour only, with a colour bar
 TICK_LABELS_UP_TO = 120  # classes named one by one on the axes; with more, every n-th
 LABEL_CHARACTERS = 30  # class names are cut to this in tick labels and titles
+CJK_FONT = "NotoSansCJK-Regular"  # Noto Sans CJK (Debian: fonts-noto-cjk), for class names in Chinese, Japanese, Korean
+
+
+def use_cjk_fallback() -> None:
+    """Draw characters DejaVu Sans lacks (猫, 犬, 고양이) with Noto Sans CJK where the system has it,
+    instead of empty boxes; without it matplotlib warns once per missing glyph, as before."""
+    files = [f for f in font_manager.findSystemFonts() if CJK_FONT in f]
+    if files:
+        font_manager.fontManager.addfont(files[0])
+        plt.rcParams["font.family"] = ["DejaVu Sans", font_manager.FontProperties(fname=files[0]).get_name()]
+
+
+use_cjk_fallback()
 
 
 def short(label: str, width: int = LABEL_CHARACTERS) -> str:
@@ -121,4 +137,17 @@ def image_grid(images: list[np.ndarray], titles: list[str], path: Path, overlays
         ax.set_title(title, fontsize=8)
     if not images:
         axes.flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
-    _save(fig, path)
+    if overlays is None:
+        _save(fig, path)
+    else:
+        _save_with_scale(fig, axes, path)
+
+
+def _save_with_scale(fig: plt.Figure, axes: np.ndarray, path: Path) -> None:
+    """A heatmap grid with its colour scale: 1 = the image's strongest evidence for the class."""
+    fig.tight_layout()
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes, shrink=0.6, pad=0.01,
+                 label="evidence for the class, relative to the image's strongest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

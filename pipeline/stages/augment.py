@@ -154,21 +154,33 @@ def thumbnail(pixels: np.ndarray, side: int) -> np.ndarray:
     return pixels if len(pixels) == side else cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA)
 
 
+def gallery_variants(cfg: Config) -> tuple[int, int]:
+    """How many offline and online variants of each sample the gallery draws: those training sees."""
+    mode = cfg.augment.mode
+    offline = min(cfg.augment.copies, GALLERY_VARIANTS) if mode in ("offline", "both") else 0
+    return offline, GALLERY_VARIANTS if mode in ("online", "both") else 0
+
+
 def write_gallery(manifest: list[PreparedImage], cfg: Config) -> None:
-    """One row per sample: the resized original, offline variants (as the stage writes them, then
-    shrunk to at most ``GALLERY_SIDE``), online variants (the Keras layers run at that side)."""
+    """One row per sample: the resized original, then the variants training really sees: offline ones
+    (as the stage writes them, shrunk to at most ``GALLERY_SIDE``; as many as ``augment.copies``, up to
+    GALLERY_VARIANTS) when the mode writes them, online ones (the Keras layers run at that side) when
+    the mode runs them."""
     samples = gallery_samples(manifest)
     side = min(cfg.model.input_size, GALLERY_SIDE)
+    n_offline, n_online = gallery_variants(cfg)
     pixels = [np.asarray(Image.open(PREPARED_DIR / r.path).convert("RGB")) for r in samples]
     originals = np.stack([thumbnail(render_copy(p, 0, r.sha256, cfg), side) for p, r in zip(pixels, samples)])
-    offline = [[thumbnail(render_copy(p, k, r.sha256, cfg), side) for k in range(1, GALLERY_VARIANTS + 1)]
+    offline = [[thumbnail(render_copy(p, k, r.sha256, cfg), side) for k in range(1, n_offline + 1)]
                for p, r in zip(pixels, samples)]
-    batch = np.repeat(originals.astype("float32"), GALLERY_VARIANTS, axis=0)
-    online = online_variants(cfg, batch, side).round().clip(0, 255).astype("uint8")
-    online = online.reshape(len(samples), GALLERY_VARIANTS, *originals.shape[1:])
+    online = np.zeros((len(samples), 0, *originals.shape[1:]), "uint8")
+    if n_online:
+        batch = np.repeat(originals.astype("float32"), n_online, axis=0)
+        online = online_variants(cfg, batch, side).round().clip(0, 255).astype("uint8")
+        online = online.reshape(len(samples), n_online, *originals.shape[1:])
 
-    titles = ["original", *(f"offline {k}" for k in range(1, GALLERY_VARIANTS + 1)),
-              *(f"online {k}" for k in range(1, GALLERY_VARIANTS + 1))]
+    titles = ["original", *(f"offline {k}" for k in range(1, n_offline + 1)),
+              *(f"online {k}" for k in range(1, n_online + 1))]
     fig, axes = plt.subplots(len(samples), len(titles), squeeze=False,
                              figsize=(1.4 * len(titles), 1.4 * len(samples) + 0.5))
     for i, row in enumerate(samples):
