@@ -8,7 +8,8 @@ Outputs in ``eval/`` (small, meant for git):
   under the class names (``dvc metrics show``);
 - ``predictions.csv``: one row per test image (DVC's confusion-matrix plot reads it);
 - ``plots/``: confusion matrices (counts, row-normalized), reliability diagram, training curves,
-  the most confident mistakes, and Grad-CAM overlays.
+  the most confident mistakes, and Grad-CAM overlays;
+- ``report.html``: the run on one page, offline (pipeline/report/html.py).
 And ``data/test_probabilities.npz``, every probability, which export checks its formats against
 (so the test images go through the Keras model once per run, here).
 Everything is also logged to the pipeline run in MLflow (per-class metrics under keys made by
@@ -43,8 +44,9 @@ from pipeline.paths import (
     PLOTS_DIR,
     PREDICTIONS,
     PREPARED_DIR,
+    REPORT,
 )
-from pipeline.report import gradcam, metrics, plots, tracking
+from pipeline.report import gradcam, html, metrics, plots, tracking
 
 TOP_LOSSES = 12
 GRADCAM_PER_CLASS = 2
@@ -124,13 +126,14 @@ def main() -> None:
                     for r, t, p in zip(rows, y_true, probabilities, strict=True)])
     with atomic_dir(PLOTS_DIR) as out:
         draw_plots(model, rows, y_true, probabilities, labels, report, out, chosen, chosen_maps)
+    html.write_report(cfg, REPORT)
 
     recorded = tracking.recorded_run()
     with tracking.resume_run(recorded):
         tracking.log_test_metrics(report, [model["model_id"] for model in recorded["models"].values()],
                                   tracking.logged_dataset(recorded["run_id"], "test"))
         tracking.log_plots(PLOTS_DIR)
-        tracking.log_reports([METRICS, PREDICTIONS, *EXTRA_ARTIFACTS])
+        tracking.log_reports([METRICS, PREDICTIONS, REPORT, *EXTRA_ARTIFACTS])
 
     print(f"evaluate: test accuracy {report['accuracy']:.3f} on {len(rows)} images "
           f"(macro F1 {report['macro']['f1']:.3f}); plots in {PLOTS_DIR}")
