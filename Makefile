@@ -53,9 +53,10 @@ test: setup lint
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || $(MAKE) --no-print-directory chromium
 	pytest
 
-# Static checks (ruff: config in pyproject.toml); `make test` runs them first.
+# Static checks (ruff and mypy: config in pyproject.toml); `make test` runs them first.
 lint: setup
 	ruff check pipeline tests bench
+	mypy
 
 # The MLflow UI test renders the UI in headless Chromium: Debian's package (needs root).
 chromium:

@@ -68,15 +68,15 @@ def main() -> None:
                                 f"--workdir {workdir}"))
     if args.weights:
         sections.append(quality.measure(args, args.epochs, workdir / "quality"))
-        header, rows = head_settings.run(workdir / "quality", head_settings.SEEDS)
-        sections.append(section("Head settings on those features (seeds: the table's spread)", rows,
+        settings_header, settings_rows = head_settings.run(workdir / "quality", head_settings.SEEDS)
+        sections.append(section("Head settings on those features (seeds: the table's spread)", settings_rows,
                                 f"python bench/head_settings.py --workdir {workdir / 'quality'}  (after quality.py)",
-                                header))
+                                settings_header))
     minutes = (time.perf_counter() - started) / 60
     for text in sections:
         print(text)
 
-    header = [
+    intro = [
         "# Benchmark results", "",
         (f"Written by `make bench` (`python bench/run_all.py {slice_args} --epochs {args.epochs} "
          f"--fine-tune-epochs {args.fine_tune_epochs} --more-epochs {args.more_epochs}"
@@ -94,7 +94,7 @@ def main() -> None:
         "at `model.precision: auto` (the precision it used is shown), the recipe in float32 as written. The machine may have been shared with other jobs: see the load averages."), "",
         NOTES, "",
     ]
-    args.output.write_text("\n".join(header + sections))
+    args.output.write_text("\n".join(intro + sections))
     print(f"wrote {args.output}")
 
 

@@ -9,11 +9,12 @@ so no field has a default here.
 import re
 import sys
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from pipeline.cli import UserError
 from pipeline.model.backbones import BACKBONES, Backbone
@@ -26,7 +27,10 @@ SEED_LIMIT = 2**32  # numpy, TensorFlow and albumentations all take seeds below 
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 AreaFraction = Annotated[float, Field(gt=0, le=1)]
-BackboneName = Literal[tuple(BACKBONES)]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # the registry's names, known only at run time
+    BackboneName = str
+else:
+    BackboneName = Literal[tuple(BACKBONES)]
 
 
 class Section(BaseModel):
@@ -408,7 +412,7 @@ def line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _error_text(first: dict[str, Any]) -> str:
+def _error_text(first: ErrorDetails) -> str:
     """A validation problem as one line: the dotted key, what is wrong, and what was given."""
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
@@ -426,7 +430,7 @@ def _keys_beside(loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the section that holds ``loc``."""
     section: type[BaseModel] = Config
     for part in loc[:-1]:
-        section = section.model_fields[part].annotation
+        section = cast(type[BaseModel], section.model_fields[part].annotation)
     return list(section.model_fields)
 
 

@@ -105,7 +105,7 @@ def model_server(project: Path, model_uri: str | None = None) -> Iterator[str]:
     try:
         deadline = time.time() + 180
         while True:
-            assert server.poll() is None, server.stderr.read()
+            assert server.poll() is None, server.stderr.read()  # type: ignore[union-attr]  # a pipe
             assert time.time() < deadline, f"mlflow models serve did not answer on port {port} within 180 s"
             try:
                 if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:

@@ -22,7 +22,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def wait_until_up(url: str, process: subprocess.Popen, seconds: int = 180) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
-        assert process.poll() is None, f"server exited: {process.stderr.read()}"
+        assert process.poll() is None, f"server exited: {process.stderr.read()}"  # type: ignore[union-attr]
         try:
             if requests.get(url, timeout=2).ok:
                 return

@@ -73,7 +73,7 @@ def flowers_slice(root: Path, per_class: int) -> Path:
             if taken.setdefault(parts[1], 0) < per_class:
                 taken[parts[1]] += 1
                 (root / parts[1]).mkdir(parents=True, exist_ok=True)
-                (root / parts[1] / parts[2]).write_bytes(archive.extractfile(member).read())
+                (root / parts[1] / parts[2]).write_bytes(archive.extractfile(member).read())  # type: ignore[union-attr]  # a file
     return root
 
 

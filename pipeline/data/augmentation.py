@@ -296,7 +296,7 @@ def label_mixing(cfg: Config, batches: Batches) -> Batches:
 
     def mixed_batches(indices: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
         keyed = tf.data.Dataset.zip(batches(indices, batch_size), indices.batch(batch_size).map(key))
-        return keyed.map(lambda batch, k: mixed(layer, *batch, cfg.seed, k))
+        return keyed.map(lambda batch, k: mixed(layer, *batch, cfg.seed, k))  # type: ignore[call-arg]  # (images, labels)
 
     return mixed_batches
 
