@@ -8,13 +8,14 @@ import argparse
 import csv
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import psutil
 
@@ -134,11 +135,21 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
+QUOTE = "'"
+
+
+def placeholders(command: str) -> str:
+    """``command`` as results.md shows it: each absolute path (the archive, the weights, a scratch folder)
+    as ``<its name>``: a reader has them elsewhere."""
+    return re.sub(r"'/[^']*'|(?<![\w<])/[^\s`'\"]+", lambda path: f"<{PurePath(path[0].strip(QUOTE)).name}>",
+                  command)
+
+
 def section(title: str, rows: Sequence[Sequence[str]], command: str, header: Sequence[str] = ("figure", "value")) -> str:
     """A results.md section: a table of ``rows`` under ``header``, then the command reproducing it."""
     lines = [f"## {title}", "", f"| {' | '.join(header)} |", f"|{' --- |' * len(header)}"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
-    return "\n".join([*lines, "", f"Reproduce: `{command}`", ""])
+    return "\n".join([*lines, "", f"Reproduce: `{placeholders(command)}`", ""])
 
 
 def report(title: str, rows: Sequence[Sequence[str]], command: str, started: float, info: dict[str, str],

@@ -124,7 +124,7 @@ def input_split(dataset_input) -> str:
 
 
 def image_request(images: list[bytes], **params) -> dict:
-    """The JSON body of an /invocations request for the image_classifier model (README, Serving)."""
+    """The JSON body of an /invocations request for the image_classifier model (docs/mlflow.md, Serving)."""
     body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(i).decode()] for i in images]}}
     return {**body, "params": params} if params else body
 

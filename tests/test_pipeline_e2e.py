@@ -295,7 +295,7 @@ def test_only_what_changed_reruns(trained, client):
     project, _ = trained
     assert stages_run(run(["dvc", "repro"], project).stdout) == []
     set_params(project, **{"train.epochs": 2})
-    # The README's quicker loop: naming evaluate leaves export out; a later repro runs only export,
+    # The documented quicker loop (docs/experiments.md): naming evaluate leaves export out; a later repro runs only export,
     # on the probabilities of the new model that evaluate left.
     assert stages_run(run(["dvc", "repro", "evaluate"], project).stdout) == ["train", "evaluate"]
     assert stages_run(run(["dvc", "repro"], project).stdout) == ["export"]

@@ -50,5 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     print(table.to_string(index=False) if len(table) else "(no finished runs)")
 
 
+def console() -> None:
+    """The `transfer-compare` command (pyproject.toml's [project.scripts])."""
+    run_stage(main)
+
+
 if __name__ == "__main__":
     run_stage(main)
