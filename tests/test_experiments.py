@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 import requests
 from test_pipeline_e2e import free_port
 
@@ -42,6 +43,7 @@ def rendered_text(url: str, profile: Path) -> str:
     return re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", " ", dom, flags=re.S))
 
 
+@pytest.mark.e2e
 def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
     port = free_port()
     server = subprocess.Popen(
