@@ -22,8 +22,13 @@ EXP_GRID ?= -S model.backbone=inception_v3,resnet50 -S train.fine_tune.blocks=0,
 export EXP_GRID  # handed to Python as it is (no shell evaluates it)
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup setup-gpu run test lint chromium ui serve predict exp compare push pull lock clean bench
+.PHONY: help setup setup-gpu run test test-fast lint format docs chromium ui serve predict exp compare push pull lock clean bench
 
+## help: this list (each target's `## name: what it does` line)
+help:
+	@awk '/^## [a-z-]+: /{sub(/^## /, ""); i = index($$0, ": "); printf "  %-10s %s\n", substr($$0, 1, i - 1), substr($$0, i + 2)}' $(MAKEFILE_LIST)
+
+## setup: (re)create .venv from requirements.lock when the lock or pyproject.toml change
 setup: $(STAMP)
 
 # The environment is rebuilt whenever the lock file or pyproject.toml change.
@@ -36,10 +41,12 @@ $(STAMP): requirements.lock pyproject.toml
 
 # On a machine with an NVIDIA GPU: the same TensorFlow version, built with CUDA.
 TF_VERSION := $(shell sed -n 's/^tensorflow-cpu==//p' requirements.lock)
+## setup-gpu: the same, with tensorflow[and-cuda] of the locked version instead of tensorflow-cpu
 setup-gpu: setup
 	$(BIN)/pip uninstall --quiet -y tensorflow-cpu
 	$(BIN)/pip install --quiet "tensorflow[and-cuda]==$(TF_VERSION)"
 
+## run: dvc repro (with SET="key=value ...": dvc exp run -S ...), then the run's summary
 run: setup
 ifeq ($(strip $(SET)),)
 	dvc repro
@@ -50,35 +57,57 @@ else
 endif
 	@python -m pipeline.tools.summary
 
+## test: lint, then the whole test suite (real DVC, MLflow servers, Chromium; no network)
 test: setup lint
 	@{ command -v chromium || command -v chromium-browser; } >/dev/null && test -f /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc || $(MAKE) --no-print-directory chromium
 	pytest
 
-# Static checks (ruff: config in pyproject.toml); `make test` runs them first.
+# Tests not marked slow or e2e (pyproject.toml registers the markers): a check in a few minutes.
+## test-fast: lint, then the tests not marked slow or e2e
+test-fast: setup lint
+	pytest -m "not slow and not e2e"
+
+# Static checks (ruff and mypy: config in pyproject.toml); `make test` runs them first.
+## lint: ruff check and mypy
 lint: setup
 	ruff check pipeline tests bench
+	mypy
+
+## format: ruff format (settings in pyproject.toml)
+format: setup
+	ruff format pipeline tests bench
+
+# The reference site (mkdocs.yml, docs/); tests/test_docs.py builds it with --strict.
+## docs: serve the docs site on http://127.0.0.1:8000 while you edit
+docs: setup
+	mkdocs serve -a 127.0.0.1:8000
 
 # The UI and report tests render pages in headless Chromium; plots draw CJK class names with Noto Sans CJK.
-# Debian's packages (needs root).
+## chromium: install Debian's chromium and fonts-noto-cjk for the browser tests and CJK plots (needs root)
 chromium:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null
 
 # Prints the link to the experiment's runs in the UI's model-training view, then serves the UI.
+## ui: the MLflow UI on 127.0.0.1:5000 (MLFLOW_PORT), with the link to this project's runs
 ui: setup
 	@echo "MLflow UI, this project's runs: $$(python -m pipeline.report.tracking http://127.0.0.1:$(MLFLOW_PORT))"
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_PORT)
 
-# Serves the registered model's @champion: POST base64 JPEG/PNG to /invocations (see README).
+# Serves the registered model's @champion: POST base64 JPEG/PNG to /invocations (docs/mlflow.md, Serving).
+## serve: the registered model's @champion on 127.0.0.1:5001 (SERVE_PORT; MODEL=models:/name/version)
 serve: setup
 	mlflow models serve -m "$(or $(MODEL),models:/$$(python -m pipeline.config registered_model_name)@champion)" --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
+## predict: top labels of image files or folders: make predict PATHS="a.jpg photos/"
 predict: setup
 	@test -n "$(PATHS)" || { echo 'usage: make predict PATHS="photo.jpg folder/" [ARGS="--top-k 5 --json"]' >&2; exit 2; }
 	python -m pipeline.tools.predict $(PATHS) $(ARGS)
 
+## exp: a grid of DVC experiments (EXP_GRID) in the workspace, then the best applied and compared
 exp: setup
 	python -m pipeline.tools.experiments --grid "$$EXP_GRID"
 
+## compare: one table per dataset, best experiment first (ARGS="--all": DVC's full table)
 compare: setup
 	python -m pipeline.tools.compare
 
@@ -92,6 +121,7 @@ BENCH_ARCHIVE ?=
 BENCH_WEIGHTS ?=
 BENCH_PER_CLASS ?= 40
 BENCH_ARGS ?= --image-size 299 --epochs 10 --more-epochs 20
+## bench: speed and quality benchmarks into bench/results.md (BENCH_ARCHIVE=..., BENCH_WEIGHTS=...)
 bench: setup
 	@test -n "$(BENCH_ARCHIVE)" || { echo 'usage: make bench BENCH_ARCHIVE=<flower_photos.tgz> [BENCH_WEIGHTS=<MobileNetV2 no-top .h5>]' >&2; exit 2; }
 	python bench/run_all.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) $(if $(BENCH_WEIGHTS),--weights $(BENCH_WEIGHTS)) $(BENCH_ARGS)
@@ -100,17 +130,22 @@ bench: setup
 	python bench/precision.py --append bench/results.md
 	$(if $(BENCH_WEIGHTS),python bench/footprint.py --archive $(BENCH_ARCHIVE) --weights $(BENCH_WEIGHTS) --append bench/results.md)
 
-# Data, features and models to/from the DVC remote you configured (README: "Sharing").
+# Data, features and models to/from the DVC remote you configured (docs/experiments.md, Sharing).
+## push: push data, features and models to your DVC remote
 push: setup
 	dvc push
+## pull: pull them from your DVC remote
 pull: setup
 	dvc pull
 
-# Regenerate requirements.lock from pyproject.toml (needs the package index).
+# Regenerate requirements.lock from pyproject.toml (needs the package index); the lock's current
+# pins are kept where they still fit (uv's preference for the output file).
+## lock: regenerate requirements.lock, with hashes, from pyproject.toml
 lock:
 	$(PYTHON) -m pip install --quiet uv
-	$(PYTHON) -m uv pip compile --python-version 3.11 --extra test pyproject.toml -o requirements.lock
+	$(PYTHON) -m uv pip compile --python-version 3.11 --extra test --generate-hashes pyproject.toml -o requirements.lock
 
+## clean: remove the pipeline's outputs from the workspace (DVC's cache keeps them)
 clean:
 	rm -rf data/raw data/prepared data/augmented data/features data/checkpoints data/model data/test_probabilities.npz data/export eval reports
 	rm -rf .pytest_cache

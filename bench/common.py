@@ -8,12 +8,14 @@ import argparse
 import csv
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import psutil
 
@@ -34,7 +36,7 @@ class StageRun:
     peak_single_rss_mb: float  # max over time of the largest single process in the tree
 
 
-def new_workdir(workdir: Path, archive: Path, per_class: int, image_size: int, copies: int, epochs: int) -> Path:
+def new_workdir(workdir: Path, archive: Path, per_class: int | None, image_size: int, copies: int, epochs: int) -> Path:
     """A project folder outside the repository with params.yaml set for the benchmark slice."""
     workdir = workdir.resolve()
     if workdir.is_relative_to(REPO):
@@ -133,15 +135,25 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
-def section(title: str, rows: list[tuple[str, ...]], command: str, header: tuple[str, ...] = ("figure", "value")) -> str:
+QUOTE = "'"
+
+
+def placeholders(command: str) -> str:
+    """``command`` as results.md shows it: each absolute path (the archive, the weights, a scratch folder)
+    as ``<its name>``: a reader has them elsewhere."""
+    return re.sub(r"'/[^']*'|(?<![\w<])/[^\s`'\"]+", lambda path: f"<{PurePath(path[0].strip(QUOTE)).name}>",
+                  command)
+
+
+def section(title: str, rows: Sequence[Sequence[str]], command: str, header: Sequence[str] = ("figure", "value")) -> str:
     """A results.md section: a table of ``rows`` under ``header``, then the command reproducing it."""
     lines = [f"## {title}", "", f"| {' | '.join(header)} |", f"|{' --- |' * len(header)}"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
-    return "\n".join([*lines, "", f"Reproduce: `{command}`", ""])
+    return "\n".join([*lines, "", f"Reproduce: `{placeholders(command)}`", ""])
 
 
-def report(title: str, rows: list[tuple[str, ...]], command: str, started: float, info: dict[str, str],
-           append: Path | None, note: str = "", header: tuple[str, ...] = ("figure", "value")) -> None:
+def report(title: str, rows: Sequence[Sequence[str]], command: str, started: float, info: dict[str, str],
+           append: Path | None, note: str = "", header: Sequence[str] = ("figure", "value")) -> None:
     """Print the results.md section (when and how long, the machine's load, ``note``, the table) and
     append it to ``append``."""
     intro = (f"On {time.strftime('%Y-%m-%d')} in {(time.perf_counter() - started) / 60:.1f} min; load average "

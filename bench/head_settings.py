@@ -17,6 +17,7 @@ import shutil
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -29,7 +30,7 @@ from pipeline.report.metrics import expected_calibration_error, fitted_temperatu
 from pipeline.stages import train
 
 SEEDS = [42, 1, 2, 3, 4, 5]
-SETTINGS = {  # name: params changed from the project's; the first is the project's own
+SETTINGS: dict[str, dict[str, Any]] = {  # name: params changed from the project's; the first is the project's own
     "params.yaml as it is": {},
     "temperature_scaling false (the defaults before issue 13)": {"train.temperature_scaling": False},
     "label_smoothing 0": {"train.label_smoothing": 0.0},
@@ -78,7 +79,7 @@ def run(workdir: Path, seeds: list[int]) -> tuple[tuple[str, ...], list[tuple[st
     features = {split: np.load(features_dir / f"{split}.npy") for split in ("train", "val", "test")}
     labels = {split: np.load(features_dir / f"{split}_labels.npy") for split in features}
     header = ("setting", "test accuracy (mean, min..max)", "ECE", "log loss", "epochs run", "temperature")
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for name, overrides in SETTINGS.items():
         cfg = config_with(workdir, overrides)
         runs = [one_run(cfg, features, labels, seed) for seed in seeds]

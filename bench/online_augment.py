@@ -13,19 +13,20 @@ train + evaluate once per setting. For each: test accuracy, macro F1 and ECE
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from quality import epochs_run, new_project, test_report
 
 from common import load_average, machine, run_stage, section
 from pipeline.config import override_params
 
-SETTINGS = {  # name: augment.online keys set, on top of the online policy of params.yaml
+SETTINGS: dict[str, dict[str, Any]] = {  # name: augment.online keys set, on top of the online policy of params.yaml
     "online policy only": {},
     "+ RandAugment (2 ops, factor 0.5)": {"rand_augment_ops": 2, "rand_augment_factor": 0.5},
     "+ MixUp (alpha 0.2)": {"mix": "mixup", "mix_alpha": 0.2},
     "+ CutMix (alpha 1.0)": {"mix": "cutmix", "mix_alpha": 1.0},
 }
-OFF = {"rand_augment_ops": 0, "mix": "none"}
+OFF: dict[str, Any] = {"rand_augment_ops": 0, "mix": "none"}
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ the arithmetic, hence the speed, is the same as with ImageNet weights.
 import argparse
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -20,10 +21,10 @@ from common import load_average, machine, report  # also puts the repository on 
 from pipeline.model.backbones import BACKBONES
 
 BATCH = 32
-PRECISIONS = ("float32", "mixed_bfloat16")
+PRECISIONS: tuple[Literal["float32", "mixed_bfloat16"], ...] = ("float32", "mixed_bfloat16")
 
 
-def images_per_second(name: str, precision: str, batches: int) -> float:
+def images_per_second(name: str, precision: Literal["float32", "mixed_bfloat16"], batches: int) -> float:
     import keras
 
     from pipeline.config import HeadParams, ModelParams

@@ -66,7 +66,9 @@ def recipe(folders: Path, application: str, weights: str | None, size: int, epoc
     model = keras.Model(inputs, keras.layers.Dense(len(train.class_names), activation="softmax")(x))
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
-    epoch_seconds, per_epoch, last = [], [], {}
+    epoch_seconds: list[float] = []
+    per_epoch: list[dict[str, float]] = []
+    last: dict[str, np.ndarray] = {}
     if test:
         test_images = keras.utils.image_dataset_from_directory(folders / "test", shuffle=False, **options)
         y_test = np.concatenate([labels for _, labels in test_images])

@@ -20,7 +20,7 @@ import head_settings
 import head_vs_tutorial
 import quality
 
-from common import REPO, add_slice_arguments, machine, new_workdir, section
+from common import REPO, add_slice_arguments, machine, new_workdir, placeholders, section
 from pipeline.config import override_params
 
 NOTES = ("Reading the figures: our feature extraction runs the backbone once per (image, augmented copy), "
@@ -68,33 +68,33 @@ def main() -> None:
                                 f"--workdir {workdir}"))
     if args.weights:
         sections.append(quality.measure(args, args.epochs, workdir / "quality"))
-        header, rows = head_settings.run(workdir / "quality", head_settings.SEEDS)
-        sections.append(section("Head settings on those features (seeds: the table's spread)", rows,
+        settings_header, settings_rows = head_settings.run(workdir / "quality", head_settings.SEEDS)
+        sections.append(section("Head settings on those features (seeds: the table's spread)", settings_rows,
                                 f"python bench/head_settings.py --workdir {workdir / 'quality'}  (after quality.py)",
-                                header))
+                                settings_header))
     minutes = (time.perf_counter() - started) / 60
     for text in sections:
         print(text)
 
-    header = [
+    command = (f"python bench/run_all.py {slice_args} --epochs {args.epochs} --fine-tune-epochs {args.fine_tune_epochs} "
+               f"--more-epochs {args.more_epochs}{f' --weights {args.weights}' if args.weights else ''}")
+    intro = [
         "# Benchmark results", "",
-        (f"Written by `make bench` (`python bench/run_all.py {slice_args} --epochs {args.epochs} "
-         f"--fine-tune-epochs {args.fine_tune_epochs} --more-epochs {args.more_epochs}"
-         f"{f' --weights {args.weights}' if args.weights else ''}`) "
-         f"in {minutes:.1f} min on {time.strftime('%Y-%m-%d')}."), "",
+        (f"Written by `make bench` (`{placeholders(command)}`) in {minutes:.1f} min on {time.strftime('%Y-%m-%d')}."),
+        "",
         "| machine | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in info.items()], "",
         (f"Settings: flower_photos archive capped at {args.per_class} images per class, backbone inception_v3 at "
         f"{args.image_size}px, augment.copies "
         f"{args.copies}, {args.epochs} head epochs (our early stopping off so both run exactly that many), "
-        "batch size 32. **model.weights=none in every section but the quality one: Inception v3's ImageNet "
-        "weights are unreachable here**, so both recipes train on features of a random-init backbone and "
+        "batch size 32. **model.weights=none in every section but the quality one** (the Inception v3 "
+        "runs take no ImageNet weights), so both recipes train on features of a random-init backbone and "
         "accuracies are low; the comparison is at equal settings. The quality section (with `--weights`) uses "
         "real ImageNet weights of a MobileNetV2. Stage times are wall times of `python -m pipeline.<stage>` subprocesses (each pays "
         "its own Python + TensorFlow start-up), and so is the recipe's (a Python process of its own). Ours runs "
         "at `model.precision: auto` (the precision it used is shown), the recipe in float32 as written. The machine may have been shared with other jobs: see the load averages."), "",
         NOTES, "",
     ]
-    args.output.write_text("\n".join(header + sections))
+    args.output.write_text("\n".join(intro + sections))
     print(f"wrote {args.output}")
 
 

@@ -30,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import psutil
 
@@ -122,7 +123,7 @@ def stage_sizes(root: psutil.Process, commands: dict[int, str | None]) -> dict[s
         while ancestor in parents and not commands.get(ancestor):
             ancestor = parents[ancestor]
         if commands.get(ancestor):
-            by_stage.setdefault(commands[ancestor], []).append(rss)
+            by_stage.setdefault(cast(str, commands[ancestor]), []).append(rss)
     return by_stage
 
 
@@ -195,7 +196,7 @@ def run_queue(project: Path, count: int) -> tuple[float, list[str]]:
     and their names."""
     started = time.perf_counter()
     dvc(project, "queue", "start", "-j", "1")
-    done = []
+    done: list[str] = []
     while len(done) < count:
         time.sleep(QUEUE_POLL_SECONDS)
         rows = queue_rows(project)

@@ -3,7 +3,7 @@
 A scratch git + DVC project (this repository's pipeline, as ``sweep.py`` builds it) on an archive
 slice: ``dvc repro`` once, then ``--loops`` times ``dvc exp run -S train.learning_rate=<new value>``
 (train -> evaluate -> export rerun; the script stops if any other stage runs) and as many times
-``dvc exp run -S ... evaluate``, the README's quicker loop that leaves export for the experiment
+``dvc exp run -S ... evaluate``, the documented quicker loop (docs/experiments.md) that leaves export for the experiment
 kept. Each run's wall time, split into its stages' (first to last sight of the stage's process)
 and DVC's own, and the median over the loops.
 

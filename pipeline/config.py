@@ -1,20 +1,22 @@
 """The one typed, validated view of ``params.yaml``.
 
 Every stage calls :func:`load_config` first, so a wrong key or value fails before any work starts,
-with one line naming the key and what is allowed. Types, ranges and derived values live here; what
-each param means, and its value, live in params.yaml alone (its comments; tests/test_params_doc.py),
-so no field has a default here.
+with one line naming the key and what is allowed. Each param's type, range and meaning (its
+``Field(description=...)``) and the derived values live here; docs/params.md is generated from them
+(``python -m pipeline.tools.params_doc``). Values live in params.yaml alone, with short comments
+(tests/test_params_doc.py keeps the three in step), so no field has a default here.
 """
 
 import re
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from pipeline.cli import UserError
 from pipeline.model.backbones import BACKBONES, Backbone
@@ -27,7 +29,10 @@ SEED_LIMIT = 2**32  # numpy, TensorFlow and albumentations all take seeds below 
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 AreaFraction = Annotated[float, Field(gt=0, le=1)]
-BackboneName = Literal[tuple(BACKBONES)]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # the registry's names, known only at run time
+    BackboneName = str
+else:
+    BackboneName = Literal[tuple(BACKBONES)]
 
 
 class Section(BaseModel):
@@ -35,18 +40,34 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    url: str = Field(min_length=1)
-    sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$")
-    max_per_class: Annotated[int, Field(gt=0)] | None
-    max_files: Annotated[int, Field(gt=0)]
-    max_bytes: Annotated[int, Field(gt=0)]
-    labels: str | None = Field(min_length=1)
-    class_depth: Annotated[int, Field(ge=1, le=16)]
+    """Where the images come from and how the download stage treats them ([Data](data.md))."""
+
+    url: str = Field(min_length=1, description=(
+        "Where the images come from: an http(s):// or file:// URL of an archive, a local archive "
+        f"({', '.join(ARCHIVE_SUFFIXES)}: recognised by content), or a local folder (copied into data/raw). "
+        "Inside: one folder per class, or split folders train/, val/ (valid/, validation/), test/ of class "
+        "folders, or any files `labels` names ([layouts](data.md#layouts))."))
+    sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$", description=(
+        "Expected sha256 of the archive; null = not checked (the computed hash goes to "
+        "reports/download.json, which dvc.lock pins)."))
+    max_per_class: Annotated[int, Field(gt=0)] | None = Field(description=(
+        "null = every image; an integer keeps at most that many images per class (quick runs)."))
+    max_files: Annotated[int, Field(gt=0)] = Field(description=(
+        "Refuse archives holding more files than this (archive bombs)."))
+    max_bytes: Annotated[int, Field(gt=0)] = Field(description=(
+        "Refuse archives unpacking to more bytes than this (zip and tar bombs), counted as they are written."))
+    labels: str | None = Field(min_length=1, description=(
+        "null = labels from folders; or the path of a CSV table `path,label[,split]` (paths relative to the "
+        "source): then only the files it lists are used ([labels table](data.md#labels-table))."))
+    class_depth: Annotated[int, Field(ge=1, le=16)] = Field(description=(
+        "Folder levels that make the label: 1 = the top folder (`dogs`), 2 = two levels (`dogs/husky`)."))
 
 
 class SplitParams(Section):
-    val: Fraction
-    test: Fraction
+    """Fractions of each class held out where the source gives no split; the rest trains. val + test < 1."""
+
+    val: Fraction = Field(description="Share of each class held out for validation (early stopping, temperature).")
+    test: Fraction = Field(description="Share of each class held out for the test metrics.")
 
     @model_validator(mode="after")
     def _leave_room_for_train(self) -> "SplitParams":
@@ -56,17 +77,25 @@ class SplitParams(Section):
 
 
 class PrepareParams(Section):
+    """Decoding, quarantine, duplicates and the split ([Data](data.md))."""
+
     split: SplitParams
-    max_side: Annotated[int, Field(ge=32)]
-    min_side: Annotated[int, Field(ge=1)]
-    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)]
+    max_side: Annotated[int, Field(ge=32)] = Field(description=(
+        "Prepared images are re-encoded as JPEG with their longest side at most this many pixels."))
+    min_side: Annotated[int, Field(ge=1)] = Field(description=(
+        "Images whose shorter side is below this many pixels are quarantined."))
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = Field(description=(
+        "Perceptual hashes (64 bits) differing in at most this many bits mark near-duplicates, which go to "
+        "the same split (0 = identical hashes only)."))
 
 
 class HeadParams(Section):
-    """The new classifier on the pooled backbone features (pipeline.model.networks.head)."""
+    """The new classifier on the pooled backbone features (pipeline.model.networks.head); changing it
+    reuses the cached features."""
 
-    dense_units: Annotated[int, Field(ge=0)]
-    dropout: Annotated[float, Field(ge=0, lt=1)]
+    dense_units: Annotated[int, Field(ge=0)] = Field(description=(
+        "0 = softmax right on the features; N = one extra ReLU layer of N units first."))
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(description="Dropout rate before the softmax layer.")
 
 
 # The largest model.image_size: over 3 times every backbone's native size (224-300 px), which is
@@ -76,11 +105,24 @@ MAX_IMAGE_SIZE = 1024
 
 
 class ModelParams(Section):
-    backbone: BackboneName
-    weights: str = Field(min_length=1)
-    image_size: Annotated[int, Field(gt=0)] | None
-    alpha: float | None
-    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+    """The pretrained backbone and the new head ([Training](training.md))."""
+
+    backbone: BackboneName = Field(description="The pretrained network, frozen at first ([Backbones](#backbones)).")
+    weights: str = Field(min_length=1, description=(
+        "`imagenet` (downloaded once by Keras, hash-checked, cached), `none` (random init: only for testing "
+        "the plumbing), or the path of a Keras weights file of the backbone without its top "
+        "([your own weights file](training.md#weights))."))
+    image_size: Annotated[int, Field(gt=0)] | None = Field(description=(
+        "Input side in pixels; null = the backbone's native size. At least the backbone's minimum, at most "
+        f"{MAX_IMAGE_SIZE} ([Backbones](#backbones))."))
+    alpha: float | None = Field(description=(
+        "Width multiplier: one of the backbone's widths ([Backbones](#backbones)); null = its default. "
+        "Backbones without widths take null only."))
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = Field(description=(
+        "Compute dtype of the backbone (features and fine-tuning); the weights, the head and the exported "
+        "model stay float32. `auto`: mixed_float16 on a GPU; on CPUs with bfloat16 units (Intel AMX, "
+        "AVX512-BF16) mixed_bfloat16 for the backbones it speeds up (the bfloat16 column of "
+        "[Backbones](#backbones)); float32 otherwise."))
     head: HeadParams
 
     @field_validator("weights")
@@ -135,12 +177,20 @@ AspectRatio = Annotated[float, Field(gt=0, le=10)]
 
 
 class OnlineOnlyParams(Section):
-    """Core Keras 3 layers with no offline counterpart (the ones keras-cv had): RandAugment, MixUp, CutMix."""
+    """Core Keras 3 layers with no offline counterpart (the ones keras-cv had): RandAugment, MixUp, CutMix.
+    Off by default; only with mode online or both, where fine-tuning on the images runs them after the
+    steps above."""
 
-    rand_augment_ops: Annotated[int, Field(ge=0, le=11)]  # RandAugment has 11 operations
-    rand_augment_factor: Annotated[float, Field(gt=0, le=1)]
-    mix: Literal["none", "mixup", "cutmix"]
-    mix_alpha: Annotated[float, Field(gt=0)]
+    rand_augment_ops: Annotated[int, Field(ge=0, le=11)] = Field(description=(  # RandAugment has 11 operations
+        "keras.layers.RandAugment: this many of its 11 operations (rotate, shear, solarize, equalize...), "
+        "drawn per batch; 0 = off."))
+    rand_augment_factor: Annotated[float, Field(gt=0, le=1)] = Field(description=(
+        "Their strength: each draws its magnitude in [0, factor], in one direction only (Keras 3.15)."))
+    mix: Literal["none", "mixup", "cutmix"] = Field(description=(
+        "`mixup` blends two images, `cutmix` pastes a box of one into another, their labels mixed alike; "
+        "`none` = off."))
+    mix_alpha: Annotated[float, Field(gt=0)] = Field(description=(
+        "The share of the first image ~ Beta(alpha, alpha); MixUp's paper used 0.2 on ImageNet, CutMix's 1.0."))
 
     @property
     def enabled(self) -> list[str]:
@@ -150,19 +200,32 @@ class OnlineOnlyParams(Section):
 
 
 class AugmentParams(Section):
-    """One policy for the offline augment stage and the online training layers (pipeline/data/augmentation.py)."""
+    """One policy for the offline augment stage and the online training layers (pipeline/data/augmentation.py),
+    its steps in the order below; a step whose value is 0 is off. Validation and test images are never
+    augmented ([Augmentation](augmentation.md))."""
 
-    mode: Literal["offline", "online", "both"]
-    copies: Annotated[int, Field(ge=0, le=100)]
-    crop_scale: tuple[AreaFraction, AreaFraction] = Field(strict=False)  # YAML lists become tuples
-    crop_ratio: tuple[AspectRatio, AspectRatio] = Field(strict=False)
-    hflip: Probability
-    vflip: Probability
-    brightness: Annotated[float, Field(ge=0, le=1)]
-    contrast: Annotated[float, Field(ge=0, le=1)]
-    saturation: Annotated[float, Field(ge=0, le=1)]
-    hue: Annotated[float, Field(ge=0, le=0.5)]
-    pca_std: Annotated[float, Field(ge=0, le=1)]
+    mode: Literal["offline", "online", "both"] = Field(description=(
+        "`offline`: the augment stage writes `copies` variants per training image; `online`: it writes only "
+        "the resized originals and fine-tuning augments each batch; `both`: variants on disk and online "
+        "augmentation on top."))
+    copies: Annotated[int, Field(ge=0, le=100)] = Field(description=(
+        "Random variants written per training image besides its resized original (unused when online)."))
+    crop_scale: tuple[AreaFraction, AreaFraction] = Field(strict=False, description=(  # YAML lists become tuples
+        "Random resized crop: the crop's area as a fraction of the image's, uniform in [min, max]."))
+    crop_ratio: tuple[AspectRatio, AspectRatio] = Field(strict=False, description=(
+        "... and its aspect ratio (width / height), log-uniform in [min, max]."))
+    hflip: Probability = Field(description="Probability of a horizontal (left-right) flip.")
+    vflip: Probability = Field(description="Probability of a vertical (upside-down) flip.")
+    brightness: Annotated[float, Field(ge=0, le=1)] = Field(description=(
+        "Add a random offset in [-b, b] x 255 to every pixel."))
+    contrast: Annotated[float, Field(ge=0, le=1)] = Field(description=(
+        "Scale each pixel's distance from the image mean by a random factor in [1-c, 1+c]."))
+    saturation: Annotated[float, Field(ge=0, le=1)] = Field(description=(
+        "Scale colour saturation by a random factor in [1-s, 1+s]."))
+    hue: Annotated[float, Field(ge=0, le=0.5)] = Field(description=(
+        "Turn the hue by a random fraction of the colour wheel in [-h, h]."))
+    pca_std: Annotated[float, Field(ge=0, le=1)] = Field(description=(
+        "AlexNet lighting: add ImageNet's RGB principal components, weighted by N(0, pca_std) x eigenvalue."))
     online: OnlineOnlyParams
 
     @model_validator(mode="after")
@@ -190,12 +253,20 @@ class AugmentParams(Section):
 class FineTuneParams(Section):
     """Phase 2: unfreeze the top of the backbone and train it with the head on images."""
 
-    blocks: Annotated[int, Field(ge=0)]
-    layers: Annotated[int, Field(ge=0)]
-    epochs: Annotated[int, Field(gt=0)]
-    batch_size: Annotated[int, Field(gt=0)]
-    learning_rate: Annotated[float, Field(gt=0)]
-    cache_activations: bool
+    blocks: Annotated[int, Field(ge=0)] = Field(description=(
+        "Top blocks of the backbone to unfreeze (each backbone's blocks: [Backbones](#backbones)); "
+        "0 = no phase 2."))
+    layers: Annotated[int, Field(ge=0)] = Field(description=(
+        "Or: top layers to unfreeze, counted like Keras's `model.layers` (set blocks or layers, not both)."))
+    epochs: Annotated[int, Field(gt=0)] = Field(description="Fine-tuning epochs, after the head's.")
+    batch_size: Annotated[int, Field(gt=0)] = Field(description=(
+        "Per replica; images through the whole backbone need far more memory than features."))
+    learning_rate: Annotated[float, Field(gt=0)] = Field(description=(
+        "Adam's, for phase 2: below phase 1's, so the pretrained weights move only a little."))
+    cache_activations: bool = Field(description=(
+        "With `blocks` and augment.mode offline, the frozen prefix's output for each image never changes: "
+        "the features stage stores it (16-bit) and fine-tuning runs only the unfrozen top. false = run the "
+        "whole backbone ([activation cache](training.md#activation-cache))."))
 
     @model_validator(mode="after")
     def _one_way_to_count(self) -> "FineTuneParams":
@@ -209,27 +280,44 @@ class FineTuneParams(Section):
 
 
 class TrainParams(Section):
-    epochs: Annotated[int, Field(gt=0)]
-    batch_size: Annotated[int, Field(gt=0)]
-    learning_rate: Annotated[float, Field(gt=0)]
-    lr_schedule: Literal["constant", "cosine", "plateau"]
-    early_stopping_patience: Annotated[int, Field(gt=0)] | None
-    class_weight: Literal["auto", "none"]
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
-    temperature_scaling: bool
+    """Phase 1 trains the head on the cached backbone features; phase 2 (`fine_tune`) optionally the top
+    of the backbone too ([Training](training.md))."""
+
+    epochs: Annotated[int, Field(gt=0)] = Field(description=(
+        "Head epochs (at most: early stopping may end the phase sooner)."))
+    batch_size: Annotated[int, Field(gt=0)] = Field(description=(
+        "Per replica: with several GPUs the global batch is this times their number."))
+    learning_rate: Annotated[float, Field(gt=0)] = Field(description="Adam's, for the head phase.")
+    lr_schedule: Literal["constant", "cosine", "plateau"] = Field(description=(
+        "`constant`; `cosine` (to 0 over the phase); `plateau` (x0.2 after 2 epochs without val_loss progress)."))
+    early_stopping_patience: Annotated[int, Field(gt=0)] | None = Field(description=(
+        "Stop a phase after this many epochs without val_loss progress and keep its best epoch; null = off."))
+    class_weight: Literal["auto", "none"] = Field(description=(
+        "`auto`: weight each class by n / (classes x its count); `none`: equal weights."))
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = Field(description=(
+        "Soften the one-hot targets by this much; 0 = hard targets."))
+    temperature_scaling: bool = Field(description=(
+        "After training, divide the logits by one temperature fitted on the val split: calibrated "
+        "probabilities, the same predicted classes."))
     fine_tune: FineTuneParams
 
 
 class EvaluateParams(Section):
-    top_k: Annotated[int, Field(ge=1)]
-    min_accuracy: Annotated[float, Field(ge=0, le=1)] | None
+    """Scoring the exported model on the test split ([Evaluation](evaluation.md))."""
+
+    top_k: Annotated[int, Field(ge=1)] = Field(description=(
+        "Also report top-k accuracy (k capped at the number of classes)."))
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] | None = Field(description=(
+        "null = off; e.g. 0.85 makes the evaluate stage fail below that test accuracy (a CI gate)."))
 
 
 class LabelIssuesParams(Section):
-    """The label_issues stage: held-out probabilities by k-fold, then confident learning."""
+    """The label_issues stage: held-out probabilities by k-fold, then confident learning
+    ([Label issues](evaluation.md#label-issues))."""
 
-    folds: Annotated[int, Field(ge=2)]
-    gallery: Annotated[int, Field(ge=0)]
+    folds: Annotated[int, Field(ge=2)] = Field(description=(
+        "k of the k-fold (at most the smallest class's image count)."))
+    gallery: Annotated[int, Field(ge=0)] = Field(description="Top suspects drawn in reports/label_issues.png.")
 
 
 Tolerance = Annotated[float, Field(gt=0, le=1)]
@@ -237,15 +325,21 @@ TfliteVariant = Literal["float32", "float16", "dynamic_range"]
 
 
 class ToleranceParams(Section):
-    """Largest probability difference from the Keras model allowed on any test image, per precision."""
+    """Largest probability difference from the Keras model allowed on any test image, per precision
+    ([measured](inference.md#export))."""
 
-    float32: Tolerance
-    float16: Tolerance
-    dynamic_range: Tolerance
+    float32: Tolerance = Field(description="The SavedModel and TFLite float32 (the same arithmetic in another order).")
+    float16: Tolerance = Field(description="TFLite float16.")
+    dynamic_range: Tolerance = Field(description="TFLite dynamic_range.")
 
 
 class ExportParams(Section):
-    tflite: tuple[TfliteVariant, ...] = Field(strict=False)  # YAML lists become tuples
+    """The export stage writes data/export/saved_model and one TFLite file per variant, then checks each
+    against the Keras model on the test images ([Export](inference.md#export))."""
+
+    tflite: tuple[TfliteVariant, ...] = Field(strict=False, description=(  # YAML lists become tuples
+        "TFLite variants: `float32`; `float16` (weights as float16: half the size); `dynamic_range` (weights "
+        "as int8: a quarter). The last two need trained weights, and how well they hold depends on the backbone."))
     tolerance: ToleranceParams
 
     @field_validator("tflite")
@@ -257,14 +351,21 @@ class ExportParams(Section):
 
 
 class MlflowParams(Section):
-    experiment_name: str | None = Field(min_length=1)
-    registered_model_name: str | None = Field(min_length=1)
-    register_model: bool
-    system_metrics: bool
+    """Where runs and models go in MLflow ([MLflow](mlflow.md))."""
+
+    experiment_name: str | None = Field(min_length=1, description=(
+        "null = the dataset's name, from data.url (flower_photos.tgz -> flower_photos)."))
+    registered_model_name: str | None = Field(min_length=1, description=(
+        "null = <dataset>-classifier (the Keras flavor: <name>-keras)."))
+    register_model: bool = Field(description="false = log the model with the run without registering it.")
+    system_metrics: bool = Field(description=(
+        "false = no system/* metrics (CPU, memory, disk, network, GPU) in the run."))
 
 
 class Config(Section):
-    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] = Field(description=(
+        "One seed for splitting, augmentation and training: same seed and inputs, same split, same augmented "
+        "files and, on a CPU, the same model."))
     data: DataParams
     prepare: PrepareParams
     model: ModelParams
@@ -280,7 +381,7 @@ class Config(Section):
         blocks, asked = len(self.model.spec.blocks), self.train.fine_tune.blocks
         if asked > blocks:
             raise ValueError(f"train.fine_tune.blocks={asked}, but {self.model.backbone} has {blocks} blocks "
-                             f"(README: the backbone table); use at most {blocks}")
+                             f"(docs/params.md: Backbones); use at most {blocks}")
         return self
 
     @model_validator(mode="after")
@@ -420,7 +521,7 @@ def line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _error_text(first: dict[str, Any]) -> str:
+def _error_text(first: ErrorDetails) -> str:
     """A validation problem as one line: the dotted key, what is wrong, and what was given."""
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
@@ -438,7 +539,7 @@ def _keys_beside(loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the section that holds ``loc``."""
     section: type[BaseModel] = Config
     for part in loc[:-1]:
-        section = section.model_fields[part].annotation
+        section = cast(type[BaseModel], section.model_fields[part].annotation)
     return list(section.model_fields)
 
 

@@ -30,6 +30,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 from PIL import Image
@@ -97,7 +98,7 @@ def load_keras_model(uri: str):
         return mlflow.keras.load_model(uri, dst_path=scratch)
 
 
-class ImageClassifier(mlflow.pyfunc.PythonModel):
+class ImageClassifier(PythonModel):
     def load_context(self, context):
         self.model = load_keras_model(context.model_config["keras_model"])
         self.labels = context.model_config["labels"]

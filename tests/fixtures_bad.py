@@ -7,6 +7,7 @@ import tarfile
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -22,7 +23,8 @@ def picture(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
 
 def write_pictures(root: Path, per_class: dict[str, int], first_seed: int = 0) -> dict[str, list[Path]]:
     """``per_class`` distinct JPEGs in ``root/<class>/``; returns the paths per class."""
-    paths, seed = {}, first_seed
+    paths: dict[str, list[Path]] = {}
+    seed = first_seed
     for label, count in per_class.items():
         (root / label).mkdir(parents=True, exist_ok=True)
         paths[label] = []
@@ -202,8 +204,8 @@ def ink_strips(path: Path, profile: bytes | None) -> None:
     pixels = np.zeros((8, 40, 4), dtype=np.uint8)
     for i in range(4):
         pixels[:, 8 * (i + 1):8 * (i + 2), i] = 255
-    Image.fromarray(pixels, "CMYK").resize((80, 40), Image.Resampling.NEAREST).save(
-        path, quality=95, **({"icc_profile": profile} if profile else {}))
+    options: dict[str, Any] = {"icc_profile": profile} if profile else {}
+    Image.fromarray(pixels, "CMYK").resize((80, 40), Image.Resampling.NEAREST).save(path, quality=95, **options)
 
 
 HTML_PAGE = b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
@@ -212,7 +214,7 @@ HTML_PAGE = b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><bod
 # --- Archives ---------------------------------------------------------------------------------
 
 
-def tar_with(path: Path, members: list[tuple[tarfile.TarInfo, bytes]], mode: str = "w:gz") -> Path:
+def tar_with(path: Path, members: list[tuple[tarfile.TarInfo, bytes]], mode: Literal["w", "w:gz"] = "w:gz") -> Path:
     with tarfile.open(path, mode) as tar:
         for info, data in members:
             info.size = len(data) if info.isreg() else 0

@@ -299,7 +299,7 @@ def run_augment(project: Path, cache: Path) -> tuple[list[dict[str, str]], int]:
     result = run([sys.executable, "-m", "pipeline.stages.augment"], project,
                  env={**project_env(project), "PIPELINE_CACHE_DIR": str(cache)})
     with open(project / "data" / "augmented" / "manifest.csv", newline="") as fh:
-        return list(csv.DictReader(fh)), int(re.search(r"\((\d+) rendered", result.stdout).group(1))
+        return list(csv.DictReader(fh)), int(re.search(r"\((\d+) rendered", result.stdout).group(1))  # type: ignore[union-attr]
 
 
 def prepare(project: Path) -> None:

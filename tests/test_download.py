@@ -430,8 +430,10 @@ class ArchiveServer(ThreadingHTTPServer):
 
     def __init__(self, payload: bytes):
         super().__init__(("127.0.0.1", 0), ArchiveHandler)
-        self.payload, self.cuts, self.ranges, self.page, self.status = payload, [], [], None, 200
-        self.authorization = None  # the Authorization header the server requires, if any
+        self.payload, self.page, self.status = payload, None, 200
+        self.cuts: list[int] = []
+        self.ranges: list[str | None] = []
+        self.authorization: str | None = None  # the Authorization header the server requires, if any
         self.url = f"http://127.0.0.1:{self.server_port}/data/flower_photos.tgz"
 
 

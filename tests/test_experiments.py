@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 import requests
 from test_pipeline_e2e import free_port
 
@@ -22,7 +23,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def wait_until_up(url: str, process: subprocess.Popen, seconds: int = 180) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
-        assert process.poll() is None, f"server exited: {process.stderr.read()}"
+        assert process.poll() is None, f"server exited: {process.stderr.read()}"  # type: ignore[union-attr]
         try:
             if requests.get(url, timeout=2).ok:
                 return
@@ -42,6 +43,7 @@ def rendered_text(url: str, profile: Path) -> str:
     return re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", " ", dom, flags=re.S))
 
 
+@pytest.mark.e2e
 def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
     port = free_port()
     server = subprocess.Popen(

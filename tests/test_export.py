@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -49,7 +50,7 @@ def trained_project(root: Path, tiny_model: Path) -> Path:
     shutil.copytree(tiny_model, root / "data" / "model")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     test_dir = make_images(root / "data" / "augmented" / "test", {label: 3 for label in LABELS}, size=(32, 32))
-    rows = [[str(p.relative_to(root / "data" / "augmented")), p.parent.name, "test", 0, p.name]
+    rows: list[list[Any]] = [[str(p.relative_to(root / "data" / "augmented")), p.parent.name, "test", 0, p.name]
             for p in sorted(test_dir.rglob("*.jpg"))]
     write_manifest(root / "data" / "augmented" / "manifest.csv", ["path", "label", "split", "copy", "source"], rows)
     with contextlib.chdir(root):

@@ -39,7 +39,7 @@ def meta_but_time(project: Path) -> dict:
 def two_workers(chief: Path, worker: Path) -> list[str]:
     """``python -m pipeline.stages.features`` as worker 0 (the chief) in ``chief`` and as worker 1 in
     ``worker``, like two machines, each with its TF_CONFIG; their output."""
-    ports = set()
+    ports: set[int] = set()
     while len(ports) < 2:
         ports.add(free_port())
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}

@@ -64,10 +64,10 @@ def test_folds_are_capped_by_the_smallest_class():
     assert probabilities.shape == (43, 3) and np.allclose(probabilities.sum(axis=1), 1)
 
 
-def write_stage_inputs(root, per_split: dict[str, int], copies: int, rng) -> dict[str, tuple[str, str]]:
+def write_stage_inputs(root, per_split: dict[str, int], copies: int, rng) -> dict[str, tuple[str, str, str]]:
     """data/prepared, data/augmented/manifest.csv and data/features as the earlier stages write them,
     with tiny images. Augmented copies get features of the wrong class on purpose: the stage must
-    score originals only. Returns, per flipped image, its raw source and (given, true) labels."""
+    score originals only. Returns, per flipped image's raw source, its (split, given, true label)."""
     prepared, augmented, flipped = [], [], {}
     features_dir = root / "data" / "features"
     features_dir.mkdir(parents=True)

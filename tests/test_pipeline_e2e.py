@@ -1,6 +1,9 @@
 """The whole pipeline, for real: one `dvc repro` on generated images, then everything a user does
 with the result — MLflow runs and registry, a model server, DVC plots, the accuracy gate, sharing
-through a DVC remote, and what reruns when something changes."""
+through a DVC remote, and what reruns when something changes.
+
+The trained project is shared by the module's tests, so a test that changes a project (params,
+models, registry, Git) works on its own copy (:func:`own_copy`): the tests pass in any order."""
 
 import csv
 import json
@@ -29,6 +32,8 @@ from conftest import (
 )
 from pipeline.paths import HISTORY
 
+pytestmark = pytest.mark.e2e
+
 CLASSES = {"red": 12, "green": 12, "blue": 12}
 
 
@@ -46,8 +51,19 @@ def trained(tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture
 def client(trained) -> mlflow.MlflowClient:
-    mlflow.set_tracking_uri(f"sqlite:///{trained[0] / 'mlflow.db'}")
+    return client_of(trained[0])
+
+
+def client_of(project: Path) -> mlflow.MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     return mlflow.MlflowClient()
+
+
+def own_copy(project: Path, tmp_path: Path) -> Path:
+    """A copy of the trained project for a test that changes it, with its own DVC cache, Git history
+    and MLflow store. (Its store keeps the original's artifact folder, an absolute path: runs the
+    copy adds leave their files there, under run and model ids the original's store never lists.)"""
+    return Path(shutil.copytree(project, tmp_path / "copy", symlinks=True))
 
 
 def in_fresh_process(code: str, cwd: Path) -> str:
@@ -231,9 +247,8 @@ def test_dvc_plots_render_to_html(trained, tmp_path):
 
 
 def test_accuracy_gate_fails_the_stage_and_moves_champion_only_when_passed(trained, tmp_path):
-    project = Path(shutil.copytree(trained[0], tmp_path / "copy", symlinks=True))
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")  # the copy's own store
-    client = mlflow.MlflowClient()
+    project = own_copy(trained[0], tmp_path)
+    client = client_of(project)
     for name in ("images-classifier", "images-classifier-keras"):
         client.delete_registered_model_alias(name, "champion")
     # A model that always answers the first class: exactly 2 of 6 test images right.
@@ -272,7 +287,7 @@ def test_unreachable_tracking_server_stops_training_before_it_starts(trained):
 
 
 def test_push_then_pull_into_a_fresh_clone_runs_nothing(trained, tmp_path):
-    project, _ = trained
+    project = own_copy(trained[0], tmp_path)
     remote = tmp_path / "remote"
     run(["dvc", "remote", "add", "-d", "shared", str(remote)], project)
     run(["git", "add", "-A"], project)
@@ -291,11 +306,12 @@ def test_push_then_pull_into_a_fresh_clone_runs_nothing(trained, tmp_path):
     assert fetched.read_bytes() == (project / "data" / "model" / "model.keras").read_bytes()
 
 
-def test_only_what_changed_reruns(trained, client):
-    project, _ = trained
+def test_only_what_changed_reruns(trained, tmp_path):
+    project = own_copy(trained[0], tmp_path)
+    client = client_of(project)
     assert stages_run(run(["dvc", "repro"], project).stdout) == []
     set_params(project, **{"train.epochs": 2})
-    # The README's quicker loop: naming evaluate leaves export out; a later repro runs only export,
+    # The documented quicker loop (docs/experiments.md): naming evaluate leaves export out; a later repro runs only export,
     # on the probabilities of the new model that evaluate left.
     assert stages_run(run(["dvc", "repro", "evaluate"], project).stdout) == ["train", "evaluate"]
     assert stages_run(run(["dvc", "repro"], project).stdout) == ["export"]
@@ -306,7 +322,7 @@ def test_only_what_changed_reruns(trained, client):
 
 def test_editing_a_module_marks_the_stages_that_run_it_as_changed(trained):
     project, _ = trained
-    module = project / "pipeline" / "images.py"  # decides every prepared pixel
+    module = project / "pipeline" / "data" / "images.py"  # decides every prepared pixel
     original = module.read_text(encoding="utf-8")
     try:
         module.write_text(original + "\n# edited\n", encoding="utf-8")

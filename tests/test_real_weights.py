@@ -1,4 +1,4 @@
-"""Real ImageNet weights (``../shared/weights``, its README says what they are): each file loads into
+"""Real ImageNet weights (``shared/weights`` beside the clone, its README says what they are): each file loads into
 its backbone and width and stops in one line anywhere else, and a real `dvc repro` on a slice of
 the flowers classifies far better with them than the same run with random weights gets, and
 exports to TFLite float16 within the default tolerance.
@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, new_project, run, set_params
+from conftest import SHARED, new_project, require_shared, run, set_params
 from pipeline.cli import UserError
 from pipeline.config import HeadParams, ModelParams
 from pipeline.model import networks
 
-SHARED = REPO.parent / "shared"  # beside the clone, in CI as here
 WEIGHTS = SHARED / "weights"
 MOBILENET_V2 = WEIGHTS / "mobilenet_v2_1.0_224_imagenet_no_top.h5"
 MOBILENET_025 = WEIGHTS / "mobilenet_0.25_224_imagenet_no_top.h5"
@@ -30,7 +29,12 @@ FLOWERS = SHARED / "datasets" / "flower_photos.tgz"
 PER_CLASS = 40  # photos per class in the slice: 200, of which 30 % test
 MIN_ACCURACY = 0.55  # measured 0.705 with the weights, 0.213 without (see above)
 
-pytestmark = pytest.mark.skipif(not WEIGHTS.is_dir(), reason=f"no real weights at {WEIGHTS} (shared/ beside the clone)")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def real_weights() -> None:
+    require_shared(WEIGHTS)  # skipped without them; failed in CI
 
 
 def params(backbone: str, weights: Path, alpha: float | None = None) -> ModelParams:
@@ -73,12 +77,13 @@ def flowers_slice(root: Path, per_class: int) -> Path:
             if taken.setdefault(parts[1], 0) < per_class:
                 taken[parts[1]] += 1
                 (root / parts[1]).mkdir(parents=True, exist_ok=True)
-                (root / parts[1] / parts[2]).write_bytes(archive.extractfile(member).read())
+                (root / parts[1] / parts[2]).write_bytes(archive.extractfile(member).read())  # type: ignore[union-attr]  # a file
     return root
 
 
-@pytest.mark.skipif(not FLOWERS.is_file(), reason=f"no flowers archive at {FLOWERS}")
+@pytest.mark.e2e
 def test_real_weights_classify_a_flowers_slice_far_better_than_random_ones(tmp_path):
+    require_shared(FLOWERS)
     project = new_project(tmp_path / "project", flowers_slice(tmp_path / "flowers", PER_CLASS))
     set_params(project, **{
         "model.backbone": "mobilenet", "model.alpha": 0.25, "model.weights": str(MOBILENET_025),

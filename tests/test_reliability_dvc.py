@@ -59,7 +59,7 @@ def test_exp_run_with_a_quoted_url_then_a_refused_download_keeps_the_outputs(pro
     assert f"url: {url}\n" in (project / "params.yaml").read_text()
     assert "?sig=***&v=***" in (project / "reports/download.json").read_text()
     assert "abc123" not in (project / "reports/download.json").read_text()
-    assert "abc123" in (project / "dvc.lock").read_text()  # DVC records params as given (README)
+    assert "abc123" in (project / "dvc.lock").read_text()  # DVC records params as given (docs/data.md, Credentials)
 
     kept = ["data/raw", "reports/download.json", "dvc.lock"]
     before = outputs(project, *kept)
@@ -182,7 +182,7 @@ def test_disk_full_while_dvc_writes_dvc_lock_recovers_as_the_readme_says(tmp_pat
         broken = run(["dvc", "status"], project, check=False, env=env)
         assert broken.returncode != 0 and "'./dvc.lock' validation failed" in broken.stderr
 
-        filler.unlink()  # the README's recovery: free space, drop the cut dvc.lock, rerun
+        filler.unlink()  # the documented recovery (docs/errors.md): free space, drop the cut dvc.lock, rerun
         (project / "dvc.lock").unlink()
         run(["dvc", "repro", "prepare"], project, env=env)
         assert run(["dvc", "status", "prepare"], project, env=env).stdout.strip() == (

@@ -22,6 +22,9 @@ PLOTS = {"confusion_matrix.png", "confusion_matrix_normalized.png", "reliability
          "top_losses.png", "gradcam.png"}
 
 
+pytestmark = pytest.mark.e2e
+
+
 @pytest.fixture(scope="module")
 def two_classes(tmp_path_factory) -> tuple[Path, str, Path]:
     """(project, output of `dvc repro`, the class folders), with top_k 5 asked of 2 classes."""

@@ -6,7 +6,7 @@
   change images only when called with ``training=True`` and are not part of the exported model.
 
 Both apply, in this order: random resized crop, flips, brightness, contrast / saturation / hue,
-AlexNet PCA lighting, with the meaning of each field given in params.yaml and the README.
+AlexNet PCA lighting, with the meaning of each field in pipeline/config.py (docs/params.md, docs/augmentation.md).
 Core library transforms and layers are used wherever one exists; Keras 3 has no random resized
 crop, no flip with a probability and no PCA lighting, and albumentations' ``FancyPCA`` is a
 per-image PCA (not AlexNet's), so those few are small classes here.
@@ -296,7 +296,7 @@ def label_mixing(cfg: Config, batches: Batches) -> Batches:
 
     def mixed_batches(indices: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
         keyed = tf.data.Dataset.zip(batches(indices, batch_size), indices.batch(batch_size).map(key))
-        return keyed.map(lambda batch, k: mixed(layer, *batch, cfg.seed, k))
+        return keyed.map(lambda batch, k: mixed(layer, *batch, cfg.seed, k))  # type: ignore[call-arg]  # (images, labels)
 
     return mixed_batches
 

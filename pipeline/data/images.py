@@ -12,6 +12,7 @@ import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, cast
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -29,12 +30,12 @@ class Unconvertible(ValueError):
     """Pixels with no faithful 8-bit reading (float or 32-bit values outside the usual ranges)."""
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path | IO[bytes]) -> np.ndarray:
     """The image in ``path`` as an (height, width, 3) uint8 array, EXIF orientation applied (see ``decode``)."""
     return np.asarray(decode(path)[0])
 
 
-def decode(path: Path, check: Callable[[Image.Image], None] | None = None) -> tuple[Image.Image, str]:
+def decode(path: Path | IO[bytes], check: Callable[[Image.Image], None] | None = None) -> tuple[Image.Image, str]:
     """The upright sRGB image in ``path`` and what became of its colour profile (``to_rgb``).
 
     ``check`` sees the opened image before its pixels are decoded (size checks cost nothing then).
@@ -102,7 +103,7 @@ def in_srgb(image: Image.Image, profile: bytes) -> tuple[Image.Image, str]:
     transform = transform_to_srgb(profile, image.mode)
     if isinstance(transform, str):
         return image.convert("RGB"), f"unusable: {transform}"
-    return ImageCms.applyTransform(image, transform), "converted"
+    return cast(Image.Image, ImageCms.applyTransform(image, transform)), "converted"  # None only in place
 
 
 @functools.lru_cache(maxsize=64)  # photos from one camera or one editor share a profile

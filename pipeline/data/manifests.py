@@ -1,9 +1,10 @@
 """Reading the files stages hand to each other: manifests, labels, and image batches for tf.data."""
 
 import csv
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 
@@ -11,7 +12,10 @@ from pipeline.cli import UserError
 from pipeline.files import atomic_file, read_json, sha256_of
 from pipeline.paths import AUGMENTED_MANIFEST, MODEL_FILE, PREPARED_LABELS, TEST_PROBABILITIES
 
-Row = TypeVar("Row")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Row = TypeVar("Row", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,11 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
 
 def read_rows(path: Path, row_type: type[Row]) -> list[Row]:
     """A manifest of typed rows (PreparedImage, AugmentedImage), each value converted to its field's type."""
-    types = {f.name: f.type for f in fields(row_type)}
+    types = {f.name: cast(Callable[[str], Any], f.type) for f in fields(row_type)}  # str, int: no string annotations
     return [row_type(**{k: types[k](v) for k, v in r.items()}) for r in read_manifest(path)]
 
 
-def write_manifest(path: Path, header: list[str], rows: list[list]) -> None:
+def write_manifest(path: Path, header: list[str], rows: Iterable[Sequence[Any]]) -> None:
     with atomic_file(path) as fh:
         writer = csv.writer(fh)
         writer.writerow(header)

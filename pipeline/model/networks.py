@@ -11,6 +11,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import keras
 import numpy as np
@@ -54,7 +55,7 @@ def backbone(params: ModelParams) -> keras.Model:
             raise UserError(_weights_problem(params, err)) from None
     not_loaded = [w for w in skipped if "could not be loaded" in str(w.message) or "Skipping" in str(w.message)]
     if not_loaded:
-        raise UserError(_weights_problem(params, not_loaded[0].message))
+        raise UserError(_weights_problem(params, cast(Warning, not_loaded[0].message)))  # a str only if warned so
     base.trainable = False
     return base
 

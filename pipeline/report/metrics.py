@@ -48,7 +48,8 @@ def top_k_accuracy(y_true: np.ndarray, probabilities: np.ndarray, k: int) -> flo
     return float(np.mean(np.any(best == y_true[:, np.newaxis], axis=1)))
 
 
-def reliability(y_true: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS):
+def reliability(y_true: np.ndarray, probabilities: np.ndarray,
+                bins: int = CALIBRATION_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per confidence bin (equal width over [0, 1]): mean confidence, accuracy and image count."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == y_true

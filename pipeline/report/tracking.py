@@ -180,13 +180,14 @@ def log_datasets(dataset_name: str, url: str) -> None:
         with warnings.catch_warnings():
             # MLflow 3.17 registers its local-file source twice, then warns that a path fits both.
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-            dataset = mlflow.data.from_pandas(split_rows, source=redact_url(url), name=dataset_name, targets="label")
+            dataset = mlflow.data.from_pandas(  # type: ignore[attr-defined]  # registered at import time
+                split_rows, source=redact_url(url), name=dataset_name, targets="label")
         mlflow.log_input(dataset, context=split)
 
 
 def logged_dataset(run_id: str, context: str) -> mlflow.entities.Dataset | None:
     """The run's dataset input logged with ``context`` (see :func:`log_datasets`), if any."""
-    inputs = mlflow.get_run(run_id).inputs.dataset_inputs
+    inputs = mlflow.get_run(run_id).inputs.dataset_inputs  # type: ignore[union-attr]  # a fetched run has inputs
     return next((i.dataset for i in inputs if any(t.key == MLFLOW_DATASET_CONTEXT and t.value == context
                                                   for t in i.tags)), None)
 
@@ -221,7 +222,7 @@ def _ascii_key(name: str) -> str:
     return NOT_KEY_CHARACTER.sub("_", letters)[:CLASS_KEY_LENGTH]
 
 
-def log_test_metrics(report: dict, model_ids: Sequence[str] = (), dataset: mlflow.entities.Dataset | None = None) -> None:
+def log_test_metrics(report: dict, model_ids: Sequence[str | None] = (), dataset: mlflow.entities.Dataset | None = None) -> None:
     """The numbers of ``eval/metrics.json`` as metrics of the active run, and of each logged model
     in ``model_ids`` (the UI's Models tab compares them), measured on ``dataset``: ``test_`` and
     their path joined by ``_`` (``test_accuracy``, ``test_macro_f1``, ``test_per_class_<key>_recall``

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, NoReturn
+from typing import IO, NoReturn, cast
 
 from tqdm import tqdm
 
@@ -75,7 +75,7 @@ def extract(archive: Path, dest: Path, limits: DataParams) -> None:
                 if member.kind == "link":
                     links.append((path, link_target(archive, member), member.name))
                     continue
-                size = write_capped(member.stream, dest / path, size, archive, limits)
+                size = write_capped(cast(IO[bytes], member.stream), dest / path, size, archive, limits)
                 written.add(path)
             # Links become copies, made last because a symlink may point to a later member.
             for path, target, name in links:
@@ -142,7 +142,7 @@ def zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[Member]:
         elif info.flag_bits & ZIP_ENCRYPTED:  # zipfile would stop with a RuntimeError asking for a password
             yield Member(name, "unreadable", detail="it is encrypted (a password-protected zip)")
         elif info.compress_type not in ZIP_METHODS:  # e.g. Deflate64, which Windows uses for big archives
-            method = zipfile.compressor_names.get(info.compress_type, "unknown")
+            method = zipfile.compressor_names.get(info.compress_type, "unknown")  # type: ignore[attr-defined]  # undocumented
             yield Member(name, "unreadable",
                          detail=f"it is compressed with method {info.compress_type} ({method}), which Python cannot read")
         elif stat.S_ISLNK(mode):  # a zip symlink stores its target as the member's content
@@ -192,7 +192,7 @@ def member_path(archive: Path, name: str) -> PurePosixPath:
 
 def link_target(archive: Path, member: Member) -> PurePosixPath:
     """The archive path a link points to; links that leave the archive are refused."""
-    target = readable(member.link)
+    target = readable(cast(str, member.link))  # links always have one
     resolved = posixpath.normpath(target)
     if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
         refuse(archive, member.name, f"{member.detail} points outside the archive")

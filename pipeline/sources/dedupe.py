@@ -44,13 +44,13 @@ def near_duplicate_groups(images: list[Record], distance: int) -> list[list[Reco
     """
     hashes = np.array([i.phash for i in images], dtype=np.uint64)
     block = max(1, 2**22 // max(1, len(hashes)))  # ~32 MB of XORed hashes per step
-    rows, cols = [np.empty(0, dtype=np.intp)], [np.empty(0, dtype=np.intp)]
+    row_parts, col_parts = [np.empty(0, dtype=np.intp)], [np.empty(0, dtype=np.intp)]
     for start in range(0, len(hashes), block):
         near = np.bitwise_count(hashes[start:start + block, None] ^ hashes[None, :]) <= distance
         r, c = np.nonzero(near)
-        rows.append(r + start)
-        cols.append(c)
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
+        row_parts.append(r + start)
+        col_parts.append(c)
+    rows, cols = np.concatenate(row_parts), np.concatenate(col_parts)
     graph = coo_array((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(len(images), len(images)))
     _, group_of = connected_components(graph, directed=False)
     groups: dict[int, list[Record]] = defaultdict(list)

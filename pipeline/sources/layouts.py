@@ -107,7 +107,8 @@ def listing(raw: Path) -> tuple[list[Path], dict[Path, str | None]]:
 
     Symlinked folders are not followed (a link loop would never end): they are listed as ruled out.
     """
-    folders, files = [], {}
+    folders: list[Path] = []
+    files: dict[Path, str | None] = {}
     for folder, dirs, names in os.walk(raw):
         dirs.sort()
         relative = Path(folder).relative_to(raw)
@@ -239,6 +240,7 @@ def from_table(raw: Path, files: dict[Path, str | None]) -> Found:
     with open(raw / LABELS_TABLE.name, newline="", encoding="utf-8") as fh:
         header, *rows = list(csv.reader(fh))
     at = header.index("path")
+    listed: dict[Path, int]
     candidates, bad_rows, listed, mentioned, written_labels = [], [], {}, set(), []
     for number, row in enumerate(rows, start=2):  # row 1 is the header
         if not any(cell.strip() for cell in row):
@@ -250,7 +252,7 @@ def from_table(raw: Path, files: dict[Path, str | None]) -> Found:
         if isinstance(entry, str):
             bad_rows.append((written or f"(row {number})", entry))
         else:
-            listed[path] = number
+            listed[entry[1]] = number  # the row's file
             candidates.append(entry)
             written_labels.append(row[header.index("label")].strip())
     ignored = [(readable(str(path)), problem or "not listed in data.labels", "") for path, problem in files.items()

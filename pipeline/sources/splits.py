@@ -95,7 +95,7 @@ def check_classes(per_class: dict[str, dict[str, int]], given: tuple[str, ...], 
             f"{shown}: add images or remove those classes"
         )
     sizes = {label: sum(counts.values()) for label, counts in per_class.items()}
-    largest, smallest = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
+    largest, smallest = max(sizes, key=sizes.__getitem__), min(sizes, key=sizes.__getitem__)
     if sizes[largest] > IMBALANCE_WARNING * sizes[smallest]:
         print(f"warning: classes are heavily imbalanced: '{largest}' has {sizes[largest]} images, "
               f"'{smallest}' only {sizes[smallest]}", file=sys.stderr)

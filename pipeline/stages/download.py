@@ -100,7 +100,7 @@ def main() -> None:
         size = sum(p.stat().st_size for p in files)
         if labels:
             write_labels(labels, staging, top.relative_to(root))
-    table_record = {"path": cfg.labels, "sha256": sha256_of(table), "rows": len(labels) - 1} if labels else None
+    table_record = {"path": cfg.labels, "sha256": sha256_of(table), "rows": len(labels) - 1} if table and labels else None
     write_json(DOWNLOAD_REPORT, {"url": redact_url(cfg.url), "sha256": sha256, "files": len(files), "bytes": size, "skipped": skipped,
                         "labels": table_record})
     for item in skipped:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -132,7 +133,7 @@ def main() -> None:
     model = networks.load(MODEL_FILE)
     batches = [batch.numpy() for batch in image_batches(paths, BATCH_SIZE)]
     check = ParityCheck(paths, batches, reference, cfg.export.tolerance)
-    report = {"test_images": len(paths)}
+    report: dict[str, Any] = {"test_images": len(paths)}
     with atomic_dir(EXPORT_DIR) as out:
         saved_model = out / "saved_model"
         seconds = timed(lambda: export_saved_model(model, saved_model))
@@ -140,7 +141,7 @@ def main() -> None:
                                           check("saved_model", saved_model_runner(saved_model), "float32"))
         for variant in cfg.export.tflite:
             name, path = f"tflite_{variant}", out / f"model_{variant}.tflite"
-            seconds = timed(lambda path=path, variant=variant: path.write_bytes(convert_to_tflite(saved_model, variant)))
+            seconds = timed(lambda path=path, variant=variant: path.write_bytes(convert_to_tflite(saved_model, variant)))  # type: ignore[misc]
             report[name] = described(name, path, seconds, check(name, tflite_runner(path), variant))
         shutil.copy(MODEL_LABELS, out / MODEL_LABELS.name)
     write_json(EXPORT_REPORT, report)

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import keras
 import numpy as np
@@ -244,7 +245,7 @@ def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, 
         print(f"train: resuming the {phase.name} phase after epoch {start} "
               f"(checkpoint in {checkpoints.CHECKPOINT_DIR})")
     for row in checkpoint.history:  # the killed run's epochs, into this run
-        tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"], phase.metric_prefix)
+        tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]), phase.metric_prefix)
     model.fit(
         shuffled_epochs(train, phase.batch_size, cfg.seed, range(start, end)),
         validation_data=in_order(val, phase.batch_size),
@@ -279,7 +280,7 @@ def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model
     history = fit_phase(head, head_phase, row_examples(x_train, feature_store.labels("train"), n_classes), val, cfg)
     network, last_phase = head, head_phase
     if fine_tune.enabled:
-        networks.unfreeze_top(base, top_start)
+        networks.unfreeze_top(base, cast(int, top_start))  # set when fine-tuning
         network, train, val = fine_tune_inputs(cfg, extractor, head, n_classes)
         last_phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs,
                            fine_tune.batch_size * replicas, fine_tune.learning_rate, "train.fine_tune.learning_rate")

@@ -1,5 +1,6 @@
 """Commands around the pipeline, not DVC stages: ``predict`` (the served model on your files),
-``compare`` (experiments side by side), ``summary`` (the end-of-run report ``make run`` prints).
+``compare`` (experiments side by side), ``summary`` (the end-of-run report ``make run`` prints),
+``params_doc`` (docs/params.md from the params schema).
 
 Importing this package quiets TensorFlow's start-up log, as ``pipeline.stages`` does."""
 

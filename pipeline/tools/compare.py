@@ -146,5 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(readable_tables(args.width)))
 
 
+def console() -> None:
+    """The `transfer-compare` command (pyproject.toml's [project.scripts])."""
+    run_stage(main)
+
+
 if __name__ == "__main__":
     run_stage(main)

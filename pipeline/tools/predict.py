@@ -156,5 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
+def console() -> None:
+    """The `transfer-predict` command (pyproject.toml's [project.scripts])."""
+    run_stage(main)
+
+
 if __name__ == "__main__":
     run_stage(main)
