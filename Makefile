@@ -109,7 +109,7 @@ exp: setup
 
 ## compare: one table per dataset, best experiment first (ARGS="--all": DVC's full table)
 compare: setup
-	python -m pipeline.tools.compare
+	python -m pipeline.tools.compare $(ARGS)
 
 # Speed benchmarks on a slice of the archive (~15 min on 2 CPU cores), then quality with real
 # weights on the whole archive (~45 min more; only with BENCH_WEIGHTS); writes bench/results.md.
