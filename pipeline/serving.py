@@ -13,7 +13,10 @@ raw image bytes), e.g. with curl::
 
 and gets, per image, the best label, its probability, and ``top_k``: a list of the ``top_k`` (a
 param, default 3; more than the number of classes gives all of them) best labels with their
-probabilities. A request the model cannot answer (``top_k`` below 1, a file that is not an image,
+probabilities. Each image becomes the model's input through ``request_image_input``
+(pipeline/data/images.py ``model_input``: upright sRGB, central square at the model's input size):
+the evaluate stage scores the test split's original files through that same function, so the
+reported test metrics are the ones this model gives. A request the model cannot answer (``top_k`` below 1, a file that is not an image,
 an image over ``MAX_MEGAPIXELS``) is answered with HTTP 400 and one message naming the image and
 why; any other failure with HTTP 500, its traceback only in the server's log.
 """
@@ -35,13 +38,10 @@ from mlflow.types.schema import Array, Object, Property
 from PIL import Image
 
 from pipeline.cli import error_summary
-from pipeline.data.images import FORMATS, read_rgb
+from pipeline.data.images import FORMATS, MAX_MEGAPIXELS, model_input
+from pipeline.model.networks import input_size
 
 DEFAULT_TOP_K = 3  # labels per image unless asked for more or fewer
-# Largest image decoded, read from the file's header before decoding: 50 Mpx is 150 MB of pixels,
-# about 2.4 GiB at the peak of its prediction (decoded copies, float32 in the model: 2.1 GiB measured
-# at 45 Mpx); larger photos are refused, not scaled down.
-MAX_MEGAPIXELS = 50
 # One image decoded and predicted at a time per server process, however many requests arrive at
 # once: memory is bounded by the largest image, not by the number of concurrent requests.
 ONE_IMAGE_AT_A_TIME = threading.Lock()
@@ -72,21 +72,26 @@ def refused(message: str) -> MlflowException:
     return MlflowException.invalid_parameter_value(message)
 
 
-def decode_request_image(data: bytes | str, index: int) -> np.ndarray:
-    """Image ``index`` of a request (its bytes, or their base64 text) as an RGB uint8 array."""
+def request_image_input(data: bytes | str, index: int, size: int) -> np.ndarray:
+    """Image ``index`` of a request (its file's bytes, or their base64 text) as the model's input at
+    ``size`` pixels (images.model_input); the errors the client caused as ``refused``."""
+
+    def not_too_large(image: Image.Image) -> None:  # read from the header, before decoding
+        width, height = image.size
+        if width * height > MAX_MEGAPIXELS * 1_000_000:
+            raise refused(f"image {index} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
+                          f"this server decodes at most {MAX_MEGAPIXELS} megapixels per image: send it smaller")
+
     try:
         raw = base64.b64decode(data, validate=True) if isinstance(data, str) else data
-        with Image.open(io.BytesIO(raw), formats=FORMATS) as image:  # reads the header only
-            width, height = image.size
-        if width * height <= MAX_MEGAPIXELS * 1_000_000:
-            return read_rgb(io.BytesIO(raw))
+        return model_input(io.BytesIO(raw), size, not_too_large)
+    except MlflowException:
+        raise
     except Image.UnidentifiedImageError:
         raise refused(f"image {index} is not in a format this model reads ({', '.join(FORMATS)}): send the "
                       "image file's bytes, base64-encoded in JSON") from None
     except Exception as err:  # bad base64; Pillow raises many types for damaged files
         raise refused(f"image {index} cannot be decoded ({error_summary(err)})") from None
-    raise refused(f"image {index} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
-                  f"this server decodes at most {MAX_MEGAPIXELS} megapixels per image: send it smaller")
 
 
 def load_keras_model(uri: str):
@@ -101,6 +106,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.model = load_keras_model(context.model_config["keras_model"])
         self.labels = context.model_config["labels"]
+        self.size = input_size(self.model)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
@@ -111,10 +117,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def classify(self, data: bytes | str, index: int, top_k: int) -> dict:
         with ONE_IMAGE_AT_A_TIME:
-            pixels = decode_request_image(data, index)
+            pixels = request_image_input(data, index, self.size)
             try:
-                # Images differ in size, so each is its own batch; the model resizes internally. One batch
-                # needs no tf.data pipeline (predict builds one per call: under train's op determinism
+                # One batch needs no tf.data pipeline (predict builds one per call: under train's op determinism
                 # TF rewrites its parallel map and logs a false E0000 "use_unbounded_threadpool" error).
                 probabilities = self.model.predict_on_batch(pixels[np.newaxis])[0]
             except Exception as err:  # the scoring server would send the traceback to the client
