@@ -62,10 +62,10 @@ def write_rows(path: Path, row_type: type[Row], rows: list[Row]) -> None:
     write_manifest(path, [f.name for f in fields(row_type)], [astuple(r) for r in rows])
 
 
-def test_files() -> tuple[list[PreparedImage], list[str]]:
-    """The test split's rows of the prepared manifest, and each one's original file (under RAW_DIR):
-    what a user would send the model, which evaluate scores and export checks its formats on."""
-    rows = [r for r in read_rows(PREPARED_MANIFEST, PreparedImage) if r.split == "test"]
+def split_files(split: str) -> tuple[list[PreparedImage], list[str]]:
+    """The rows of ``split`` in the prepared manifest, and each one's original file (under RAW_DIR):
+    what a user would send the model. Evaluate scores the test split's, export checks its formats on them."""
+    rows = [r for r in read_rows(PREPARED_MANIFEST, PreparedImage) if r.split == split]
     return rows, [str(RAW_DIR / r.source) for r in rows]
 
 

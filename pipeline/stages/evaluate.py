@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from pipeline import serving
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
-from pipeline.data.manifests import read_labels, test_files, write_manifest, write_test_probabilities
+from pipeline.data.manifests import read_labels, split_files, write_manifest, write_test_probabilities
 from pipeline.files import atomic_dir, write_json
 from pipeline.model import networks
 from pipeline.paths import (
@@ -125,7 +125,7 @@ def main() -> None:
     if not MODEL_FILE.is_file():
         raise UserError(f"{MODEL_FILE} is missing: run the train stage first (dvc repro)")
     labels = read_labels(MODEL_LABELS)
-    rows, paths = test_files()
+    rows, paths = split_files("test")
     model = networks.load(MODEL_FILE)
     size = networks.input_size(model)
     y_true = np.array([labels.index(r.label) for r in rows])

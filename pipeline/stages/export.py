@@ -32,7 +32,7 @@ from ai_edge_litert.interpreter import Interpreter  # tf.lite.Interpreter is dep
 from pipeline.cli import UserError, first_line, run_stage, stderr_filtered
 from pipeline.config import ToleranceParams, load_config
 from pipeline.data.images import model_input
-from pipeline.data.manifests import read_test_probabilities, test_files
+from pipeline.data.manifests import read_test_probabilities, split_files
 from pipeline.files import atomic_dir, write_json
 from pipeline.model import networks
 from pipeline.paths import EXPORT_DIR, EXPORT_REPORT, MODEL_FILE, MODEL_LABELS, PREPARED_MANIFEST
@@ -128,7 +128,7 @@ def main() -> None:
     for path in (MODEL_FILE, PREPARED_MANIFEST):
         if not path.is_file():
             raise UserError(f"{path} is missing: run the earlier stages first (dvc repro)")
-    _, paths = test_files()
+    _, paths = split_files("test")
     if not paths:
         raise UserError(f"{PREPARED_MANIFEST} lists no test images to check the exports on")
     # The Keras model's probabilities, as evaluate computed them on the same files (one pass per run).
