@@ -16,9 +16,10 @@ param, default 3; more than the number of classes gives all of them) best labels
 probabilities. Each image becomes the model's input through ``request_image_input``
 (pipeline/data/images.py ``model_input``: upright sRGB, central square at the model's input size):
 the evaluate stage scores the test split's original files through that same function, so the
-reported test metrics are the ones this model gives. A request the model cannot answer (``top_k`` below 1, a file that is not an image,
-an image over ``MAX_MEGAPIXELS``) is answered with HTTP 400 and one message naming the image and
-why; any other failure with HTTP 500, its traceback only in the server's log.
+reported test metrics are the ones this model gives. A request the model cannot answer (``top_k``
+below 1, a file that is not an image, an image over ``MAX_MEGAPIXELS``) is answered with HTTP 400
+and one message naming the image and why; any other failure with HTTP 500, its traceback only in
+the server's log.
 """
 
 import base64
@@ -32,7 +33,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 from PIL import Image
@@ -67,31 +68,33 @@ def top_labels(probabilities: np.ndarray, labels: list[str], k: int) -> list[tup
     return [(labels[i], float(probabilities[i])) for i in best]
 
 
-def refused(message: str) -> MlflowException:
-    """An error the client caused: the scoring server answers HTTP 400 with ``message``, no traceback."""
-    return MlflowException.invalid_parameter_value(message)
+class Refused(MlflowException):
+    """An error the client caused: the scoring server answers HTTP 400 with the message, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def request_image_input(data: bytes | str, index: int, size: int) -> np.ndarray:
     """Image ``index`` of a request (its file's bytes, or their base64 text) as the model's input at
-    ``size`` pixels (images.model_input); the errors the client caused as ``refused``."""
+    ``size`` pixels (images.model_input); the errors the client caused as ``Refused``."""
 
     def not_too_large(image: Image.Image) -> None:  # read from the header, before decoding
         width, height = image.size
         if width * height > MAX_MEGAPIXELS * 1_000_000:
-            raise refused(f"image {index} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
+            raise Refused(f"image {index} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
                           f"this server decodes at most {MAX_MEGAPIXELS} megapixels per image: send it smaller")
 
     try:
         raw = base64.b64decode(data, validate=True) if isinstance(data, str) else data
         return model_input(io.BytesIO(raw), size, not_too_large)
-    except MlflowException:
+    except Refused:
         raise
     except Image.UnidentifiedImageError:
-        raise refused(f"image {index} is not in a format this model reads ({', '.join(FORMATS)}): send the "
+        raise Refused(f"image {index} is not in a format this model reads ({', '.join(FORMATS)}): send the "
                       "image file's bytes, base64-encoded in JSON") from None
     except Exception as err:  # bad base64; Pillow raises many types for damaged files
-        raise refused(f"image {index} cannot be decoded ({error_summary(err)})") from None
+        raise Refused(f"image {index} cannot be decoded ({error_summary(err)})") from None
 
 
 def load_keras_model(uri: str):
@@ -111,7 +114,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
         if top_k < 1:
-            raise refused(f"params.top_k must be 1 or more (got {top_k})")
+            raise Refused(f"params.top_k must be 1 or more (got {top_k})")
         rows = [self.classify(data, index, top_k) for index, data in enumerate(model_input["image"])]
         return pd.DataFrame(rows, columns=["label", "probability", "top_k"])
 

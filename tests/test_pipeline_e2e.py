@@ -306,7 +306,7 @@ def test_only_what_changed_reruns(trained, client):
 
 def test_editing_a_module_marks_the_stages_that_run_it_as_changed(trained):
     project, _ = trained
-    module = project / "pipeline" / "images.py"  # decides every prepared pixel
+    module = project / "pipeline" / "data" / "images.py"  # decides every prepared pixel
     original = module.read_text(encoding="utf-8")
     try:
         module.write_text(original + "\n# edited\n", encoding="utf-8")

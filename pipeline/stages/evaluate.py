@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from mlflow.exceptions import MlflowException
 
 from pipeline import serving
 from pipeline.cli import UserError, run_stage
@@ -66,7 +65,7 @@ def served_input(path: str, index: int, size: int) -> np.ndarray:
     """Test file ``path`` as the model server makes it the model's input (its own function)."""
     try:
         return serving.request_image_input(Path(path).read_bytes(), index, size)
-    except MlflowException as err:  # what the server would answer with HTTP 400
+    except serving.Refused as err:  # what the server would answer with HTTP 400
         raise UserError(f"test image {path}: the model server refuses it: {err.message}") from None
 
 
