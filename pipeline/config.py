@@ -81,9 +81,13 @@ class PrepareParams(Section):
 
     split: SplitParams
     max_side: Annotated[int, Field(ge=32)] = Field(description=(
-        "Prepared images are re-encoded as JPEG with their longest side at most this many pixels."))
+        "Prepared images are re-encoded as JPEG with their shorter side at most this many pixels, so the "
+        "model's central square keeps that resolution; keep it at least model.image_size."))
     min_side: Annotated[int, Field(ge=1)] = Field(description=(
         "Images whose shorter side is below this many pixels are quarantined."))
+    max_aspect_ratio: Annotated[float, Field(ge=1)] = Field(description=(
+        "Images whose longer side is more than this many times the shorter are quarantined: the model sees "
+        "a photo's central square (pipeline/data/images.py model_input); the model server crops them all the same."))
     near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = Field(description=(
         "Perceptual hashes (64 bits) differing in at most this many bits mark near-duplicates, which go to "
         "the same split (0 = identical hashes only)."))

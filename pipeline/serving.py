@@ -13,9 +13,13 @@ raw image bytes), e.g. with curl::
 
 and gets, per image, the best label, its probability, and ``top_k``: a list of the ``top_k`` (a
 param, default 3; more than the number of classes gives all of them) best labels with their
-probabilities. A request the model cannot answer (``top_k`` below 1, a file that is not an image,
-an image over ``MAX_MEGAPIXELS``) is answered with HTTP 400 and one message naming the image and
-why; any other failure with HTTP 500, its traceback only in the server's log.
+probabilities. Each image becomes the model's input through ``request_image_input``
+(pipeline/data/images.py ``model_input``: upright sRGB, central square at the model's input size):
+the evaluate stage scores the test split's original files through that same function, so the
+reported test metrics are the ones this model gives. A request the model cannot answer (``top_k``
+below 1, a file that is not an image, an image over ``MAX_MEGAPIXELS``) is answered with HTTP 400
+and one message naming the image and why; any other failure with HTTP 500, its traceback only in
+the server's log.
 """
 
 import base64
@@ -29,20 +33,17 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 from PIL import Image
 
 from pipeline.cli import error_summary
-from pipeline.data.images import FORMATS, read_rgb
+from pipeline.data.images import FORMATS, MAX_MEGAPIXELS, model_input
+from pipeline.model.networks import input_size
 
 DEFAULT_TOP_K = 3  # labels per image unless asked for more or fewer
-# Largest image decoded, read from the file's header before decoding: 50 Mpx is 150 MB of pixels,
-# about 2.4 GiB at the peak of its prediction (decoded copies, float32 in the model: 2.1 GiB measured
-# at 45 Mpx); larger photos are refused, not scaled down.
-MAX_MEGAPIXELS = 50
 # One image decoded and predicted at a time per server process, however many requests arrive at
 # once: memory is bounded by the largest image, not by the number of concurrent requests.
 ONE_IMAGE_AT_A_TIME = threading.Lock()
@@ -68,26 +69,33 @@ def top_labels(probabilities: np.ndarray, labels: list[str], k: int) -> list[tup
     return [(labels[i], float(probabilities[i])) for i in best]
 
 
-def refused(message: str) -> MlflowException:
-    """An error the client caused: the scoring server answers HTTP 400 with ``message``, no traceback."""
-    return MlflowException.invalid_parameter_value(message)
+class Refused(MlflowException):
+    """An error the client caused: the scoring server answers HTTP 400 with the message, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def decode_request_image(data: bytes | str, index: int) -> np.ndarray:
-    """Image ``index`` of a request (its bytes, or their base64 text) as an RGB uint8 array."""
+def request_image_input(data: bytes | str, index: int, size: int) -> np.ndarray:
+    """Image ``index`` of a request (its file's bytes, or their base64 text) as the model's input at
+    ``size`` pixels (images.model_input); the errors the client caused as ``Refused``."""
+
+    def not_too_large(image: Image.Image) -> None:  # read from the header, before decoding
+        width, height = image.size
+        if width * height > MAX_MEGAPIXELS * 1_000_000:
+            raise Refused(f"image {index} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
+                          f"this server decodes at most {MAX_MEGAPIXELS} megapixels per image: send it smaller")
+
     try:
         raw = base64.b64decode(data, validate=True) if isinstance(data, str) else data
-        with Image.open(io.BytesIO(raw), formats=FORMATS) as image:  # reads the header only
-            width, height = image.size
-        if width * height <= MAX_MEGAPIXELS * 1_000_000:
-            return read_rgb(io.BytesIO(raw))
+        return model_input(io.BytesIO(raw), size, not_too_large)
+    except Refused:
+        raise
     except Image.UnidentifiedImageError:
-        raise refused(f"image {index} is not in a format this model reads ({', '.join(FORMATS)}): send the "
+        raise Refused(f"image {index} is not in a format this model reads ({', '.join(FORMATS)}): send the "
                       "image file's bytes, base64-encoded in JSON") from None
     except Exception as err:  # bad base64; Pillow raises many types for damaged files
-        raise refused(f"image {index} cannot be decoded ({error_summary(err)})") from None
-    raise refused(f"image {index} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
-                  f"this server decodes at most {MAX_MEGAPIXELS} megapixels per image: send it smaller")
+        raise Refused(f"image {index} cannot be decoded ({error_summary(err)})") from None
 
 
 def load_keras_model(uri: str):
@@ -102,20 +110,20 @@ class ImageClassifier(PythonModel):
     def load_context(self, context):
         self.model = load_keras_model(context.model_config["keras_model"])
         self.labels = context.model_config["labels"]
+        self.size = input_size(self.model)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
         if top_k < 1:
-            raise refused(f"params.top_k must be 1 or more (got {top_k})")
+            raise Refused(f"params.top_k must be 1 or more (got {top_k})")
         rows = [self.classify(data, index, top_k) for index, data in enumerate(model_input["image"])]
         return pd.DataFrame(rows, columns=["label", "probability", "top_k"])
 
     def classify(self, data: bytes | str, index: int, top_k: int) -> dict:
         with ONE_IMAGE_AT_A_TIME:
-            pixels = decode_request_image(data, index)
+            pixels = request_image_input(data, index, self.size)
             try:
-                # Images differ in size, so each is its own batch; the model resizes internally. One batch
-                # needs no tf.data pipeline (predict builds one per call: under train's op determinism
+                # One batch needs no tf.data pipeline (predict builds one per call: under train's op determinism
                 # TF rewrites its parallel map and logs a false E0000 "use_unbounded_threadpool" error).
                 probabilities = self.model.predict_on_batch(pixels[np.newaxis])[0]
             except Exception as err:  # the scoring server would send the traceback to the client

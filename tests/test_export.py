@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
@@ -17,9 +16,10 @@ from PIL import Image
 from conftest import REPO, make_images, set_params
 from pipeline.cli import UserError, run_stage
 from pipeline.config import HeadParams, ModelParams, ToleranceParams
-from pipeline.data.manifests import image_batches, write_manifest, write_test_probabilities
+from pipeline.data.images import model_input
+from pipeline.data.manifests import split_files, write_manifest, write_test_probabilities
 from pipeline.model import networks
-from pipeline.paths import AUGMENTED_DIR, MODEL_FILE, TEST_PROBABILITIES
+from pipeline.paths import MODEL_FILE, PREPARED_MANIFEST, TEST_PROBABILITIES
 from pipeline.stages import export
 
 LABELS = ["red", "green", "blue"]
@@ -45,18 +45,20 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def trained_project(root: Path, tiny_model: Path) -> Path:
-    """What the export stage reads after `train` and `evaluate`: params.yaml, data/model, 32 px
-    test images and the Keras model's probabilities on them."""
+    """What the export stage reads after `train` and `evaluate`: params.yaml, data/model, the test
+    split's original files (of several sizes) and the Keras model's probabilities on them."""
     shutil.copytree(tiny_model, root / "data" / "model")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    test_dir = make_images(root / "data" / "augmented" / "test", {label: 3 for label in LABELS}, size=(32, 32))
-    rows: list[list[Any]] = [[str(p.relative_to(root / "data" / "augmented")), p.parent.name, "test", 0, p.name]
-            for p in sorted(test_dir.rglob("*.jpg"))]
-    write_manifest(root / "data" / "augmented" / "manifest.csv", ["path", "label", "split", "copy", "source"], rows)
+    raw = make_images(root / "data" / "raw", {label: 3 for label in LABELS}, size=(120, 90))
+    Image.open(next(raw.glob("red/*.jpg"))).resize((640, 480)).save(raw / "red" / "large.jpg")
+    sources = sorted(str(p.relative_to(raw)) for p in raw.rglob("*.jpg"))
+    rows = [[f"images/{i}.jpg", source.split("/")[0], "test", "0" * 64, 0, 0, source] for i, source in enumerate(sources)]
+    write_manifest(root / PREPARED_MANIFEST, ["path", "label", "split", "sha256", "width", "height", "source"], rows)
     with contextlib.chdir(root):
-        paths = [str(AUGMENTED_DIR / row[0]) for row in rows]
-        # Decoded as evaluate decodes them (TF's JPEG decoder): random weights magnify any pixel's change.
-        write_test_probabilities(networks.load(MODEL_FILE).predict(image_batches(paths, 32), verbose=0), paths)
+        _, paths = split_files("test")
+        # As evaluate makes them the model's input (the server's way): random weights magnify any pixel's change.
+        inputs = np.stack([model_input(Path(path), 32) for path in paths])
+        write_test_probabilities(networks.load(MODEL_FILE).predict(inputs, verbose=0), paths)
     return root
 
 
@@ -69,7 +71,7 @@ def test_exports_match_the_keras_model(tmp_path, tiny_model, monkeypatch):
     export.main()
 
     report = json.loads((project / "eval" / "export.json").read_text())
-    assert report["test_images"] == 9
+    assert report["test_images"] == 10
     assert set(report) == {"test_images", "saved_model", "tflite_float32", "tflite_float16"}
     for name in ("saved_model", "tflite_float32"):
         assert 0 <= report[name]["max_abs_diff"] <= 1e-3, name
@@ -105,7 +107,7 @@ def test_parity_failure_stops_the_stage_in_one_line(tmp_path, tiny_model, monkey
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(r"error: export: tflite_float32 differs from the Keras model by \S+ in probability on "
-                        r"data/augmented/test/\w+/\w+\.jpg, beyond export\.tolerance\.float32 = 1e-12 "
+                        r"data/raw/\w+/\w+\.jpg, beyond export\.tolerance\.float32 = 1e-12 "
                         r"\(top-1 agreement \S+%\); raise the tolerance or leave the variant out of export\.tflite",
                         last), last
     assert not (project / "data" / "export").exists()  # nothing half-written

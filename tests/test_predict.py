@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import REPO, make_images, project_env, run
 from pipeline.cli import UserError
-from pipeline.data.images import read_rgb
+from pipeline.data.images import model_input, read_rgb
 from pipeline.model import networks
 from pipeline.report import tracking
 from pipeline.tools import predict
@@ -60,7 +60,8 @@ def store(tmp_path_factory, model_dir, model) -> tuple[str, str]:
 
 
 def expected_top(model, path: Path, k: int = 3) -> list[tuple[str, float]]:
-    probabilities = model.predict(read_rgb(path)[np.newaxis], verbose=0)[0]
+    """The model's answer for the file made its input as on every path (images.model_input at 32 px)."""
+    probabilities = model.predict(model_input(path, 32)[np.newaxis], verbose=0)[0]
     return sorted(zip(LABELS, probabilities.tolist()), key=lambda pair: -pair[1])[:k]
 
 
@@ -199,6 +200,34 @@ def test_decoder_makes_upright_8_bit_rgb(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90 degrees to display upright
     rotated.save(tmp_path / "rotated.jpg", exif=exif)
     assert read_rgb(tmp_path / "rotated.jpg").shape == (8, 2, 3)
+
+
+def test_model_input_is_the_central_square_scaled_down_with_antialiasing(tmp_path):
+    thirds = np.zeros((100, 300, 3), dtype=np.uint8)
+    thirds[:, :100, 0] = thirds[:, 100:200, 1] = thirds[:, 200:, 2] = 255  # red | green | blue
+    Image.fromarray(thirds).save(tmp_path / "thirds.png")
+    square = model_input(tmp_path / "thirds.png", 20)
+    assert square.shape == (20, 20, 3) and square.dtype == np.uint8
+    assert np.abs(square[:, 1:-1].astype(int) - [0, 255, 0]).max() <= 2  # the middle third only
+    Image.fromarray(np.rot90(thirds).copy()).save(tmp_path / "tall.png")
+    assert np.abs(model_input(tmp_path / "tall.png", 20)[1:-1].astype(int) - [0, 255, 0]).max() <= 2
+
+    # One-pixel stripes: an antialiased 9.4x reduction is their mean; sampling without it (the model's
+    # in-graph bilinear resize) lands on whole stripes.
+    stripes = np.zeros((600, 600, 3), dtype=np.uint8)
+    stripes[:, ::2] = 255
+    Image.fromarray(stripes).save(tmp_path / "stripes.png")
+    assert np.abs(model_input(tmp_path / "stripes.png", 64)[:, 1:-1].astype(int) - 127.5).max() <= 4
+    import keras
+
+    aliased = keras.layers.Resizing(64, 64, crop_to_aspect_ratio=True)(stripes[np.newaxis]).numpy()
+    assert np.abs(aliased - 127.5).max() > 100
+
+    # An image at the size already is left exactly as it is, by model_input and by the model's resize layer.
+    exact = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(exact).save(tmp_path / "exact.png")
+    assert (model_input(tmp_path / "exact.png", 32) == exact).all()
+    assert (keras.layers.Resizing(32, 32, crop_to_aspect_ratio=True)(exact[np.newaxis]).numpy()[0] == exact).all()
 
 
 def test_a_fifo_is_skipped_not_read_forever(tmp_path):

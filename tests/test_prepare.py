@@ -90,13 +90,37 @@ def test_every_supported_kind_becomes_an_upright_rgb_jpeg(workdir):
     assert normalized(rotated).shape == (80, 40, 3)
 
 
-def test_normalized_images_are_bounded_by_max_side(workdir):
+def test_normalized_images_have_their_shorter_side_bounded_by_max_side(workdir):
     bad.write_pictures(RAW, {"a": 4, "b": 4})
     bad.picture(3000, (300, 120)).save(RAW / "a" / "wide.png")
+    bad.picture(3001, (90, 240)).save(RAW / "b" / "tall.png")
     run_prepare(**{"prepare.max_side": 100})
     rows = manifest()
     assert (rows["a/wide.png"]["width"], rows["a/wide.png"]["height"]) == ("300", "120")
-    assert normalized(rows["a/wide.png"]).shape == (40, 100, 3)
+    # The shorter side at max_side, not the longer: the model's central square keeps 100 pixels a side.
+    assert normalized(rows["a/wide.png"]).shape == (100, 250, 3)
+    assert normalized(rows["b/tall.png"]).shape == (240, 90, 3)  # shorter side below max_side: as it is
+    assert normalized(rows["a/img_0000.jpg"]).shape == (72, 96, 3)
+
+
+def test_elongated_and_oversized_images_are_quarantined_with_their_reason(workdir):
+    bad.write_pictures(RAW, {"a": 5, "b": 5})
+    bad.picture(3000, (6000, 400)).save(RAW / "a" / "panorama.jpg")
+    bad.picture(3001, (40, 20000)).save(RAW / "b" / "strip.png")
+    bad.picture(3002, (400, 100)).save(RAW / "b" / "four_to_one.jpg")  # at the limit: used
+    bad.huge_png_header(RAW / "a" / "huge.png", side=8000)  # 64 Mpx: under Pillow's bomb limit, over the server's
+    report = run_prepare()
+    assert quarantine() == {
+        "a/panorama.jpg": "too elongated: 6000x400 pixels, one side 15.0 times the other, above "
+                          "prepare.max_aspect_ratio=4 (the model sees the central square)",
+        "b/strip.png": "too elongated: 40x20000 pixels, one side 500.0 times the other, above "
+                       "prepare.max_aspect_ratio=4 (the model sees the central square)",
+        "a/huge.png": "too large: 8000x8000 pixels (64.0 megapixels), above the 50 the model server decodes",
+    }
+    assert report["quarantined_by_reason"] == {"too elongated": 2, "too large": 1}
+    assert "b/four_to_one.jpg" in manifest()
+    run_prepare(**{"prepare.max_aspect_ratio": 20})
+    assert set(quarantine()) == {"b/strip.png", "a/huge.png"}
 
 
 def test_bad_images_are_quarantined_with_their_reason(workdir):

@@ -1,7 +1,8 @@
 """The one augmentation policy (``augment`` in params.yaml), built two ways from the same config.
 
 - offline: an albumentations ``Compose`` (:func:`offline_policy`) that the augment stage applies to
-  the prepared images, each variant seeded from (seed, image, copy) (:func:`offline_variant`);
+  the whole prepared images, each variant seeded from (seed, image, copy) (:func:`offline_variant`);
+  the unaugmented copy 0 is not made here but by pipeline/data/images.py ``model_input``, as served;
 - online: Keras preprocessing layers (:func:`online_augmentation`) for the training graph; they
   change images only when called with ``training=True`` and are not part of the exported model.
 
@@ -76,16 +77,12 @@ class PCALighting(A.ImageOnlyTransform):
 
 
 @cache
-def resize_only(size: int) -> A.Compose:
-    """Deterministic: shortest side to ``size``, then the central square (what inference does)."""
-    return A.Compose([A.SmallestMaxSize(max_size=size), A.CenterCrop(size, size)])
-
-
-@cache
 def offline_policy(size: int, policy: AugmentParams) -> A.Compose:
     """The random policy as albumentations transforms; seed it per variant with :func:`offline_variant`."""
     transforms = [
-        A.RandomResizedCrop(size=(size, size), scale=policy.crop_scale, ratio=policy.crop_ratio),
+        # INTER_AREA where the crop shrinks: antialiased, as the unaugmented copy 0 (images.model_input) is
+        A.RandomResizedCrop(size=(size, size), scale=policy.crop_scale, ratio=policy.crop_ratio,
+                            area_for_downscale="image"),
         A.HorizontalFlip(p=policy.hflip),
         A.VerticalFlip(p=policy.vflip),
         # brightness_by_max: an additive shift of brightness * 255, like keras.layers.RandomBrightness

@@ -1,10 +1,24 @@
-"""Decoding image files into the pixels the models see: upright, 3-channel 8-bit sRGB.
+"""A photo becomes the model's input here, and only here: decoding and geometry.
 
-Shared by everything that reads user images, so that what a model is trained on and what it is
-asked about are decoded alike. Pillow does the work; ``to_rgb`` fixes what its plain
-``convert("RGB")`` gets wrong: 16-bit values are clipped to white, float pixels in 0..1 become
-black, embedded colour profiles (Adobe RGB, ProPhoto, CMYK press profiles) are ignored, and
-transparent pixels keep whatever colour happens to lie under them.
+``model_input(file, size)`` is what the model sees of a photo: decoded upright, 3-channel 8-bit
+sRGB (``decode``), then its central square, the shorter side scaled to ``size`` pixels with
+antialiasing (``central_square``: Lanczos, from at least twice the size). Every path from a file
+to the model goes through it: the augment stage's copy 0 of every image (what training, validation
+and the features see unaugmented), the model server (pipeline/serving.py), evaluate (through the
+server's own function, so the reported metrics are the served ones), export's parity check and
+``pipeline.tools.predict``. The same file gives the same pixels on each path; the augment stage's
+copy 0 comes from prepare's re-encoded copy (shorter side at most ``prepare.max_side``), so it
+differs from the served pixels by about one JPEG encoding (tests/test_augment.py).
+
+Shapes: a non-square photo loses the ends of its longer side, equally on both sides, whatever its
+aspect ratio. Training never sees such crops of extreme photos: prepare quarantines images whose
+longer side is more than ``prepare.max_aspect_ratio`` times the shorter (a 6000x400 panorama, a
+40x20000 strip); the served path crops them all the same (the model has one square input).
+
+Pillow does the decoding; ``to_rgb`` fixes what its plain ``convert("RGB")`` gets wrong: 16-bit
+values are clipped to white, float pixels in 0..1 become black, embedded colour profiles (Adobe
+RGB, ProPhoto, CMYK press profiles) are ignored, and transparent pixels keep whatever colour
+happens to lie under them.
 """
 
 import functools
@@ -12,10 +26,12 @@ import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, cast
+from typing import BinaryIO, cast
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
+
+from pipeline.paths import JPEG_QUALITY
 
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # what Pillow may decode (GIF: the first frame)
 # The file name suffixes of those formats, as Pillow registers them (.jpg .jpeg .jpe .jfif .png
@@ -24,31 +40,80 @@ IMAGE_SUFFIXES = frozenset(suffix for suffix, name in Image.registered_extension
 WHITE = (255, 255, 255, 255)
 SRGB = ImageCms.createProfile("sRGB")
 PROFILE_SPACES = {"L": "GRAY", "RGB": "RGB", "CMYK": "CMYK"}  # the ICC colour space of each mode to_rgb converts
+# Downscaling filter: Pillow's filters antialias (their support widens with the scale), Lanczos is the
+# sharpest. REDUCING_GAP: shrink by a whole factor with a box filter first while the rest of the way
+# stays at least this factor (Pillow's docs: 3.0 is indistinguishable from the full filter).
+RESAMPLE = Image.Resampling.LANCZOS
+REDUCING_GAP = 3.0
+# A JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, 4-5x faster on a large photo)
+# when that leaves at least DRAFT_MARGIN times the size a side: the Lanczos step then always does a
+# real reduction, so a photo and prepare's smaller copy of it end up within JPEG rounding of each other.
+DRAFT_MARGIN = 2
+# Largest image decoded, read from the file's header before decoding: 50 Mpx is 150 MB of pixels.
+# The model server refuses larger photos (they are not scaled down) and prepare quarantines them, so
+# every test image is one the server answers.
+MAX_MEGAPIXELS = 50
+Source = Path | BinaryIO  # a file, or its bytes in a BytesIO
 
 
 class Unconvertible(ValueError):
     """Pixels with no faithful 8-bit reading (float or 32-bit values outside the usual ranges)."""
 
 
-def read_rgb(path: Path | IO[bytes]) -> np.ndarray:
+def model_input(source: Source, size: int, check: Callable[[Image.Image], None] | None = None) -> np.ndarray:
+    """The photo in ``source`` as the model's input: a (size, size, 3) uint8 array (see the module
+    docstring). ``check`` and the errors raised: as in ``decode``."""
+    image, _ = decode(source, check, at_least=DRAFT_MARGIN * size)
+    return np.asarray(central_square(image, size))
+
+
+def central_square(image: Image.Image, size: int) -> Image.Image:
+    """The central square of ``image``, scaled to ``size`` pixels a side with antialiasing (any
+    upscaling of a smaller image with the same filter)."""
+    width, height = image.size
+    side = min(width, height)
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    return image.resize((size, size), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+
+
+def shorter_side_at_most(image: Image.Image, limit: int) -> Image.Image:
+    """``image`` scaled down so that its shorter side is ``limit`` pixels, when it is longer."""
+    width, height = image.size
+    if min(width, height) <= limit:
+        return image
+    scale = limit / min(width, height)
+    return image.resize((round(width * scale), round(height * scale)), RESAMPLE, reducing_gap=REDUCING_GAP)
+
+
+def save_jpeg(image: Image.Image, target: Path | BinaryIO) -> None:
+    """The JPEG the stages write: quality JPEG_QUALITY without chroma subsampling (4:4:4), which
+    halves the difference a re-encoding makes to detailed small images (colour edges)."""
+    image.save(target, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+
+
+def read_rgb(path: Path) -> np.ndarray:
     """The image in ``path`` as an (height, width, 3) uint8 array, EXIF orientation applied (see ``decode``)."""
     return np.asarray(decode(path)[0])
 
 
-def decode(path: Path | IO[bytes], check: Callable[[Image.Image], None] | None = None) -> tuple[Image.Image, str]:
-    """The upright sRGB image in ``path`` and what became of its colour profile (``to_rgb``).
+def decode(source: Source, check: Callable[[Image.Image], None] | None = None,
+           at_least: int | None = None) -> tuple[Image.Image, str]:
+    """The upright sRGB image in ``source`` and what became of its colour profile (``to_rgb``).
 
     ``check`` sees the opened image before its pixels are decoded (size checks cost nothing then).
-    Raises what Pillow raises for files it cannot read (``UnidentifiedImageError``, ``OSError`` for
-    truncated files, ...), ``DecompressionBombWarning`` for images too large to be sane, and
-    ``Unconvertible``.
+    ``at_least``: a JPEG may be decoded at a smaller scale (1/2, 1/4, 1/8) that leaves at least this
+    many pixels a side (other formats always decode whole). Raises what Pillow raises for files it
+    cannot read (``UnidentifiedImageError``, ``OSError`` for truncated files, ...),
+    ``DecompressionBombWarning`` for images too large to be sane, and ``Unconvertible``.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns about odd but readable files (corrupt EXIF, ...)
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path, formats=FORMATS) as image:
+        with Image.open(source, formats=FORMATS) as image:
             if check is not None:
                 check(image)
+            if at_least is not None:
+                image.draft(None, (at_least, at_least))  # the same scale whatever the EXIF orientation
             image.load()
             return to_rgb(ImageOps.exif_transpose(image))
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.cli import UserError
 from pipeline.files import atomic_file, read_json, sha256_of
-from pipeline.paths import AUGMENTED_MANIFEST, MODEL_FILE, PREPARED_LABELS, TEST_PROBABILITIES
+from pipeline.paths import MODEL_FILE, PREPARED_LABELS, PREPARED_MANIFEST, RAW_DIR, TEST_PROBABILITIES
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -66,20 +66,22 @@ def write_rows(path: Path, row_type: type[Row], rows: list[Row]) -> None:
     write_manifest(path, [f.name for f in fields(row_type)], [astuple(r) for r in rows])
 
 
-def test_images() -> list[AugmentedImage]:
-    """The test split's rows of the augmented manifest: copy 0 only, resized, never randomly changed."""
-    return [r for r in read_rows(AUGMENTED_MANIFEST, AugmentedImage) if r.split == "test" and r.copy == 0]
+def split_files(split: str) -> tuple[list[PreparedImage], list[str]]:
+    """The rows of ``split`` in the prepared manifest, and each one's original file (under RAW_DIR):
+    what a user would send the model. Evaluate scores the test split's, export checks its formats on them."""
+    rows = [r for r in read_rows(PREPARED_MANIFEST, PreparedImage) if r.split == split]
+    return rows, [str(RAW_DIR / r.source) for r in rows]
 
 
 def write_test_probabilities(probabilities: np.ndarray, paths: list[str]) -> None:
-    """TEST_PROBABILITIES: ``probabilities`` (a row per test image of ``paths``, a column per label)
+    """TEST_PROBABILITIES: ``probabilities`` (a row per test file of ``paths``, a column per label)
     of the model in MODEL_FILE, which it names by its sha256."""
     with atomic_file(TEST_PROBABILITIES, "wb") as fh:
         np.savez(fh, probabilities=probabilities, paths=np.array(paths), model_sha256=sha256_of(MODEL_FILE))
 
 
 def read_test_probabilities(paths: list[str]) -> np.ndarray:
-    """TEST_PROBABILITIES' rows, checked to be of MODEL_FILE's model on exactly ``paths``."""
+    """TEST_PROBABILITIES' rows, checked to be of MODEL_FILE's model on exactly the files ``paths``."""
     if not TEST_PROBABILITIES.is_file():
         raise UserError(f"{TEST_PROBABILITIES} is missing: run the evaluate stage first (dvc repro)")
     with np.load(TEST_PROBABILITIES) as saved:

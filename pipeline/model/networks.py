@@ -1,8 +1,9 @@
 """Keras models built from the backbone registry: feature extractor, head, fine-tuning, exported model.
 
-The exported model takes raw RGB uint8 images of any size: resizing (center crop to square, like
-the augment stage) and the backbone's ``preprocess_input`` are layers inside it, built only from
-core Keras layers so it loads with ``keras.saving.load_model(safe_mode=True)`` and no code of ours.
+The exported model takes raw RGB uint8 images of any size: resizing (center crop to square) and the
+backbone's ``preprocess_input`` are layers inside it, built only from core Keras layers so it loads
+with ``keras.saving.load_model(safe_mode=True)`` and no code of ours. The pipeline itself always
+feeds it ``images.model_input`` at its input size (``input_size``), which the resize layer leaves as is.
 Its shape, which ``pipeline.report.gradcam`` relies on: ``image -> resize -> extractor -> head``, where the
 extractor is ``preprocess -> backbone -> pool`` and the head a chain ending in ``probabilities``.
 """
@@ -131,11 +132,22 @@ def column_stats(rows: np.ndarray, chunk_rows: int = 1024) -> tuple[np.ndarray, 
 
 
 def classifier(extractor: keras.Model, head_model: keras.Model, size: int) -> keras.Model:
-    """The exported model: raw uint8 images of any size -> class probabilities."""
+    """The exported model: raw uint8 images of any size -> class probabilities.
+
+    The pipeline (server, predict, evaluate, export) feeds it images.model_input at ``size``, which
+    the resize layer leaves exactly as they are. Other sizes are center-cropped and resized in the
+    graph, bilinear without antialiasing: close to, but not, what it was trained and evaluated on.
+    """
     inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
     x = keras.layers.Resizing(size, size, crop_to_aspect_ratio=True, name="resize")(inputs)
     # training=False pinned: Keras 3.15 would otherwise let a plain model(x) call run Dropout.
     return keras.Model(inputs, head_model(extractor(x, training=False), training=False), name="classifier")
+
+
+def input_size(model: keras.Model) -> int:
+    """The side of the square images ``model`` (``classifier``'s) was trained on: feed it
+    images.model_input at this size, which its resize layer leaves as they are."""
+    return model.get_layer("resize").height
 
 
 def on_pixels(extractor: keras.Model, head_model: keras.Model, size: int,

@@ -26,6 +26,7 @@ from pipeline.paths import (
     MLFLOW_RUN_FILE,
     PLOTS_DIR,
     PREDICTIONS,
+    RAW_DIR,
 )
 
 MISTAKES = 12  # rows of the most confident mistakes table
@@ -105,7 +106,7 @@ def headline(scores: dict[str, Any]) -> list[tuple[str, str, str]]:
 def mistakes(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     wrong = [r for r in rows if r["actual"] != r["predicted"]]
     wrong.sort(key=lambda r: -float(r["confidence"]))
-    return [{**r, "file": r.get("source") or r["path"]} for r in wrong[:MISTAKES]]
+    return [{**r, "file": r["path"].removeprefix(f"{RAW_DIR}/")} for r in wrong[:MISTAKES]]
 
 
 def data_rows(cfg: Config) -> list[tuple[str, Any]]:

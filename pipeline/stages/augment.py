@@ -2,9 +2,11 @@
 
 Input: ``data/prepared``. Outputs:
 - ``data/augmented/<split>/<class>/<name>_<copy>.jpg`` and ``data/augmented/manifest.csv`` (path,
-  label, split, copy, source): every image's resized, center-cropped original (copy 0) and, for
-  training images, copies ``1..augment.copies`` drawn from the policy in pipeline/data/augmentation.py
-  (none when ``augment.mode`` is ``online``: training then augments each batch instead);
+  label, split, copy, source): every image as the model's input (copy 0: its central square at the
+  input size, made by pipeline/data/images.py ``model_input``, the function the model server uses)
+  and, for training images, copies ``1..augment.copies`` drawn from the policy in
+  pipeline/data/augmentation.py on the whole prepared image (none when ``augment.mode`` is
+  ``online``: training then augments each batch instead);
 - ``reports/augment_gallery.png``: one training image per class beside variants from the offline
   policy and from the online Keras layers (a DVC plot; the same seeds, so the same picture each run),
   drawn at most ``GALLERY_SIDE`` pixels a side whatever the image size, so that its memory is bounded.
@@ -15,8 +17,8 @@ outputs are byte-identical across runs, whatever the order or number of worker p
 DVC deletes ``data/augmented`` before running the stage, so rendered files are also kept in a
 content-addressed cache (``$PIPELINE_CACHE_DIR/augment``, default ``~/.cache/transfer-pipeline``).
 An entry's key covers everything its bytes depend on: the prepared file's bytes, the copy number,
-the seed, the policy, the image size, the JPEG quality, this code and the imaging libraries'
-versions. A re-run after adding images renders only the new ones; any other change misses the
+the seed, the policy, the image size, the JPEG quality, this code (with pipeline/data/images.py
+and augmentation.py) and the imaging libraries' versions. A re-run after adding images renders only the new ones; any other change misses the
 cache rather than reuse a stale file. The cache only grows; deleting it is always safe.
 """
 
@@ -24,6 +26,7 @@ import hashlib
 import io
 import json
 import shutil
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -36,8 +39,9 @@ from PIL import Image
 
 from pipeline.cli import UserError, progress, run_stage
 from pipeline.config import Config, load_config
-from pipeline.data import augmentation
-from pipeline.data.augmentation import offline_policy, offline_variant, online_variants, resize_only, variant_seed
+from pipeline.data import augmentation, images
+from pipeline.data.augmentation import offline_policy, offline_variant, online_variants, variant_seed
+from pipeline.data.images import model_input, save_jpeg
 from pipeline.data.manifests import AugmentedImage, PreparedImage, read_rows, write_rows
 from pipeline.files import atomic_dir, atomic_file, cache_root
 from pipeline.paths import (
@@ -73,24 +77,28 @@ def fingerprints(cfg: Config) -> tuple[str, str]:
     common = {
         "size": cfg.model.input_size,
         "jpeg_quality": JPEG_QUALITY,
-        "code": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (augmentation.__file__, __file__)],
+        "code": [hashlib.sha256(Path(f).read_bytes()).hexdigest()
+                 for f in (images.__file__, augmentation.__file__, __file__)],
         "libraries": [version(name) for name in ("albumentations", "albucore", "pillow", "numpy")] + [cv2.__version__],
     }
     policy = cfg.augment.model_dump(mode="json", exclude={"mode", "copies", "online"})  # online: no file changes
     return digest(common), digest({**common, "seed": cfg.seed, "policy": policy})
 
 
-def render_copy(pixels: np.ndarray, copy: int, sha256: str, cfg: Config) -> np.ndarray:
-    """Copy 0 is the resized original; copy k > 0 the policy seeded by (seed, image, k)."""
-    size = cfg.model.input_size
-    if copy == 0:
-        return resize_only(size)(image=pixels)["image"]
-    return offline_variant(offline_policy(size, cfg.augment), pixels, variant_seed(cfg.seed, sha256, copy))
+def original(data: bytes, cfg: Config) -> np.ndarray:
+    """Copy 0: the prepared image (its JPEG bytes) as the model's input, the served path's pixels."""
+    return model_input(io.BytesIO(data), cfg.model.input_size)
+
+
+def variant(pixels: np.ndarray, copy: int, sha256: str, cfg: Config) -> np.ndarray:
+    """Copy ``copy`` > 0: the policy on the whole decoded prepared image, seeded by (seed, image, copy)."""
+    return offline_variant(offline_policy(cfg.model.input_size, cfg.augment), pixels,
+                           variant_seed(cfg.seed, sha256, copy))
 
 
 def encode_jpeg(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    save_jpeg(Image.fromarray(pixels), buffer)
     return buffer.getvalue()
 
 
@@ -123,9 +131,13 @@ def render(job: Job) -> tuple[list[AugmentedImage], int]:
         key = digest([file_sha, row.sha256, copy, job.fingerprints[copy > 0]])
         cached = job.cache / key[:2] / f"{key}.jpg"
         if not cached.is_file():
-            pixels = decode(data) if pixels is None else pixels
+            if copy == 0:
+                rendering = original(data, job.cfg)
+            else:
+                pixels = decode(data) if pixels is None else pixels
+                rendering = variant(pixels, copy, row.sha256, job.cfg)
             with atomic_file(cached, "wb") as fh:  # concurrent runs write identical bytes; rename is atomic
-                fh.write(encode_jpeg(render_copy(pixels, copy, row.sha256, job.cfg)))
+                fh.write(encode_jpeg(rendering))
             rendered += 1
         relative = Path(row.split) / row.label / f"{Path(row.path).stem}_{copy}.jpg"
         shutil.copyfile(cached, job.out / relative)  # a copy, so edits in the workspace never reach the cache
@@ -169,10 +181,10 @@ def write_gallery(manifest: list[PreparedImage], cfg: Config) -> None:
     samples = gallery_samples(manifest)
     side = min(cfg.model.input_size, GALLERY_SIDE)
     n_offline, n_online = gallery_variants(cfg)
-    pixels = [np.asarray(Image.open(PREPARED_DIR / r.path).convert("RGB")) for r in samples]
-    originals = np.stack([thumbnail(render_copy(p, 0, r.sha256, cfg), side) for p, r in zip(pixels, samples)])
-    offline = [[thumbnail(render_copy(p, k, r.sha256, cfg), side) for k in range(1, n_offline + 1)]
-               for p, r in zip(pixels, samples)]
+    files = [(PREPARED_DIR / r.path).read_bytes() for r in samples]
+    originals = np.stack([thumbnail(original(data, cfg), side) for data in files])
+    offline = [[thumbnail(variant(decode(data), k, r.sha256, cfg), side) for k in range(1, n_offline + 1)]
+               for data, r in zip(files, samples)]
     online = np.zeros((len(samples), 0, *originals.shape[1:]), "uint8")
     if n_online:
         batch = np.repeat(originals.astype("float32"), n_online, axis=0)
@@ -213,6 +225,10 @@ def main() -> None:
     except OSError as err:
         raise UserError(f"cannot create the render cache {cache} ({err.strerror}): "
                         "set PIPELINE_CACHE_DIR to a writable folder") from None
+    if cfg.prepare.max_side < cfg.model.input_size:
+        print(f"warning: prepare.max_side {cfg.prepare.max_side} is below the input size {cfg.model.input_size}: "
+              "photos larger than that train upscaled from prepare's copy but are served downscaled from the "
+              "file; raise prepare.max_side", file=sys.stderr)
     keys = fingerprints(cfg)
     with atomic_dir(AUGMENTED_DIR) as out:
         for split, label in {(r.split, r.label) for r in manifest}:

@@ -1,7 +1,10 @@
-"""Stage 6, evaluate: score the exported model on the test split, draw the plots, gate on accuracy.
+"""Stage 6, evaluate: score the served model on the test split's original files, draw the plots, gate on accuracy.
 
-Inputs: ``data/model/`` (``model.keras``, ``labels.json``), ``eval/history.csv`` and the test images of
-``data/augmented`` (resized and center-cropped, never randomly changed).
+Inputs: ``data/model/`` (``model.keras``, ``labels.json``), ``eval/history.csv``, and the test split
+of ``data/prepared/manifest.csv``: each image's original file in ``data/raw``, the bytes a user would
+send. Each becomes the model's input through the model server's own function
+(``serving.request_image_input``: pipeline/data/images.py ``model_input``), so the metrics reported
+are those the served model, ``make predict`` and the exported files give on the same files.
 Outputs in ``eval/`` (small, meant for git):
 - ``metrics.json``: accuracy, top-k accuracy (k capped at the number of classes), log loss, expected
   calibration error, macro and weighted precision/recall/F1, per-class precision/recall/F1/support
@@ -10,8 +13,8 @@ Outputs in ``eval/`` (small, meant for git):
 - ``plots/``: confusion matrices (counts, row-normalized), reliability diagram, training curves,
   the most confident mistakes, and Grad-CAM overlays;
 - ``report.html``: the run on one page, offline (pipeline/report/html.py).
-And ``data/test_probabilities.npz``, every probability, which export checks its formats against
-(so the test images go through the Keras model once per run, here).
+And ``data/test_probabilities.npz``, every probability keyed by the file's path, which export checks
+its formats against (so the test images go through the Keras model once per run, here).
 Everything is also logged to the pipeline run in MLflow (per-class metrics under keys made by
 ``tracking.class_keys``, as class names may hold anything a folder name can), the test metrics
 also on the run's logged models. With ``evaluate.min_accuracy`` set, the stage fails (after writing
@@ -19,19 +22,20 @@ all of the above) when test accuracy is below it; otherwise (and always when it 
 registered versions become ``@champion``, the alias ``make serve`` serves.
 """
 
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from pipeline import serving
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
-from pipeline.data.manifests import image_batches, read_labels, test_images, write_manifest, write_test_probabilities
+from pipeline.data.manifests import read_labels, split_files, write_manifest, write_test_probabilities
 from pipeline.files import atomic_dir, write_json
 from pipeline.model import networks
 from pipeline.paths import (
     AUGMENT_GALLERY,
-    AUGMENTED_DIR,
     DATA_REPORT,
     DOWNLOAD_REPORT,
     EVAL_DIR,
@@ -52,12 +56,29 @@ TOP_LOSSES = 12
 GRADCAM_PER_CLASS = 2
 GRADCAM_IMAGES = 24  # at most: with many classes, one image for each of the first 24 classes
 TITLE_LABEL_CHARACTERS = 14  # two class names and a probability fit over a grid image
+TITLE_FILE_CHARACTERS = 28  # a file name (the middle cut out) fits over a grid image
 EXTRA_ARTIFACTS = [DATA_REPORT, DOWNLOAD_REPORT, AUGMENT_GALLERY, MODEL_LABELS, HISTORY, PREPARED_DIR / "quarantine.csv",
                    PREPARED_DIR / "ignored.csv", LABEL_ISSUES_REPORT, LABEL_ISSUES_GALLERY]
 
 
-def load_images(paths: list[str]) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(AUGMENTED_DIR / p).convert("RGB")) for p in paths])
+Pixels = Callable[[int], np.ndarray]  # test image index -> the model's input
+
+
+def served_input(path: str, index: int, size: int) -> np.ndarray:
+    """Test file ``path`` as the model server makes it the model's input (its own function)."""
+    try:
+        return serving.request_image_input(Path(path).read_bytes(), index, size)
+    except serving.Refused as err:  # what the server would answer with HTTP 400
+        raise UserError(f"test image {path}: the model server refuses it: {err.message}") from None
+
+
+def served_batches(paths: list[str], size: int, batch_size: int) -> Iterator[np.ndarray]:
+    """The files' model inputs in batches, decoded in threads (Pillow lets go of the GIL while it
+    decodes and resizes) a batch at a time, so memory holds one batch whatever the test split's size."""
+    with ThreadPoolExecutor() as pool:
+        for start in range(0, len(paths), batch_size):
+            indices = range(start, min(start + batch_size, len(paths)))
+            yield np.stack(list(pool.map(lambda i: served_input(paths[i], i, size), indices)))
 
 
 def most_confident_mistakes(y_true: np.ndarray, probabilities: np.ndarray, n: int) -> np.ndarray:
@@ -73,9 +94,10 @@ def gradcam_examples(y_true: np.ndarray) -> np.ndarray:
     return np.array([i for c in classes[:GRADCAM_IMAGES] for i in np.flatnonzero(y_true == c)[:per_class]], dtype=int)
 
 
-def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path,
+def draw_plots(model, pixels: Pixels, files: list[str], y_true, probabilities, labels, report, out: Path,
                chosen: np.ndarray, chosen_maps: np.ndarray) -> None:
-    """Every plot of ``plots/``; ``chosen``: the images shown with Grad-CAM, ``chosen_maps`` their feature maps."""
+    """Every plot of ``plots/``; ``pixels``: a test image as the model saw it; ``files``: each one's
+    name in the source; ``chosen``: the images shown with Grad-CAM, ``chosen_maps`` their feature maps."""
     y_pred = probabilities.argmax(axis=1)
     plots.confusion_matrices(y_true, y_pred, labels, out)
     plots.reliability_diagram(*metrics.reliability(y_true, probabilities), report["ece"], out / "reliability.png")
@@ -85,14 +107,15 @@ def draw_plots(model, rows, y_true, probabilities, labels, report, out: Path,
     names = [plots.short(label, TITLE_LABEL_CHARACTERS) for label in labels]
     mistakes = most_confident_mistakes(y_true, probabilities, TOP_LOSSES)
     plots.image_grid(
-        list(load_images([rows[i].path for i in mistakes])) if len(mistakes) else [],
-        [f"{names[y_true[i]]} → {names[y_pred[i]]} ({probabilities[i].max():.2f})" for i in mistakes],
+        [pixels(i) for i in mistakes],
+        [f"{plots.short(files[i], TITLE_FILE_CHARACTERS)}\n{names[y_true[i]]} → {names[y_pred[i]]} "
+         f"({probabilities[i].max():.2f})" for i in mistakes],
         out / "top_losses.png",
-        heading=f"The {len(mistakes)} most confident mistakes: true → predicted (probability)",
+        heading=f"The {len(mistakes)} most confident mistakes: file, true → predicted (probability)",
     )
     shown_classes = len(np.unique(y_true[chosen]))
     plots.image_grid(
-        list(load_images([rows[i].path for i in chosen])),
+        [pixels(i) for i in chosen],
         [f"{names[y_true[i]]}: pred {names[y_pred[i]]}" for i in chosen],
         out / "gradcam.png",
         overlays=list(gradcam.heatmaps(model, chosen_maps, y_pred[chosen])),
@@ -105,14 +128,15 @@ def main() -> None:
     if not MODEL_FILE.is_file():
         raise UserError(f"{MODEL_FILE} is missing: run the train stage first (dvc repro)")
     labels = read_labels(MODEL_LABELS)
-    rows = test_images()
+    rows, paths = split_files("test")
     model = networks.load(MODEL_FILE)
-    paths = [str(AUGMENTED_DIR / r.path) for r in rows]
+    size = networks.input_size(model)
     y_true = np.array([labels.index(r.label) for r in rows])
-    # One pass of the test images through the model: every probability, and the backbone's
-    # feature maps of the images the Grad-CAM plot shows.
+    # One pass of the test files, as served, through the model: every probability, and the
+    # backbone's feature maps of the images the Grad-CAM plot shows.
     chosen = gradcam_examples(y_true)
-    probabilities, chosen_maps = gradcam.predict_with_maps(model, image_batches(paths, cfg.train.batch_size), chosen)
+    probabilities, chosen_maps = gradcam.predict_with_maps(model, served_batches(paths, size, cfg.train.batch_size),
+                                                           chosen)
     report = metrics.classification_report(y_true, probabilities, labels, cfg.evaluate.top_k)
     if report["top_k"] < cfg.evaluate.top_k:
         print(f"evaluate: evaluate.top_k {cfg.evaluate.top_k} is more than the {len(labels)} classes; "
@@ -122,10 +146,11 @@ def main() -> None:
     write_json(METRICS, report)
     write_test_probabilities(probabilities, paths)
     write_manifest(PREDICTIONS, ["path", "actual", "predicted", "confidence"],
-                   [[r.path, labels[t], labels[p.argmax()], f"{p.max():.4f}"]
-                    for r, t, p in zip(rows, y_true, probabilities, strict=True)])
+                   [[path, labels[t], labels[p.argmax()], f"{p.max():.4f}"]
+                    for path, t, p in zip(paths, y_true, probabilities, strict=True)])
     with atomic_dir(PLOTS_DIR) as out:
-        draw_plots(model, rows, y_true, probabilities, labels, report, out, chosen, chosen_maps)
+        draw_plots(model, lambda i: served_input(paths[i], i, size), [r.source for r in rows], y_true, probabilities,
+                   labels, report, out, chosen, chosen_maps)
     html.write_report(cfg, REPORT)
 
     recorded = tracking.recorded_run()

@@ -1,16 +1,19 @@
 """Stage 7, export: the trained model as a TensorFlow SavedModel and TFLite files, checked for parity.
 
-Inputs: ``data/model/`` (``model.keras``, ``labels.json``), the test images of ``data/augmented``
-(copy 0: resized and center-cropped, never randomly changed) and the Keras model's probabilities on
-them, which evaluate wrote (``data/test_probabilities.npz``). Outputs in ``data/export/``:
+Inputs: ``data/model/`` (``model.keras``, ``labels.json``), the test split's original files (in
+``data/raw``, listed by ``data/prepared/manifest.csv``) and the Keras model's probabilities on them,
+which evaluate wrote as served (``data/test_probabilities.npz``). Outputs in ``data/export/``:
 - ``saved_model/``: signature ``serving_default`` (also the method ``serve``), input ``image``:
   uint8 ``(batch, height, width, 3)`` of any size, output ``probabilities`` ``(batch, classes)``;
-  the same contract as ``model.keras``, for TensorFlow Serving or ``tf.saved_model.load``;
+  the same contract as ``model.keras``, for TensorFlow Serving or ``tf.saved_model.load``. For the
+  answers evaluate reported, feed it pipeline/data/images.py ``model_input`` at the model's input
+  size (other sizes are resized in the graph: bilinear, no antialiasing, no EXIF or colour profile);
 - ``model_<variant>.tflite`` for each of ``export.tflite``, converted from that SavedModel with
   the same signature: ``float32``; ``float16`` (weights stored as float16, half the size);
   ``dynamic_range`` (weights stored as int8, a quarter, activations quantized on the fly);
 - ``labels.json``: the class names, index = output column.
-Each format's probabilities on every test image are compared with the Keras model's; the figures
+Each format's probabilities on every test file, made its input by ``model_input`` as the server
+makes it, are compared with the Keras model's as evaluate recorded them; the figures
 go to ``eval/export.json`` (DVC metrics) and any difference beyond ``export.tolerance`` fails the stage.
 """
 
@@ -29,10 +32,11 @@ from ai_edge_litert.interpreter import Interpreter  # tf.lite.Interpreter is dep
 
 from pipeline.cli import UserError, first_line, run_stage, stderr_filtered
 from pipeline.config import ToleranceParams, load_config
-from pipeline.data.manifests import image_batches, read_test_probabilities, test_images
+from pipeline.data.images import model_input
+from pipeline.data.manifests import read_test_probabilities, split_files
 from pipeline.files import atomic_dir, write_json
 from pipeline.model import networks
-from pipeline.paths import AUGMENTED_DIR, AUGMENTED_MANIFEST, EXPORT_DIR, EXPORT_REPORT, MODEL_FILE, MODEL_LABELS
+from pipeline.paths import EXPORT_DIR, EXPORT_REPORT, MODEL_FILE, MODEL_LABELS, PREPARED_MANIFEST
 
 SIGNATURE = "serving_default"
 BATCH_SIZE = 32  # test images per call; any size gives the same figures
@@ -122,16 +126,18 @@ def described(name: str, path: Path, seconds: float, figures: dict) -> dict:
 
 def main() -> None:
     cfg = load_config()
-    for path in (MODEL_FILE, AUGMENTED_MANIFEST):
+    for path in (MODEL_FILE, PREPARED_MANIFEST):
         if not path.is_file():
             raise UserError(f"{path} is missing: run the earlier stages first (dvc repro)")
-    paths = [str(AUGMENTED_DIR / r.path) for r in test_images()]
+    _, paths = split_files("test")
     if not paths:
-        raise UserError(f"{AUGMENTED_MANIFEST} lists no test images (split test, copy 0) to check the exports on")
-    # The Keras model's probabilities, as evaluate computed them on the same images (one pass per run).
+        raise UserError(f"{PREPARED_MANIFEST} lists no test images to check the exports on")
+    # The Keras model's probabilities, as evaluate computed them on the same files (one pass per run).
     reference = read_test_probabilities(paths)
     model = networks.load(MODEL_FILE)
-    batches = [batch.numpy() for batch in image_batches(paths, BATCH_SIZE)]
+    size = networks.input_size(model)
+    inputs = np.stack([model_input(Path(path), size) for path in paths])
+    batches = [inputs[start : start + BATCH_SIZE] for start in range(0, len(inputs), BATCH_SIZE)]
     check = ParityCheck(paths, batches, reference, cfg.export.tolerance)
     report: dict[str, Any] = {"test_images": len(paths)}
     with atomic_dir(EXPORT_DIR) as out:

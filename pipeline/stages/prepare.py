@@ -33,14 +33,18 @@ followed), anything but regular files (FIFOs, broken links), files without an im
 Outputs in ``data/prepared/``:
 - ``images/<class>/<hash>.jpg``: every usable image decoded once (JPEG, PNG, GIF first frame, BMP,
   WebP, TIFF), EXIF-rotated, sRGB (embedded colour profiles converted, alpha composited onto
-  white, 16-bit and float pixels scaled to 8 bits: pipeline/data/images.py), longest side
-  at most ``prepare.max_side``, re-encoded as JPEG so later stages decode fast. ``<class>`` is the
+  white, 16-bit and float pixels scaled to 8 bits: pipeline/data/images.py), shorter side
+  at most ``prepare.max_side`` (the longer one keeps the aspect ratio, so a crop of the image keeps
+  its resolution), re-encoded as JPEG so later stages decode fast. ``<class>`` is the
   label with each ``/`` written ``__``, so that it is one folder;
 - ``manifest.csv``: path, label, split, sha256 (of the decoded pixels), width, height (of the
   upright source image), source (its path in ``data/raw``);
 - ``labels.json``: the class names, list index = class index;
 - ``quarantine.csv``: source, reason for every candidate image not used: unreadable, truncated,
-  not an image, too small (``prepare.min_side``), decompression bomb, pixel values out of range
+  not an image, too small (``prepare.min_side``), too elongated (longer side over
+  ``prepare.max_aspect_ratio`` times the shorter: the model sees a photo's central square, which
+  would hold little of it), too large (over the megapixels the model server decodes,
+  ``images.MAX_MEGAPIXELS``), decompression bomb, pixel values out of range
   (float or 32-bit pixels outside 0..1, 0..255 or 0..65535), label conflict (the same
   image in two classes: every copy is excluded), or a bad row of the labels table. Nothing in
   ``data/raw`` is deleted;
@@ -81,10 +85,10 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.cli import UserError, progress, run_stage
 from pipeline.config import Config, PrepareParams, load_config
-from pipeline.data.images import FORMATS, Unconvertible, decode
+from pipeline.data.images import FORMATS, MAX_MEGAPIXELS, Unconvertible, decode, save_jpeg, shorter_side_at_most
 from pipeline.data.manifests import PreparedImage, write_manifest, write_rows
 from pipeline.files import atomic_dir, write_json
-from pipeline.paths import DATA_REPORT, JPEG_QUALITY, PREPARED_DIR, PREPARED_LABELS, PREPARED_MANIFEST, RAW_DIR, SPLITS
+from pipeline.paths import DATA_REPORT, PREPARED_DIR, PREPARED_LABELS, PREPARED_MANIFEST, RAW_DIR, SPLITS
 from pipeline.sources.dedupe import cross_split, drop_exact_duplicates, near_duplicate_groups, near_duplicate_rows
 from pipeline.sources.layouts import Found, Record, find_images, named, source_of
 from pipeline.sources.splits import (
@@ -107,25 +111,35 @@ def normalize(job: tuple[Path, Path, PrepareParams]) -> dict | str:
     """Decode one file and write its normalized JPEG to ``pending``: its facts, or why it is quarantined."""
     path, pending, params = job
     try:
-        image, profile = decode(path, at_least(params.min_side))
+        image, profile = decode(path, usable_shape(params))
     except Quarantined as why:
         return str(why)
     except Exception as err:  # Pillow raises many types for broken files; each is quarantined
         return reason(err, path)
     pixels = np.asarray(image)
     sha256 = hashlib.sha256(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
-    image.thumbnail((params.max_side, params.max_side), Image.Resampling.LANCZOS)
-    image.save(pending, "JPEG", quality=JPEG_QUALITY)
+    image = shorter_side_at_most(image, params.max_side)
+    save_jpeg(image, pending)
     return {"sha256": sha256, "width": pixels.shape[1], "height": pixels.shape[0],
             "phash": int(str(imagehash.phash(image)), 16), "profile": profile}
 
 
-def at_least(min_side: int) -> Callable[[Image.Image], None]:
-    """A check for images.decode: quarantine images whose shorter side is below ``min_side``."""
+def usable_shape(params: PrepareParams) -> Callable[[Image.Image], None]:
+    """A check for images.decode (on the file's header): quarantine images whose shorter side is below
+    ``prepare.min_side``, whose sides differ by more than ``prepare.max_aspect_ratio``, or that the
+    model server would refuse (``MAX_MEGAPIXELS``)."""
 
     def check(image: Image.Image) -> None:
-        if min(image.size) < min_side:
-            raise Quarantined(f"too small: {image.width}x{image.height} pixels, below prepare.min_side={min_side}")
+        size = f"{image.width}x{image.height} pixels"
+        if min(image.size) < params.min_side:
+            raise Quarantined(f"too small: {size}, below prepare.min_side={params.min_side}")
+        ratio = max(image.size) / min(image.size)
+        if ratio > params.max_aspect_ratio:
+            raise Quarantined(f"too elongated: {size}, one side {ratio:.1f} times the other, above "
+                              f"prepare.max_aspect_ratio={params.max_aspect_ratio:g} (the model sees the central square)")
+        if image.width * image.height > MAX_MEGAPIXELS * 1_000_000:
+            raise Quarantined(f"too large: {size} ({image.width * image.height / 1e6:.1f} megapixels), above the "
+                              f"{MAX_MEGAPIXELS} the model server decodes")
 
     return check
 

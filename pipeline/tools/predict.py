@@ -6,7 +6,9 @@ PATH is an image file or a folder (searched recursively for image files). MODEL 
 ``data/model/model.keras`` by default, another ``.keras`` file, or an MLflow model URI of the
 Keras flavor (``runs:/<run_id>/model``, ``models:/<name>-keras@champion``, ``models:/<name>-keras/<version>``):
 raw uint8 images of any size in, class probabilities out. Labels come from ``labels.json`` beside
-a model file, or from the MLflow model's metadata, unless ``--labels`` names a file.
+a model file, or from the MLflow model's metadata, unless ``--labels`` names a file. Each file
+becomes the model's input as on every other path (pipeline/data/images.py ``model_input``), so the
+answers are the model server's and those evaluate scored.
 
 Output, one line per image: ``path<TAB>label 0.912<TAB>label 0.050...``; with ``--json``, one JSON
 object per line: ``{"path": ..., "predictions": [{"label": ..., "probability": ...}, ...]}``.
@@ -24,7 +26,7 @@ import keras
 import numpy as np
 
 from pipeline.cli import UserError, error_summary, run_stage
-from pipeline.data.images import IMAGE_SUFFIXES, read_rgb
+from pipeline.data.images import IMAGE_SUFFIXES, model_input
 from pipeline.files import read_json
 from pipeline.model import networks
 from pipeline.paths import MODEL_FILE, MODEL_LABELS
@@ -119,16 +121,16 @@ def image_files(paths: list[Path]) -> Iterator[tuple[Path, str | None]]:
 
 def predictions(model: keras.Model, paths: list[Path]) -> Iterator[tuple[Path, np.ndarray | str]]:
     """(file, class probabilities) for each image, or (path, why) when it cannot be predicted."""
+    size = networks.input_size(model)
     for path, problem in image_files(paths):
         if problem:
             yield path, problem
             continue
         try:
-            pixels = read_rgb(path)
+            pixels = model_input(path, size)
         except Exception as err:  # Pillow raises many types for unreadable files; each is reported
             yield path, f"cannot read image ({error_summary(err)})"
             continue
-        # Images differ in size, so each is its own batch; the model resizes internally.
         yield path, model.predict_on_batch(pixels[np.newaxis])[0]
 
 
