@@ -68,6 +68,38 @@ def test_feature_cache_is_reused_for_head_changes_and_rebuilt_for_augmentation_o
     assert {"changed deps": {"params.yaml": {"model.backbone": "modified"}}} in status["features"]
 
 
+def test_the_head_is_the_optimum_of_its_problem_whatever_the_seed(featured, tmp_path):
+    """The linear head is multinomial logistic regression on standardized features, solved at the L2
+    strength with the lowest val log loss: scikit-learn's answer at that strength, solved far
+    tighter; and another seed on the same data gives the same head."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    other = Path(shutil.copytree(featured, tmp_path / "other", symlinks=True))
+    for project, seed in ((featured, 42), (other, 7)):
+        set_params(project, **{"seed": seed, "train.temperature_scaling": False})
+        run([sys.executable, "-m", "pipeline.stages.train"], project)  # on the same features: no dvc repro
+    features = featured / "data" / "features"
+    x = {split: np.load(features / f"{split}.npy") for split in ("train", "val", "test")}
+    train_labels = np.load(features / "train_labels.npy")
+    rows = np.concatenate([x["val"], x["test"]])
+    heads = [networks.load(project / "data" / "model" / "model.keras").get_layer("head") for project in (featured, other)]
+    probabilities = [head.predict(rows, verbose=0) for head in heads]
+    np.testing.assert_allclose(*probabilities, atol=1e-4)
+    assert metrics_only(history(featured)) == metrics_only(history(other))
+
+    path = history(featured)
+    assert {row["phase"] for row in path} == {"head"}
+    assert [int(row["epoch"]) for row in path] == list(range(1, len(path) + 1))
+    strengths = [float(row["l2"]) for row in path]
+    assert strengths == sorted(strengths, reverse=True)
+    kept = float(min(path, key=lambda row: float(row["val_loss"]))["l2"])
+    scaler = StandardScaler().fit(x["train"])
+    optimum = LogisticRegression(C=1 / (2 * kept * len(train_labels)), class_weight="balanced", tol=1e-10,
+                                 max_iter=100_000).fit(scaler.transform(x["train"]), train_labels)
+    np.testing.assert_allclose(probabilities[0], optimum.predict_proba(scaler.transform(rows)), atol=5e-3)
+
+
 def start_in_own_group(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=cwd, env=project_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -247,7 +279,8 @@ def test_mixed_precision_training_exports_a_float32_model(tmp_path, policy):
     x_train = np.random.default_rng(0).normal(size=(10, 2048)).astype("float32")
     images = np.random.default_rng(1).integers(0, 255, (2, 40, 50, 3), dtype="uint8")
     with networks.dtype_policy(policy):
-        extractor, head = networks.feature_extractor(params), networks.head(x_train, 3, params.head)
+        extractor = networks.feature_extractor(params)
+        head = networks.head(networks.standardization(x_train), 3, params.head)
         trained = networks.classifier(extractor, head, 32)
         assert networks.backbone_of(extractor).layers[2].compute_dtype == policy.removeprefix("mixed_")
         model = exported(params, extractor, head)
@@ -270,7 +303,7 @@ def test_a_float32_extractor_goes_into_the_exported_model_as_it_is():
     with networks.dtype_policy("mixed_bfloat16"):
         with networks.dtype_policy("float32"):
             extractor = networks.feature_extractor(params)
-        head = networks.head(np.ones((4, 256), "float32"), 2, params.head)
+        head = networks.head(networks.standardization(np.ones((4, 256), "float32")), 2, params.head)
         model = exported(params, extractor, head)
     assert model.get_layer(extractor.name) is extractor
     assert {layer.compute_dtype for layer in [model.get_layer("resize"), *extractor.layers[1:],
