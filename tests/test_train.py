@@ -129,10 +129,12 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_r
         set_params(copy, **fine_tune)
     run(["dvc", "repro", "train"], uninterrupted)
     expected = history(uninterrupted)
-    assert [r["phase"] for r in expected][:3] == ["head", "head", "fine_tune"]
+    head_steps = sum(r["phase"] == "head" for r in expected)  # the linear head's L2 strengths
+    assert [r["phase"] for r in expected][head_steps - 1 : head_steps + 1] == ["head", "fine_tune"]
 
     killed = start_in_own_group(["dvc", "repro", "train"], project)
-    reached = kill_after_epoch(killed, project / "data" / "checkpoints" / "fine_tune" / "state.json", epoch=3)
+    reached = kill_after_epoch(killed, project / "data" / "checkpoints" / "fine_tune" / "state.json",
+                               epoch=head_steps + 1)
     assert not (project / "data" / "model").exists()
 
     resumed = run(["dvc", "repro", "train"], project)
@@ -150,7 +152,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_r
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
     client = mlflow.MlflowClient()
     last = runs[-1].info.run_id
-    assert [m.step for m in client.get_metric_history(last, "val_accuracy")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(last, "val_accuracy")] == list(range(1, head_steps + 1))
     fine_tune_epochs = [int(r["epoch"]) for r in expected if r["phase"] == "fine_tune"]
     assert [m.step for m in client.get_metric_history(last, "finetune_val_accuracy")] == fine_tune_epochs
 
@@ -179,7 +181,7 @@ def test_cached_fine_tuning_trains_like_fine_tuning_on_the_images(featured_templ
     assert "fine-tuning on the activations" not in run(["dvc", "repro", "train"], plain).stdout
     assert not list((plain / "data" / "features").glob("*_activations.npy"))
     rows = {name: metrics_only(history(project)) for name, project in (("cached", cached), ("plain", plain))}
-    assert [r["phase"] for r in history(cached)] == ["head", "head", "fine_tune", "fine_tune"]
+    assert [r["phase"] for r in history(cached) if r["phase"] != "head"] == ["fine_tune", "fine_tune"]
     for with_cache, without in zip(rows["cached"], rows["plain"], strict=True):
         for key in ("loss", "val_loss"):
             assert float(with_cache[key]) == pytest.approx(float(without[key]), rel=2e-3)
@@ -250,7 +252,8 @@ def test_features_far_larger_than_a_memory_cap_stream_from_disk(tmp_path):
 
 
 def test_mirrored_strategy_trains_on_two_logical_cpus(featured):
-    set_params(featured, **{"train.lr_schedule": "cosine", "train.class_weight": "none"})
+    # An MLP head: trained by Keras, one L2 strength after another.
+    set_params(featured, **{"model.head.dense_units": 8, "train.lr_schedule": "cosine", "train.class_weight": "none"})
     result = run(on_two_cpus("train"), featured)
     assert "train: 2 replica(s)" in result.stdout
     rows = history(featured)
@@ -260,7 +263,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(featured):
 
 
 def test_nan_loss_stops_the_stage_naming_the_learning_rate(featured):
-    set_params(featured, **{"train.learning_rate": 1e38})
+    set_params(featured, **{"model.head.dense_units": 8, "train.learning_rate": 1e38})  # an MLP head: Keras trains it
     result = run([sys.executable, "-m", "pipeline.stages.train"], featured, check=False)
     assert result.returncode == 2
     assert re.fullmatch(r"error: the training loss became nan in epoch 1 \(head phase\): "

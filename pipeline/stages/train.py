@@ -1,29 +1,38 @@
 """Stage 5, train: a new head on the cached features, then optional fine-tuning; one exported model.
 
 Phase ``head``: the backbone is frozen, so the head (``model.head``) trains on ``data/features``,
-one row per image and offline-augmented copy, computed once by the features stage: an epoch is a
-pass over a small matrix, not over the backbone.
-Phase ``fine_tune`` (``train.fine_tune.blocks`` or ``layers`` > 0): the top of the backbone is
-unfrozen (BatchNorm layers excepted) and trained with the head at
+one row per image and offline-augmented copy, computed once by the features stage. The linear head
+(``dense_units: 0``, the default) is multinomial logistic regression on standardized features, a
+convex problem: it is solved to its optimum by L-BFGS (``pipeline.model.linear_head``) at a path of
+L2 strengths, the one with the lowest val log loss kept; the same head whatever the seed, in
+seconds. An MLP head (``dense_units`` > 0) trains with Keras at a few L2 strengths
+(``MLP_L2_GRID``), the one with the lowest val log loss kept. Either way the chosen strength stays
+on the head's kernels through fine-tuning.
+Phase ``fine_tune`` (``train.fine_tune.blocks`` or ``layers`` > 0) starts from that head: the top
+of the backbone is unfrozen (BatchNorm layers excepted) and trained with the head at
 ``train.fine_tune.learning_rate``: on the frozen prefix's activations cached by the features stage
 when there are some (``Config.activation_cut``: only the unfrozen top runs), else on the images of
 ``data/augmented``, offline variants included, through online augmentation layers when
 ``augment.mode`` is online or both.
-Features and activations are memory-mapped and gathered a batch at a time: datasets larger than
-RAM stream from disk.
+Keras phases gather memory-mapped features and activations a batch at a time: datasets larger than
+RAM stream from disk. The linear head's solver holds one float32 copy of the training features.
 
-Both phases: early stopping on val_loss keeping the best epoch, ``train.lr_schedule``, class weights,
-label smoothing, a stop with a clear message on a NaN loss, 16-bit compute (``model.precision``), and
-tf.distribute over all GPUs (or all workers under TF_CONFIG) with per-replica batch sizes. Epochs
-are numbered on from one phase to the next. After every epoch the training state is saved
-(``pipeline.model.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch.
+Keras phases (the MLP head's, fine-tuning): early stopping on val_loss keeping the best epoch,
+``train.lr_schedule``, class weights, label smoothing, a stop with a clear message on a NaN loss,
+16-bit compute (``model.precision``), and tf.distribute over all GPUs (or all workers under
+TF_CONFIG) with per-replica batch sizes. Of these the linear head takes the class weights only.
+Rows are numbered on from one phase to the next. After every epoch the training state is saved
+(``pipeline.model.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch
+(the linear head, solved again, comes out the same).
 
 Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
 float32), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
-metrics), kept in Git for ``dvc plots``.
+metrics; the linear head: one row per L2 strength tried, ``l2`` its strength), kept in Git for
+``dvc plots``.
 The MLflow run gets every param, the prepared data as dataset inputs (one per split), the per-epoch
-metrics (fine-tuning ones prefixed ``finetune_``, at their epoch numbers), system metrics
-(``mlflow.system_metrics``) and the model, registered with the alias ``@candidate``.
+(per-strength) metrics (fine-tuning ones prefixed ``finetune_``, at their epoch numbers), the chosen
+strength (``head_l2``), system metrics (``mlflow.system_metrics``) and the model, registered with the
+alias ``@candidate``.
 """
 
 import contextlib
