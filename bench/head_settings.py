@@ -1,12 +1,14 @@
-"""Head settings on real features: what each training default of the head phase is worth.
+"""Head settings on real features: what each setting of a Keras-trained head is worth.
 
-Trains the head (``networks.head``) the way the train stage's head phase does (its loss, optimizer,
-learning-rate schedule, early stopping, class weights and temperature scaling: ``train.compile_for``,
-``train.stopping_and_schedule``, ``train.class_weights``, ``metrics.fitted_temperature`` and
-``networks.fold_temperature``) on the features a project's features stage cached, once per seed and
-setting, and scores it on the test split's features: accuracy, ECE (``pipeline.report.metrics``, as the
-evaluate stage) and log loss, as means over the seeds. Each setting changes one or more params
-from the project's ``params.yaml``.
+Trains the head (``networks.head``) with Keras the way the train stage's head phase did before issue
+23 and still trains an MLP head (``model.head.dense_units`` > 0), at one L2 strength, none (its loss,
+optimizer, learning-rate schedule, early stopping, class weights and temperature scaling:
+``train.compile_for``, ``train.stopping_and_schedule``, ``train.class_weights``,
+``metrics.fitted_temperature`` and ``networks.fold_temperature``) on the features a project's
+features stage cached, once per seed and setting, and scores it on the test split's features:
+accuracy, ECE (``pipeline.report.metrics``, as the evaluate stage) and log loss, as means over the
+seeds. Each setting changes one or more params from the project's ``params.yaml``. The linear head
+the train stage now solves is measured by ``head_quality.py``.
 
     python bench/head_settings.py --workdir /tmp/quality-xyz   (a project whose features stage ran, e.g. bench/quality.py's)
 """
@@ -53,7 +55,7 @@ def config_with(workdir: Path, overrides: dict) -> Config:
 def one_run(cfg: Config, features: dict, labels: dict, seed: int) -> dict:
     keras.utils.set_random_seed(seed)
     n_classes = int(labels["train"].max()) + 1
-    head = networks.head(features["train"], n_classes, cfg.model.head)
+    head = networks.head(networks.standardization(features["train"]), n_classes, cfg.model.head)
     phase = train.Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate,
                         "train.learning_rate")
     train.compile_for(head, phase, -(-len(features["train"]) // phase.batch_size), cfg)

@@ -36,7 +36,7 @@ def tiny_model(tmp_path_factory) -> Path:
     extractor = networks.feature_extractor(params)
     images = make_images(root / "images", {label: 4 for label in LABELS}, size=(32, 32))
     pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(images.rglob("*.jpg"))])
-    head = networks.head(extractor.predict(pixels, verbose=0), len(LABELS), params.head)
+    head = networks.head(networks.standardization(extractor.predict(pixels, verbose=0)), len(LABELS), params.head)
     model_dir = root / "model"
     model_dir.mkdir()
     networks.classifier(extractor, head, params.input_size).save(model_dir / "model.keras")

@@ -22,7 +22,7 @@ def model() -> keras.Model:
                          head=HeadParams(dense_units=8, dropout=0.1))
     extractor = networks.feature_extractor(params)
     features = np.random.default_rng(0).normal(size=(16, extractor.output_shape[-1]))
-    return networks.classifier(extractor, networks.head(features, 3, params.head), SIZE)
+    return networks.classifier(extractor, networks.head(networks.standardization(features), 3, params.head), SIZE)
 
 
 def parts(model: keras.Model):

@@ -58,7 +58,8 @@ def test_a_fine_tuning_step_trains_the_top_block_and_nothing_else(name):
     extractor = networks.feature_extractor(params(name, size))
     base = networks.backbone_of(extractor)
     networks.unfreeze_top(base, networks.trainable_top_start(base, spec, fine_tune(blocks=1)))
-    network = networks.on_pixels(extractor, networks.head(random_features(extractor), 3, HEAD), size)
+    head = networks.head(networks.standardization(random_features(extractor)), 3, HEAD)
+    network = networks.on_pixels(extractor, head, size)
     network.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
     frozen_before = [w.numpy() for w in base.non_trainable_weights]  # BatchNorm statistics included
     trainable_before = [w.numpy() for w in base.trainable_weights]
@@ -84,7 +85,7 @@ def test_the_cached_activations_model_computes_what_the_whole_network_does(name)
     spec = BACKBONES[name]
     size = max(spec.min_size, 32)
     extractor = networks.feature_extractor(params(name, size))
-    head = networks.head(random_features(extractor), 3, HEAD)
+    head = networks.head(networks.standardization(random_features(extractor)), 3, HEAD)
     cut = spec.blocks[-2]
     images = np.random.default_rng(1).uniform(0, 255, (4, size, size, 3)).astype("float32")
     features, activations = networks.with_activations(extractor, cut).predict_on_batch(images)
@@ -158,7 +159,8 @@ def test_fine_tuning_unfreezes_only_the_top_blocks_and_never_batchnorm():
 def test_classifier_takes_raw_uint8_of_any_size(tmp_path, name):
     size = max(BACKBONES[name].min_size, 32)
     extractor = networks.feature_extractor(params(name, size))
-    model = networks.classifier(extractor, networks.head(random_features(extractor), 4, HEAD), size)
+    head = networks.head(networks.standardization(random_features(extractor)), 4, HEAD)
+    model = networks.classifier(extractor, head, size)
     model.save(tmp_path / "m.keras")
     loaded = networks.load(tmp_path / "m.keras")
     for shape in [(2, size, size, 3), (1, 57, 91, 3)]:
@@ -215,7 +217,7 @@ def test_imagenet_download_failure_is_one_line(project, tmp_path):
 
 def test_folding_a_temperature_divides_the_logits_and_keeps_the_most_probable_class():
     features = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
-    head = networks.head(features, 3, HEAD)
+    head = networks.head(networks.standardization(features), 3, HEAD)
     before = head.predict(features, verbose=0)
     networks.fold_temperature(head, 2.0)
     after = head.predict(features, verbose=0)
@@ -223,3 +225,50 @@ def test_folding_a_temperature_divides_the_logits_and_keeps_the_most_probable_cl
     np.testing.assert_allclose(after, expected, rtol=1e-5)
     assert (after.argmax(axis=1) == before.argmax(axis=1)).all()
     assert not np.allclose(after, before)
+
+
+def generated_features(n_classes: int, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping Gaussian classes in 40 features of very different scales (1e-4 like a random-init
+    backbone's, up to 100), and one constant feature."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(99).normal(size=(n_classes, 40))
+    labels = np.arange(rows) % n_classes
+    scales = np.logspace(-4, 2, 40)
+    features = ((3 + centers[labels] * 0.4 + rng.normal(size=(rows, 40))) * scales).astype("float32")
+    features[:, 7] = 3.0
+    return features, labels
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_the_linear_head_is_logistic_regressions_optimum_at_the_strength_val_chose(n_classes):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    from conftest import REPO
+    from pipeline.config import load_config
+    from pipeline.model import linear_head
+    from pipeline.stages.train import linear_head_model
+
+    (x_train, y_train), (x_val, y_val), (x_test, _) = (generated_features(n_classes, rows, seed)
+                                                      for rows, seed in ((60, 0), (40, 1), (200, 2)))
+    stats = networks.standardization(x_train)
+    head, solution = linear_head_model(load_config(REPO / "params.yaml"), stats, (x_train, y_train), (x_val, y_val),
+                                       n_classes)
+
+    # The reference: scikit-learn solved to a gradient 1e6 times smaller, at every strength of the
+    # grid, on rows standardized in float64 (a constant feature left as it is).
+    scale = np.where(x_train.std(axis=0) > 0, x_train.astype("float64").std(axis=0), 1.0)
+    mean = x_train.astype("float64").mean(axis=0)
+    standardized = {name: (x.astype("float64") - mean) / scale for name, x in
+                    (("train", x_train), ("val", x_val), ("test", x_test))}
+
+    def optimum(l2: float) -> LogisticRegression:
+        return LogisticRegression(C=1 / (2 * l2 * len(y_train)), class_weight="balanced", tol=1e-10,
+                                  max_iter=100_000).fit(standardized["train"], y_train)
+
+    val_losses = [log_loss(y_val, optimum(l2).predict_proba(standardized["val"])) for l2 in linear_head.L2_GRID]
+    assert solution.chosen.l2 == linear_head.L2_GRID[int(np.argmin(val_losses))]
+    assert linear_head.L2_GRID[0] > solution.chosen.l2 > linear_head.L2_GRID[-1]  # an optimum inside the grid
+    expected = optimum(solution.chosen.l2).predict_proba(standardized["test"])
+    # L-BFGS stops at scikit-learn's default tolerance, within a few thousandths of the optimum.
+    np.testing.assert_allclose(head.predict(x_test, verbose=0), expected, atol=5e-3)

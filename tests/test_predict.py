@@ -35,7 +35,8 @@ def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("model")
     extractor = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3), keras.layers.GlobalAveragePooling2D()])
     pixels = np.stack([np.asarray(Image.open(p)) for p in make_images(root / "images", {"a": 6}, (32, 32)).rglob("*.jpg")])
-    head = networks.head(extractor.predict(pixels, verbose=0), len(LABELS), HeadParams(dense_units=0, dropout=0.5))
+    head = networks.head(networks.standardization(extractor.predict(pixels, verbose=0)), len(LABELS),
+                         HeadParams(dense_units=0, dropout=0.5))
     networks.classifier(extractor, head, 32).save(root / "model.keras")
     (root / "labels.json").write_text(json.dumps(LABELS))
     return root

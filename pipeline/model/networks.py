@@ -12,7 +12,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 import keras
 import numpy as np
@@ -92,20 +92,41 @@ def backbone_of(extractor: keras.Model) -> keras.Model:
     return next(layer for layer in extractor.layers if isinstance(layer, keras.Model))
 
 
-def head(train_features: np.ndarray, n_classes: int, params: HeadParams) -> keras.Model:
+class Standardization(NamedTuple):
+    """Per-feature mean and variance of the training rows, as the head's ``standardize`` layer uses them."""
+
+    mean: np.ndarray
+    variance: np.ndarray
+
+
+def standardization(train_features: np.ndarray) -> Standardization:
+    """The training features' mean and variance (one chunked pass: a memory-mapped file is never
+    copied whole). A constant feature keeps variance 1: Keras would divide it by its epsilon (1e-7),
+    turning any val or test value off the constant into a huge one. Variances under Keras's floor
+    (epsilon squared) are raised to it, so that ``(x - mean) / sqrt(variance)`` in numpy is what the
+    layer computes (``pipeline.model.linear_head`` solves on the rows standardized so)."""
+    mean, variance = column_stats(train_features)
+    return Standardization(mean, np.where(variance > 0, np.maximum(variance, keras.config.epsilon() ** 2), 1.0))
+
+
+def head(stats: Standardization, n_classes: int, params: HeadParams, l2: float = 0.0) -> keras.Model:
     """Standardize -> [dense ReLU] -> dropout -> softmax, over pooled features; float32 even in mixed precision.
 
-    Standardizing with the training features' mean and variance (constants, not trained) keeps the
-    head's learning rate meaningful whatever the backbone's output scale: random-init backbones
-    (``model.weights: none``) emit features around 1e-4, ImageNet ones around 1.
+    Standardizing with the training features' mean and variance (``stats``, constants, not trained)
+    puts every backbone's features on one scale: random-init backbones (``model.weights: none``)
+    emit features around 1e-4, ImageNet ones around 1. ``l2``: the L2 penalty on the dense layers'
+    kernels (per training row, ``keras.regularizers.L2``) in training: the strength the head phase
+    chose on the val split, kept through fine-tuning; none in inference.
     """
-    inputs = keras.Input(shape=(train_features.shape[1],), name="features")
-    mean, variance = column_stats(train_features)
-    x = keras.layers.Normalization(mean=mean, variance=variance, name="standardize", dtype="float32")(inputs)
+    regularizer = keras.regularizers.L2(l2) if l2 else None
+    inputs = keras.Input(shape=(len(stats.mean),), name="features")
+    x = keras.layers.Normalization(mean=stats.mean, variance=stats.variance, name="standardize", dtype="float32")(inputs)
     if params.dense_units:
-        x = keras.layers.Dense(params.dense_units, activation="relu", name="hidden", dtype="float32")(x)
+        x = keras.layers.Dense(params.dense_units, activation="relu", kernel_regularizer=regularizer, name="hidden",
+                               dtype="float32")(x)
     x = keras.layers.Dropout(params.dropout, name="dropout", dtype="float32")(x)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probabilities", dtype="float32")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=regularizer,
+                                 name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="head")
 
 

@@ -202,6 +202,11 @@ def log_epoch(logs: dict[str, float], epoch: int, prefix: str = "") -> None:
     mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
 
 
+def log_head_l2(l2: float) -> None:
+    """The L2 strength the head phase chose on the val split, as metric ``head_l2``."""
+    mlflow.log_metric("head_l2", l2)
+
+
 def log_temperature(temperature: float) -> None:
     """The temperature that train's temperature scaling divides the logits by, as metric ``temperature``."""
     mlflow.log_metric("temperature", temperature)

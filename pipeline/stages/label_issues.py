@@ -52,9 +52,10 @@ from pipeline.report import plots
 
 COLUMNS = ["source", "split", "given", "suggested", "score"]
 # Logistic regression's C values tried. Confident learning needs probabilities that are not
-# overconfident: the head itself gets that from early stopping on val_loss, this model from the C
-# with the best held-out log loss. (Flowers, MobileNetV2 features: log loss 0.46 at C=1, 0.33 at
-# 0.1, 0.28 at 0.01, 0.35 at 0.001; 213, 155, 98 and 56 images flagged.)
+# overconfident: the head itself gets that from the L2 strength with the best val log loss
+# (pipeline.model.linear_head), this model from the C with the best held-out log loss. (Flowers,
+# MobileNetV2 features: log loss 0.46 at C=1, 0.33 at 0.1, 0.28 at 0.01, 0.35 at 0.001; 213, 155,
+# 98 and 56 images flagged.)
 REGULARIZATION = (1.0, 0.1, 0.01, 0.001)
 GALLERY_HEADING = "Likely mislabelled: given label → suggested (held-out probability of the given label)"
 

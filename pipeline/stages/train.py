@@ -1,29 +1,38 @@
 """Stage 5, train: a new head on the cached features, then optional fine-tuning; one exported model.
 
 Phase ``head``: the backbone is frozen, so the head (``model.head``) trains on ``data/features``,
-one row per image and offline-augmented copy, computed once by the features stage: an epoch is a
-pass over a small matrix, not over the backbone.
-Phase ``fine_tune`` (``train.fine_tune.blocks`` or ``layers`` > 0): the top of the backbone is
-unfrozen (BatchNorm layers excepted) and trained with the head at
+one row per image and offline-augmented copy, computed once by the features stage. The linear head
+(``dense_units: 0``, the default) is multinomial logistic regression on standardized features, a
+convex problem: it is solved to its optimum by L-BFGS (``pipeline.model.linear_head``) at a path of
+L2 strengths, the one with the lowest val log loss kept; the same head whatever the seed, in
+seconds. An MLP head (``dense_units`` > 0) trains with Keras at a few L2 strengths
+(``MLP_L2_GRID``), the one with the lowest val log loss kept. Either way the chosen strength stays
+on the head's kernels through fine-tuning.
+Phase ``fine_tune`` (``train.fine_tune.blocks`` or ``layers`` > 0) starts from that head: the top
+of the backbone is unfrozen (BatchNorm layers excepted) and trained with the head at
 ``train.fine_tune.learning_rate``: on the frozen prefix's activations cached by the features stage
 when there are some (``Config.activation_cut``: only the unfrozen top runs), else on the images of
 ``data/augmented``, offline variants included, through online augmentation layers when
 ``augment.mode`` is online or both.
-Features and activations are memory-mapped and gathered a batch at a time: datasets larger than
-RAM stream from disk.
+Keras phases gather memory-mapped features and activations a batch at a time: datasets larger than
+RAM stream from disk. The linear head's solver holds one float32 copy of the training features.
 
-Both phases: early stopping on val_loss keeping the best epoch, ``train.lr_schedule``, class weights,
-label smoothing, a stop with a clear message on a NaN loss, 16-bit compute (``model.precision``), and
-tf.distribute over all GPUs (or all workers under TF_CONFIG) with per-replica batch sizes. Epochs
-are numbered on from one phase to the next. After every epoch the training state is saved
-(``pipeline.model.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch.
+Keras phases (the MLP head's, fine-tuning): early stopping on val_loss keeping the best epoch,
+``train.lr_schedule``, class weights, label smoothing, a stop with a clear message on a NaN loss,
+16-bit compute (``model.precision``), and tf.distribute over all GPUs (or all workers under
+TF_CONFIG) with per-replica batch sizes. Of these the linear head takes the class weights only.
+Rows are numbered on from one phase to the next. After every epoch the training state is saved
+(``pipeline.model.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch
+(the linear head, solved again, comes out the same).
 
 Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
 float32), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
-metrics), kept in Git for ``dvc plots``.
+metrics; the linear head: one row per L2 strength tried, ``l2`` its strength), kept in Git for
+``dvc plots``.
 The MLflow run gets every param, the prepared data as dataset inputs (one per split), the per-epoch
-metrics (fine-tuning ones prefixed ``finetune_``, at their epoch numbers), system metrics
-(``mlflow.system_metrics``) and the model, registered with the alias ``@candidate``.
+(per-strength) metrics (fine-tuning ones prefixed ``finetune_``, at their epoch numbers), the chosen
+strength (``head_l2``), system metrics (``mlflow.system_metrics``) and the model, registered with the
+alias ``@candidate``.
 """
 
 import contextlib
@@ -38,21 +47,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import keras
 import numpy as np
 import tensorflow as tf
+from sklearn.metrics import log_loss
 
 from pipeline.cli import UserError, error_summary, run_stage
 from pipeline.config import Config, ModelParams, load_config
 from pipeline.data.augmentation import label_mixing, online_augmentation
 from pipeline.data.manifests import read_labels
 from pipeline.files import atomic_dir, atomic_file
-from pipeline.model import checkpoints, devices, feature_store, networks
+from pipeline.model import checkpoints, devices, feature_store, linear_head, networks
 from pipeline.paths import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, HISTORY, MODEL_DIR, MODEL_FILE, MODEL_LABELS
 from pipeline.report import metrics, tracking
 
+# L2 strengths an MLP head (model.head.dense_units > 0) is trained at, strongest first: each a
+# whole Keras training, so a decade apart (the linear head solves at linear_head.L2_GRID's).
+MLP_L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
 PLATEAU_FACTOR = 0.2  # lr_schedule plateau: multiply the learning rate by this...
 PLATEAU_PATIENCE = 2  # ...after this many epochs without val_loss progress
 
@@ -66,6 +79,7 @@ class Phase:
     batch_size: int  # global: per replica times replicas
     learning_rate: float
     learning_rate_param: str  # named when the loss becomes NaN
+    checkpoint: str = ""  # its folder in the checkpoints; "" = its name
 
     @property
     def last_epoch(self) -> int:
@@ -228,7 +242,7 @@ def stopping_and_schedule(cfg: Config) -> list[keras.callbacks.Callback]:
 
 def callbacks_for(phase: Phase, cfg: Config) -> tuple[list[keras.callbacks.Callback], checkpoints.EpochCheckpoint]:
     stateful = stopping_and_schedule(cfg)
-    checkpoint = checkpoints.EpochCheckpoint(phase.name, stateful)  # last: saves what the others did this epoch
+    checkpoint = checkpoints.EpochCheckpoint(phase.checkpoint or phase.name, stateful)  # last: saves what the others did this epoch
     return [EpochStats(), StopOnNaN(phase), *stateful, tracking.log_epoch_metrics(phase.metric_prefix), checkpoint], \
         checkpoint
 
@@ -264,30 +278,94 @@ def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, 
 
 
 def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model, list[dict]]:
-    x_train = feature_store.features("train")
     fine_tune = cfg.train.fine_tune
     # Without fine-tuning the backbone runs only in the exported model, which is float32: built
     # so at once, rather than in model.precision and then once more (seconds for a large backbone).
     with contextlib.nullcontext() if fine_tune.enabled else networks.dtype_policy("float32"):
         extractor = networks.saved_feature_extractor(cfg.model, FEATURES_DIR)
-    head = networks.head(x_train, n_classes, cfg.model.head)
     base = networks.backbone_of(extractor)
     top_start = networks.trainable_top_start(base, cfg.model.spec, fine_tune) if fine_tune.enabled else None
 
-    head_phase = Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size * replicas, cfg.train.learning_rate,
-                       "train.learning_rate")
     val = row_examples(feature_store.features("val"), feature_store.labels("val"), n_classes)
-    history = fit_phase(head, head_phase, row_examples(x_train, feature_store.labels("train"), n_classes), val, cfg)
-    network, last_phase = head, head_phase
+    head, history = train_head(cfg, n_classes, replicas, val)
+    network, batch_size = head, cfg.train.batch_size * replicas
     if fine_tune.enabled:
         networks.unfreeze_top(base, cast(int, top_start))  # set when fine-tuning
         network, train, val = fine_tune_inputs(cfg, extractor, head, n_classes)
-        last_phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs,
-                           fine_tune.batch_size * replicas, fine_tune.learning_rate, "train.fine_tune.learning_rate")
-        history += fit_phase(network, last_phase, train, val, cfg)
+        batch_size = fine_tune.batch_size * replicas
+        phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs, batch_size,
+                      fine_tune.learning_rate, "train.fine_tune.learning_rate")
+        history += fit_phase(network, phase, train, val, cfg)
     if cfg.train.temperature_scaling:
-        calibrate(head, network, val, last_phase.batch_size)
+        calibrate(head, network, val, batch_size)
     return exported(cfg.model, extractor, head), history
+
+
+def train_head(cfg: Config, n_classes: int, replicas: int, val: Examples) -> tuple[keras.Model, list[dict]]:
+    """The head phase: the linear head solved (:func:`solved_head`), an MLP head trained
+    (:func:`trained_mlp_head`); its model and history rows."""
+    x_train, y_train = feature_store.features("train"), feature_store.labels("train")
+    stats = networks.standardization(x_train)
+    if not cfg.model.head.dense_units:
+        return solved_head(cfg, stats, (x_train, y_train), (feature_store.features("val"), val.labels), n_classes)
+    return trained_mlp_head(cfg, stats, row_examples(x_train, y_train, n_classes), val, n_classes, replicas)
+
+
+def linear_head_model(cfg: Config, stats: networks.Standardization, train: tuple[np.ndarray, np.ndarray],
+                      val: tuple[np.ndarray, np.ndarray], n_classes: int) -> tuple[keras.Model, linear_head.Solution]:
+    """The linear head at the optimum of its problem, its L2 strength chosen on the val split
+    (``pipeline.model.linear_head``), and the path that chose it: the same whatever the seed."""
+    (x_train, y_train), (x_val, y_val) = train, val
+    solution = linear_head.regularization_path(
+        linear_head.standardized(x_train, *stats), y_train, linear_head.standardized(x_val, *stats), y_val,
+        n_classes, class_weights(y_train, n_classes, cfg.train.class_weight))
+    head = networks.head(stats, n_classes, cfg.model.head, l2=solution.chosen.l2)
+    head.get_layer("probabilities").set_weights([solution.kernel, solution.bias])
+    return head, solution
+
+
+def solved_head(cfg: Config, stats: networks.Standardization, train: tuple[np.ndarray, np.ndarray],
+                val: tuple[np.ndarray, np.ndarray], n_classes: int) -> tuple[keras.Model, list[dict]]:
+    """:func:`linear_head_model`, with one history row per L2 strength of the path, numbered like
+    epochs (``epoch``: fine-tuning's epochs are numbered on from the last), logged to MLflow alike."""
+    head, solution = linear_head_model(cfg, stats, train, val, n_classes)
+    rows: list[dict[str, Any]] = [{"phase": "head", "epoch": number, "l2": step.l2, "loss": step.loss, "accuracy": step.accuracy,
+             "val_loss": step.val_loss, "val_accuracy": step.val_accuracy, "seconds": step.seconds}
+            for number, step in enumerate(solution.path, 1)]
+    for row in rows:
+        tracking.log_epoch({k: v for k, v in row.items() if k not in ("phase", "epoch")}, row["epoch"])
+    tracking.log_head_l2(solution.chosen.l2)
+    unconverged = [step.l2 for step in solution.path if not step.converged]
+    print(f"train: head solved at {len(rows)} L2 strengths in {sum(r['seconds'] for r in rows):.2f} s, "
+          f"l2={solution.chosen.l2:.3g} kept (val log loss {solution.chosen.val_loss:.4f}, "
+          f"val_accuracy {solution.chosen.val_accuracy:.3f})"
+          + (f"; L-BFGS stopped at {linear_head.MAX_ITERATIONS} iterations for l2={unconverged}" if unconverged else ""))
+    return head, rows
+
+
+def trained_mlp_head(cfg: Config, stats: networks.Standardization, train: Examples, val: Examples, n_classes: int,
+                     replicas: int) -> tuple[keras.Model, list[dict]]:
+    """An MLP head trained with Keras once per L2 strength of ``MLP_L2_GRID`` (strongest first,
+    early stopping on val_loss in each); the one with the lowest val log loss is kept, with its
+    epochs as the history rows. The path ends at the first strength that does no better."""
+    best: tuple[float, keras.Model, list[dict]] | None = None
+    for l2 in MLP_L2_GRID:
+        head = networks.head(stats, n_classes, cfg.model.head, l2=l2)
+        phase = Phase("head", f"head_l2_{l2:g}_", 0, cfg.train.epochs, cfg.train.batch_size * replicas,
+                      cfg.train.learning_rate, "train.learning_rate", checkpoint=f"head-l2-{l2:g}")
+        rows = [{**row, "l2": l2} for row in fit_phase(head, phase, train, val, cfg)]
+        val_loss = log_loss(val.labels, head.predict(in_order(val, phase.batch_size), verbose=0),
+                            labels=range(n_classes))
+        print(f"train: MLP head with l2={l2:g}: val log loss {val_loss:.4f}")
+        if best is not None and val_loss >= best[0]:
+            break
+        best = (val_loss, head, rows)
+    assert best is not None  # the grid is not empty: the first strength is always kept
+    _, head, rows = best
+    for row in rows:
+        tracking.log_epoch({k: v for k, v in row.items() if k not in ("phase", "epoch")}, row["epoch"])
+    tracking.log_head_l2(rows[0]["l2"])
+    return head, rows
 
 
 def calibrate(head: keras.Model, network: keras.Model, val: Examples, batch_size: int) -> None:
@@ -336,10 +414,16 @@ def write_history(rows: list[dict], path: Path) -> None:
 
 
 def history_summary(history: list[dict]) -> str:
-    """Per phase: epochs, time per epoch (the first one apart: it includes building the graph), last val_accuracy."""
+    """Per phase: Keras epochs (time per epoch, the first one apart: it includes building the graph;
+    the last val_accuracy) or the solved head's L2 strengths (their time, the kept one's val_accuracy)."""
     parts = []
     for phase in dict.fromkeys(row["phase"] for row in history):
         rows = [row for row in history if row["phase"] == phase]
+        if "learning_rate" not in rows[0]:  # the linear head's path
+            kept = min(rows, key=lambda row: row["val_loss"])
+            parts.append(f"{phase} {len(rows)} L2 strengths ({sum(r['seconds'] for r in rows):.2f} s), "
+                         f"val_accuracy {kept['val_accuracy']:.3f} at l2={kept['l2']:.3g}")
+            continue
         timing = f"first {rows[0]['seconds']:.2f} s"
         if len(rows) > 1:
             timing += f", then median {statistics.median(r['seconds'] for r in rows[1:]):.2f} s/epoch"
