@@ -2,6 +2,7 @@
 
 import json
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -9,10 +10,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from conftest import REPO, make_images, project_env, run
+from conftest import REPO, SHARED, make_images, project_env, require_shared, run
 from pipeline.cli import UserError
 from pipeline.data.images import model_input, read_rgb
 from pipeline.model import networks
@@ -238,3 +240,29 @@ def test_a_fifo_is_skipped_not_read_forever(tmp_path):
     os.mkfifo(fifo)  # opening it for reading would block until someone writes
     assert list(predict.image_files([fifo, tmp_path / "missing.jpg"])) == [
         (fifo, "not a regular file (a FIFO, socket or device)"), (tmp_path / "missing.jpg", "no such file or folder")]
+
+
+@pytest.mark.slow
+def test_imagenet_shows_what_the_pretrained_backbone_sees(tmp_path, monkeypatch, capsys):
+    """--imagenet: MobileNet 0.25 with its own ImageNet classifier (real weights) puts class 985,
+    "daisy", in the top 5 of most daisy photos; a file without the classifier is one line."""
+    archive, with_top = SHARED / "datasets" / "flower_photos.tgz", SHARED / "weights" / "mobilenet_0.25_224_imagenet_with_top.h5"
+    require_shared(archive)
+    require_shared(with_top)
+    with tarfile.open(archive) as tar:
+        daisies = [m for m in tar.getmembers() if m.name.startswith("flower_photos/daisy/")][:10]
+        tar.extractall(tmp_path, members=daisies, filter="data")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"] |= {"backbone": "mobilenet", "alpha": 0.25}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # no class index cached: names or numbers, both fine
+    predict.main([str(tmp_path / "flower_photos" / "daisy"), "--imagenet", str(with_top), "--top-k", "5", "--json"])
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(answers) == 10
+    top5 = [{p["label"] for p in a["predictions"]} for a in answers]
+    assert sum(bool({"daisy", "class 985"} & labels) for labels in top5) >= 7, top5
+
+    no_top = SHARED / "weights" / "mobilenet_0.25_224_imagenet_no_top.h5"
+    with pytest.raises(UserError, match="--imagenet: .* it needs weights saved with the top"):
+        predict.main([str(tmp_path / "flower_photos" / "daisy"), "--imagenet", str(no_top)])

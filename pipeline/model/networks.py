@@ -61,6 +61,24 @@ def backbone(params: ModelParams) -> keras.Model:
     return base
 
 
+def imagenet_classifier(params: ModelParams, weights: str) -> keras.Model:
+    """The backbone with its original 1,000-class ImageNet classifier, at its native size: pixels
+    (0..255) in, ImageNet probabilities out. ``weights``: ``imagenet`` (Keras downloads them) or a
+    weights file saved with the top (``include_top=True``)."""
+    spec = params.spec
+    width = {} if params.width is None else {"alpha": params.width}
+    size = spec.native_size
+    try:
+        top = getattr(keras.applications, spec.application)(include_top=True, weights=weights, classes=1000,
+                                                            input_shape=(size, size, 3), **width)
+    except Exception as err:  # Keras raises bare Exception/ValueError for download and shape problems
+        raise UserError(f"--imagenet: {weights} does not load into {params.architecture} with its ImageNet "
+                        f"classifier ({first_line(err)[:200]}): it needs weights saved with the top") from None
+    inputs = keras.Input(shape=(None, None, 3), name="image")  # like the exported model: input_size() reads the resize
+    x = keras.layers.Resizing(size, size, crop_to_aspect_ratio=True, name="resize")(inputs)
+    return keras.Model(inputs, top(preprocessing(spec)(x), training=False), name="imagenet_classifier")
+
+
 def _weights_problem(params: ModelParams, err: Exception | Warning) -> str:
     message = first_line(err)
     if params.weights == "imagenet":

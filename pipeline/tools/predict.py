@@ -1,6 +1,7 @@
 """Predict: the top labels of image files, from the pipeline's model or any logged MLflow model.
 
     python -m pipeline.tools.predict PATH... [--model MODEL] [--labels FILE] [--top-k K] [--json]
+    python -m pipeline.tools.predict PATH... --imagenet [WEIGHTS]
 
 PATH is an image file or a folder (searched recursively for image files). MODEL is
 ``data/model/model.keras`` by default, another ``.keras`` file, or an MLflow model URI of the
@@ -14,9 +15,16 @@ Output, one line per image: ``path<TAB>label 0.912<TAB>label 0.050...``; with ``
 object per line: ``{"path": ..., "predictions": [{"label": ..., "probability": ...}, ...]}``.
 A file that cannot be read is skipped with one line on stderr naming it and why; the exit status
 is then 1. Usage errors (no model, bad labels) exit with 2.
+
+``--imagenet``: what the pretrained backbone itself sees, before any training: the top ImageNet
+classes of ``model.backbone`` (and ``model.alpha``) with its original 1,000-class classifier, a
+quick check of a dataset and a hint of which backbone knows its domain. WEIGHTS is ``imagenet``
+(the default: Keras downloads them) or a weights file saved with the classifier. Class names come
+from Keras's ImageNet class index (downloaded once); without it, the class numbers are shown.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterator
@@ -26,12 +34,17 @@ import keras
 import numpy as np
 
 from pipeline.cli import UserError, error_summary, run_stage
+from pipeline.config import load_config
 from pipeline.data.images import IMAGE_SUFFIXES, model_input
 from pipeline.files import read_json
 from pipeline.model import networks
 from pipeline.paths import MODEL_FILE, MODEL_LABELS
 from pipeline.report import tracking
 from pipeline.serving import DEFAULT_TOP_K, top_labels
+
+# Keras's own ImageNet class index (what keras.applications.imagenet_utils.decode_predictions reads).
+IMAGENET_CLASS_INDEX = "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json"
+IMAGENET_CLASS_INDEX_MD5 = "c2c37ea517e94d9795004a39431a14cb"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K,
                         help=f"labels per image, at most the number of classes (default: {DEFAULT_TOP_K})")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--imagenet", nargs="?", const="imagenet", metavar="WEIGHTS",
+                        help="the backbone's own ImageNet classes instead (WEIGHTS: imagenet or a with-top file)")
     return parser.parse_args(argv)
 
 
@@ -141,9 +156,25 @@ def format_line(path: Path, ranked: list[tuple[str, float]], as_json: bool) -> s
     return "\t".join([str(path), *(f"{label} {p:.3f}" for label, p in ranked)])
 
 
+def imagenet_labels() -> list[str]:
+    """The 1,000 ImageNet class names in index order (Keras's class index, downloaded once and
+    cached), or ``class <n>`` when it cannot be had (offline)."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Keras announces its download on stdout, where answers go
+            index = read_json(Path(keras.utils.get_file("imagenet_class_index.json", IMAGENET_CLASS_INDEX,
+                                                        cache_subdir="models", file_hash=IMAGENET_CLASS_INDEX_MD5)))
+        return [index[str(i)][1] for i in range(1000)]
+    except Exception as err:  # no network: urllib's and Keras's errors alike
+        print(f"note: no ImageNet class names ({error_summary(err)[:120]}): showing class numbers", file=sys.stderr)
+        return [f"class {i}" for i in range(1000)]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    model, labels = load_model(args.model, args.labels)
+    if args.imagenet:
+        model, labels = networks.imagenet_classifier(load_config().model, args.imagenet), imagenet_labels()
+    else:
+        model, labels = load_model(args.model, args.labels)
     if args.top_k > len(labels):
         print(f"note: --top-k {args.top_k} is more than the model's {len(labels)} classes; showing all of them",
               file=sys.stderr)
