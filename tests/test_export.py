@@ -22,6 +22,8 @@ from pipeline.model import networks
 from pipeline.paths import AUGMENTED_DIR, MODEL_FILE, TEST_PROBABILITIES
 from pipeline.stages import export
 
+pytestmark = pytest.mark.slow
+
 LABELS = ["red", "green", "blue"]
 
 
