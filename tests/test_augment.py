@@ -280,6 +280,7 @@ def online_template(tmp_path_factory) -> Path:
     return project_through("features", tmp_path_factory.mktemp("online"), {"red": 8, "green": 8, "blue": 8}, params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("online", [{"rand_augment_ops": 2, "mix": "cutmix", "mix_alpha": 1.0}, {"mix": "mixup"}])
 def test_train_stage_fine_tunes_through_the_online_only_layers(online_template, tmp_path, online):
     project = Path(shutil.copytree(online_template, tmp_path / "project", symlinks=True))
@@ -323,6 +324,7 @@ def assert_matches_a_fresh_render(project: Path, manifest: list[dict[str, str]])
         assert (project / "data" / "augmented" / row["path"]).read_bytes() == encode_jpeg(pixels), row
 
 
+@pytest.mark.slow
 def test_stage_writes_the_manifest_contract_deterministically(project, tmp_path):
     prepare(project)
     manifest, rendered = run_augment(project, tmp_path / "cache1")
@@ -341,6 +343,7 @@ def test_stage_writes_the_manifest_contract_deterministically(project, tmp_path)
     assert (tree(project / "data" / "augmented"), gallery.read_bytes()) == first
 
 
+@pytest.mark.slow
 def test_stage_renders_only_what_is_new_and_never_reuses_stale_files(project, tmp_path):
     prepare(project)
     cache = tmp_path / "cache"
@@ -438,6 +441,7 @@ print(megabytes("VmHWM") - before)
 """
 
 
+@pytest.mark.slow
 def test_gallery_memory_stays_bounded_at_the_largest_image_size(project):
     prepare(project)
     # The largest size allowed, offline and online variants; the online batch alone was 0.5 GB.

@@ -106,6 +106,7 @@ def test_mlflow_names_set_in_params_win(tmp_path):
     assert load_config(params).registered_model_name is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["download", "prepare", "train"])
 def test_stage_help_says_what_it_reads_and_writes_without_running(project, stage):
     shown = run([sys.executable, "-m", f"pipeline.stages.{stage}", "--help"], project)

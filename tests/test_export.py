@@ -22,6 +22,8 @@ from pipeline.model import networks
 from pipeline.paths import MODEL_FILE, PREPARED_MANIFEST, TEST_PROBABILITIES
 from pipeline.stages import export
 
+pytestmark = pytest.mark.slow
+
 LABELS = ["red", "green", "blue"]
 
 

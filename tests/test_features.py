@@ -13,6 +13,8 @@ import pytest
 
 from conftest import free_port, on_two_cpus, project_env, project_through, run, set_params
 
+pytestmark = pytest.mark.slow
+
 PER_REPLICA = 4
 TINY = {"model.backbone": "mobilenet", "model.alpha": 0.25, "model.image_size": 32, "augment.mode": "offline",
         "train.fine_tune.blocks": 1, "train.batch_size": PER_REPLICA}

@@ -32,6 +32,7 @@ def random_features(extractor: keras.Model, rows: int = 10) -> np.ndarray:
     return np.random.default_rng(0).normal(size=(rows, extractor.output_shape[-1])).astype("float32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_builds_and_cuts_cleanly_at_its_blocks(name):
     spec = BACKBONES[name]
@@ -51,6 +52,7 @@ FAMILIES = ["inception_v3", "resnet50", "resnet50_v2", "mobilenet_v2", "mobilene
             "convnext_tiny"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_fine_tuning_step_trains_the_top_block_and_nothing_else(name):
     spec = BACKBONES[name]
@@ -80,6 +82,7 @@ def test_preprocessing_matches_keras_preprocess_input(name):
     np.testing.assert_allclose(np.asarray(ours), module.preprocess_input(pixels.copy()), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["inception_v3", "resnet50", "mobilenet_v2"])
 def test_the_cached_activations_model_computes_what_the_whole_network_does(name):
     spec = BACKBONES[name]
@@ -155,6 +158,7 @@ def test_fine_tuning_unfreezes_only_the_top_blocks_and_never_batchnorm():
     assert networks.trainable_top_start(base, spec, fine_tune(blocks=11)) == 1  # every block
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*FAMILIES, "mobilenet"])  # each family's layers must load in safe mode
 def test_classifier_takes_raw_uint8_of_any_size(tmp_path, name):
     size = max(BACKBONES[name].min_size, 32)
@@ -169,6 +173,7 @@ def test_classifier_takes_raw_uint8_of_any_size(tmp_path, name):
         np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_weights_file_is_loaded_and_checked(tmp_path):
     base = networks.backbone(params("resnet50", 32))
     base.save_weights(tmp_path / "resnet50.weights.h5")
@@ -198,6 +203,7 @@ def test_alpha_sets_the_width_and_only_where_the_backbone_has_one(tmp_path):
         params("resnet50", 32, alpha=1.0)
 
 
+@pytest.mark.slow
 def test_imagenet_download_failure_is_one_line(project, tmp_path):
     set_params(project, **{"model.weights": "imagenet"})
     run([sys.executable, "-m", "pipeline.stages.download"], project)

@@ -22,6 +22,8 @@ from test_reliability import tree_digest
 
 from conftest import make_images, new_project, project_env, run, set_params
 
+pytestmark = pytest.mark.slow
+
 
 def outputs(project: Path, *paths: str) -> dict[str, str]:
     """A digest of each output: a folder's tree, a file's bytes."""

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 # Loads TensorFlow through the pipeline package, as every stage does, then makes TensorFlow log a
 # C++ warning at run time, long after it read TF_CPP_MIN_LOG_LEVEL.
 PARTLY_READ_CACHE = "import pipeline.stages, tensorflow as tf\nnext(iter(tf.data.Dataset.range(4).cache()))\n"

@@ -22,6 +22,8 @@ from pipeline.config import load_config
 from pipeline.model import networks
 from pipeline.paths import HISTORY
 
+pytestmark = pytest.mark.slow
+
 TINY = {"model.backbone": "resnet50", "model.image_size": 32, "augment.mode": "both", "train.epochs": 2}
 
 
