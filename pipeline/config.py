@@ -229,6 +229,7 @@ class LabelIssuesParams(Section):
     """The label_issues stage: held-out probabilities by k-fold, then confident learning."""
 
     folds: Annotated[int, Field(ge=2)]
+    max_fit_images: Annotated[int, Field(ge=1)]
     gallery: Annotated[int, Field(ge=0)]
 
 
