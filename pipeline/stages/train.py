@@ -18,6 +18,11 @@ tf.distribute over all GPUs (or all workers under TF_CONFIG) with per-replica ba
 are numbered on from one phase to the next. After every epoch the training state is saved
 (``pipeline.model.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch.
 
+On a cluster (``TF_CONFIG``) every worker runs this stage and trains its replicas in step; only the
+chief writes the outputs below, the checkpoints and the MLflow run. The others start from the
+chief's checkpoints (sent over), write nothing, and leave once the chief is done. A
+worker that dies stops the others in one line; rerunning them all resumes from the last epoch.
+
 Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
 float32), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
 metrics), kept in Git for ``dvc plots``.
@@ -34,6 +39,7 @@ import math
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -49,11 +55,35 @@ from pipeline.data.augmentation import label_mixing, online_augmentation
 from pipeline.data.manifests import read_labels
 from pipeline.files import atomic_dir, atomic_file
 from pipeline.model import checkpoints, devices, feature_store, networks
-from pipeline.paths import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, HISTORY, MODEL_DIR, MODEL_FILE, MODEL_LABELS
+from pipeline.paths import (
+    AUGMENTED_DIR,
+    AUGMENTED_MANIFEST,
+    CHECKPOINT_DIR,
+    FEATURES_DIR,
+    HISTORY,
+    MODEL_DIR,
+    MODEL_FILE,
+    MODEL_LABELS,
+)
 from pipeline.report import metrics, tracking
 
 PLATEAU_FACTOR = 0.2  # lr_schedule plateau: multiply the learning rate by this...
 PLATEAU_PATIENCE = 2  # ...after this many epochs without val_loss progress
+RESUME_ON_CLUSTER = ("start it and rerun the stage on every worker (dvc repro on the chief): "
+                     "training goes on from the chief's last checkpoint")
+
+
+@dataclass(frozen=True)
+class Role:
+    """What this process writes: the chief of a cluster (or the only process) logs to MLflow and
+    keeps the checkpoints in ``data/checkpoints``; another worker logs nothing and keeps them in a
+    scratch folder, a copy of the chief's at the start."""
+
+    logs_to_mlflow: bool
+    checkpoints: Path
+
+
+CHIEF = Role(logs_to_mlflow=True, checkpoints=CHECKPOINT_DIR)
 
 
 @dataclass(frozen=True)
@@ -225,25 +255,27 @@ def stopping_and_schedule(cfg: Config) -> list[keras.callbacks.Callback]:
     return stateful
 
 
-def callbacks_for(phase: Phase, cfg: Config) -> tuple[list[keras.callbacks.Callback], checkpoints.EpochCheckpoint]:
+def callbacks_for(phase: Phase, cfg: Config, role: Role) -> tuple[list[keras.callbacks.Callback],
+                                                                   checkpoints.EpochCheckpoint]:
     stateful = stopping_and_schedule(cfg)
-    checkpoint = checkpoints.EpochCheckpoint(phase.name, stateful)  # last: saves what the others did this epoch
-    return [EpochStats(), StopOnNaN(phase), *stateful, tracking.log_epoch_metrics(phase.metric_prefix), checkpoint], \
-        checkpoint
+    # last: saves what the others did this epoch
+    checkpoint = checkpoints.EpochCheckpoint(phase.name, stateful, role.checkpoints)
+    logging = [tracking.log_epoch_metrics(phase.metric_prefix)] if role.logs_to_mlflow else []
+    return [EpochStats(), StopOnNaN(phase), *stateful, *logging, checkpoint], checkpoint
 
 
-def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, cfg: Config) -> list[dict]:
+def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, cfg: Config,
+              role: Role) -> list[dict]:
     """Train ``model`` through ``phase``, from where a killed run stopped if it left a checkpoint."""
-    callbacks, checkpoint = callbacks_for(phase, cfg)
+    callbacks, checkpoint = callbacks_for(phase, cfg, role)
     steps_per_epoch = math.ceil(train.count / phase.batch_size)
     compile_for(model, phase, steps_per_epoch, cfg)
     checkpoint.restore_variables(model)
     start = checkpoint.epochs_done or phase.first_epoch
     end = start if checkpoint.stopped else phase.last_epoch
     if checkpoint.epochs_done:
-        print(f"train: resuming the {phase.name} phase after epoch {start} "
-              f"(checkpoint in {checkpoints.CHECKPOINT_DIR})")
-    for row in checkpoint.history:  # the killed run's epochs, into this run
+        print(f"train: resuming the {phase.name} phase after epoch {start} (checkpoint in {CHECKPOINT_DIR})")
+    for row in checkpoint.history if role.logs_to_mlflow else []:  # the killed run's epochs, into this run
         tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"], phase.metric_prefix)
     model.fit(
         shuffled_epochs(train, phase.batch_size, cfg.seed, range(start, end)),
@@ -262,7 +294,7 @@ def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, 
 # ---- the two phases and the exported model ------------------------------------------------------
 
 
-def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model, list[dict]]:
+def train_model(cfg: Config, n_classes: int, replicas: int, role: Role) -> tuple[keras.Model, list[dict]]:
     x_train = feature_store.features("train")
     fine_tune = cfg.train.fine_tune
     # Without fine-tuning the backbone runs only in the exported model, which is float32: built
@@ -276,26 +308,28 @@ def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model
     head_phase = Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size * replicas, cfg.train.learning_rate,
                        "train.learning_rate")
     val = row_examples(feature_store.features("val"), feature_store.labels("val"), n_classes)
-    history = fit_phase(head, head_phase, row_examples(x_train, feature_store.labels("train"), n_classes), val, cfg)
+    history = fit_phase(head, head_phase, row_examples(x_train, feature_store.labels("train"), n_classes), val, cfg,
+                        role)
     network, last_phase = head, head_phase
     if fine_tune.enabled:
         networks.unfreeze_top(base, top_start)
         network, train, val = fine_tune_inputs(cfg, extractor, head, n_classes)
         last_phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs,
                            fine_tune.batch_size * replicas, fine_tune.learning_rate, "train.fine_tune.learning_rate")
-        history += fit_phase(network, last_phase, train, val, cfg)
+        history += fit_phase(network, last_phase, train, val, cfg, role)
     if cfg.train.temperature_scaling:
-        calibrate(head, network, val, last_phase.batch_size)
+        calibrate(head, network, val, last_phase.batch_size, role)
     return exported(cfg.model, extractor, head), history
 
 
-def calibrate(head: keras.Model, network: keras.Model, val: Examples, batch_size: int) -> None:
+def calibrate(head: keras.Model, network: keras.Model, val: Examples, batch_size: int, role: Role) -> None:
     """Temperature scaling: the temperature that best fits the trained ``network``'s val
     probabilities, folded into ``head``'s softmax layer (label smoothing leaves a model
     underconfident, a long head phase overconfident; accuracy stays as it is)."""
     temperature = metrics.fitted_temperature(val.labels, network.predict(in_order(val, batch_size), verbose=0))
     networks.fold_temperature(head, temperature)
-    tracking.log_temperature(temperature)
+    if role.logs_to_mlflow:
+        tracking.log_temperature(temperature)
     print(f"train: temperature scaling on the val split: logits divided by {temperature:.3f}")
 
 
@@ -354,16 +388,26 @@ def main() -> None:
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
     policy = networks.use_precision(cfg.model)
     print(f"train: {devices.replicas_and_workers(strategy)}, backbone computes in {policy}")
+    with devices.cluster_failures(RESUME_ON_CLUSTER):
+        if devices.is_chief(strategy):
+            train_and_write(cfg, strategy)
+        else:
+            train_in_step(cfg, strategy)
+
+
+def train_and_write(cfg: Config, strategy: tf.distribute.Strategy) -> None:
+    """The chief, or the only process: trains, writes the model and history, logs the MLflow run."""
     labels = read_labels(FEATURES_DIR / feature_store.LABELS)
     key = resume_key(cfg)
     killed = checkpoints.killed_attempt(key)
+    devices.from_chief(strategy, checkpoints.packed())  # the other workers resume from the same epoch
     # Fails here, before any training, when a configured tracking server does not answer.
     with tracking.start_new_run(cfg.experiment_name, cfg.mlflow.system_metrics) as run:
         tracking.log_params(cfg.flat())
         tracking.log_datasets(cfg.dataset_name, cfg.data.url)
         take_over(killed, key, run.info.run_id)
         with strategy.scope():
-            model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync)
+            model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync, CHIEF)
         with atomic_dir(MODEL_DIR) as out:
             model.save(out / MODEL_FILE.name)
             shutil.copy(FEATURES_DIR / feature_store.LABELS, out / MODEL_LABELS.name)
@@ -378,7 +422,20 @@ def main() -> None:
                             "rerun dvc repro once the tracking store is back") from None
         tracking.record_run(run, logged, cfg.mlflow.system_metrics)
     checkpoints.remove()
+    devices.barrier(strategy)  # the other workers leave now: a worker gone sooner reads as crashed to the rest
     print(f"train: {history_summary(history)}; model in {MODEL_DIR}, MLflow run {run.info.run_id}")
+
+
+def train_in_step(cfg: Config, strategy: tf.distribute.Strategy) -> None:
+    """Another worker of a cluster: trains its replicas in step with the chief's, from the chief's
+    checkpoints, writes nothing, and leaves once the chief has written everything."""
+    n_classes = len(read_labels(FEATURES_DIR / feature_store.LABELS))
+    with tempfile.TemporaryDirectory(prefix="worker-checkpoints-") as scratch:
+        checkpoints.unpack(devices.from_chief(strategy, b""), Path(scratch))
+        with strategy.scope():
+            _, history = train_model(cfg, n_classes, strategy.num_replicas_in_sync, Role(False, Path(scratch)))
+    devices.barrier(strategy)  # the chief's model, history and MLflow run are written
+    print(f"train: {history_summary(history)}; the chief wrote the model and the MLflow run")
 
 
 if __name__ == "__main__":
