@@ -55,7 +55,7 @@ RERUN = ["train", "evaluate", "export"]  # what a head setting reruns; everythin
 REUSED = ["download", "prepare", "augment", "features", "label_issues"]
 GRID = {"train.learning_rate": (0.0003, 0.001, 0.003), "model.head.dropout": (0.2, 0.5),
         "train.label_smoothing": (0.0, 0.05)}  # params.yaml: 0.001, 0.2, 0.1
-STAGE_COMMAND = re.compile(r"-m pipeline\.(\w+)")
+STAGE_COMMAND = re.compile(r"-m pipeline\.stages\.(\w+)")
 POLL_SECONDS = 0.1
 QUEUE_POLL_SECONDS = 5
 
@@ -65,6 +65,7 @@ class DvcRun:
     seconds: float  # the whole dvc command
     stages: dict[str, StageRun]  # each stage's process tree, in the order they ran
     output: str
+    dvc_after: dict[str, float]  # DVC's own time after each stage, until the next one started (or DVC ended)
 
 
 def new_project(root: Path, archive: Path, per_class: int | None, image_size: int, copies: int, epochs: int,
@@ -152,7 +153,9 @@ def timed_dvc(project: Path, *args: str) -> DvcRun:
     output, seconds = finish_polled(process, poll, done, started, f"dvc {' '.join(args)}")
     stages = {name: StageRun(last - first, total / 2**20, single / 2**20) for name, (first, last, total, single)
               in seen.items()}
-    return DvcRun(seconds, stages, output)
+    starts = [first for first, *_ in seen.values()][1:] + [started + seconds]
+    dvc_after = {name: start - last for (name, (_, last, *_)), start in zip(seen.items(), starts, strict=True)}
+    return DvcRun(seconds, stages, output, dvc_after)
 
 
 def stages_run(output: str) -> list[str]:

@@ -132,6 +132,8 @@ def run_stage(main: Callable[[], None]) -> None:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        if as_program:  # no teardown: TensorFlow's, after a failed collective, prints tracebacks after the line
+            exit_without_teardown(2)
         sys.exit(2)
     except OSError as err:
         if err.errno not in STORAGE_ERRORS:
@@ -160,7 +162,7 @@ def record_stage_time(module: ModuleType, seconds: float) -> None:
     write_json(STAGE_TIMES, times)
 
 
-def exit_without_teardown() -> None:
+def exit_without_teardown(code: int = 0) -> None:
     """End a process whose work is done without the interpreter's teardown: about a second once
     TensorFlow is loaded (freeing thousands of modules, stopping its native runtime), none of it
     needed by a stage whose files are written and closed. The atexit handlers still run (logging's
@@ -171,7 +173,7 @@ def exit_without_teardown() -> None:
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 # A line of TensorFlow's C++ log (absl's format): "I0000 00:00:1796132670.822006    3742 port.cc:153] ...".

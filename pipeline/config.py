@@ -321,6 +321,9 @@ class LabelIssuesParams(Section):
 
     folds: Annotated[int, Field(ge=2)] = Field(description=(
         "k of the k-fold (at most the smallest class's image count)."))
+    max_fit_images: Annotated[int, Field(ge=1)] = Field(description=(
+        "Past this many images, each fold's model trains on a stratified sample of this many (the summary "
+        "line says so); every image is still scored."))
     gallery: Annotated[int, Field(ge=0)] = Field(description="Top suspects drawn in reports/label_issues.png.")
 
 

@@ -3,6 +3,7 @@
 import base64
 import colorsys
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -81,6 +82,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_two_workers(stage: str, chief: Path, worker: Path) -> list[subprocess.Popen]:
+    """``python -m pipeline.stages.<stage>`` as worker 0 (the chief) in ``chief`` and as worker 1 in
+    ``worker``, like two machines of a cluster on 127.0.0.1, each with its TF_CONFIG and in a
+    session of its own (os.killpg ends one); stdout and stderr piped."""
+    ports: set[int] = set()
+    while len(ports) < 2:
+        ports.add(free_port())
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    processes = []
+    for index, project in enumerate((chief, worker)):
+        env = {**project_env(project), "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                "task": {"type": "worker", "index": index}})}
+        processes.append(subprocess.Popen([sys.executable, "-m", f"pipeline.stages.{stage}"], cwd=project, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          start_new_session=True))
+    return processes
+
+
+def finished(processes: list[subprocess.Popen], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Each process's exit status and output, once all have ended (any left after ``timeout`` are killed)."""
+    try:
+        outputs = [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    return [subprocess.CompletedProcess(process.args, process.returncode, out, err)
+            for process, (out, err) in zip(processes, outputs, strict=True)]
 
 
 def on_two_cpus(stage: str) -> list[str]:

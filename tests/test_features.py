@@ -4,14 +4,13 @@ write the same files. A MobileNet at width 0.25 and 32 px, random weights, keeps
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import free_port, on_two_cpus, project_env, project_through, run, set_params
+from conftest import finished, on_two_cpus, project_through, run, set_params, start_two_workers
 
 pytestmark = pytest.mark.slow
 
@@ -39,26 +38,11 @@ def meta_but_time(project: Path) -> dict:
 
 
 def two_workers(chief: Path, worker: Path) -> list[str]:
-    """``python -m pipeline.stages.features`` as worker 0 (the chief) in ``chief`` and as worker 1 in
-    ``worker``, like two machines, each with its TF_CONFIG; their output."""
-    ports: set[int] = set()
-    while len(ports) < 2:
-        ports.add(free_port())
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    processes = []
-    for index, project in enumerate((chief, worker)):
-        env = {**project_env(project), "TF_CONFIG": json.dumps({"cluster": cluster,
-                                                                "task": {"type": "worker", "index": index}})}
-        processes.append(subprocess.Popen([sys.executable, "-m", "pipeline.stages.features"], cwd=project, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [process.communicate(timeout=300)[0] for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    for process, log in zip(processes, logs, strict=True):
-        assert process.returncode == 0, log
-    return logs
+    """The features stage on a cluster of two workers (conftest.start_two_workers); their output."""
+    results = finished(start_two_workers("features", chief, worker), timeout=300)
+    for result in results:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return [result.stdout for result in results]
 
 
 def test_every_device_count_and_worker_count_writes_the_same_features(augmented, tmp_path):

@@ -9,7 +9,9 @@ the class's average (its per-class threshold), so a random flip is missed about 
 import csv
 import json
 
+import joblib
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -48,7 +50,8 @@ def test_flipped_labels_are_flagged_and_ranked_first():
     features, labels = clustered(40, rng)
     flipped = np.concatenate([most_typical(features, labels, c, 2) for c in range(len(CLASSES))])
     noisy = flip(labels, flipped)
-    probabilities = label_issues.held_out_probabilities(features, noisy, folds=5, seed=0)
+    probabilities = label_issues.held_out_probabilities(features, noisy, folds=5, seed=0,
+                                                        max_fit_images=1000).probabilities
     issues = label_issues.ranked_issues(noisy, probabilities)
     assert sorted(issues) == sorted(flipped)
     scores = probabilities[issues, noisy[issues]]
@@ -60,8 +63,46 @@ def test_folds_are_capped_by_the_smallest_class():
     rng = np.random.default_rng(1)
     features, labels = clustered(20, rng)
     keep = np.r_[0:20, 20:23, 40:60]  # the second class has 3 images: at most 3 folds
-    probabilities = label_issues.held_out_probabilities(features[keep], labels[keep], folds=10, seed=0)
+    held_out = label_issues.held_out_probabilities(features[keep], labels[keep], folds=10, seed=0, max_fit_images=1000)
+    probabilities = held_out.probabilities
+    assert held_out.folds == 3 and held_out.fits == 3 * len(label_issues.REGULARIZATION)
     assert probabilities.shape == (43, 3) and np.allclose(probabilities.sum(axis=1), 1)
+
+
+def test_past_max_fit_images_each_fold_trains_on_a_stratified_sample_and_every_image_is_scored():
+    rng = np.random.default_rng(4)
+    features, labels = clustered(300, rng)
+    flipped = np.concatenate([most_typical(features, labels, c, 3) for c in range(len(CLASSES))])
+    noisy = flip(labels, flipped)
+    held_out = label_issues.held_out_probabilities(features, noisy, folds=4, seed=0, max_fit_images=120)
+    assert (held_out.fold_images, held_out.fit_images) == (675, 120)  # 3/4 of 900 images; 40 per class
+    assert held_out.probabilities.shape == (900, 3)
+    assert sorted(label_issues.ranked_issues(noisy, held_out.probabilities)) == sorted(flipped)
+    assert "on stratified samples of 120 of 675 images (label_issues.max_fit_images)" in held_out.summary()
+
+
+def test_stratified_sample_keeps_every_class_in_proportion():
+    labels = np.repeat([0, 1, 2], [900, 95, 5])
+    sample = label_issues.stratified_sample(np.arange(1000), labels, 100, seed=0)
+    assert list(np.bincount(labels[sample])) == [90, 10, 1]  # rounded up: the rarest class stays
+    assert list(sample) == sorted(set(sample))
+    assert list(label_issues.stratified_sample(np.arange(50), labels[:50], 100, seed=0)) == list(range(50))
+
+
+def loky_workers() -> set[int]:
+    """The joblib (loky) worker processes this process has started and keeps for reuse."""
+    return {p.pid for p in psutil.Process().children(recursive=True) if "loky" in " ".join(p.cmdline())}
+
+
+def test_the_fits_run_in_one_process_per_core_with_the_same_result():
+    rng = np.random.default_rng(5)
+    features, labels = clustered(60, rng)
+    noisy = flip(labels, most_typical(features, labels, 0, 2))
+    alone = label_issues.held_out_probabilities(features, noisy, folds=5, seed=0, max_fit_images=100, processes=1)
+    parallel = label_issues.held_out_probabilities(features, noisy, folds=5, seed=0, max_fit_images=100, processes=2)
+    assert (alone.processes, parallel.processes) == (1, 2) and parallel.summary().endswith(", 2 processes")
+    assert len(loky_workers()) >= 2  # the fits ran in worker processes, not threads of this one
+    np.testing.assert_array_equal(alone.probabilities, parallel.probabilities)
 
 
 def write_stage_inputs(root, per_split: dict[str, int], copies: int, rng) -> dict[str, tuple[str, str, str]]:
@@ -111,8 +152,10 @@ def test_stage_reports_the_flipped_originals_of_every_split(workdir, capsys):
     assert {r["source"]: (r["split"], r["given"], r["suggested"]) for r in rows} == flipped
     assert {r["split"] for r in rows} == {"train", "val", "test"}  # test mislabels are found too
     assert [float(r["score"]) for r in rows] == sorted(float(r["score"]) for r in rows)
-    assert capsys.readouterr().out.strip() == (
-        "label_issues: 3 of 138 images flagged as likely mislabelled (reports/label_issues.csv)")  # 3 x 46
+    processes = min(joblib.cpu_count(), 5 * len(label_issues.REGULARIZATION))
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (  # 3 x 46 images; 4/5 of them train each fold
+        "label_issues: 3 of 138 images flagged as likely mislabelled (reports/label_issues.csv); "
+        f"20 fits (5 folds x 4 C) on 111 images, {processes} processes")
     with Image.open(workdir / "reports" / "label_issues.png") as gallery:
         assert gallery.format == "PNG" and gallery.width > 200
     assert sorted(p.name for p in (workdir / "reports").iterdir()) == ["label_issues.csv", "label_issues.png"]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import on_two_cpus, project_env, project_through, run, set_params
+from conftest import finished, on_two_cpus, project_env, project_through, run, set_params, start_two_workers
 from pipeline.config import load_config
 from pipeline.model import networks
 from pipeline.paths import HISTORY
@@ -157,6 +157,53 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_r
     assert [m.step for m in client.get_metric_history(last, "val_accuracy")] == list(range(1, head_steps + 1))
     fine_tune_epochs = [int(r["epoch"]) for r in expected if r["phase"] == "fine_tune"]
     assert [m.step for m in client.get_metric_history(last, "finetune_val_accuracy")] == fine_tune_epochs
+
+
+def test_two_workers_train_the_model_of_one_and_a_killed_worker_stops_them_until_a_rerun_resumes(
+        featured_template, tmp_path):
+    # A cluster of two processes on 127.0.0.1 (TF_CONFIG) against one process with the CPU split
+    # in two: two replicas, the same global batches either way. Head, then fine-tuning the top
+    # block on the images with online augmentation. Worker 1 is killed after the chief's first
+    # checkpoint; the chief must stop in one line, and both rerun must go on from there.
+    steps = {"train.epochs": 3, "train.fine_tune.blocks": 1, "train.fine_tune.epochs": 2,
+             "train.early_stopping_patience": None}
+    one, chief, worker = (Path(shutil.copytree(featured_template, tmp_path / name, symlinks=True))
+                          for name in ("one", "chief", "worker"))
+    for copy in (one, chief, worker):
+        set_params(copy, **steps)
+    assert "train: 2 replica(s) on 1 worker(s)" in run(on_two_cpus("train"), one).stdout
+
+    processes = start_two_workers("train", chief, worker)
+    kill_after_epoch(processes[1], chief / "data" / "checkpoints" / "head" / "state.json", epoch=1)
+    stopped = finished(processes[:1])[0]
+    assert stopped.returncode == 2, stopped.stdout + stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "error: a worker of the cluster (TF_CONFIG) stopped or cannot be reached (TensorFlow's UnavailableError); "
+        "start it and rerun the stage on every worker (dvc repro on the chief): training goes on from the chief's "
+        "last checkpoint")
+    assert not (chief / "data" / "model").exists()
+
+    resumed = finished(start_two_workers("train", chief, worker))
+    for result in resumed:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "train: 2 replica(s) on 2 worker(s)" in result.stdout
+        assert re.search(r"resuming the head phase after epoch [123] ", result.stdout), result.stdout
+    assert "the chief wrote the model and the MLflow run" in resumed[1].stdout
+    assert {p.name for p in (worker / "data").iterdir()} == {p.name for p in (featured_template / "data").iterdir()}
+    assert not (worker / HISTORY).exists() and not (worker / "mlflow.db").exists()  # only the chief writes
+    assert not (chief / "data" / "checkpoints").exists()
+
+    expected, got = history(one), history(chief)
+    assert [(r["phase"], r["epoch"]) for r in got] == [(r["phase"], r["epoch"]) for r in expected]
+    for name in ("loss", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose([float(r[name]) for r in got], [float(r[name]) for r in expected], rtol=1e-4)
+    val_images = sorted((chief / "data" / "augmented" / "val").rglob("*.jpg"))
+    images = np.stack([np.asarray(Image.open(path)) for path in val_images])
+    np.testing.assert_allclose(*(networks.load(p / "data" / "model" / "model.keras").predict(images, verbose=0)
+                                 for p in (chief, one)), atol=1e-5)
+    mlflow.set_tracking_uri(f"sqlite:///{chief / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["images"], output_format="list", order_by=["start_time"])
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]  # the chief stopped with an error
 
 
 def test_cached_fine_tuning_trains_like_fine_tuning_on_the_images(featured_template, tmp_path):

@@ -11,9 +11,16 @@ same seed). Besides the model and optimizer variables (Keras' random-generator s
 dropout's, are model variables), that needs the history so far, the state of the callbacks that
 remember earlier epochs (early stopping's best epoch and weights, the plateau counter), and data
 batches that depend on the epoch only (see ``pipeline.stages.train.shuffled_epochs``).
+
+On a cluster (``TF_CONFIG``) only the chief keeps this folder; each other worker gets a copy of it
+at the start (:func:`packed`, :func:`unpack`) into a scratch folder it trains with, so that all
+resume from the same epoch.
 """
 
+import io
 import shutil
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -54,6 +61,20 @@ def remove() -> None:
     shutil.rmtree(CHECKPOINT_DIR, ignore_errors=True)
 
 
+def packed() -> bytes:
+    """The checkpoint folder as an uncompressed tar (its arrays do not compress)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(CHECKPOINT_DIR, arcname=".")
+    return buffer.getvalue()
+
+
+def unpack(tar: bytes, folder: Path) -> None:
+    """What :func:`packed` made, into ``folder``."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(folder, filter="data")
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """Saves the training state of one phase after every epoch, and puts it back on a rerun.
 
@@ -62,9 +83,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
     :attr:`epochs_done`; the callbacks' state comes back in ``on_train_begin``, after they reset it.
     """
 
-    def __init__(self, phase: str, stateful: list[keras.callbacks.Callback]):
+    def __init__(self, phase: str, stateful: list[keras.callbacks.Callback], root: Path = CHECKPOINT_DIR):
         super().__init__()
-        self.folder = CHECKPOINT_DIR / phase
+        self.folder = root / phase
         self.stateful = [c for c in stateful if type(c) in CALLBACK_STATE]
         state_file = self.folder / STATE_FILE
         self.saved: dict[str, Any] | None = read_json(state_file) if state_file.is_file() else None

@@ -25,6 +25,11 @@ Rows are numbered on from one phase to the next. After every epoch the training 
 (``pipeline.model.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch
 (the linear head, solved again, comes out the same).
 
+On a cluster (``TF_CONFIG``) every worker runs this stage and trains its replicas in step; only the
+chief writes the outputs below, the checkpoints and the MLflow run. The others start from the
+chief's checkpoints (sent over), write nothing, and leave once the chief is done. A
+worker that dies stops the others in one line; rerunning them all resumes from the last epoch.
+
 Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
 float32), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
 metrics; the linear head: one row per L2 strength tried, ``l2`` its strength), kept in Git for
@@ -43,6 +48,7 @@ import math
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -60,7 +66,16 @@ from pipeline.data.augmentation import label_mixing, online_augmentation
 from pipeline.data.manifests import read_labels
 from pipeline.files import atomic_dir, atomic_file
 from pipeline.model import checkpoints, devices, feature_store, linear_head, networks
-from pipeline.paths import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, HISTORY, MODEL_DIR, MODEL_FILE, MODEL_LABELS
+from pipeline.paths import (
+    AUGMENTED_DIR,
+    AUGMENTED_MANIFEST,
+    CHECKPOINT_DIR,
+    FEATURES_DIR,
+    HISTORY,
+    MODEL_DIR,
+    MODEL_FILE,
+    MODEL_LABELS,
+)
 from pipeline.report import metrics, tracking
 
 # L2 strengths an MLP head (model.head.dense_units > 0) is trained at, strongest first: each a
@@ -68,6 +83,21 @@ from pipeline.report import metrics, tracking
 MLP_L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
 PLATEAU_FACTOR = 0.2  # lr_schedule plateau: multiply the learning rate by this...
 PLATEAU_PATIENCE = 2  # ...after this many epochs without val_loss progress
+RESUME_ON_CLUSTER = ("start it and rerun the stage on every worker (dvc repro on the chief): "
+                     "training goes on from the chief's last checkpoint")
+
+
+@dataclass(frozen=True)
+class Role:
+    """What this process writes: the chief of a cluster (or the only process) logs to MLflow and
+    keeps the checkpoints in ``data/checkpoints``; another worker logs nothing and keeps them in a
+    scratch folder, a copy of the chief's at the start."""
+
+    logs_to_mlflow: bool
+    checkpoints: Path
+
+
+CHIEF = Role(logs_to_mlflow=True, checkpoints=CHECKPOINT_DIR)
 
 
 @dataclass(frozen=True)
@@ -240,25 +270,27 @@ def stopping_and_schedule(cfg: Config) -> list[keras.callbacks.Callback]:
     return stateful
 
 
-def callbacks_for(phase: Phase, cfg: Config) -> tuple[list[keras.callbacks.Callback], checkpoints.EpochCheckpoint]:
+def callbacks_for(phase: Phase, cfg: Config, role: Role) -> tuple[list[keras.callbacks.Callback],
+                                                                   checkpoints.EpochCheckpoint]:
     stateful = stopping_and_schedule(cfg)
-    checkpoint = checkpoints.EpochCheckpoint(phase.checkpoint or phase.name, stateful)  # last: saves what the others did this epoch
-    return [EpochStats(), StopOnNaN(phase), *stateful, tracking.log_epoch_metrics(phase.metric_prefix), checkpoint], \
-        checkpoint
+    # last: saves what the others did this epoch
+    checkpoint = checkpoints.EpochCheckpoint(phase.checkpoint or phase.name, stateful, role.checkpoints)
+    logging = [tracking.log_epoch_metrics(phase.metric_prefix)] if role.logs_to_mlflow else []
+    return [EpochStats(), StopOnNaN(phase), *stateful, *logging, checkpoint], checkpoint
 
 
-def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, cfg: Config) -> list[dict]:
+def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, cfg: Config,
+              role: Role) -> list[dict]:
     """Train ``model`` through ``phase``, from where a killed run stopped if it left a checkpoint."""
-    callbacks, checkpoint = callbacks_for(phase, cfg)
+    callbacks, checkpoint = callbacks_for(phase, cfg, role)
     steps_per_epoch = math.ceil(train.count / phase.batch_size)
     compile_for(model, phase, steps_per_epoch, cfg)
     checkpoint.restore_variables(model)
     start = checkpoint.epochs_done or phase.first_epoch
     end = start if checkpoint.stopped else phase.last_epoch
     if checkpoint.epochs_done:
-        print(f"train: resuming the {phase.name} phase after epoch {start} "
-              f"(checkpoint in {checkpoints.CHECKPOINT_DIR})")
-    for row in checkpoint.history:  # the killed run's epochs, into this run
+        print(f"train: resuming the {phase.name} phase after epoch {start} (checkpoint in {CHECKPOINT_DIR})")
+    for row in checkpoint.history if role.logs_to_mlflow else []:  # the killed run's epochs, into this run
         tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]), phase.metric_prefix)
     model.fit(
         shuffled_epochs(train, phase.batch_size, cfg.seed, range(start, end)),
@@ -277,7 +309,7 @@ def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, 
 # ---- the two phases and the exported model ------------------------------------------------------
 
 
-def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model, list[dict]]:
+def train_model(cfg: Config, n_classes: int, replicas: int, role: Role) -> tuple[keras.Model, list[dict]]:
     fine_tune = cfg.train.fine_tune
     # Without fine-tuning the backbone runs only in the exported model, which is float32: built
     # so at once, rather than in model.precision and then once more (seconds for a large backbone).
@@ -287,7 +319,7 @@ def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model
     top_start = networks.trainable_top_start(base, cfg.model.spec, fine_tune) if fine_tune.enabled else None
 
     val = row_examples(feature_store.features("val"), feature_store.labels("val"), n_classes)
-    head, history = train_head(cfg, n_classes, replicas, val)
+    head, history = train_head(cfg, n_classes, replicas, val, role)
     network, batch_size = head, cfg.train.batch_size * replicas
     if fine_tune.enabled:
         networks.unfreeze_top(base, cast(int, top_start))  # set when fine-tuning
@@ -295,20 +327,22 @@ def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model
         batch_size = fine_tune.batch_size * replicas
         phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs, batch_size,
                       fine_tune.learning_rate, "train.fine_tune.learning_rate")
-        history += fit_phase(network, phase, train, val, cfg)
+        history += fit_phase(network, phase, train, val, cfg, role)
     if cfg.train.temperature_scaling:
-        calibrate(head, network, val, batch_size)
+        calibrate(head, network, val, batch_size, role)
     return exported(cfg.model, extractor, head), history
 
 
-def train_head(cfg: Config, n_classes: int, replicas: int, val: Examples) -> tuple[keras.Model, list[dict]]:
+def train_head(cfg: Config, n_classes: int, replicas: int, val: Examples,
+               role: Role) -> tuple[keras.Model, list[dict]]:
     """The head phase: the linear head solved (:func:`solved_head`), an MLP head trained
     (:func:`trained_mlp_head`); its model and history rows."""
     x_train, y_train = feature_store.features("train"), feature_store.labels("train")
     stats = networks.standardization(x_train)
     if not cfg.model.head.dense_units:
-        return solved_head(cfg, stats, (x_train, y_train), (feature_store.features("val"), val.labels), n_classes)
-    return trained_mlp_head(cfg, stats, row_examples(x_train, y_train, n_classes), val, n_classes, replicas)
+        return solved_head(cfg, stats, (x_train, y_train), (feature_store.features("val"), val.labels), n_classes,
+                           role)
+    return trained_mlp_head(cfg, stats, row_examples(x_train, y_train, n_classes), val, n_classes, replicas, role)
 
 
 def linear_head_model(cfg: Config, stats: networks.Standardization, train: tuple[np.ndarray, np.ndarray],
@@ -325,16 +359,15 @@ def linear_head_model(cfg: Config, stats: networks.Standardization, train: tuple
 
 
 def solved_head(cfg: Config, stats: networks.Standardization, train: tuple[np.ndarray, np.ndarray],
-                val: tuple[np.ndarray, np.ndarray], n_classes: int) -> tuple[keras.Model, list[dict]]:
+                val: tuple[np.ndarray, np.ndarray], n_classes: int, role: Role) -> tuple[keras.Model, list[dict]]:
     """:func:`linear_head_model`, with one history row per L2 strength of the path, numbered like
     epochs (``epoch``: fine-tuning's epochs are numbered on from the last), logged to MLflow alike."""
     head, solution = linear_head_model(cfg, stats, train, val, n_classes)
     rows: list[dict[str, Any]] = [{"phase": "head", "epoch": number, "l2": step.l2, "loss": step.loss, "accuracy": step.accuracy,
              "val_loss": step.val_loss, "val_accuracy": step.val_accuracy, "seconds": step.seconds}
             for number, step in enumerate(solution.path, 1)]
-    for row in rows:
-        tracking.log_epoch({k: v for k, v in row.items() if k not in ("phase", "epoch")}, row["epoch"])
-    tracking.log_head_l2(solution.chosen.l2)
+    if role.logs_to_mlflow:
+        log_head_rows(rows, solution.chosen.l2)
     unconverged = [step.l2 for step in solution.path if not step.converged]
     print(f"train: head solved at {len(rows)} L2 strengths in {sum(r['seconds'] for r in rows):.2f} s, "
           f"l2={solution.chosen.l2:.3g} kept (val log loss {solution.chosen.val_loss:.4f}, "
@@ -344,7 +377,7 @@ def solved_head(cfg: Config, stats: networks.Standardization, train: tuple[np.nd
 
 
 def trained_mlp_head(cfg: Config, stats: networks.Standardization, train: Examples, val: Examples, n_classes: int,
-                     replicas: int) -> tuple[keras.Model, list[dict]]:
+                     replicas: int, role: Role) -> tuple[keras.Model, list[dict]]:
     """An MLP head trained with Keras once per L2 strength of ``MLP_L2_GRID`` (strongest first,
     early stopping on val_loss in each); the one with the lowest val log loss is kept, with its
     epochs as the history rows. The path ends at the first strength that does no better."""
@@ -353,7 +386,7 @@ def trained_mlp_head(cfg: Config, stats: networks.Standardization, train: Exampl
         head = networks.head(stats, n_classes, cfg.model.head, l2=l2)
         phase = Phase("head", f"head_l2_{l2:g}_", 0, cfg.train.epochs, cfg.train.batch_size * replicas,
                       cfg.train.learning_rate, "train.learning_rate", checkpoint=f"head-l2-{l2:g}")
-        rows = [{**row, "l2": l2} for row in fit_phase(head, phase, train, val, cfg)]
+        rows = [{**row, "l2": l2} for row in fit_phase(head, phase, train, val, cfg, role)]
         val_loss = log_loss(val.labels, head.predict(in_order(val, phase.batch_size), verbose=0),
                             labels=range(n_classes))
         print(f"train: MLP head with l2={l2:g}: val log loss {val_loss:.4f}")
@@ -362,19 +395,26 @@ def trained_mlp_head(cfg: Config, stats: networks.Standardization, train: Exampl
         best = (val_loss, head, rows)
     assert best is not None  # the grid is not empty: the first strength is always kept
     _, head, rows = best
-    for row in rows:
-        tracking.log_epoch({k: v for k, v in row.items() if k not in ("phase", "epoch")}, row["epoch"])
-    tracking.log_head_l2(rows[0]["l2"])
+    if role.logs_to_mlflow:
+        log_head_rows(rows, rows[0]["l2"])
     return head, rows
 
 
-def calibrate(head: keras.Model, network: keras.Model, val: Examples, batch_size: int) -> None:
+def log_head_rows(rows: list[dict[str, Any]], l2: float) -> None:
+    """The head phase's history rows (one per L2 strength or epoch) and the L2 strength kept, to MLflow."""
+    for row in rows:
+        tracking.log_epoch({k: v for k, v in row.items() if k not in ("phase", "epoch")}, row["epoch"])
+    tracking.log_head_l2(l2)
+
+
+def calibrate(head: keras.Model, network: keras.Model, val: Examples, batch_size: int, role: Role) -> None:
     """Temperature scaling: the temperature that best fits the trained ``network``'s val
     probabilities, folded into ``head``'s softmax layer (label smoothing leaves a model
     underconfident, a long head phase overconfident; accuracy stays as it is)."""
     temperature = metrics.fitted_temperature(val.labels, network.predict(in_order(val, batch_size), verbose=0))
     networks.fold_temperature(head, temperature)
-    tracking.log_temperature(temperature)
+    if role.logs_to_mlflow:
+        tracking.log_temperature(temperature)
     print(f"train: temperature scaling on the val split: logits divided by {temperature:.3f}")
 
 
@@ -439,16 +479,26 @@ def main() -> None:
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
     policy = networks.use_precision(cfg.model)
     print(f"train: {devices.replicas_and_workers(strategy)}, backbone computes in {policy}")
+    with devices.cluster_failures(RESUME_ON_CLUSTER):
+        if devices.is_chief(strategy):
+            train_and_write(cfg, strategy)
+        else:
+            train_in_step(cfg, strategy)
+
+
+def train_and_write(cfg: Config, strategy: tf.distribute.Strategy) -> None:
+    """The chief, or the only process: trains, writes the model and history, logs the MLflow run."""
     labels = read_labels(FEATURES_DIR / feature_store.LABELS)
     key = resume_key(cfg)
     killed = checkpoints.killed_attempt(key)
+    devices.from_chief(strategy, checkpoints.packed())  # the other workers resume from the same epoch
     # Fails here, before any training, when a configured tracking server does not answer.
     with tracking.start_new_run(cfg.experiment_name, cfg.mlflow.system_metrics) as run:
         tracking.log_params(cfg.flat())
         tracking.log_datasets(cfg.dataset_name, cfg.data.url)
         take_over(killed, key, run.info.run_id)
         with strategy.scope():
-            model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync)
+            model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync, CHIEF)
         with atomic_dir(MODEL_DIR) as out:
             model.save(out / MODEL_FILE.name)
             shutil.copy(FEATURES_DIR / feature_store.LABELS, out / MODEL_LABELS.name)
@@ -463,7 +513,20 @@ def main() -> None:
                             "rerun dvc repro once the tracking store is back") from None
         tracking.record_run(run, logged, cfg.mlflow.system_metrics)
     checkpoints.remove()
+    devices.barrier(strategy)  # the other workers leave now: a worker gone sooner reads as crashed to the rest
     print(f"train: {history_summary(history)}; model in {MODEL_DIR}, MLflow run {run.info.run_id}")
+
+
+def train_in_step(cfg: Config, strategy: tf.distribute.Strategy) -> None:
+    """Another worker of a cluster: trains its replicas in step with the chief's, from the chief's
+    checkpoints, writes nothing, and leaves once the chief has written everything."""
+    n_classes = len(read_labels(FEATURES_DIR / feature_store.LABELS))
+    with tempfile.TemporaryDirectory(prefix="worker-checkpoints-") as scratch:
+        checkpoints.unpack(devices.from_chief(strategy, b""), Path(scratch))
+        with strategy.scope():
+            _, history = train_model(cfg, n_classes, strategy.num_replicas_in_sync, Role(False, Path(scratch)))
+    devices.barrier(strategy)  # the chief's model, history and MLflow run are written
+    print(f"train: {history_summary(history)}; the chief wrote the model and the MLflow run")
 
 
 if __name__ == "__main__":
