@@ -117,6 +117,17 @@ def test_local_folder_is_copied_following_only_links_inside(workdir, flowers):
     assert report["sha256"] is None and report["files"] == 8
 
 
+def test_file_link_loops_in_a_folder_are_skipped_and_listed(workdir, flowers):
+    (flowers / "daisy" / "self.jpg").symlink_to("self.jpg")
+    (flowers / "daisy" / "ping.jpg").symlink_to("pong.jpg")
+    (flowers / "daisy" / "pong.jpg").symlink_to("ping.jpg")
+    report = download_from(flowers)
+    reasons = {item["path"]: item["reason"] for item in report["skipped"]}
+    assert {path: reasons[path] for path in ("daisy/self.jpg", "daisy/ping.jpg", "daisy/pong.jpg")} == dict.fromkeys(
+        ("daisy/self.jpg", "daisy/ping.jpg", "daisy/pong.jpg"), "link loop (links that lead back to themselves)")
+    assert sorted(p.name for p in Path("data/raw/daisy").iterdir()) == ["img_0000.jpg", "img_0001.jpg"]
+
+
 def test_folder_with_sha256_set_is_a_user_error(workdir, flowers):
     assert "set data.sha256 to null" in refused(flowers, **{"data.sha256": "a" * 64})
 
