@@ -268,6 +268,9 @@ def table_row(header: list[str], row: list[str], written: str, path: Path | None
         return f"malformed row: {where} has {len(row)} fields, its header {len(header)}"
     cells = dict(zip(header, (cell.strip() for cell in row)))
     label, split = unicodedata.normalize("NFC", cells["label"]), cells.get("split", "").lower()
+    if PurePosixPath(written).is_absolute():
+        return (f"absolute path: {where} names {written!r}; absolute paths are not allowed: give the path relative "
+                "to the source (e.g. daisy/1.jpg)")
     if path is None:
         return f"missing file: {where} names {written!r}, which is not a file in the source"
     if path in listed:

@@ -14,9 +14,9 @@ Input: ``data/raw``, in one of three layouts (``layout`` in the data report and 
   ``data/raw/.labels.csv`` with paths relative to ``data/raw``. Only the files it lists are used,
   wherever they lie, with its labels (NFC-normalized) and, where the ``split`` cell is not empty,
   its split (``train``, ``val``, ``valid``, ``validation``, ``test``, any case). Bad rows are
-  quarantined (``missing file``, ``empty label``, ``bad label`` (``.`` or ``..`` parts, a leading
-  ``/``, control characters), ``unknown split``, ``listed twice`` (the first row counts),
-  ``malformed row``); files it does not list are ignored.
+  quarantined (``missing file``, ``absolute path``, ``empty label``, ``bad label`` (``.`` or
+  ``..`` parts, a leading ``/``, control characters), ``unknown split``, ``listed twice`` (the
+  first row counts), ``malformed row``); files it does not list are ignored.
 
 Folder names (and table labels) that differ only in their Unicode form (``café`` as NFC or as
 NFD, the way macOS writes it) are one name to Unicode and to macOS, so they are one class: a
