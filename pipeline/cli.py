@@ -101,6 +101,9 @@ def run_stage(main: Callable[[], None]) -> None:
     die_with_parent()
     try:
         main()
+        sys.stdout.flush()  # here, so that a reader gone away is handled below
+    except BrokenPipeError:
+        reader_gone()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -117,6 +120,13 @@ def run_stage(main: Callable[[], None]) -> None:
         sys.exit(130)
     if as_program:
         exit_without_teardown()
+
+
+def reader_gone() -> None:
+    """End quietly when the program reading stdout stopped (``... | head -1``), as other command-line
+    tools do, rather than with a BrokenPipeError traceback: what is still buffered goes nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the final flush cannot fail again
+    sys.exit(128 + signal.SIGPIPE)
 
 
 def exit_without_teardown() -> None:
