@@ -40,7 +40,8 @@ Outputs in ``data/prepared/``:
   upright source image), source (its path in ``data/raw``);
 - ``labels.json``: the class names, list index = class index;
 - ``quarantine.csv``: source, reason for every candidate image not used: unreadable, truncated,
-  not an image, too small (``prepare.min_side``), decompression bomb, pixel values out of range
+  not an image, too small (``prepare.min_side``), too large (``prepare.max_pixels``: checked from
+  the file's header, so a decompression bomb is never decoded), pixel values out of range
   (float or 32-bit pixels outside 0..1, 0..255 or 0..65535), label conflict (the same
   image in two classes: every copy is excluded), or a bad row of the labels table. Nothing in
   ``data/raw`` is deleted;
@@ -107,8 +108,9 @@ class Quarantined(Exception):
 def normalize(job: tuple[Path, Path, PrepareParams]) -> dict | str:
     """Decode one file and write its normalized JPEG to ``pending``: its facts, or why it is quarantined."""
     path, pending, params = job
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's "decompression bomb" limit (89.5 Mpx): prepare.max_pixels instead
     try:
-        image, profile = decode(path, at_least(params.min_side))
+        image, profile = decode(path, within_limits(params))
     except Quarantined as why:
         return str(why)
     except Exception as err:  # Pillow raises many types for broken files; each is quarantined
@@ -121,12 +123,17 @@ def normalize(job: tuple[Path, Path, PrepareParams]) -> dict | str:
             "phash": int(str(imagehash.phash(image)), 16), "profile": profile}
 
 
-def at_least(min_side: int) -> Callable[[Image.Image], None]:
-    """A check for images.decode: quarantine images whose shorter side is below ``min_side``."""
+def within_limits(params: PrepareParams) -> Callable[[Image.Image], None]:
+    """A check for images.decode, from the file's header before any pixel is decoded: quarantine
+    images whose shorter side is below ``prepare.min_side`` or that have more than ``prepare.max_pixels``."""
 
     def check(image: Image.Image) -> None:
-        if min(image.size) < min_side:
-            raise Quarantined(f"too small: {image.width}x{image.height} pixels, below prepare.min_side={min_side}")
+        width, height = image.size
+        if min(width, height) < params.min_side:
+            raise Quarantined(f"too small: {width}x{height} pixels, below prepare.min_side={params.min_side}")
+        if width * height > params.max_pixels:
+            raise Quarantined(f"too large: {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), larger "
+                              f"than {params.max_pixels / 1e6:g} megapixels (prepare.max_pixels={params.max_pixels})")
 
     return check
 
@@ -134,8 +141,6 @@ def at_least(min_side: int) -> Callable[[Image.Image], None]:
 def reason(err: Exception, path: Path) -> str:
     """A one-line quarantine reason, starting with a keyword the data report counts by."""
     message = " ".join(str(err).split())
-    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"decompression bomb: {message}"
     if isinstance(err, Unconvertible):
         return message  # "pixel values out of range: ..."
     if isinstance(err, UnidentifiedImageError):
