@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable, Iterator
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from pipeline.files import sweep_outputs
+
 # Write failures a user fixes on their side (space, permissions), not bugs in the stage.
 STORAGE_ERRORS = {
     errno.ENOSPC: "no space left on the device",
@@ -99,6 +101,7 @@ def run_stage(main: Callable[[], None]) -> None:
               file=sys.stderr)
         sys.exit(2)
     die_with_parent()
+    sweep_outputs()
     try:
         main()
         sys.stdout.flush()  # here, so that a reader gone away is handled below

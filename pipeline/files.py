@@ -3,7 +3,8 @@
 Everything is written next to its destination under a temporary name and renamed into place
 only when complete (rename is atomic on one file system). A temporary's name carries the host
 and pid of the process writing it, ``.<name>.tmp-<host>-<pid>-<random>``: the next write into
-the same folder deletes those whose process is gone (killed with SIGKILL, a power cut). New
+the same folder, or the start of any stage or tool (``pipeline.cli.run_stage``: sweep_outputs),
+deletes those whose process is gone (killed with SIGKILL, a power cut). New
 files and folders get the permissions the umask allows, as ``open`` and ``mkdir`` give them.
 """
 
@@ -18,6 +19,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.paths import OUTPUT_FOLDERS
 
 HOST = socket.gethostname()
 # .<name>.tmp-<host>-<pid>-<random>: being written; .<name>.old-...: the previous folder during
@@ -60,6 +63,14 @@ def sweep(folder: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+
+
+def sweep_outputs() -> None:
+    """Sweep every folder the stages write into: what a stage killed earlier left there goes even
+    when DVC then restores that stage's outputs from its run cache instead of running it again."""
+    for folder in OUTPUT_FOLDERS:
+        if folder.is_dir():
+            sweep(folder)
 
 
 @contextlib.contextmanager
