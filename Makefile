@@ -10,7 +10,6 @@ export PATH := $(BIN):$(PATH)
 # Every target talks to the same MLflow store as the pipeline (override for a team server).
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 SET ?=
-export SET  # the run recipe splits it with the shell's quoting rules
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
 # make serve's model; empty = models:/<registered_model_name>@champion (pipeline.config; evaluate moves the alias)
@@ -19,6 +18,11 @@ PATHS ?=
 ARGS ?=
 # `make exp` queues one DVC experiment per combination (DVC's -S a=1,2 sweep syntax), then runs them.
 EXP_GRID ?= -S model.backbone=inception_v3,resnet50 -S train.fine_tune.blocks=0,2
+# These reach the commands as typed, never as make or shell code: exported unexpanded, and turned into
+# commands by pipeline/tools/make_args.py, which splits lists with the shell's quoting rules but no shell.
+USER_VARIABLES := SET MLFLOW_PORT SERVE_PORT MODEL PATHS ARGS EXP_GRID
+$(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v))))
+export $(USER_VARIABLES)
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: setup setup-gpu run test lint chromium ui serve predict exp compare push pull lock clean bench
@@ -39,14 +43,9 @@ setup-gpu: setup
 	$(BIN)/pip uninstall --quiet -y tensorflow-cpu
 	$(BIN)/pip install --quiet "tensorflow[and-cuda]==$(TF_VERSION)"
 
+# SET is split like a shell line, so a quoted value may hold spaces: SET="data.url='/data/my photos'"
 run: setup
-ifeq ($(strip $(SET)),)
-	dvc repro
-else
-	@# SET is split like a shell line, so a quoted value may hold spaces: SET="data.url='/data/my photos'"
-	@eval "overrides=($$SET)"; args=(); for o in "$${overrides[@]}"; do args+=(-S "$$o"); done; \
-	  echo "dvc exp run $${args[*]}"; dvc exp run "$${args[@]}"
-endif
+	@python -m pipeline.tools.make_args run
 	@python -m pipeline.tools.summary
 
 test: setup lint
@@ -63,19 +62,18 @@ chromium:
 
 # Prints the link to the experiment's runs in the UI's model-training view, then serves the UI.
 ui: setup
-	@echo "MLflow UI, this project's runs: $$(python -m pipeline.report.tracking http://127.0.0.1:$(MLFLOW_PORT))"
-	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_PORT)
+	@python -m pipeline.tools.make_args ui
 
 # Serves the registered model's @champion: POST base64 JPEG/PNG to /invocations (see README).
 serve: setup
-	mlflow models serve -m "$(or $(MODEL),models:/$$(python -m pipeline.config registered_model_name)@champion)" --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+	@python -m pipeline.tools.make_args serve
 
+# PATHS and ARGS are split like a shell line: PATHS="'my photo.jpg' folder/"
 predict: setup
-	@test -n "$(PATHS)" || { echo 'usage: make predict PATHS="photo.jpg folder/" [ARGS="--top-k 5 --json"]' >&2; exit 2; }
-	python -m pipeline.tools.predict $(PATHS) $(ARGS)
+	@python -m pipeline.tools.make_args predict
 
 exp: setup
-	dvc exp run --queue $(EXP_GRID)
+	@python -m pipeline.tools.make_args exp
 	dvc exp run --run-all --jobs 1
 	@if dvc queue status | grep -qw Failed; then dvc queue status; \
 	  echo "some experiments failed: see dvc queue logs <name>; clear with dvc queue remove --failed" >&2; exit 1; fi
