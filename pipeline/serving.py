@@ -14,8 +14,9 @@ raw image bytes), e.g. with curl::
 and gets, per image, the best label, its probability, and ``top_k``: a list of the ``top_k`` (a
 param, default 3; more than the number of classes gives all of them) best labels with their
 probabilities. A request the model cannot answer (``top_k`` below 1, a file that is not an image,
-an image over ``MAX_MEGAPIXELS``) is answered with HTTP 400 and one message naming the image and
-why; any other failure with HTTP 500, its traceback only in the server's log.
+an image over ``MAX_MEGAPIXELS``) is answered with HTTP 400 and a one-line message naming the
+image and why, none of the request's data; any other failure with HTTP 500, its traceback only in
+the server's log.
 """
 
 import base64
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 from PIL import Image
@@ -67,9 +68,24 @@ def top_labels(probabilities: np.ndarray, labels: list[str], k: int) -> list[tup
     return [(labels[i], float(probabilities[i])) for i in best]
 
 
+class ServedError(MlflowException):
+    """An MlflowException whose message stays as written: one line. MLflow's scoring server (3.17)
+    rewrites the message of any MlflowException raised in predict to ``Failed to predict data
+    '<the request's data frame>'. \nError: <message>``, lines echoing the client's bytes back."""
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set by MlflowException.__init__; the server's rewrite is dropped
+            self._message = value
+
+
 def refused(message: str) -> MlflowException:
     """An error the client caused: the scoring server answers HTTP 400 with ``message``, no traceback."""
-    return MlflowException.invalid_parameter_value(message)
+    return ServedError(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def decode_request_image(data: bytes | str, index: int) -> np.ndarray:
@@ -119,8 +135,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 probabilities = self.model.predict_on_batch(pixels[np.newaxis])[0]
             except Exception as err:  # the scoring server would send the traceback to the client
                 log.exception("image %d: the prediction failed", index)
-                raise MlflowException(f"image {index}: the prediction failed ({type(err).__name__}); "
-                                      "the server's log has the details", error_code=INTERNAL_ERROR) from None
+                raise ServedError(f"image {index}: the prediction failed ({type(err).__name__}); "
+                                  "the server's log has the details", error_code=INTERNAL_ERROR) from None
         ranked = [{"label": label, "probability": round(p, 6)}
                   for label, p in top_labels(probabilities, self.labels, top_k)]  # at most every class
         return {"label": ranked[0]["label"], "probability": ranked[0]["probability"], "top_k": ranked}
