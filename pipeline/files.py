@@ -16,9 +16,12 @@ import re
 import secrets
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from pipeline.paths import OUTPUT_FOLDERS
 
@@ -110,6 +113,23 @@ def atomic_file(final: Path, mode: str = "w") -> Iterator[Any]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
+    """Hold ``lock_file``'s lock for the block (filelock: the OS releases it when a process dies,
+    however it dies); while another process holds it, say ``waiting`` on stderr once and wait."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(waiting, file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def cache_root() -> Path:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -68,7 +69,8 @@ def flowers(tmp_path: Path) -> Path:
 
 
 def cached_files(workdir: Path) -> list[Path]:
-    return sorted(p for p in (workdir.parent / "cache").rglob("*") if p.is_file())
+    """The download cache's files but its lock files (one per URL, kept: fetch.fetch)."""
+    return sorted(p for p in (workdir.parent / "cache").rglob("*") if p.is_file() and p.suffix != ".lock")
 
 
 # --- Sources ----------------------------------------------------------------------------------
@@ -442,6 +444,7 @@ class ArchiveServer(ThreadingHTTPServer):
     def __init__(self, payload: bytes):
         super().__init__(("127.0.0.1", 0), ArchiveHandler)
         self.payload, self.cuts, self.ranges, self.page, self.status = payload, [], [], None, 200
+        self.trickle = 0.0  # seconds between KiB of the body: a slow server
         self.authorization = None  # the Authorization header the server requires, if any
         self.url = f"http://127.0.0.1:{self.server_port}/data/flower_photos.tgz"
 
@@ -470,7 +473,10 @@ class ArchiveHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         cut = self.server.cuts.pop(0) if self.server.cuts else len(body)
-        self.wfile.write(body[:cut])  # then the connection closes: an interrupted transfer
+        step = 1024 if self.server.trickle else max(cut, 1)
+        for start in range(0, cut, step):
+            self.wfile.write(body[start:min(start + step, cut)])  # then the connection closes: an interrupted transfer
+            time.sleep(self.server.trickle)
 
     def log_message(self, *args):
         pass

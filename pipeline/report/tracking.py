@@ -14,6 +14,7 @@ registry alias ``@champion`` when the model passes its gate.
 """
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -38,7 +39,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline.cli import UserError, redact_url
 from pipeline.config import flatten, load_config
-from pipeline.files import read_json, write_json
+from pipeline.files import exclusive, read_json, write_json
 from pipeline.paths import DOWNLOAD_REPORT, MLFLOW_RUN_FILE, MODEL_LABELS, PREPARED_MANIFEST, SPLITS
 
 # Per-class metric keys (test_per_class_<key>_recall). MLflow takes letters, digits, _ - . space : /
@@ -96,8 +97,25 @@ def check_reachable() -> None:
 
 def use_project_store() -> str:
     """Point MLflow at the store of :func:`tracking_uri`; returns its URI to show (credentials masked)."""
-    mlflow.set_tracking_uri(tracking_uri())
-    return redact_url(mlflow.get_tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    create_tables(uri)
+    return redact_url(uri)
+
+
+@functools.cache  # once per process and store
+def create_tables(uri: str) -> None:
+    """Open a SQLite store, creating its tables if it has none, one process at a time. MLflow 3.17
+    creates them (alembic migrations) when a process first opens an empty database, unguarded: two
+    processes doing so at once, as parallel queued experiments on a new project do, fail with
+    alembic's "Online migration expected to match one row". Under a lock beside the database, the
+    first creates them; the others wait, then find them."""
+    if not uri.startswith("sqlite:///"):
+        return  # a server creates its own store's tables, once, when it starts
+    database = Path(uri.removeprefix("sqlite:///"))
+    with exclusive(database.with_name(f"{database.name}.lock"),
+                   f"MLflow: waiting for another process setting up {database}"):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # opens the store: creates its tables
 
 
 def loggable_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -115,18 +133,24 @@ def start_new_run(experiment_name: str, system_metrics: bool) -> mlflow.ActiveRu
     when there is one; ``system_metrics``: MLflow samples CPU, memory, disk, network (and NVIDIA GPUs
     when ``nvidia-ml-py`` is installed) every 10 s into ``system/*`` metrics while the run is open."""
     check_reachable()
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location(uri),
-                                                 tags={KIND_TAG: MODEL_TRAINING})
-    else:
-        experiment_id = experiment.experiment_id
-        if KIND_TAG not in experiment.tags:  # made before this tag was set; a kind set by hand stays
-            mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
+    use_project_store()
+    experiment = mlflow.get_experiment_by_name(experiment_name) or created_experiment(experiment_name)
+    experiment_id = experiment.experiment_id
+    if KIND_TAG not in experiment.tags:  # made before this tag was set; a kind set by hand stays
+        mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
     return mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
                             tags=lineage_tags(), log_system_metrics=system_metrics)
+
+
+def created_experiment(name: str) -> mlflow.entities.Experiment:
+    """A new model-training experiment ``name``, or the one a parallel run created a moment ago."""
+    try:
+        mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri()),
+                                 tags={KIND_TAG: MODEL_TRAINING})
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return mlflow.get_experiment_by_name(name)
 
 
 def mark_killed(run_id: str) -> None:

@@ -17,7 +17,7 @@ import urllib3
 from tqdm import tqdm
 
 from pipeline.cli import UserError, redact_url
-from pipeline.files import cache_root, sha256_of
+from pipeline.files import cache_root, exclusive, sha256_of
 
 RETRIES = 4
 RETRY_WAIT_S = 1.0  # doubles after each failed try
@@ -95,9 +95,19 @@ class Retryable(Exception):
 
 
 def fetch(url: str, expected: str | None) -> tuple[Path, str]:
-    """The archive at ``url`` in the cache, downloading it only if needed, and its sha256."""
-    name = PurePosixPath(unquote(urlparse(url).path)).name or "download"
+    """The archive at ``url`` in the cache, downloading it only if needed, and its sha256.
+
+    One process at a time per URL: another one (a parallel experiment) waits for it, then finds
+    the archive cached, instead of writing into the same ``.part``.
+    """
     folder = cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16]
+    with exclusive(folder.with_name(f"{folder.name}.lock"),
+                   f"download: waiting for another process downloading {redact_url(url)} into {folder}"):
+        return fetch_locked(url, expected, folder)
+
+
+def fetch_locked(url: str, expected: str | None, folder: Path) -> tuple[Path, str]:
+    name = PurePosixPath(unquote(urlparse(url).path)).name or "download"
     shown = redact_url(url)
     cached = cached_archive(folder, name, expected)
     if cached:

@@ -24,7 +24,8 @@ Outputs:
 
 Downloads go to a per-user cache (``$PIPELINE_CACHE_DIR``, default ``~/.cache/transfer-pipeline``)
 through a ``.part`` file that is renamed, once complete and an archive, to
-``downloads/<url key>/<sha256>/<name>``: every archive a URL served is kept under its own hash, so a
+``downloads/<url key>/<sha256>/<name>``; one process at a time per URL (``downloads/<url key>.lock``:
+a parallel experiment waits, then uses the archive the first one downloaded): every archive a URL served is kept under its own hash, so a
 wrong ``data.sha256`` never deletes one that matched before. The one ``data.sha256`` names (or,
 when null, the latest) is used without any network access. Network errors are retried with backoff
 and resume the ``.part`` with an HTTP Range request; after the last try the ``.part`` is kept so
