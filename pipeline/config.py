@@ -59,7 +59,7 @@ class PrepareParams(Section):
     max_side: Annotated[int, Field(ge=32)]
     min_side: Annotated[int, Field(ge=1)]
     max_pixels: Annotated[int, Field(gt=0)]
-    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)]
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] | None
 
 
 class HeadParams(Section):

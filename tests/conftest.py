@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipeline.config import override_params
 
@@ -41,6 +41,36 @@ def make_images(root: Path, per_class: dict[str, int], size: tuple[int, int] = (
             pixels = np.clip(base + noise, 0, 255).astype("uint8")
             Image.fromarray(pixels).save(root / label / f"{label}_{i:03d}.jpg", quality=95)
     return root
+
+
+def make_digits(root: Path, per_class: int, seed: int = 0) -> Path:
+    """``per_class`` handwritten-looking digits per class in ``root/<0..9>/``, 28x28 grey PNGs, white
+    on black, size-normalized and centred like MNIST's: low-detail images whose perceptual hashes
+    are close for many images that are not copies of one another."""
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            digit(label, rng).save(root / str(label) / f"{i:05d}.png")
+    return root
+
+
+def digit(label: int, rng: np.random.Generator) -> Image.Image:
+    """One digit: Pillow's default font at a random size and stroke, turned, sheared and shifted."""
+    side = 112  # drawn at 4x, then reduced: anti-aliased edges, as in MNIST
+    canvas = Image.new("L", (side, side), 0)
+    font = ImageFont.load_default(size=int(rng.integers(52, 80)))
+    ImageDraw.Draw(canvas).text((side / 2 + rng.normal(0, 4), side / 2 + rng.normal(0, 4)), str(label), fill=255,
+                                font=font, anchor="mm", stroke_width=int(rng.integers(0, 6)), stroke_fill=255)
+    canvas = canvas.rotate(rng.normal(0, 12), resample=Image.Resampling.BILINEAR)
+    shear = rng.normal(0, 0.2)
+    canvas = canvas.transform(canvas.size, Image.Transform.AFFINE,
+                              (1, shear, -side / 2 * shear, 0, 1 + rng.normal(0, 0.08), 0), Image.Resampling.BILINEAR)
+    glyph = ImageOps.contain(canvas.crop(canvas.getbbox() or (0, 0, side, side)), (80, 80))
+    out = Image.new("L", (side, side), 0)
+    out.paste(glyph, ((side - glyph.width) // 2 + int(rng.integers(-6, 7)),
+                      (side - glyph.height) // 2 + int(rng.integers(-6, 7))))
+    return out.resize((28, 28), Image.Resampling.LANCZOS)
 
 
 def run(args: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

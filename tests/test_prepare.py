@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 
 import fixtures_bad as bad
-from conftest import REPO, set_params
+from conftest import REPO, make_digits, set_params
 from pipeline.cli import UserError
 from pipeline.data.images import read_rgb
 from pipeline.data.manifests import read_manifest
+from pipeline.sources import dedupe
 from pipeline.stages import prepare
 
 RAW = Path("data/raw")
@@ -268,8 +269,7 @@ def test_colour_profiles_are_converted_to_srgb(workdir, capsys):
     assert np.abs(normalized(rows["a/grey.png"]) - 90).max() <= 1
     assert np.abs(normalized(rows["b/linear.png"]) - bad.srgb_encode(90 / 255)).max() <= 2  # 160
     assert report["colour_profiles"] == {"converted": 3, "unusable": 2}
-    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1
+    notes = [line for line in capsys.readouterr().err.splitlines() if "colour profile" in line]
     assert notes == ["note: 2 images have a colour profile that cannot be used (the first: not a readable ICC "
                      "profile); their pixels are taken as sRGB: a/broken.jpg, a/grey.png"]
 
@@ -362,6 +362,47 @@ def test_near_duplicates_never_straddle_splits(workdir):
         assert rows[first]["split"] == rows[second]["split"], (first, second)
     assert report["near_duplicate_groups"] == len(pairs) and report["largest_near_duplicate_group"] == 2
     assert len({rows[str(copy.relative_to(RAW))]["split"] for _, copy in pairs}) > 1  # not all in one split
+
+
+def test_low_detail_images_keep_the_split_fractions_of_every_class(workdir, capsys):
+    """2,000 digits, given train/ and test/ like MNIST: their hashes would chain most of them into one
+    near-duplicate group, which went whole to one split (val 53,160 of 60,000 on the real dataset)."""
+    make_digits(RAW / "train", 170)
+    make_digits(RAW / "test", 30, seed=1)
+    report = run_prepare(**{"prepare.min_side": 28})
+    for label, counts in report["per_class"].items():
+        pool = counts["train"] + counts["val"]
+        assert abs(counts["val"] / pool - 0.15) <= 0.01 and abs(counts["train"] / pool - 0.85) <= 0.01, (label, counts)
+        assert counts["test"] == 30
+    assert report["largest_near_duplicate_group"] <= 20, report  # 1 % of the images; 1,552 before
+    assert "prepare: split folders train/, test/ (val drawn from train)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("distance", [0, 3, 6, 10])
+def test_near_pair_search_finds_exactly_the_pairs_every_pair_comparison_finds(distance):
+    rng = np.random.default_rng(distance)
+    spread = rng.integers(0, 2**63, 3000, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 3000, dtype=np.uint64)
+    flips = [np.uint64(sum(1 << int(b) for b in rng.choice(64, size=k, replace=False))) for k in rng.integers(0, 12, 900)]
+    hashes = np.concatenate([spread, spread[:900] ^ np.array(flips, dtype=np.uint64)])
+    first, second, searched = dedupe.near_pairs(hashes, distance)
+    every = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= distance
+    assert searched == len(hashes)
+    assert sorted(zip(first.tolist(), second.tolist())) == [tuple(p) for p in np.argwhere(np.triu(every, 1)).tolist()]
+
+
+def test_giant_near_duplicate_groups_stop_prepare_in_one_line(workdir):
+    """What the fraction check says when groups of genuine near-copies leave no way to meet prepare.split."""
+    paths = bad.write_pictures(RAW, {"a": 6, "b": 30})
+    for i in range(24):  # a: 30 copies of one picture, slightly re-encoded each
+        bad.near_copy(paths["a"][0], RAW / "a" / f"copy_{i:02d}.jpg", scale=(7 + i % 2) / 8, quality=70 + i)
+    message = refused()
+    assert message.startswith("prepare.split (val 0.15, test 0.15) cannot be met within 1% in 1 of 2 classes, as each "
+                              "near-duplicate group (prepare.near_duplicate_distance=6) stays in one split: 'a' (val ")
+    assert "its largest group holds 25 of its 30 images, the first " in message
+    assert message.endswith("remove the copies, or lower prepare.near_duplicate_distance (0: identical hashes only; "
+                            "null: no grouping, near-copies may then be in train and test)")
+    assert run_prepare(**{"prepare.near_duplicate_distance": None})["per_class"]["a"] == {
+        "train": 22, "val": 4, "test": 4}
 
 
 def test_heavy_imbalance_warns_in_one_line(workdir, capsys):

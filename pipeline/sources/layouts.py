@@ -38,6 +38,7 @@ class Record:
     phash: int
     pending: Path
     profile: str  # what became of its colour profile: "", "converted" or "unusable: <why>" (images.to_rgb)
+    thumbnail: bytes = b""  # 32x32 grey levels, verifying near-duplicate hashes (dedupe.fingerprints)
     given: str = ""  # the split the source gives it, "" for none
     rank: str = ""
     split: str = ""

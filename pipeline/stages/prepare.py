@@ -48,23 +48,28 @@ Outputs in ``data/prepared/``:
 - ``ignored.csv``: source, reason for every file ignored (see above, or not listed in the table);
 - ``duplicates.csv``: source, label, kind, same_as: ``exact`` copies (dropped, the first source
   is kept) and ``near`` duplicates (perceptual hash within ``prepare.near_duplicate_distance``
-  bits: kept, but the whole group lands in one split, so test never holds a near-copy of a
-  training image). ``cross_split``: a near-duplicate or exact copy that the source put in another
-  split than ``same_as``; it is kept there (an exact copy once per split, sharing one file);
+  bits and thumbnails alike, checked pair by pair: pipeline/sources/dedupe.py; kept, but the whole
+  group lands in one split, so test never holds a near-copy of a training image). ``cross_split``:
+  a near-duplicate or exact copy that the source put in another split than ``same_as``; it is kept
+  there (an exact copy once per split, sharing one file);
 - ``reports/data.json`` (DVC metrics): layout, splits given, counts per class and split,
-  quarantined (by reason), duplicates, near-duplicate groups, ``cross_split`` (groups spanning
-  splits, their images, and pictures exactly alike in two splits: leakage, also a warning line),
-  ignored files (by reason), colour profiles converted and unusable (those pixels are taken as sRGB,
-  and a note names the files).
+  quarantined (by reason), duplicates, near-duplicate groups, images not searched for
+  near-duplicates (too little detail for their hash to tell copies from other pictures: digits,
+  documents; also a note line), ``cross_split`` (groups spanning splits, their images, and pictures
+  exactly alike in two splits: leakage, also a warning line), ignored files (by reason), colour
+  profiles converted and unusable (those pixels are taken as sRGB, and a note names the files).
 
 Splits given by the source are kept. The others (all three for class folders or a table without
-split cells) are drawn from the images given ``train`` or no split, stratified: within each class,
-near-duplicate groups are ordered by a key hashed from the seed and the image content (not the file
-name or the other images), and of its n images the first ``round(n * prepare.split.val)`` go to val
-(when val is drawn), the next ``round(n * prepare.split.test)`` to test (when drawn), the rest to
-train. ``data.max_per_class`` keeps that many per class and given split, the first by that key.
-Same inputs and seed give a byte-identical manifest; adding k images to a class changes the split
-of at most 2k of its existing images (those at the two boundaries), and no image of another class.
+split cells) are drawn from the images given ``train`` or no split, stratified: near-duplicate
+groups are ordered by a key hashed from the seed and the image content (not the file name or the
+other images), and each goes to the first drawn split with room for it: of a class's n images,
+val (when drawn) holds ``round(n * prepare.split.val)``, test (when drawn)
+``round(n * prepare.split.test)``, train the rest. A class whose near-duplicate groups leave its
+splits more than 1 % of its images off those sizes stops the stage, naming its largest group.
+``data.max_per_class`` keeps that many per class and given split, the first by that key. Same
+inputs and seed give a byte-identical manifest; adding k single images to a class changes the
+split of at most 2k of its existing images (those at the two boundaries), and no image of another
+class.
 """
 
 import hashlib
@@ -76,7 +81,6 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import imagehash
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -87,13 +91,20 @@ from pipeline.data.images import FORMATS, Unconvertible, decode
 from pipeline.data.manifests import PreparedImage, write_manifest, write_rows
 from pipeline.files import atomic_dir, write_json
 from pipeline.paths import DATA_REPORT, JPEG_QUALITY, PREPARED_DIR, PREPARED_LABELS, PREPARED_MANIFEST, RAW_DIR, SPLITS
-from pipeline.sources.dedupe import cross_split, drop_exact_duplicates, near_duplicate_groups, near_duplicate_rows
+from pipeline.sources.dedupe import (
+    cross_split,
+    drop_exact_duplicates,
+    fingerprints,
+    near_duplicate_groups,
+    near_duplicate_rows,
+)
 from pipeline.sources.layouts import Found, Record, find_images, named, source_of
 from pipeline.sources.splits import (
     assign_splits,
     cap_per_class,
     check_classes,
     check_enough_classes,
+    check_fractions,
     count_per_class,
     unused_files,
 )
@@ -119,8 +130,8 @@ def normalize(job: tuple[Path, Path, PrepareParams]) -> dict | str:
     sha256 = hashlib.sha256(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
     image.thumbnail((params.max_side, params.max_side), Image.Resampling.LANCZOS)
     image.save(pending, "JPEG", quality=JPEG_QUALITY)
-    return {"sha256": sha256, "width": pixels.shape[1], "height": pixels.shape[0],
-            "phash": int(str(imagehash.phash(image)), 16), "profile": profile}
+    return {"sha256": sha256, "width": pixels.shape[1], "height": pixels.shape[0], **fingerprints(image),
+            "profile": profile}
 
 
 def within_limits(params: PrepareParams) -> Callable[[Image.Image], None]:
@@ -184,7 +195,7 @@ def by_reason(reasons: list[str]) -> dict[str, int]:
 
 
 def report(found: Found, images: list[Record], per_class: dict, quarantine: list[tuple], exact: list[list],
-           groups: list[list[Record]], leakage: dict[str, int]) -> dict:
+           groups: list[list[Record]], leakage: dict[str, int], unsearched: int) -> dict:
     near = [g for g in groups if len(g) > 1]
     return {
         "layout": found.layout,
@@ -199,6 +210,7 @@ def report(found: Found, images: list[Record], per_class: dict, quarantine: list
         "near_duplicate_groups": len(near),
         "near_duplicate_images": sum(len(g) for g in near),
         "largest_near_duplicate_group": max((len(g) for g in near), default=0),
+        "near_duplicates_not_searched": unsearched,
         "cross_split": leakage,
         "ignored_files": len(found.ignored),
         "ignored_by_reason": by_reason([r for _, r, _ in found.ignored]),
@@ -245,10 +257,11 @@ def main() -> None:
         images, conflicts, exact = drop_exact_duplicates(images)
         quarantine += conflicts
         images = cap_per_class(images, cfg.data.max_per_class)
-        groups = near_duplicate_groups(images, cfg.prepare.near_duplicate_distance)
+        groups, unsearched = near_duplicate_groups(images, cfg.prepare.near_duplicate_distance)
         assign_splits(groups, found.given, cfg.prepare.split)
         per_class = count_per_class(found.classes, images)
         check_classes(per_class, found.given, cfg.prepare.split, unused_files(found, quarantine))
+        check_fractions(per_class, groups, found.given, cfg.prepare)
         move_into_place(images, out)
         shutil.rmtree(out / ".pending")  # the normalized copies of duplicates and excluded images
         images.sort(key=lambda i: (i.split, i.label, i.path))
@@ -258,9 +271,13 @@ def main() -> None:
         write_manifest(out / "duplicates.csv", ["source", "label", "kind", "same_as"],
                        sorted(exact + near_duplicate_rows(groups)))
         write_json(out / PREPARED_LABELS.name, found.classes)
-    summary = report(found, images, per_class, quarantine, exact, groups, cross_split(groups))
+    summary = report(found, images, per_class, quarantine, exact, groups, cross_split(groups), unsearched)
     write_json(DATA_REPORT, summary)
     note_unusable_profiles(images)
+    if unsearched:
+        print(f"note: {unsearched} of {len(images)} images have too little detail for their perceptual hash to tell "
+              "near-copies from other pictures (flat images, or hashes shared by many: digits, documents, plain "
+              "backgrounds): they are not searched for near-duplicates; exact copies are still found", file=sys.stderr)
     leak = summary["cross_split"]
     if leak["groups"]:
         print(f"warning: {leak['groups']} near-duplicate groups ({leak['images']} images; exact copies: "
