@@ -39,6 +39,7 @@ class DataParams(Section):
     max_per_class: Annotated[int, Field(gt=0)] | None
     max_files: Annotated[int, Field(gt=0)]
     max_bytes: Annotated[int, Field(gt=0)]
+    max_seconds: Annotated[float, Field(gt=0)]
     labels: str | None = Field(min_length=1)
     class_depth: Annotated[int, Field(ge=1, le=16)]
 

@@ -445,6 +445,7 @@ class ArchiveServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), ArchiveHandler)
         self.payload, self.cuts, self.ranges, self.page, self.status = payload, [], [], None, 200
         self.trickle = 0.0  # seconds between KiB of the body: a slow server
+        self.endless = 0  # > 0: this many zero bytes instead, without a Content-Length (a body without end)
         self.authorization = None  # the Authorization header the server requires, if any
         self.url = f"http://127.0.0.1:{self.server_port}/data/flower_photos.tgz"
 
@@ -459,6 +460,12 @@ class ArchiveHandler(BaseHTTPRequestHandler):
             return self.send_error(401)
         if self.server.status != 200:
             return self.send_error(self.server.status)
+        if self.server.endless:
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(self.server.endless // 2**16):
+                self.wfile.write(bytes(2**16))
+            return
         start = int(requested.removeprefix("bytes=").rstrip("-")) if requested else 0
         if start >= len(self.server.payload):
             self.send_response(416)
@@ -566,6 +573,36 @@ def test_server_errors_are_retried(workdir, server):
     server.status = 503
     assert "(server answered 503 Service Unavailable) after 4 tries" in refused(server.url)
     assert len(server.ranges) == fetch.RETRIES
+
+
+def test_a_body_past_max_bytes_is_cut_off_and_not_kept(workdir, server):
+    server.endless = 50 * 2**20  # the client stops reading long before
+    message = refused(server.url, **{"data.max_bytes": 1_000_000})
+    assert message == (f"data.url {server.url}: the server sent more bytes than data.max_bytes=1000000 (an endless or "
+                       "wrong response?); nothing was kept: raise data.max_bytes if the archive is that large")
+    assert cached_files(workdir) == []
+
+
+def test_an_announced_size_past_max_bytes_is_refused_before_the_body(workdir, server):
+    message = refused(server.url, **{"data.max_bytes": len(server.payload) - 1})
+    assert f"the server announces {len(server.payload)} bytes, more than data.max_bytes=" in message
+    assert cached_files(workdir) == [] and server.ranges == [None]
+
+
+def test_a_trickling_server_is_given_up_at_max_seconds_and_resumed_next_run(workdir, server):
+    server.trickle = 0.5  # 2 KiB/s
+    started = time.monotonic()
+    message = refused(server.url, **{"data.max_seconds": 1.5})
+    assert time.monotonic() - started < 5
+    assert message.startswith(f"could not download data.url {server.url} within data.max_seconds=1.5 (got ")
+    assert message.endswith("; a slow server? raise data.max_seconds, or set data.url to a copy on a faster one")
+    [part] = cached_files(workdir)
+    kept = part.stat().st_size
+    assert part.name == "flower_photos.tgz.part" and 0 < kept < len(server.payload)
+    assert "is kept and resumes next run" in message
+    server.trickle = 0
+    download_from(server.url)
+    assert server.ranges[-1] == f"bytes={kept}-"
 
 
 def stop(server: ArchiveServer) -> None:
