@@ -21,6 +21,7 @@ from pipeline.cli import UserError
 from pipeline.data.images import read_rgb
 from pipeline.data.manifests import read_manifest
 from pipeline.sources import dedupe
+from pipeline.sources.layouts import Record
 from pipeline.stages import prepare
 
 RAW = Path("data/raw")
@@ -388,6 +389,28 @@ def test_near_pair_search_finds_exactly_the_pairs_every_pair_comparison_finds(di
     every = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= distance
     assert searched == len(hashes)
     assert sorted(zip(first.tolist(), second.tolist())) == [tuple(p) for p in np.argwhere(np.triu(every, 1)).tolist()]
+
+
+def test_copies_of_one_picture_stay_one_group_and_a_chain_of_look_alikes_is_split():
+    """Each image of the chain is alike to the next (correlation ~0.97), the ends are not: linked one to
+    the next they would make one group of 60; the 40 copies are all alike to their first."""
+    rng = np.random.default_rng(0)
+    chain = [rng.normal(128, 40, 1024)]
+    for _ in range(59):
+        chain.append(chain[-1] + rng.normal(0, 10, 1024))
+    copies = [chain[0][::-1] + rng.normal(0, 3, 1024) for _ in range(40)]
+    thumbnails = [np.clip(t, 0, 255).astype(np.uint8).tobytes() for t in chain + copies]
+    images = [Record(f"{i:03d}.jpg", "a", "x", 32, 32, 2**63 - 1, Path("x"), "", thumbnail, rank=f"{i:03d}")
+              for i, thumbnail in enumerate(thumbnails)]
+    groups, unsearched = dedupe.near_duplicate_groups(images, 6)
+    assert unsearched == 0
+    assert [i.source for i in max(groups, key=len)] == [f"{i:03d}.jpg" for i in range(60, 100)]
+    stars = [[int(i.source[:3]) for i in g] for g in groups if g[0].source < "060"]
+    assert 1 < len(stars) < 60 and sum(len(star) for star in stars) == 60
+    pixels = np.frombuffer(b"".join(thumbnails), np.uint8).reshape(100, -1)
+    for first, *others in stars:  # every image alike to its star's first
+        alike = dedupe.correlations(pixels, np.full(len(others), first), np.array(others, dtype=np.intp))
+        assert (alike >= dedupe.NEAR_CORRELATION).all()
 
 
 def test_giant_near_duplicate_groups_stop_prepare_in_one_line(workdir):

@@ -5,8 +5,10 @@ Two images are near-duplicates when their perceptual hashes (64-bit pHash) diffe
 NEAR_CORRELATION. The hashes find candidates; the thumbnails verify each pair: hashes of low-detail
 images (digits, documents, products on white, X-rays) agree for thousands of pictures that are not
 copies of one another, and linking those chained 1,552 of 2,000 digit images into one group. Images
-without detail (a flat thumbnail: the hash is noise) have no near-duplicates. The groups are the
-connected components of the verified pairs.
+without detail (a flat thumbnail: the hash is noise) or whose hash is crowded (it matches far more
+hashes than a spread-out one would: it tells too little about the picture) are not searched. The
+groups are the connected components of the verified pairs; one larger than MAX_CHAIN is a chain of
+look-alikes, split into stars around its first images (split_chains).
 
 Candidates come from multi-index hashing (Norouzi, Punjani and Fleet, "Fast search in Hamming space
 with multi-index hashing", CVPR 2012), not from every pair: the 64 bits are cut into ``m`` chunks;
@@ -23,7 +25,7 @@ from itertools import combinations
 import imagehash
 import numpy as np
 from PIL import Image
-from scipy.sparse import coo_array
+from scipy.sparse import coo_array, csr_array
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.sources.layouts import Record
@@ -33,14 +35,19 @@ THUMBNAIL_SIDE = 32  # the verifying thumbnail: 32x32 grey levels, 1 KiB per ima
 # Re-encoded (JPEG quality 30), resized (1/4), brightened (x1.3), recoloured and blurred copies of the
 # flowers correlate 0.94 or more with their originals, 95 % of them 0.98 (a copy cropped by 5 % may
 # not); of 2,000 generated digits (tests/conftest.py make_digits), 1 pair in 70 of those whose hashes
-# are within 6 bits does (at 16x16, 1 in 20: groups of 14, a 6 among 0s).
+# are within 6 bits does (at 16x16, 1 in 23: groups of 14, a 6 among 0s).
 NEAR_CORRELATION = 0.95
 FLAT = 2.0  # grey levels: a thumbnail whose standard deviation is below this has no detail to compare
-# A hash matching more than CROWDED times the hashes that spread-out ones would (plus CROWD, for small
-# datasets) is left out of the search: 99.7 % of 70,000 generated digits (73 times on average), none of
-# the 3,670 flowers nor of 200,000 random hashes (at most 1.6 times).
+# A hash matching more than CROWDED times the hashes that spread-out ones would, plus CROWD (copies of
+# one picture: up to ~250 of them match each other's chunks), is left out of the search: 53,170 of
+# 70,000 generated digits (73 times on average), 6 of 10,000; none of the 3,670 flowers nor of 1,000,000
+# random hashes (at most 1.6 times). Each searched hash then finds a bounded number of candidates.
 CROWDED, CROWD = 20, 1000
 TABLE_BITS = 24  # chunks this narrow are looked up in a table of 2**bits run starts (128 MiB at most)
+# A group of more alike images than this is taken for a chain of look-alikes (each alike to the next,
+# not to one picture) and split into stars (split_chains): at 32x32, generated digits chain by the
+# thousand (3,130 of 16,830 searched), as a whole class of them has look-alikes of look-alikes.
+MAX_CHAIN = 32
 PAIRS_PER_STEP = 4_000_000  # candidate pairs held at once (index arrays of ~100 MB)
 THUMBNAIL_PAIRS_PER_STEP = 16_384  # thumbnail pairs compared at once (2 x 64 MiB of float32)
 
@@ -89,13 +96,29 @@ def near_duplicate_groups(images: list[Record], distance: int | None) -> tuple[l
     first, second, searched = near_pairs(hashes, distance)
     first, second = detailed[first], detailed[second]
     alike = correlations(thumbnails, first, second) >= NEAR_CORRELATION
-    graph = coo_array((np.ones(alike.sum(), dtype=np.int8), (first[alike], second[alike])),
-                      shape=(len(images), len(images)))
+    graph = coo_array((np.ones(2 * alike.sum(), dtype=np.int8),
+                       (np.concatenate([first[alike], second[alike]]), np.concatenate([second[alike], first[alike]]))),
+                      shape=(len(images), len(images))).tocsr()
     _, group_of = connected_components(graph, directed=False)
+    order = sorted(range(len(images)), key=lambda i: images[i].rank)
+    group_of = split_chains(graph, group_of, order)
     groups: dict[int, list[Record]] = defaultdict(list)
-    for image, group in zip(images, group_of):
-        groups[group].append(image)
-    return [sorted(members, key=lambda i: i.rank) for members in groups.values()], len(images) - searched
+    for index in order:
+        groups[group_of[index]].append(images[index])
+    return list(groups.values()), len(images) - searched
+
+
+def split_chains(alike: csr_array, group_of: np.ndarray, order: list[int]) -> np.ndarray:
+    """``group_of`` with each group of more than MAX_CHAIN images split into stars: in ``order``, an
+    image joins the first image of a star it is alike to, or starts one. Copies of one picture are
+    all alike to its first, so they stay one star; look-alikes linked one to the next do not."""
+    sizes, position = np.bincount(group_of), np.empty(len(order), dtype=np.intp)
+    position[order] = np.arange(len(order))
+    split = group_of.copy()  # a star's id: -1 - its first image's index, apart from the groups' ids
+    for index in (i for i in order if sizes[group_of[i]] > MAX_CHAIN):
+        leaders = [j for j in alike.indices[alike.indptr[index]:alike.indptr[index + 1]] if split[j] == -1 - j]
+        split[index] = split[min(leaders, key=position.__getitem__)] if leaders else -1 - index
+    return split
 
 
 def near_pairs(hashes: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -17,6 +17,8 @@ label smoothing, a stop with a clear message on a NaN loss, 16-bit compute (``mo
 tf.distribute over all GPUs (or all workers under TF_CONFIG) with per-replica batch sizes. Epochs
 are numbered on from one phase to the next. After every epoch the training state is saved
 (``pipeline.model.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch.
+A tracking server that stops answering ends the stage in one line after a bounded wait
+(``tracking.HTTP_LIMITS``), the checkpoints kept: the rerun goes on from there.
 
 Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
 float32), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
@@ -227,8 +229,9 @@ def stopping_and_schedule(cfg: Config) -> list[keras.callbacks.Callback]:
 
 def callbacks_for(phase: Phase, cfg: Config) -> tuple[list[keras.callbacks.Callback], checkpoints.EpochCheckpoint]:
     stateful = stopping_and_schedule(cfg)
-    checkpoint = checkpoints.EpochCheckpoint(phase.name, stateful)  # last: saves what the others did this epoch
-    return [EpochStats(), StopOnNaN(phase), *stateful, tracking.log_epoch_metrics(phase.metric_prefix), checkpoint], \
+    checkpoint = checkpoints.EpochCheckpoint(phase.name, stateful)  # after them: saves what they did this epoch
+    # The epoch is saved before it is logged: a tracking store that stopped answering loses no epoch.
+    return [EpochStats(), StopOnNaN(phase), *stateful, checkpoint, tracking.log_epoch_metrics(phase.metric_prefix)], \
         checkpoint
 
 
