@@ -10,7 +10,6 @@ export PATH := $(BIN):$(PATH)
 # Every target talks to the same MLflow store as the pipeline (override for a team server).
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 SET ?=
-export SET  # the run recipe splits it with the shell's quoting rules
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
 # make serve's model; empty = models:/<registered_model_name>@champion (pipeline.config; evaluate moves the alias)
@@ -19,7 +18,11 @@ PATHS ?=
 ARGS ?=
 # `make exp` runs one DVC experiment per combination (DVC's -S a=1,2 sweep syntax), then compares them.
 EXP_GRID ?= -S model.backbone=inception_v3,resnet50 -S train.fine_tune.blocks=0,2
-export EXP_GRID  # handed to Python as it is (no shell evaluates it)
+# These reach the commands as typed, never as make or shell code: exported unexpanded, and turned into
+# commands by pipeline/tools/make_args.py, which splits lists with the shell's quoting rules but no shell.
+USER_VARIABLES := SET MLFLOW_PORT SERVE_PORT MODEL PATHS ARGS EXP_GRID
+$(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v))))
+export $(USER_VARIABLES)
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: help setup setup-gpu run test test-fast lint format docs chromium ui serve predict exp compare push pull lock clean bench
@@ -47,14 +50,9 @@ setup-gpu: setup
 	$(BIN)/pip install --quiet "tensorflow[and-cuda]==$(TF_VERSION)"
 
 ## run: dvc repro (with SET="key=value ...": dvc exp run -S ...), then the run's summary
+# SET is split like a shell line, so a quoted value may hold spaces: SET="data.url='/data/my photos'"
 run: setup
-ifeq ($(strip $(SET)),)
-	dvc repro
-else
-	@# SET is split like a shell line, so a quoted value may hold spaces: SET="data.url='/data/my photos'"
-	@eval "overrides=($$SET)"; args=(); for o in "$${overrides[@]}"; do args+=(-S "$$o"); done; \
-	  echo "dvc exp run $${args[*]}"; dvc exp run "$${args[@]}"
-endif
+	@python -m pipeline.tools.make_args run
 	@python -m pipeline.tools.summary
 
 ## test: lint, then the whole test suite (real DVC, MLflow servers, Chromium; no network)
@@ -90,26 +88,25 @@ chromium:
 # Prints the link to the experiment's runs in the UI's model-training view, then serves the UI.
 ## ui: the MLflow UI on 127.0.0.1:5000 (MLFLOW_PORT), with the link to this project's runs
 ui: setup
-	@echo "MLflow UI, this project's runs: $$(python -m pipeline.report.tracking http://127.0.0.1:$(MLFLOW_PORT))"
-	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_PORT)
+	@python -m pipeline.tools.make_args ui
 
 # Serves the registered model's @champion: POST base64 JPEG/PNG to /invocations (docs/mlflow.md, Serving).
 ## serve: the registered model's @champion on 127.0.0.1:5001 (SERVE_PORT; MODEL=models:/name/version)
 serve: setup
-	mlflow models serve -m "$(or $(MODEL),models:/$$(python -m pipeline.config registered_model_name)@champion)" --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+	@python -m pipeline.tools.make_args serve
 
 ## predict: top labels of image files or folders: make predict PATHS="a.jpg photos/"
+# PATHS and ARGS are split like a shell line: PATHS="'my photo.jpg' folder/"
 predict: setup
-	@test -n "$(PATHS)" || { echo 'usage: make predict PATHS="photo.jpg folder/" [ARGS="--top-k 5 --json"]' >&2; exit 2; }
-	python -m pipeline.tools.predict $(PATHS) $(ARGS)
+	@python -m pipeline.tools.make_args predict
 
 ## exp: a grid of DVC experiments (EXP_GRID) in the workspace, then the best applied and compared
 exp: setup
-	python -m pipeline.tools.experiments --grid "$$EXP_GRID"
+	@python -m pipeline.tools.make_args exp
 
 ## compare: one table per dataset, best experiment first (ARGS="--all": DVC's full table)
 compare: setup
-	python -m pipeline.tools.compare $(ARGS)
+	@python -m pipeline.tools.make_args compare
 
 # Speed benchmarks on a slice of the archive (~15 min on 2 CPU cores), then quality with real
 # weights on the whole archive (~45 min more; only with BENCH_WEIGHTS); writes bench/results.md.

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from tqdm import tqdm
 
-from pipeline.files import read_json, write_json
+from pipeline.files import read_json, sweep_outputs, write_json
 from pipeline.paths import STAGE_TIMES
 
 # Write failures a user fixes on their side (space, permissions), not bugs in the stage.
@@ -127,9 +127,13 @@ def run_stage(main: Callable[[], None]) -> None:
               file=sys.stderr)
         sys.exit(2)
     die_with_parent()
+    sweep_outputs()
     started = time.monotonic()
     try:
         main()
+        sys.stdout.flush()  # here, so that a reader gone away is handled below
+    except BrokenPipeError:
+        reader_gone()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         if as_program:  # no teardown: TensorFlow's, after a failed collective, prints tracebacks after the line
@@ -160,6 +164,13 @@ def record_stage_time(module: ModuleType, seconds: float) -> None:
     times[stage] = {"seconds": round(seconds, 1), "finished": datetime.now(UTC).isoformat(timespec="seconds")}
     STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)
     write_json(STAGE_TIMES, times)
+
+
+def reader_gone() -> None:
+    """End quietly when the program reading stdout stopped (``... | head -1``), as other command-line
+    tools do, rather than with a BrokenPipeError traceback: what is still buffered goes nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the final flush cannot fail again
+    sys.exit(128 + signal.SIGPIPE)
 
 
 def exit_without_teardown(code: int = 0) -> None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from pipeline.cli import UserError
+from pipeline.data.images import MAX_MEGAPIXELS
 from pipeline.model.backbones import BACKBONES, Backbone
 from pipeline.paths import SPLIT_NAMES
 
@@ -55,7 +56,11 @@ class DataParams(Section):
     max_files: Annotated[int, Field(gt=0)] = Field(description=(
         "Refuse archives holding more files than this (archive bombs)."))
     max_bytes: Annotated[int, Field(gt=0)] = Field(description=(
-        "Refuse archives unpacking to more bytes than this (zip and tar bombs), counted as they are written."))
+        "Refuse downloads of, and archives unpacking to, more bytes than this (zip and tar bombs), counted as "
+        "they arrive and as they are written; a partial download over it is deleted."))
+    max_seconds: Annotated[float, Field(gt=0)] = Field(description=(
+        "Give a download up after this many seconds, all tries together (a trickling server); the partial "
+        "file is kept, so a rerun resumes it."))
     labels: str | None = Field(min_length=1, description=(
         "null = labels from folders; or the path of a CSV table `path,label[,split]` (paths relative to the "
         "source): then only the files it lists are used ([labels table](data.md#labels-table))."))
@@ -88,9 +93,14 @@ class PrepareParams(Section):
     max_aspect_ratio: Annotated[float, Field(ge=1)] = Field(description=(
         "Images whose longer side is more than this many times the shorter are quarantined: the model sees "
         "a photo's central square (pipeline/data/images.py model_input); the model server crops them all the same."))
-    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] = Field(description=(
-        "Perceptual hashes (64 bits) differing in at most this many bits mark near-duplicates, which go to "
-        "the same split (0 = identical hashes only)."))
+    max_pixels: Annotated[int, Field(gt=0, le=MAX_MEGAPIXELS * 1_000_000)] = Field(description=(
+        "Images of more pixels than this (width x height, read from the file's header: decompression bombs are "
+        "never decoded) are quarantined; at most what the model server decodes (50 megapixels), so every test "
+        "image can be served."))
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] | None = Field(description=(
+        "Images whose perceptual hashes (64 bits) differ in at most this many bits and whose 32x32 grey "
+        "thumbnails correlate >= 0.95 are near-duplicates and go to the same split (0 = identical hashes only; "
+        "null = none, near-copies may straddle splits)."))
 
 
 class HeadParams(Section):

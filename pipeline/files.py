@@ -3,7 +3,8 @@
 Everything is written next to its destination under a temporary name and renamed into place
 only when complete (rename is atomic on one file system). A temporary's name carries the host
 and pid of the process writing it, ``.<name>.tmp-<host>-<pid>-<random>``: the next write into
-the same folder deletes those whose process is gone (killed with SIGKILL, a power cut). New
+the same folder, or the start of any stage or tool (``pipeline.cli.run_stage``: sweep_outputs),
+deletes those whose process is gone (killed with SIGKILL, a power cut). New
 files and folders get the permissions the umask allows, as ``open`` and ``mkdir`` give them.
 """
 
@@ -15,9 +16,14 @@ import re
 import secrets
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
+
+from pipeline.paths import OUTPUT_FOLDERS
 
 HOST = socket.gethostname()
 # .<name>.tmp-<host>-<pid>-<random>: being written; .<name>.old-...: the previous folder during
@@ -62,6 +68,14 @@ def sweep(folder: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
+def sweep_outputs() -> None:
+    """Sweep every folder the stages write into: what a stage killed earlier left there goes even
+    when DVC then restores that stage's outputs from its run cache instead of running it again."""
+    for folder in OUTPUT_FOLDERS:
+        if folder.is_dir():
+            sweep(folder)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces ``final`` only if the block succeeds."""
@@ -100,6 +114,23 @@ def atomic_file(final: Path, mode: str = "w") -> Iterator[Any]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
+    """Hold ``lock_file``'s lock for the block (filelock: the OS releases it when a process dies,
+    however it dies); while another process holds it, say ``waiting`` on stderr once and wait."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(waiting, file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def cache_root() -> Path:

@@ -18,7 +18,8 @@ probabilities. Each image becomes the model's input through ``request_image_inpu
 the evaluate stage scores the test split's original files through that same function, so the
 reported test metrics are the ones this model gives. A request the model cannot answer (``top_k``
 below 1, a file that is not an image, an image over ``MAX_MEGAPIXELS``) is answered with HTTP 400
-and one message naming the image and why; any other failure with HTTP 500, its traceback only in
+and a one-line message naming the image and why, none of the request's data; any other failure with
+HTTP 500, its traceback only in
 the server's log.
 """
 
@@ -69,7 +70,22 @@ def top_labels(probabilities: np.ndarray, labels: list[str], k: int) -> list[tup
     return [(labels[i], float(probabilities[i])) for i in best]
 
 
-class Refused(MlflowException):
+class ServedError(MlflowException):
+    """An MlflowException whose message stays as written: one line. MLflow's scoring server (3.17)
+    rewrites the message of any MlflowException raised in predict to ``Failed to predict data
+    '<the request's data frame>'. \nError: <message>``, lines echoing the client's bytes back."""
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set by MlflowException.__init__; the server's rewrite is dropped
+            self._message = value
+
+
+class Refused(ServedError):
     """An error the client caused: the scoring server answers HTTP 400 with the message, no traceback."""
 
     def __init__(self, message: str):
@@ -128,8 +144,8 @@ class ImageClassifier(PythonModel):
                 probabilities = self.model.predict_on_batch(pixels[np.newaxis])[0]
             except Exception as err:  # the scoring server would send the traceback to the client
                 log.exception("image %d: the prediction failed", index)
-                raise MlflowException(f"image {index}: the prediction failed ({type(err).__name__}); "
-                                      "the server's log has the details", error_code=INTERNAL_ERROR) from None
+                raise ServedError(f"image {index}: the prediction failed ({type(err).__name__}); "
+                                  "the server's log has the details", error_code=INTERNAL_ERROR) from None
         ranked = [{"label": label, "probability": round(p, 6)}
                   for label, p in top_labels(probabilities, self.labels, top_k)]  # at most every class
         return {"label": ranked[0]["label"], "probability": ranked[0]["probability"], "top_k": ranked}

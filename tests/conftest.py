@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipeline.config import override_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # real weights and data, in a folder beside the clone (docs/development.md)
-PROJECT_FILES = ["pipeline", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config"]
+PROJECT_FILES = ["pipeline", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "Makefile", "requirements.lock",
+                 "pyproject.toml"]
 # The smallest real backbone (MobileNet 0.25 at 32 px: 0.2 M weights, 1 MB files, against Inception
 # v3's 22 M and 90 MB at new_project's 75 px), for tests about the pipeline around the model.
 SMALL_BACKBONE = {"model.backbone": "mobilenet", "model.alpha": 0.25, "model.image_size": 32}
@@ -52,6 +54,36 @@ def make_images(root: Path, per_class: dict[str, int], size: tuple[int, int] = (
             pixels = np.clip(base + noise, 0, 255).astype("uint8")
             Image.fromarray(pixels).save(root / label / f"{label}_{i:03d}.jpg", quality=95)
     return root
+
+
+def make_digits(root: Path, per_class: int, seed: int = 0) -> Path:
+    """``per_class`` handwritten-looking digits per class in ``root/<0..9>/``, 28x28 grey PNGs, white
+    on black, size-normalized and centred like MNIST's: low-detail images whose perceptual hashes
+    are close for many images that are not copies of one another."""
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            digit(label, rng).save(root / str(label) / f"{i:05d}.png")
+    return root
+
+
+def digit(label: int, rng: np.random.Generator) -> Image.Image:
+    """One digit: Pillow's default font at a random size and stroke, turned, sheared and shifted."""
+    side = 112  # drawn at 4x, then reduced: anti-aliased edges, as in MNIST
+    canvas = Image.new("L", (side, side), 0)
+    font = ImageFont.load_default(size=int(rng.integers(52, 80)))
+    ImageDraw.Draw(canvas).text((side / 2 + rng.normal(0, 4), side / 2 + rng.normal(0, 4)), str(label), fill=255,
+                                font=font, anchor="mm", stroke_width=int(rng.integers(0, 6)), stroke_fill=255)
+    canvas = canvas.rotate(rng.normal(0, 12), resample=Image.Resampling.BILINEAR)
+    shear = rng.normal(0, 0.2)
+    canvas = canvas.transform(canvas.size, Image.Transform.AFFINE,
+                              (1, shear, -side / 2 * shear, 0, 1 + rng.normal(0, 0.08), 0), Image.Resampling.BILINEAR)
+    glyph = ImageOps.contain(canvas.crop(canvas.getbbox() or (0, 0, side, side)), (80, 80))
+    out = Image.new("L", (side, side), 0)
+    out.paste(glyph, ((side - glyph.width) // 2 + int(rng.integers(-6, 7)),
+                      (side - glyph.height) // 2 + int(rng.integers(-6, 7))))
+    return out.resize((28, 28), Image.Resampling.LANCZOS)
 
 
 def run(args: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -125,25 +157,22 @@ def on_two_cpus(stage: str) -> list[str]:
     return [sys.executable, "-c", script]
 
 
-def make_serve_command(port: int, model_uri: str | None) -> str:
-    """The command ``make serve SERVE_PORT=<port> [MODEL=<model_uri>]`` runs: ``make -n`` prints it
-    (and the setup it would redo) without running anything."""
-    model = [f"MODEL={model_uri}"] if model_uri else []
-    printed = subprocess.run(["make", "-n", "-s", "serve", f"SERVE_PORT={port}", *model], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout
-    return next(line for line in printed.splitlines() if line.startswith("mlflow models serve "))
+def make(target: str, **variables: str) -> list[str]:
+    """The command ``make <target> NAME=value...`` in a project (new_project copies the Makefile),
+    without its ``setup`` prerequisite (which would rebuild .venv): the venv on PATH stands in."""
+    return ["make", "-s", "-o", "setup", target, *(f"{name}={value}" for name, value in variables.items())]
 
 
 @contextlib.contextmanager
 def model_server(project: Path, model_uri: str | None = None) -> Iterator[str]:
-    """What ``make serve`` runs in ``project`` (``model_uri``, or by default the registered
-    model's ``@champion``), on the project's store; yields the server's base URL once it answers."""
+    """``make serve`` in ``project`` (``model_uri``, or by default the registered model's
+    ``@champion``), on the project's store; yields the server's base URL once it answers."""
     port = free_port()
     env = {**project_env(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    server = subprocess.Popen(
-        ["bash", "-c", f"exec {make_serve_command(port, model_uri)}"],
-        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    model = {"MODEL": model_uri} if model_uri else {}
+    server = subprocess.Popen(make("serve", SERVE_PORT=str(port), **model), cwd=project, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # make, the server and its workers: one process group
     try:
         deadline = time.time() + 180
         while True:
@@ -156,7 +185,7 @@ def model_server(project: Path, model_uri: str | None = None) -> Iterator[str]:
                 time.sleep(1)
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 

@@ -36,10 +36,10 @@ def write_pictures(root: Path, per_class: dict[str, int], first_seed: int = 0) -
     return paths
 
 
-def near_copy(source: Path, target: Path) -> None:
+def near_copy(source: Path, target: Path, scale: float = 7 / 8, quality: int = 80) -> None:
     """A re-encoded copy at 7/8 of the size: different pixels, the same picture."""
     with Image.open(source) as image:
-        image.resize((image.width * 7 // 8, image.height * 7 // 8)).save(target, quality=80)
+        image.resize((round(image.width * scale), round(image.height * scale))).save(target, quality=quality)
 
 
 def truncated_jpeg(path: Path) -> None:

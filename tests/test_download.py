@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -68,7 +69,8 @@ def flowers(tmp_path: Path) -> Path:
 
 
 def cached_files(workdir: Path) -> list[Path]:
-    return sorted(p for p in (workdir.parent / "cache").rglob("*") if p.is_file())
+    """The download cache's files but its lock files (one per URL, kept: fetch.fetch)."""
+    return sorted(p for p in (workdir.parent / "cache").rglob("*") if p.is_file() and p.suffix != ".lock")
 
 
 # --- Sources ----------------------------------------------------------------------------------
@@ -115,6 +117,17 @@ def test_local_folder_is_copied_following_only_links_inside(workdir, flowers):
     assert reasons["daisy/broken.jpg"] == "broken link"
     assert reasons["daisy/loop"].startswith("link loop")
     assert report["sha256"] is None and report["files"] == 8
+
+
+def test_file_link_loops_in_a_folder_are_skipped_and_listed(workdir, flowers):
+    (flowers / "daisy" / "self.jpg").symlink_to("self.jpg")
+    (flowers / "daisy" / "ping.jpg").symlink_to("pong.jpg")
+    (flowers / "daisy" / "pong.jpg").symlink_to("ping.jpg")
+    report = download_from(flowers)
+    reasons = {item["path"]: item["reason"] for item in report["skipped"]}
+    assert {path: reasons[path] for path in ("daisy/self.jpg", "daisy/ping.jpg", "daisy/pong.jpg")} == dict.fromkeys(
+        ("daisy/self.jpg", "daisy/ping.jpg", "daisy/pong.jpg"), "link loop (links that lead back to themselves)")
+    assert sorted(p.name for p in Path("data/raw/daisy").iterdir()) == ["img_0000.jpg", "img_0001.jpg"]
 
 
 def test_folder_with_sha256_set_is_a_user_error(workdir, flowers):
@@ -433,6 +446,8 @@ class ArchiveServer(ThreadingHTTPServer):
         self.payload, self.page, self.status = payload, None, 200
         self.cuts: list[int] = []
         self.ranges: list[str | None] = []
+        self.trickle = 0.0  # seconds between KiB of the body: a slow server
+        self.endless = 0  # > 0: this many zero bytes instead, without a Content-Length (a body without end)
         self.authorization: str | None = None  # the Authorization header the server requires, if any
         self.url = f"http://127.0.0.1:{self.server_port}/data/flower_photos.tgz"
 
@@ -447,6 +462,12 @@ class ArchiveHandler(BaseHTTPRequestHandler):
             return self.send_error(401)
         if self.server.status != 200:
             return self.send_error(self.server.status)
+        if self.server.endless:
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(self.server.endless // 2**16):
+                self.wfile.write(bytes(2**16))
+            return
         start = int(requested.removeprefix("bytes=").rstrip("-")) if requested else 0
         if start >= len(self.server.payload):
             self.send_response(416)
@@ -461,7 +482,10 @@ class ArchiveHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         cut = self.server.cuts.pop(0) if self.server.cuts else len(body)
-        self.wfile.write(body[:cut])  # then the connection closes: an interrupted transfer
+        step = 1024 if self.server.trickle else max(cut, 1)
+        for start in range(0, cut, step):
+            self.wfile.write(body[start:min(start + step, cut)])  # then the connection closes: an interrupted transfer
+            time.sleep(self.server.trickle)
 
     def log_message(self, *args):
         pass
@@ -551,6 +575,36 @@ def test_server_errors_are_retried(workdir, server):
     server.status = 503
     assert "(server answered 503 Service Unavailable) after 4 tries" in refused(server.url)
     assert len(server.ranges) == fetch.RETRIES
+
+
+def test_a_body_past_max_bytes_is_cut_off_and_not_kept(workdir, server):
+    server.endless = 50 * 2**20  # the client stops reading long before
+    message = refused(server.url, **{"data.max_bytes": 1_000_000})
+    assert message == (f"data.url {server.url}: the server sent more bytes than data.max_bytes=1000000 (an endless or "
+                       "wrong response?); nothing was kept: raise data.max_bytes if the archive is that large")
+    assert cached_files(workdir) == []
+
+
+def test_an_announced_size_past_max_bytes_is_refused_before_the_body(workdir, server):
+    message = refused(server.url, **{"data.max_bytes": len(server.payload) - 1})
+    assert f"the server announces {len(server.payload)} bytes, more than data.max_bytes=" in message
+    assert cached_files(workdir) == [] and server.ranges == [None]
+
+
+def test_a_trickling_server_is_given_up_at_max_seconds_and_resumed_next_run(workdir, server):
+    server.trickle = 0.5  # 2 KiB/s
+    started = time.monotonic()
+    message = refused(server.url, **{"data.max_seconds": 1.5})
+    assert time.monotonic() - started < 5
+    assert message.startswith(f"could not download data.url {server.url} within data.max_seconds=1.5 (got ")
+    assert message.endswith("; a slow server? raise data.max_seconds, or set data.url to a copy on a faster one")
+    [part] = cached_files(workdir)
+    kept = part.stat().st_size
+    assert part.name == "flower_photos.tgz.part" and 0 < kept < len(server.payload)
+    assert "is kept and resumes next run" in message
+    server.trickle = 0
+    download_from(server.url)
+    assert server.ranges[-1] == f"bytes={kept}-"
 
 
 def stop(server: ArchiveServer) -> None:

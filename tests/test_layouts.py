@@ -131,7 +131,7 @@ def test_labels_table_labels_images_in_one_folder_and_quarantines_bad_rows(workd
     rows = [f"{'photos/all/' if i % 2 else ''}{color}_{i:03d}.jpg,{color},{'Valid' if i < first + 3 else ''}"
             for color, first in (("red", 0), ("blue", 2)) for i in range(first, first + 10)]  # both path forms
     bad_rows = ["photos/all/missing.jpg,red,", "red_010.jpg,,", "blue_000.jpg,blue,dev", "blue_001.jpg,../up,",
-                "red_000.jpg,blue,", "red_011.jpg,red"]
+                "red_000.jpg,blue,", "red_011.jpg,red", f"{flat / 'red_012.jpg'},red,"]
     table = tmp_path / "labels.csv"
     table.write_text("\n".join(["Path,Label,Split", *rows, "", *bad_rows]) + "\n", encoding="utf-8")
     set_params(workdir, **{"data.url": str(tmp_path / "source"), "data.labels": str(table)})
@@ -153,6 +153,8 @@ def test_labels_table_labels_images_in_one_folder_and_quarantines_bad_rows(workd
                         "or control characters",
         "red_000.jpg": "listed twice: row 27 of data.labels names the file of row 2",
         "red_011.jpg": "malformed row: row 28 of data.labels has 2 fields, its header 3",
+        str(flat / "red_012.jpg"): f"absolute path: row 29 of data.labels names '{flat / 'red_012.jpg'}'; absolute "
+                                   "paths are not allowed: give the path relative to the source (e.g. daisy/1.jpg)",
     }
     assert splits["red_000.jpg"] == ("red", "val")  # the first row counts
     assert ignored() == {"red_012.jpg": "not listed in data.labels"}
@@ -160,7 +162,7 @@ def test_labels_table_labels_images_in_one_folder_and_quarantines_bad_rows(workd
     assert recorded["path"] == str(table) and recorded["rows"] == len(rows) + 1 + len(bad_rows)
     assert LABELS_TABLE.is_file()  # versioned with the images
     assert ("prepare: labels from data.labels, splits from its split column (test drawn from train): 20 images in "
-            "2 classes (train 12, val 6, test 2); 6 quarantined") in capsys.readouterr().out
+            "2 classes (train 12, val 6, test 2); 7 quarantined") in capsys.readouterr().out
 
 
 def test_labels_table_without_usable_rows_says_why(workdir, tmp_path):

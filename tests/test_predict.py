@@ -14,7 +14,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from conftest import REPO, SHARED, make_images, project_env, require_shared, run
+from conftest import REPO, SHARED, make, make_images, new_project, project_env, require_shared, run
 from pipeline.cli import UserError
 from pipeline.data.images import model_input, read_rgb
 from pipeline.model import networks
@@ -93,6 +93,23 @@ def test_folder_with_a_corrupt_file_prints_the_rest_and_exits_1(tmp_path, model_
     assert [line for line in result.stderr.splitlines() if line.startswith("skipped ")] == [
         f"skipped {broken}: cannot read image (UnidentifiedImageError: cannot identify image file '{broken}')"]
     assert "Traceback" not in result.stderr
+
+
+def test_make_predict_takes_paths_with_spaces_and_runs_nothing_they_hold(tmp_path, model_dir, model):
+    """PATHS and ARGS are split like a shell line, by Python: quotes group, nothing is evaluated."""
+    image = next(make_images(tmp_path / "my photos", {"red": 1}).rglob("*.jpg"))
+    spaced = image.rename(image.with_name("a photo.jpg"))
+    marker = tmp_path / "ran"
+    project = new_project(tmp_path / "project", tmp_path / "my photos")
+    paths = f"'{spaced}' '{tmp_path}/x.jpg; touch {marker}' `touch {marker}`"
+    result = run(make("predict", PATHS=paths, ARGS=f"--model '{model_dir / 'model.keras'}' --top-k 1"), project,
+                 check=False)
+    assert not marker.exists()
+    assert result.stdout.splitlines() == [f"{spaced}\t{expected_top(model, spaced, 1)[0][0]} "
+                                          f"{expected_top(model, spaced, 1)[0][1]:.3f}"], result.stderr
+    assert [line.split(":")[0] for line in result.stderr.splitlines() if line.startswith("skipped ")] == [
+        f"skipped {tmp_path}/x.jpg; touch {marker}", "skipped `touch", f"skipped {marker}`"]
+    assert result.returncode != 0
 
 
 def test_single_file_as_json_with_top_k_capped(tmp_path, model_dir, model, capsys):

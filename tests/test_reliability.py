@@ -1,19 +1,24 @@
 """Faults outside the data: storage errors, killed runs' leftovers, file modes, an unreachable
-tracking server, secrets in params."""
+tracking server, secrets in params, parallel first runs sharing a download cache and a new MLflow store."""
 
 import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import threading
 from pathlib import Path
 
+import mlflow
 import pytest
+from test_download import ArchiveServer
 from test_pipeline_e2e import free_port
 
-from conftest import make_images, run, set_params
+from conftest import REPO, make_images, run, set_params
 from pipeline import files
 from pipeline.cli import UserError, redact_url
 from pipeline.paths import DOWNLOAD_REPORT
@@ -169,3 +174,64 @@ def test_outputs_get_the_modes_the_umask_allows(workdir, tmp_path, umask, folder
     assert {oct(p.stat().st_mode & 0o777) for p in [raw / "a" / "a_000.jpg", workdir / DOWNLOAD_REPORT]} == {
         oct(file_mode)}
     assert json.loads((workdir / DOWNLOAD_REPORT).read_text())["files"] == 2
+
+
+# --- Parallel first runs (dvc queue start -j 2 on a new project) ------------------------------
+
+
+def parallel(command: list[str], folders: list[Path], env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+    """``command`` run in each of ``folders`` at once; each process prints a line once it has
+    imported what it needs, then waits for the file ``go`` beside the folders: they start together."""
+    processes = [subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for folder in folders]
+    for process in processes:
+        assert process.stdout is not None
+        process.stdout.readline()
+    (folders[0].parent / "go").touch()
+    outputs = [p.communicate(timeout=300) for p in processes]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(processes, outputs)]
+
+
+WHEN_GO = "import sys, time; from pathlib import Path\nprint('ready', flush=True)\n" \
+          "while not Path('../go').exists(): time.sleep(0.001)\n"
+
+
+def test_two_first_downloads_of_one_url_at_once_download_it_once(tmp_path):
+    archive = tmp_path / "images.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(make_images(tmp_path / "served", {"a": 3, "b": 3}), arcname="images")
+    server = ArchiveServer(archive.read_bytes())
+    server.trickle = 2 / (len(server.payload) / 1024)  # the whole body in two seconds
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    folders = [tmp_path / "runs" / name for name in ("first", "second")]
+    for folder in folders:
+        folder.mkdir(parents=True)
+        shutil.copy(REPO / "params.yaml", folder)
+        set_params(folder, **{"data.url": server.url})
+    stage = WHEN_GO + "from pipeline.cli import run_stage; from pipeline.stages import download; run_stage(download.main)"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_CACHE_DIR": str(tmp_path / "cache")}
+    try:
+        results = parallel([sys.executable, "-c", stage], folders, env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    assert server.ranges == [None]  # one download, from the first byte
+    assert sum("download: waiting for another process downloading" in r.stderr for r in results) == 1
+    assert tree_digest(folders[0] / "data" / "raw") == tree_digest(folders[1] / "data" / "raw")
+
+
+def test_two_first_mlflow_runs_at_once_share_one_new_store(tmp_path):
+    folders = [tmp_path / "runs" / name for name in ("first", "second")]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    start = WHEN_GO.replace("print(", "import mlflow; from pipeline.report import tracking; print(") + (
+        "with tracking.start_new_run('parallel', system_metrics=False): mlflow.log_metric('x', 1)")
+    # DVC_ROOT: the project root, which DVC points queued experiments at: one store, tmp_path/mlflow.db.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))},
+           "PYTHONPATH": str(REPO), "DVC_ROOT": str(tmp_path)}
+    results = parallel([sys.executable, "-c", start], folders, env)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-3000:] for r in results]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("parallel").experiment_id])
+    assert [r.data.metrics for r in runs] == [{"x": 1.0}] * 2

@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -20,7 +21,7 @@ import pytest
 from test_download import ArchiveServer, basic
 from test_reliability import tree_digest
 
-from conftest import make_images, new_project, project_env, run, set_params
+from conftest import make_images, new_project, project_env, project_through, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -189,3 +190,23 @@ def test_disk_full_while_dvc_writes_dvc_lock_recovers_as_the_readme_says(tmp_pat
         run(["dvc", "repro", "prepare"], project, env=env)
         assert run(["dvc", "status", "prepare"], project, env=env).stdout.strip() == (
             "Data and pipelines are up to date.")
+
+
+def test_a_killed_stage_restored_from_the_run_cache_leaves_no_temporary_after_make_run(tmp_path):
+    """DVC restores a stage's outputs from its run cache without running it: no stage of ours writes
+    into data/ then, yet `make run`'s last step (the summary tool) still sweeps the killed one's folder."""
+    project = project_through("augment", tmp_path, {"red": 12, "green": 12, "blue": 12}, {})
+    set_params(project, **{"augment.copies": 2})
+    dvc = subprocess.Popen(["dvc", "repro", "augment"], cwd=project, env=project_env(project),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stage, _ = stage_and_workers(dvc, "augment")
+    while not list((project / "data").glob(".augmented.tmp-*")):
+        assert dvc.poll() is None, "augment ended before its temporary folder was seen"
+        time.sleep(0.01)
+    stage.kill()
+    dvc.communicate(timeout=120)
+    set_params(project, **{"augment.copies": 1})  # back to what ran before: DVC's run cache has its outputs
+    assert "Stage 'augment' is cached - skipping run" in run(["dvc", "repro", "augment"], project).stdout
+    assert list((project / "data").glob(".augmented.tmp-*"))
+    run([sys.executable, "-m", "pipeline.tools.summary"], project, check=False)  # no metrics yet: one line, exit 2
+    assert not list((project / "data").glob(".augmented.tmp-*"))

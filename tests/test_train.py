@@ -1,6 +1,7 @@
 """The train stage for real: feature cache reuse through DVC, resume after a kill, fine-tuning
 flags, tf.distribute on two logical CPUs, the NaN guard. ResNet50 at 32 px keeps it quick."""
 
+import contextlib
 import csv
 import json
 import os
@@ -15,9 +16,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
-from conftest import finished, on_two_cpus, project_env, project_through, run, set_params, start_two_workers
+from conftest import finished, free_port, on_two_cpus, project_env, project_through, run, set_params, start_two_workers
 from pipeline.config import load_config
 from pipeline.model import networks
 from pipeline.paths import HISTORY
@@ -360,3 +362,56 @@ def test_a_float32_extractor_goes_into_the_exported_model_as_it_is():
     assert model.get_layer(extractor.name) is extractor
     assert {layer.compute_dtype for layer in [model.get_layer("resize"), *extractor.layers[1:],
                                               *networks.backbone_of(extractor).layers[1:]]} == {"float32"}
+
+
+def mlflow_server(store: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:``port`` keeping its runs in ``store``, once it answers."""
+    server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
+                               "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"], env=project_env(store),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert server.poll() is None, "mlflow server exited"
+        with contextlib.suppress(requests.RequestException):  # not listening yet, or still starting
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                return server
+        time.sleep(0.5)
+    raise AssertionError("mlflow server did not answer in 180 s")
+
+
+def test_a_tracking_server_dying_mid_training_ends_it_in_one_line_and_the_rerun_resumes(featured, tmp_path):
+    set_params(featured, **{"train.epochs": 300, "train.early_stopping_patience": None, "train.lr_schedule": "constant"})
+    port, store = free_port(), tmp_path / "store"
+    store.mkdir()
+    env = {**project_env(featured), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    server = mlflow_server(store, port)
+    training = subprocess.Popen([sys.executable, "-m", "pipeline.stages.train"], cwd=featured, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = featured / "data" / "checkpoints" / "head" / "state.json"
+    while not (state.is_file() and json.loads(state.read_text())["epoch"] >= 3):
+        assert training.poll() is None, training.communicate()
+        time.sleep(0.02)
+    os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, mid-training
+    server.wait()
+    killed_at = time.time()
+    _, stderr = training.communicate(timeout=300)
+    assert time.time() - killed_at < 120  # MLflow's own retries waited minutes per call
+    last = stderr.strip().splitlines()[-1]
+    assert training.returncode == 2, stderr
+    assert last.startswith(f"error: the MLflow tracking store http://127.0.0.1:{port} stopped answering in epoch "), last
+    assert "training stopped with its checkpoints kept in data/checkpoints: rerun dvc repro once the store answers" in last
+    stopped = json.loads(state.read_text())["epoch"]
+    assert 3 <= stopped < 300 and not (featured / "data" / "model").exists()
+
+    server = mlflow_server(store, port)  # back, with the same store
+    try:
+        resumed = run([sys.executable, "-m", "pipeline.stages.train"], featured, env=env)
+        assert f"resuming the head phase after epoch {stopped}" in resumed.stdout
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        runs = mlflow.search_runs(experiment_names=["images"], output_format="list", order_by=["start_time"])
+        assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+        assert len(mlflow.MlflowClient().get_metric_history(runs[-1].info.run_id, "val_accuracy")) == 300
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

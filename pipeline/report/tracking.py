@@ -14,6 +14,7 @@ registry alias ``@champion`` when the model passes its gate.
 """
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -21,9 +22,9 @@ import subprocess
 import sys
 import unicodedata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import keras
 import mlflow
@@ -36,10 +37,10 @@ from mlflow.models.model import ModelInfo
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from pipeline.cli import UserError, redact_url
+from pipeline.cli import UserError, error_summary, redact_url
 from pipeline.config import flatten, load_config
-from pipeline.files import read_json, write_json
-from pipeline.paths import DOWNLOAD_REPORT, MLFLOW_RUN_FILE, MODEL_LABELS, PREPARED_MANIFEST, SPLITS
+from pipeline.files import exclusive, read_json, write_json
+from pipeline.paths import CHECKPOINT_DIR, DOWNLOAD_REPORT, MLFLOW_RUN_FILE, MODEL_LABELS, PREPARED_MANIFEST, SPLITS
 
 # Per-class metric keys (test_per_class_<key>_recall). MLflow takes letters, digits, _ - . space : /
 # in a metric key, at most 250 characters (mlflow.utils.validation); a class name is any folder name.
@@ -56,9 +57,19 @@ KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # MLflow 3.17's UI still picks its pages by the browser's own "GenAI / Model training" switch (GenAI
 # until changed), not by that tag (mlflow/mlflow#24498): links to the runs page say which to show.
 TRAINING_VIEW = "workflowType=machine_learning"
+# MLflow's HTTP client, unless these are set: 3 retries, 2, 4, 8 s apart, 15 s per try at most, so a
+# server gone (refused connections) fails a call in ~15 s and one that hangs in ~75 s. MLflow's own
+# defaults (7 retries up to 120 s apart, 120 s per try) kept training waiting for a dead server for
+# many minutes per call, each epoch logging one.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 # Registry aliases, on both registered models: the newest trained version, and the newest that
 # passed evaluate's gate (every evaluated one when evaluate.min_accuracy is null), the one served.
 CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+class StoreLost(UserError):
+    """The tracking store stopped answering during training."""
 
 
 def project_root() -> Path:
@@ -95,9 +106,30 @@ def check_reachable() -> None:
 
 
 def use_project_store() -> str:
-    """Point MLflow at the store of :func:`tracking_uri`; returns its URI to show (credentials masked)."""
-    mlflow.set_tracking_uri(tracking_uri())
-    return redact_url(mlflow.get_tracking_uri())
+    """Point MLflow at the store of :func:`tracking_uri`; returns its URI to show (credentials masked).
+    With a tracking server, MLflow's HTTP retries are bounded (HTTP_LIMITS) unless set already."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        for name, value in HTTP_LIMITS.items():
+            os.environ.setdefault(name, value)
+    create_tables(uri)
+    return redact_url(uri)
+
+
+@functools.cache  # once per process and store
+def create_tables(uri: str) -> None:
+    """Open a SQLite store, creating its tables if it has none, one process at a time. MLflow 3.17
+    creates them (alembic migrations) when a process first opens an empty database, unguarded: two
+    processes doing so at once, as parallel queued experiments on a new project do, fail with
+    alembic's "Online migration expected to match one row". Under a lock beside the database, the
+    first creates them; the others wait, then find them."""
+    if not uri.startswith("sqlite:///"):
+        return  # a server creates its own store's tables, once, when it starts
+    database = Path(uri.removeprefix("sqlite:///"))
+    with exclusive(database.with_name(f"{database.name}.lock"),
+                   f"MLflow: waiting for another process setting up {database}"):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # opens the store: creates its tables
 
 
 def loggable_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -110,23 +142,45 @@ def log_params(params: dict[str, Any]) -> None:
     mlflow.log_params(loggable_params(params))
 
 
-def start_new_run(experiment_name: str, system_metrics: bool) -> mlflow.ActiveRun:
+@contextlib.contextmanager
+def start_new_run(experiment_name: str, system_metrics: bool) -> Iterator[mlflow.ActiveRun]:
     """A new run in ``experiment_name`` (a model-training experiment), named after the DVC experiment
     when there is one; ``system_metrics``: MLflow samples CPU, memory, disk, network (and NVIDIA GPUs
     when ``nvidia-ml-py`` is installed) every 10 s into ``system/*`` metrics while the run is open."""
     check_reachable()
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location(uri),
-                                                 tags={KIND_TAG: MODEL_TRAINING})
-    else:
-        experiment_id = experiment.experiment_id
-        if KIND_TAG not in experiment.tags:  # made before this tag was set; a kind set by hand stays
-            mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
-    return mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
-                            tags=lineage_tags(), log_system_metrics=system_metrics)
+    use_project_store()
+    experiment = mlflow.get_experiment_by_name(experiment_name) or created_experiment(experiment_name)
+    experiment_id = experiment.experiment_id
+    if KIND_TAG not in experiment.tags:  # made before this tag was set; a kind set by hand stays
+        mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
+    with ended(mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
+                                tags=lineage_tags(), log_system_metrics=system_metrics)) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def ended(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+    """``run`` ends FINISHED after the block, FAILED when the block fails; ending a failed run is
+    tried once (within HTTP_LIMITS), so a store that stopped answering does not hide why the block
+    failed (a rerun marks a run left RUNNING as KILLED: train's take_over)."""
+    try:
+        yield run
+    except BaseException:
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run()
+
+
+def created_experiment(name: str) -> mlflow.entities.Experiment:
+    """A new model-training experiment ``name``, or the one a parallel run created a moment ago."""
+    try:
+        mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri()),
+                                 tags={KIND_TAG: MODEL_TRAINING})
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return cast(mlflow.entities.Experiment, mlflow.get_experiment_by_name(name))  # created above, or just before
 
 
 def mark_killed(run_id: str) -> None:
@@ -198,8 +252,15 @@ def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
 
 
 def log_epoch(logs: dict[str, float], epoch: int, prefix: str = "") -> None:
-    """One epoch's metrics, each name with ``prefix``, at step ``epoch`` (counted from 1)."""
-    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
+    """One epoch's metrics, each name with ``prefix``, at step ``epoch`` (counted from 1). A store
+    that no longer answers (after HTTP_LIMITS' retries) ends training with StoreLost."""
+    try:
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
+    except Exception as err:  # MLflow raises many types (HTTP, database)
+        raise StoreLost(f"the MLflow tracking store {redact_url(tracking_uri())} stopped answering in epoch {epoch} "
+                        f"({error_summary(err)[:200]}); training stopped with its checkpoints kept in "
+                        f"{CHECKPOINT_DIR}: rerun dvc repro once the store answers, and training goes on after "
+                        f"epoch {epoch}") from None
 
 
 def log_head_l2(l2: float) -> None:
@@ -327,9 +388,14 @@ def recorded_run() -> dict:
     return read_json(MLFLOW_RUN_FILE)
 
 
-def resume_run(recorded: dict) -> mlflow.ActiveRun:
+@contextlib.contextmanager
+def resume_run(recorded: dict) -> Iterator[mlflow.ActiveRun]:
+    """The recorded run, active for the block (see :func:`ended`); a server that does not answer is
+    reported in one line first."""
+    check_reachable()
     use_project_store()
-    return mlflow.start_run(run_id=recorded["run_id"], log_system_metrics=recorded["system_metrics"])
+    with ended(mlflow.start_run(run_id=recorded["run_id"], log_system_metrics=recorded["system_metrics"])) as run:
+        yield run
 
 
 def logged_model_info(uri: str) -> ModelInfo:

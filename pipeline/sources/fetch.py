@@ -9,6 +9,7 @@ import tarfile
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
@@ -17,11 +18,12 @@ import urllib3
 from tqdm import tqdm
 
 from pipeline.cli import UserError, redact_url
-from pipeline.files import cache_root, sha256_of
+from pipeline.config import DataParams
+from pipeline.files import cache_root, exclusive, sha256_of
 
 RETRIES = 4
 RETRY_WAIT_S = 1.0  # doubles after each failed try
-TIMEOUT_S = (10, 60)  # (connect, read)
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10, 60  # per connection attempt and per read
 CHUNK = 2**20
 AUTH_VARIABLE = "PIPELINE_DATA_AUTH"  # the Authorization header for data.url, e.g. "Bearer <token>"
 
@@ -94,10 +96,34 @@ class Retryable(Exception):
     """A failed attempt worth repeating: network trouble, a server error, an incomplete body."""
 
 
-def fetch(url: str, expected: str | None) -> tuple[Path, str]:
-    """The archive at ``url`` in the cache, downloading it only if needed, and its sha256."""
+@dataclass(frozen=True)
+class Limits:
+    """What one download may take: ``max_bytes`` (data.max_bytes) and until ``deadline``
+    (time.monotonic(), data.max_seconds from the start, all tries together)."""
+
+    max_bytes: int
+    max_seconds: float
+    deadline: float
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def fetch(cfg: DataParams) -> tuple[Path, str]:
+    """The archive at ``data.url`` in the cache, downloading it only if needed, and its sha256.
+
+    One process at a time per URL: another one (a parallel experiment) waits for it, then finds
+    the archive cached, instead of writing into the same ``.part``.
+    """
+    folder = cache_dir() / hashlib.sha256(cfg.url.encode()).hexdigest()[:16]
+    with exclusive(folder.with_name(f"{folder.name}.lock"),
+                   f"download: waiting for another process downloading {redact_url(cfg.url)} into {folder}"):
+        return fetch_locked(cfg, folder)
+
+
+def fetch_locked(cfg: DataParams, folder: Path) -> tuple[Path, str]:
+    url, expected = cfg.url, cfg.sha256
     name = PurePosixPath(unquote(urlparse(url).path)).name or "download"
-    folder = cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16]
     shown = redact_url(url)
     cached = cached_archive(folder, name, expected)
     if cached:
@@ -108,7 +134,7 @@ def fetch(url: str, expected: str | None) -> tuple[Path, str]:
               "downloading again", file=sys.stderr)
     folder.mkdir(parents=True, exist_ok=True)
     part = folder / f"{name}.part"
-    download_with_retries(url, part)
+    download_with_retries(url, part, Limits(cfg.max_bytes, cfg.max_seconds, time.monotonic() + cfg.max_seconds))
     try:
         archive_format(part, shown)
     except UserError:
@@ -131,30 +157,38 @@ def cached_archive(folder: Path, name: str, expected: str | None) -> Path | None
     return next((p for p in candidates if p.is_file() and sha256_of(p) == p.parent.name), None)
 
 
-def download_with_retries(url: str, part: Path) -> None:
+def download_with_retries(url: str, part: Path, limits: Limits) -> None:
     for attempt in range(1, RETRIES + 1):
         try:
-            download_into(url, part)
+            download_into(url, part, limits)
             return
         except (requests.RequestException, urllib3.exceptions.HTTPError, Retryable) as err:
             problem = str(err) if isinstance(err, Retryable) else type(err).__name__
+            kept = f"; the partial file {part} is kept and resumes next run" if part.exists() else ""
+            if limits.seconds_left() <= 0:
+                raise UserError(f"could not download data.url {redact_url(url)} within data.max_seconds="
+                                f"{limits.max_seconds:g} ({problem}){kept}; a slow server? raise data.max_seconds, "
+                                "or set data.url to a copy on a faster one") from None
             if attempt == RETRIES:
-                kept = f"; the partial file {part} is kept and resumes next run" if part.exists() else ""
                 raise UserError(
                     f"could not download data.url {redact_url(url)} ({problem}) after {RETRIES} tries{kept}; "
                     "offline? set data.url to a local archive or folder, e.g. data.url=/path/to/flower_photos.tgz"
                 ) from None
-            wait = RETRY_WAIT_S * 2 ** (attempt - 1)
+            wait = min(RETRY_WAIT_S * 2 ** (attempt - 1), limits.seconds_left())
             print(f"download: {problem}; retrying in {wait:g}s ({attempt}/{RETRIES})", file=sys.stderr)
             time.sleep(wait)
 
 
-def download_into(url: str, part: Path) -> None:
-    """Fetch ``url`` into ``part``, continuing after the bytes already there when the server allows."""
+def download_into(url: str, part: Path, limits: Limits) -> None:
+    """Fetch ``url`` into ``part``, continuing after the bytes already there when the server allows.
+    Stops at ``limits``: past its deadline (Retryable, which then gives up), or with a body larger
+    than its bytes (UserError, the partial file deleted: it is no archive worth resuming)."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    # Each read waits at most READ_TIMEOUT_S, and never past the deadline.
+    timeout = (CONNECT_TIMEOUT_S, max(min(READ_TIMEOUT_S, limits.seconds_left()), 0.001))
     # Without an auth, requests uses ~/.netrc ($NETRC), and again after a redirect to another host.
-    with requests.get(url, headers=headers, auth=auth_from_environment(), stream=True, timeout=TIMEOUT_S) as response:
+    with requests.get(url, headers=headers, auth=auth_from_environment(), stream=True, timeout=timeout) as response:
         if response.status_code == 416 and response.headers.get("Content-Range") == f"bytes */{have}":
             return  # the .part already holds the whole file (an earlier run stopped before renaming it)
         if response.status_code == 416:  # the .part is longer than what the server has now
@@ -173,6 +207,9 @@ def download_into(url: str, part: Path) -> None:
             part.unlink()
             raise Retryable(f"server resumed at byte {start} instead of {have}; starting over")
         total = expected_size(response)
+        if total is not None and total > limits.max_bytes:
+            part.unlink(missing_ok=True)
+            raise too_large(url, f"announces {total} bytes, more", limits)
         with open(part, "r+b" if start else "wb") as fh, tqdm(
             total=total, initial=start, unit="B", unit_scale=True, desc="download", disable=None
         ) as bar:
@@ -182,8 +219,19 @@ def download_into(url: str, part: Path) -> None:
             while chunk := response.raw.read1(CHUNK):
                 fh.write(chunk)
                 bar.update(len(chunk))
+                if fh.tell() > limits.max_bytes:
+                    fh.close()
+                    part.unlink()
+                    raise too_large(url, "sent more bytes", limits)
+                if limits.seconds_left() <= 0:
+                    raise Retryable(f"got {fh.tell()} of {total or 'an unknown number of'} bytes")
     if total is not None and part.stat().st_size != total:
         raise Retryable(f"got {part.stat().st_size} of {total} bytes")
+
+
+def too_large(url: str, what: str, limits: Limits) -> UserError:
+    return UserError(f"data.url {redact_url(url)}: the server {what} than data.max_bytes={limits.max_bytes} (an "
+                     "endless or wrong response?); nothing was kept: raise data.max_bytes if the archive is that large")
 
 
 def auth_from_environment() -> Callable[[requests.PreparedRequest], requests.PreparedRequest] | None:

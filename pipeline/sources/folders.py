@@ -24,14 +24,14 @@ def copy_folder(folder: Path, dest: Path, root: Path, skipped: list[dict], visit
     """Copy ``folder`` into ``dest`` with links replaced by what they point to.
 
     Links are followed only while they stay inside ``root`` (the source folder). Links leading
-    outside it, broken links, links back into a folder being copied (loops) and special files are
-    skipped and listed in ``skipped``.
+    outside it, broken links, links back into a folder being copied or to themselves (loops) and
+    special files are skipped and listed in ``skipped``.
     """
     for entry in sorted(folder.iterdir()):
-        real, target = entry.resolve(), dest / readable(entry.name)
+        real, target = resolved(entry), dest / readable(entry.name)
         why = skip_reason(entry, real, root, visiting)
-        if why:
-            skipped.append({"path": readable(str(entry.relative_to(root))), "reason": why})
+        if why or real is None:  # skip_reason names every unresolvable entry (None: a loop)
+            skipped.append({"path": readable(str(entry.relative_to(root))), "reason": why or "a link loop"})
         elif real.is_dir():
             target.mkdir()
             copy_folder(entry, target, root, skipped, visiting | {real})
@@ -39,7 +39,17 @@ def copy_folder(folder: Path, dest: Path, root: Path, skipped: list[dict], visit
             shutil.copyfile(real, target)
 
 
-def skip_reason(entry: Path, real: Path, root: Path, visiting: frozenset) -> str | None:
+def resolved(entry: Path) -> Path | None:
+    """Where ``entry`` leads, or None for links that lead back to themselves (``a -> a``, ``a -> b -> a``)."""
+    try:
+        return entry.resolve()
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError("Symlink loop ..."), later ones OSError
+        return None
+
+
+def skip_reason(entry: Path, real: Path | None, root: Path, visiting: frozenset) -> str | None:
+    if real is None:
+        return "link loop (links that lead back to themselves)"
     if entry.is_symlink() and not real.is_relative_to(root):
         return f"link to {readable(str(real))}, outside the source folder"
     if not real.exists():

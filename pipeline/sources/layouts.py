@@ -38,6 +38,7 @@ class Record:
     phash: int
     pending: Path
     profile: str  # what became of its colour profile: "", "converted" or "unusable: <why>" (images.to_rgb)
+    thumbnail: bytes = b""  # 32x32 grey levels, verifying near-duplicate hashes (dedupe.fingerprints)
     given: str = ""  # the split the source gives it, "" for none
     rank: str = ""
     split: str = ""
@@ -270,6 +271,9 @@ def table_row(header: list[str], row: list[str], written: str, path: Path | None
         return f"malformed row: {where} has {len(row)} fields, its header {len(header)}"
     cells = dict(zip(header, (cell.strip() for cell in row)))
     label, split = unicodedata.normalize("NFC", cells["label"]), cells.get("split", "").lower()
+    if PurePosixPath(written).is_absolute():
+        return (f"absolute path: {where} names {written!r}; absolute paths are not allowed: give the path relative "
+                "to the source (e.g. daisy/1.jpg)")
     if path is None:
         return f"missing file: {where} names {written!r}, which is not a file in the source"
     if path in listed:

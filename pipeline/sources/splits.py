@@ -3,15 +3,18 @@ that every class has enough images in each split."""
 
 import sys
 from collections import Counter, defaultdict
-from itertools import accumulate, count
+from itertools import count
 
 from pipeline.cli import UserError
-from pipeline.config import SplitParams
+from pipeline.config import PrepareParams, SplitParams
 from pipeline.paths import RAW_DIR, SPLITS
 from pipeline.sources.layouts import Found, Record, named, source_of
 
 IMBALANCE_WARNING = 10  # warn when the largest class has more than this many times the smallest's images
 HELD_OUT = ("val", "test")  # the splits drawn from train when the source does not give them
+# How far a class's drawn split may be from the share prepare.split asks: a fraction of the class's
+# images (at least one image), lost to near-duplicate groups that must stay whole.
+SPLIT_TOLERANCE = 0.01
 
 
 
@@ -20,29 +23,59 @@ HELD_OUT = ("val", "test")  # the splits drawn from train when the source does n
 
 def assign_splits(groups: list[list[Record]], given: tuple[str, ...], split: SplitParams) -> None:
     """Given val and test are kept; the held-out splits not given are drawn from the other images,
-    stratified by class, one split per near-duplicate group, in the order of the groups' rank keys.
-
-    A group counts towards the class of its first member (by rank), so that near-duplicates in
-    two classes still share a split.
+    stratified by class, one split per near-duplicate group: in the order of the groups' rank keys,
+    each group goes to the first drawn split with room left for all of its images (val holds
+    ``round(n * prepare.split.val)`` of a class's n images, test likewise), else to train. Single
+    images fill what larger groups leave, so every class gets the split sizes asked unless some
+    groups are too large (check_fractions). A group of near-duplicates in two classes needs room in both.
     """
     drawn = {name: getattr(split, name) for name in HELD_OUT if name not in given}
-    by_label: dict[str, list[list[Record]]] = defaultdict(list)
-    for group in groups:
-        for image in group:
-            image.split = image.held_out
-        pool = [image for image in group if not image.held_out]
-        if pool:
-            by_label[pool[0].label].append(pool)
-    for members in by_label.values():
-        members.sort(key=lambda g: g[0].rank)
-        n = sum(len(g) for g in members)
-        bounds = list(zip(drawn, accumulate(round(n * fraction) for fraction in drawn.values())))
-        taken = 0
-        for group in members:
-            chosen = next((name for name, bound in bounds if taken < bound), "train")
-            for image in group:
-                image.split = chosen
-            taken += len(group)
+    pools = [[image for image in group if not image.held_out] for group in groups]
+    for image in (image for group in groups for image in group):
+        image.split = image.held_out
+    sizes = Counter(image.label for pool in pools for image in pool)
+    room = {(label, name): round(n * fraction) for label, n in sizes.items() for name, fraction in drawn.items()}
+    for pool in sorted(filter(None, pools), key=lambda pool: pool[0].rank):
+        need = Counter(image.label for image in pool)
+        chosen = next((name for name in drawn if all(n <= room[label, name] for label, n in need.items())), "train")
+        for image in pool:
+            image.split = chosen
+            room[image.label, chosen] = room.get((image.label, chosen), 0) - 1
+
+
+def check_fractions(per_class: dict[str, dict[str, int]], groups: list[list[Record]], given: tuple[str, ...],
+                    params: PrepareParams) -> None:
+    """Each class's drawn splits (and train) hold the share of its images that prepare.split asks,
+    within SPLIT_TOLERANCE; else stop, naming the classes and their largest near-duplicate group."""
+    split = params.split
+    drawn = {name: getattr(split, name) for name in HELD_OUT if name not in given}
+    if not drawn:
+        return
+    off = {}
+    for label, counts in per_class.items():
+        pool = sum(counts[name] for name in ("train", *drawn))
+        asked = {name: round(pool * fraction) for name, fraction in drawn.items()}
+        asked["train"] = pool - sum(asked.values())
+        if any(abs(counts[name] - wanted) > max(1.0, SPLIT_TOLERANCE * pool) for name, wanted in asked.items()):
+            off[label] = (pool, {name: (counts[name], wanted) for name, wanted in asked.items()})
+    if not off:
+        return
+    largest = {label: max((g for g in groups if g[0].label == label), key=len, default=[]) for label in off}
+
+    def shown(label: str) -> str:
+        pool, counts = off[label]
+        got = ", ".join(f"{name} {n} of the {wanted} asked" for name, (n, wanted) in counts.items())
+        group = largest[label]
+        example = f", the first {group[0].source}" if group else ""
+        return f"'{label}' ({got}; its largest group holds {len(group)} of its {pool} images{example})"
+
+    raise UserError(
+        f"prepare.split (val {split.val}, test {split.test}) cannot be met within {SPLIT_TOLERANCE:.0%} in {len(off)} "
+        f"of {len(per_class)} classes, as each near-duplicate group (prepare.near_duplicate_distance="
+        f"{params.near_duplicate_distance}) stays in one split: {named([shown(label) for label in off])}; remove "
+        "the copies, or lower prepare.near_duplicate_distance (0: identical hashes only; null: no grouping, "
+        "near-copies may then be in train and test)"
+    )
 
 
 def check_enough_classes(found: Found) -> None:

@@ -25,10 +25,13 @@ Outputs:
 Downloads go to a per-user cache (``$PIPELINE_CACHE_DIR``, default ``~/.cache/transfer-pipeline``)
 through a ``.part`` file that is renamed, once complete and an archive, to
 ``downloads/<url key>/<sha256>/<name>``: every archive a URL served is kept under its own hash, so a
-wrong ``data.sha256`` never deletes one that matched before. The one ``data.sha256`` names (or,
-when null, the latest) is used without any network access. Network errors are retried with backoff
-and resume the ``.part`` with an HTTP Range request; after the last try the ``.part`` is kept so
-that the next run resumes it. A ``.part`` that is not an archive (an error page) is deleted.
+wrong ``data.sha256`` never deletes one that matched before. One process at a time downloads a URL
+(``downloads/<url key>.lock``: a parallel experiment waits, then uses the archive the first one
+downloaded). The one ``data.sha256`` names (or, when null, the latest) is used without any network
+access. Network errors are retried with backoff and resume the ``.part`` with an HTTP Range
+request; after the last try, or ``data.max_seconds`` after the start, the ``.part`` is kept so that
+the next run resumes it. A ``.part`` that is not an archive (an error page) is deleted, and so is
+one that grows past ``data.max_bytes`` (an endless response: the download stops there).
 Credentials come from ``~/.netrc`` (or ``$NETRC``) or ``$PIPELINE_DATA_AUTH`` (an Authorization
 header), never from params.yaml, as DVC writes params to ``dvc.lock``; any in ``data.url`` are
 masked in what this stage writes and prints.
@@ -88,7 +91,7 @@ def main() -> None:
                 raise UserError(f"data.url: could not copy {source}: {err}") from None
             sha256 = None
         else:
-            archive, sha256 = (source, verify(source, cfg.sha256, cfg.url)) if source else fetch(cfg.url, cfg.sha256)
+            archive, sha256 = (source, verify(source, cfg.sha256, cfg.url)) if source else fetch(cfg)
             root = staging / ".unpacked"
             extract(archive, root, cfg)
             top = dataset_root(root)

@@ -14,9 +14,9 @@ Input: ``data/raw``, in one of three layouts (``layout`` in the data report and 
   ``data/raw/.labels.csv`` with paths relative to ``data/raw``. Only the files it lists are used,
   wherever they lie, with its labels (NFC-normalized) and, where the ``split`` cell is not empty,
   its split (``train``, ``val``, ``valid``, ``validation``, ``test``, any case). Bad rows are
-  quarantined (``missing file``, ``empty label``, ``bad label`` (``.`` or ``..`` parts, a leading
-  ``/``, control characters), ``unknown split``, ``listed twice`` (the first row counts),
-  ``malformed row``); files it does not list are ignored.
+  quarantined (``missing file``, ``absolute path``, ``empty label``, ``bad label`` (``.`` or
+  ``..`` parts, a leading ``/``, control characters), ``unknown split``, ``listed twice`` (the
+  first row counts), ``malformed row``); files it does not list are ignored.
 
 Folder names (and table labels) that differ only in their Unicode form (``café`` as NFC or as
 NFD, the way macOS writes it) are one name to Unicode and to macOS, so they are one class: a
@@ -43,31 +43,37 @@ Outputs in ``data/prepared/``:
 - ``quarantine.csv``: source, reason for every candidate image not used: unreadable, truncated,
   not an image, too small (``prepare.min_side``), too elongated (longer side over
   ``prepare.max_aspect_ratio`` times the shorter: the model sees a photo's central square, which
-  would hold little of it), too large (over the megapixels the model server decodes,
-  ``images.MAX_MEGAPIXELS``), decompression bomb, pixel values out of range
+  would hold little of it), too large (``prepare.max_pixels``, at most what the model server decodes,
+  ``images.MAX_MEGAPIXELS``: checked from the file's header, so a decompression bomb is never
+  decoded), pixel values out of range
   (float or 32-bit pixels outside 0..1, 0..255 or 0..65535), label conflict (the same
   image in two classes: every copy is excluded), or a bad row of the labels table. Nothing in
   ``data/raw`` is deleted;
 - ``ignored.csv``: source, reason for every file ignored (see above, or not listed in the table);
 - ``duplicates.csv``: source, label, kind, same_as: ``exact`` copies (dropped, the first source
   is kept) and ``near`` duplicates (perceptual hash within ``prepare.near_duplicate_distance``
-  bits: kept, but the whole group lands in one split, so test never holds a near-copy of a
-  training image). ``cross_split``: a near-duplicate or exact copy that the source put in another
-  split than ``same_as``; it is kept there (an exact copy once per split, sharing one file);
+  bits and thumbnails alike, checked pair by pair: pipeline/sources/dedupe.py; kept, but the whole
+  group lands in one split, so test never holds a near-copy of a training image). ``cross_split``:
+  a near-duplicate or exact copy that the source put in another split than ``same_as``; it is kept
+  there (an exact copy once per split, sharing one file);
 - ``reports/data.json`` (DVC metrics): layout, splits given, counts per class and split,
-  quarantined (by reason), duplicates, near-duplicate groups, ``cross_split`` (groups spanning
-  splits, their images, and pictures exactly alike in two splits: leakage, also a warning line),
-  ignored files (by reason), colour profiles converted and unusable (those pixels are taken as sRGB,
-  and a note names the files).
+  quarantined (by reason), duplicates, near-duplicate groups, images not searched for
+  near-duplicates (too little detail for their hash to tell copies from other pictures: digits,
+  documents; also a note line), ``cross_split`` (groups spanning splits, their images, and pictures
+  exactly alike in two splits: leakage, also a warning line), ignored files (by reason), colour
+  profiles converted and unusable (those pixels are taken as sRGB, and a note names the files).
 
 Splits given by the source are kept. The others (all three for class folders or a table without
-split cells) are drawn from the images given ``train`` or no split, stratified: within each class,
-near-duplicate groups are ordered by a key hashed from the seed and the image content (not the file
-name or the other images), and of its n images the first ``round(n * prepare.split.val)`` go to val
-(when val is drawn), the next ``round(n * prepare.split.test)`` to test (when drawn), the rest to
-train. ``data.max_per_class`` keeps that many per class and given split, the first by that key.
-Same inputs and seed give a byte-identical manifest; adding k images to a class changes the split
-of at most 2k of its existing images (those at the two boundaries), and no image of another class.
+split cells) are drawn from the images given ``train`` or no split, stratified: near-duplicate
+groups are ordered by a key hashed from the seed and the image content (not the file name or the
+other images), and each goes to the first drawn split with room for it: of a class's n images,
+val (when drawn) holds ``round(n * prepare.split.val)``, test (when drawn)
+``round(n * prepare.split.test)``, train the rest. A class whose near-duplicate groups leave its
+splits more than 1 % of its images off those sizes stops the stage, naming its largest group.
+``data.max_per_class`` keeps that many per class and given split, the first by that key. Same
+inputs and seed give a byte-identical manifest; adding k single images to a class changes the
+split of at most 2k of its existing images (those at the two boundaries), and no image of another
+class.
 """
 
 import hashlib
@@ -79,23 +85,29 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import imagehash
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.cli import UserError, progress, run_stage
 from pipeline.config import Config, PrepareParams, load_config
-from pipeline.data.images import FORMATS, MAX_MEGAPIXELS, Unconvertible, decode, save_jpeg, shorter_side_at_most
+from pipeline.data.images import FORMATS, Unconvertible, decode, save_jpeg, shorter_side_at_most
 from pipeline.data.manifests import PreparedImage, write_manifest, write_rows
 from pipeline.files import atomic_dir, write_json
 from pipeline.paths import DATA_REPORT, PREPARED_DIR, PREPARED_LABELS, PREPARED_MANIFEST, RAW_DIR, SPLITS
-from pipeline.sources.dedupe import cross_split, drop_exact_duplicates, near_duplicate_groups, near_duplicate_rows
+from pipeline.sources.dedupe import (
+    cross_split,
+    drop_exact_duplicates,
+    fingerprints,
+    near_duplicate_groups,
+    near_duplicate_rows,
+)
 from pipeline.sources.layouts import Found, Record, find_images, named, source_of
 from pipeline.sources.splits import (
     assign_splits,
     cap_per_class,
     check_classes,
     check_enough_classes,
+    check_fractions,
     count_per_class,
     unused_files,
 )
@@ -110,6 +122,7 @@ class Quarantined(Exception):
 def normalize(job: tuple[Path, Path, PrepareParams]) -> dict | str:
     """Decode one file and write its normalized JPEG to ``pending``: its facts, or why it is quarantined."""
     path, pending, params = job
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's "decompression bomb" limit (89.5 Mpx): prepare.max_pixels instead
     try:
         image, profile = decode(path, usable_shape(params))
     except Quarantined as why:
@@ -120,26 +133,28 @@ def normalize(job: tuple[Path, Path, PrepareParams]) -> dict | str:
     sha256 = hashlib.sha256(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
     image = shorter_side_at_most(image, params.max_side)
     save_jpeg(image, pending)
-    return {"sha256": sha256, "width": pixels.shape[1], "height": pixels.shape[0],
-            "phash": int(str(imagehash.phash(image)), 16), "profile": profile}
+    return {"sha256": sha256, "width": pixels.shape[1], "height": pixels.shape[0], **fingerprints(image),
+            "profile": profile}
 
 
 def usable_shape(params: PrepareParams) -> Callable[[Image.Image], None]:
-    """A check for images.decode (on the file's header): quarantine images whose shorter side is below
-    ``prepare.min_side``, whose sides differ by more than ``prepare.max_aspect_ratio``, or that the
-    model server would refuse (``MAX_MEGAPIXELS``)."""
+    """A check for images.decode, from the file's header before any pixel is decoded: quarantine
+    images whose shorter side is below ``prepare.min_side``, whose sides differ by more than
+    ``prepare.max_aspect_ratio``, or that have more than ``prepare.max_pixels`` (at most what the
+    model server decodes, so the test split holds only images it answers for)."""
 
     def check(image: Image.Image) -> None:
-        size = f"{image.width}x{image.height} pixels"
-        if min(image.size) < params.min_side:
+        width, height = image.size
+        size = f"{width}x{height} pixels"
+        if min(width, height) < params.min_side:
             raise Quarantined(f"too small: {size}, below prepare.min_side={params.min_side}")
-        ratio = max(image.size) / min(image.size)
+        ratio = max(width, height) / min(width, height)
         if ratio > params.max_aspect_ratio:
             raise Quarantined(f"too elongated: {size}, one side {ratio:.1f} times the other, above "
                               f"prepare.max_aspect_ratio={params.max_aspect_ratio:g} (the model sees the central square)")
-        if image.width * image.height > MAX_MEGAPIXELS * 1_000_000:
-            raise Quarantined(f"too large: {size} ({image.width * image.height / 1e6:.1f} megapixels), above the "
-                              f"{MAX_MEGAPIXELS} the model server decodes")
+        if width * height > params.max_pixels:
+            raise Quarantined(f"too large: {size} ({width * height / 1e6:.1f} megapixels), larger "
+                              f"than {params.max_pixels / 1e6:g} megapixels (prepare.max_pixels={params.max_pixels})")
 
     return check
 
@@ -147,8 +162,6 @@ def usable_shape(params: PrepareParams) -> Callable[[Image.Image], None]:
 def reason(err: Exception, path: Path) -> str:
     """A one-line quarantine reason, starting with a keyword the data report counts by."""
     message = " ".join(str(err).split())
-    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"decompression bomb: {message}"
     if isinstance(err, Unconvertible):
         return message  # "pixel values out of range: ..."
     if isinstance(err, UnidentifiedImageError):
@@ -192,7 +205,7 @@ def by_reason(reasons: list[str]) -> dict[str, int]:
 
 
 def report(found: Found, images: list[Record], per_class: dict, quarantine: list[tuple], exact: list[list],
-           groups: list[list[Record]], leakage: dict[str, int]) -> dict:
+           groups: list[list[Record]], leakage: dict[str, int], unsearched: int) -> dict:
     near = [g for g in groups if len(g) > 1]
     return {
         "layout": found.layout,
@@ -207,6 +220,7 @@ def report(found: Found, images: list[Record], per_class: dict, quarantine: list
         "near_duplicate_groups": len(near),
         "near_duplicate_images": sum(len(g) for g in near),
         "largest_near_duplicate_group": max((len(g) for g in near), default=0),
+        "near_duplicates_not_searched": unsearched,
         "cross_split": leakage,
         "ignored_files": len(found.ignored),
         "ignored_by_reason": by_reason([r for _, r, _ in found.ignored]),
@@ -253,10 +267,11 @@ def main() -> None:
         images, conflicts, exact = drop_exact_duplicates(images)
         quarantine += conflicts
         images = cap_per_class(images, cfg.data.max_per_class)
-        groups = near_duplicate_groups(images, cfg.prepare.near_duplicate_distance)
+        groups, unsearched = near_duplicate_groups(images, cfg.prepare.near_duplicate_distance)
         assign_splits(groups, found.given, cfg.prepare.split)
         per_class = count_per_class(found.classes, images)
         check_classes(per_class, found.given, cfg.prepare.split, unused_files(found, quarantine))
+        check_fractions(per_class, groups, found.given, cfg.prepare)
         move_into_place(images, out)
         shutil.rmtree(out / ".pending")  # the normalized copies of duplicates and excluded images
         images.sort(key=lambda i: (i.split, i.label, i.path))
@@ -266,9 +281,13 @@ def main() -> None:
         write_manifest(out / "duplicates.csv", ["source", "label", "kind", "same_as"],
                        sorted(exact + near_duplicate_rows(groups)))
         write_json(out / PREPARED_LABELS.name, found.classes)
-    summary = report(found, images, per_class, quarantine, exact, groups, cross_split(groups))
+    summary = report(found, images, per_class, quarantine, exact, groups, cross_split(groups), unsearched)
     write_json(DATA_REPORT, summary)
     note_unusable_profiles(images)
+    if unsearched:
+        print(f"note: {unsearched} of {len(images)} images have too little detail for their perceptual hash to tell "
+              "near-copies from other pictures (flat images, or hashes shared by many: digits, documents, plain "
+              "backgrounds): they are not searched for near-duplicates; exact copies are still found", file=sys.stderr)
     leak = summary["cross_split"]
     if leak["groups"]:
         print(f"warning: {leak['groups']} near-duplicate groups ({leak['images']} images; exact copies: "

@@ -29,6 +29,8 @@ On a cluster (``TF_CONFIG``) every worker runs this stage and trains its replica
 chief writes the outputs below, the checkpoints and the MLflow run. The others start from the
 chief's checkpoints (sent over), write nothing, and leave once the chief is done. A
 worker that dies stops the others in one line; rerunning them all resumes from the last epoch.
+A tracking server that stops answering ends the stage in one line after a bounded wait
+(``tracking.HTTP_LIMITS``), the checkpoints kept: the rerun goes on from there.
 
 Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
 float32), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
@@ -273,10 +275,11 @@ def stopping_and_schedule(cfg: Config) -> list[keras.callbacks.Callback]:
 def callbacks_for(phase: Phase, cfg: Config, role: Role) -> tuple[list[keras.callbacks.Callback],
                                                                    checkpoints.EpochCheckpoint]:
     stateful = stopping_and_schedule(cfg)
-    # last: saves what the others did this epoch
+    # After the others: saves what they did this epoch, before it is logged, so a tracking store that
+    # stopped answering loses no epoch.
     checkpoint = checkpoints.EpochCheckpoint(phase.checkpoint or phase.name, stateful, role.checkpoints)
     logging = [tracking.log_epoch_metrics(phase.metric_prefix)] if role.logs_to_mlflow else []
-    return [EpochStats(), StopOnNaN(phase), *stateful, *logging, checkpoint], checkpoint
+    return [EpochStats(), StopOnNaN(phase), *stateful, checkpoint, *logging], checkpoint
 
 
 def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, cfg: Config,
