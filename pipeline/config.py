@@ -109,7 +109,8 @@ class HeadParams(Section):
 
     dense_units: Annotated[int, Field(ge=0)] = Field(description=(
         "0 = softmax right on the features; N = one extra ReLU layer of N units first."))
-    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(description="Dropout rate before the softmax layer.")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(description=(
+        "Dropout rate before the softmax layer, in Keras training (an MLP head, fine-tuning)."))
 
 
 # The largest model.image_size: over 3 times every backbone's native size (224-300 px), which is
@@ -294,14 +295,15 @@ class FineTuneParams(Section):
 
 
 class TrainParams(Section):
-    """Phase 1 trains the head on the cached backbone features; phase 2 (`fine_tune`) optionally the top
-    of the backbone too ([Training](training.md))."""
+    """Phase 1 fits the head on the cached backbone features: the linear head is solved and reads only
+    `class_weight` and `temperature_scaling`, an MLP head trains with Keras and reads them all; phase 2
+    (`fine_tune`) optionally trains the top of the backbone too ([Training](training.md))."""
 
     epochs: Annotated[int, Field(gt=0)] = Field(description=(
-        "Head epochs (at most: early stopping may end the phase sooner)."))
+        "MLP head epochs (at most: early stopping may end the phase sooner)."))
     batch_size: Annotated[int, Field(gt=0)] = Field(description=(
         "Per replica: with several GPUs the global batch is this times their number."))
-    learning_rate: Annotated[float, Field(gt=0)] = Field(description="Adam's, for the head phase.")
+    learning_rate: Annotated[float, Field(gt=0)] = Field(description="Adam's, for an MLP head.")
     lr_schedule: Literal["constant", "cosine", "plateau"] = Field(description=(
         "`constant`; `cosine` (to 0 over the phase); `plateau` (x0.2 after 2 epochs without val_loss progress)."))
     early_stopping_patience: Annotated[int, Field(gt=0)] | None = Field(description=(
@@ -309,7 +311,7 @@ class TrainParams(Section):
     class_weight: Literal["auto", "none"] = Field(description=(
         "`auto`: weight each class by n / (classes x its count); `none`: equal weights."))
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = Field(description=(
-        "Soften the one-hot targets by this much; 0 = hard targets."))
+        "Soften the one-hot targets by this much in Keras training (an MLP head, fine-tuning); 0 = hard targets."))
     temperature_scaling: bool = Field(description=(
         "After training, divide the logits by one temperature fitted on the val split: calibrated "
         "probabilities, the same predicted classes."))
