@@ -21,7 +21,7 @@ ARGS ?=
 EXP_GRID ?= -S model.backbone=inception_v3,resnet50 -S train.fine_tune.blocks=0,2
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup setup-gpu run test lint chromium ui serve predict exp compare push pull lock clean bench
+.PHONY: setup setup-gpu run test lint chromium ui serve predict exp compare promote push pull lock clean bench
 
 setup: $(STAMP)
 
@@ -82,6 +82,12 @@ exp: setup
 
 compare: setup
 	python -m pipeline.tools.compare
+
+# Ships a DVC experiment's model: dvc exp apply EXP (data/model, params, dvc.lock), then @champion on
+# that model's registered versions, so make serve serves what data/model holds. No EXP: the workspace's model.
+EXP ?=
+promote: setup
+	python -m pipeline.tools.promote $(EXP)
 
 # Speed benchmarks on a slice of the archive (~15 min on 2 CPU cores), then quality with real
 # weights on the whole archive (~45 min more; only with BENCH_WEIGHTS); writes bench/results.md.

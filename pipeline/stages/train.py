@@ -21,9 +21,14 @@ are numbered on from one phase to the next. After every epoch the training state
 Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
 float32), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
 metrics), kept in Git for ``dvc plots``.
-The MLflow run gets every param, the prepared data as dataset inputs (one per split), the per-epoch
-metrics (fine-tuning ones prefixed ``finetune_``, at their epoch numbers), system metrics
-(``mlflow.system_metrics``) and the model, registered with the alias ``@candidate``.
+The MLflow run (named after the DVC experiment, else ``<dataset>-params-<hash>``) gets every param,
+the prepared data as dataset inputs (one per split), the per-epoch metrics (fine-tuning ones
+prefixed ``finetune_``, at their epoch numbers), system metrics (``mlflow.system_metrics``) and the
+model, registered with the alias ``@candidate``, a description and the version's tags.
+
+One seed, one model: Keras is seeded once MLflow's run has started (MLflow may use Python's global
+random), so the same params, data and seed train the same model under ``dvc repro``, ``dvc exp
+run``, after a resume, and against any tracking store.
 """
 
 import contextlib
@@ -43,7 +48,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.cli import UserError, error_summary, run_stage
+from pipeline.cli import UserError, error_summary, redact_url, run_stage
 from pipeline.config import Config, ModelParams, load_config
 from pipeline.data.augmentation import label_mixing, online_augmentation
 from pipeline.data.manifests import read_labels
@@ -350,7 +355,6 @@ def main() -> None:
     cfg = load_config()
     feature_store.read_meta()  # stops in one line when the features stage has not run
     strategy = devices.distribution_strategy()  # first: MultiWorkerMirroredStrategy must come before other TF ops
-    keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
     policy = networks.use_precision(cfg.model)
     print(f"train: {devices.replicas_and_workers(strategy)}, backbone computes in {policy}")
@@ -358,10 +362,14 @@ def main() -> None:
     key = resume_key(cfg)
     killed = checkpoints.killed_attempt(key)
     # Fails here, before any training, when a configured tracking server does not answer.
-    with tracking.start_new_run(cfg.experiment_name, cfg.mlflow.system_metrics) as run:
+    with tracking.start_new_run(cfg.experiment_name, cfg.run_name, cfg.mlflow.system_metrics) as run:
         tracking.log_params(cfg.flat())
         tracking.log_datasets(cfg.dataset_name, cfg.data.url)
         take_over(killed, key, run.info.run_id)
+        # Seeded here, after MLflow's start-up, right before the first layer is built: Keras draws
+        # every default seed from Python's global random, which nothing may move in between (the
+        # MLflow calls made while training keep it: tracking.keeps_global_random_state).
+        keras.utils.set_random_seed(cfg.seed)
         with strategy.scope():
             model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync)
         with atomic_dir(MODEL_DIR) as out:
@@ -370,15 +378,18 @@ def main() -> None:
         write_history(history, HISTORY)
         # The model is on disk before anything more goes to MLflow: a logging failure loses no
         # training (and the checkpoints stay, so a rerun only logs again).
+        about = tracking.About(cfg.dataset_name, redact_url(cfg.data.url),
+                               f"{cfg.model.architecture} at {cfg.model.input_size} px")
         try:
-            logged = tracking.log_model(model, MODEL_DIR, cfg.registered_model_name)
+            logged = tracking.log_model(model, MODEL_DIR, cfg.registered_model_name, about)
         except Exception as err:  # MLflow raises many types (HTTP, database, artifact store)
             raise UserError(f"training finished and the model is in {MODEL_DIR}, but logging it to MLflow "
                             f"failed ({error_summary(err)[:200]}); "
                             "rerun dvc repro once the tracking store is back") from None
         tracking.record_run(run, logged, cfg.mlflow.system_metrics)
     checkpoints.remove()
-    print(f"train: {history_summary(history)}; model in {MODEL_DIR}, MLflow run {run.info.run_id}")
+    print(f"train: {history_summary(history)}; model in {MODEL_DIR}, MLflow run '{run.info.run_name}' "
+          f"({run.info.run_id})")
 
 
 if __name__ == "__main__":

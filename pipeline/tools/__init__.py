@@ -1,5 +1,6 @@
 """Commands around the pipeline, not DVC stages: ``predict`` (the served model on your files),
-``compare`` (experiments side by side), ``summary`` (the end-of-run report ``make run`` prints).
+``compare`` (experiments side by side), ``summary`` (the end-of-run report ``make run`` prints),
+``promote`` (an experiment's model into the workspace and to ``@champion``).
 
 Importing this package quiets TensorFlow's start-up log, as ``pipeline.stages`` does."""
 
