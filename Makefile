@@ -20,12 +20,12 @@ ARGS ?=
 EXP_GRID ?= -S model.backbone=inception_v3,resnet50 -S train.fine_tune.blocks=0,2
 # These reach the commands as typed, never as make or shell code: exported unexpanded, and turned into
 # commands by pipeline/tools/make_args.py, which splits lists with the shell's quoting rules but no shell.
-USER_VARIABLES := SET MLFLOW_PORT SERVE_PORT MODEL PATHS ARGS EXP_GRID
+USER_VARIABLES := SET MLFLOW_PORT SERVE_PORT MODEL PATHS ARGS EXP_GRID EXP
 $(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v))))
 export $(USER_VARIABLES)
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help setup setup-gpu run test test-fast lint format docs chromium ui serve predict exp compare push pull lock clean bench
+.PHONY: help setup setup-gpu run test test-fast lint format docs chromium ui serve predict exp compare promote push pull lock clean bench
 
 ## help: this list (each target's `## name: what it does` line)
 help:
@@ -107,6 +107,13 @@ exp: setup
 ## compare: one table per dataset, best experiment first (ARGS="--all": DVC's full table)
 compare: setup
 	@python -m pipeline.tools.make_args compare
+
+# Ships a DVC experiment's model: dvc exp apply EXP (data/model, params, dvc.lock), then @champion on
+# that model's registered versions, so make serve serves what data/model holds. No EXP: the workspace's model.
+EXP ?=
+## promote: make an experiment's model the served @champion and the workspace model: make promote EXP=<name>
+promote: setup
+	@python -m pipeline.tools.make_args promote
 
 # Speed benchmarks on a slice of the archive (~15 min on 2 CPU cores), then quality with real
 # weights on the whole archive (~45 min more; only with BENCH_WEIGHTS); writes bench/results.md.

@@ -7,18 +7,20 @@ with one line naming the key and what is allowed. Each param's type, range and m
 (tests/test_params_doc.py keeps the three in step), so no field has a default here.
 """
 
+import hashlib
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from pipeline.cli import UserError
+from pipeline.cli import UserError, redact_url
 from pipeline.data.images import MAX_MEGAPIXELS
 from pipeline.model.backbones import BACKBONES, Backbone
 from pipeline.paths import SPLIT_NAMES
@@ -27,6 +29,7 @@ PARAMS_FILE = Path("params.yaml")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")  # what data.url may end in besides a folder
 MAX_QUOTED = 80  # characters of a wrong value quoted in an error message
 SEED_LIMIT = 2**32  # numpy, TensorFlow and albumentations all take seeds below this
+SHORT_HASH = 6  # hex digits of the source's hash in default MLflow names, and of the params' in run names
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 AreaFraction = Annotated[float, Field(gt=0, le=1)]
@@ -369,6 +372,10 @@ class ExportParams(Section):
         return value
 
 
+# Test metrics evaluate may rank a new version against @champion by, and whether higher is better.
+CHAMPION_METRICS = {"accuracy": True, "macro_f1": True, "log_loss": False, "ece": False}
+
+
 class MlflowParams(Section):
     """Where runs and models go in MLflow ([MLflow](mlflow.md))."""
 
@@ -379,6 +386,9 @@ class MlflowParams(Section):
     register_model: bool = Field(description="false = log the model with the run without registering it.")
     system_metrics: bool = Field(description=(
         "false = no system/* metrics (CPU, memory, disk, network, GPU) in the run."))
+    champion_metric: Literal[tuple(CHAMPION_METRICS)] = Field(description=(  # type: ignore[valid-type]
+        "The test metric a new model must beat the current @champion's by, on the same prepared data, to "
+        "take the alias (ties: log loss); otherwise it stays @candidate."))
 
 
 class Config(Section):
@@ -440,18 +450,40 @@ class Config(Section):
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "dataset"
 
     @property
+    def source_id(self) -> str:
+        """A short hash of where the data comes from (``data.url`` without credentials, query values
+        masked, so a re-signed URL keeps its id): two sources whose folders share a name get
+        different default MLflow names."""
+        location = urlsplit(redact_url(self.data.url))
+        location = location._replace(netloc=location.netloc.rpartition("@")[2])  # no user name either
+        return hashlib.sha256(urlunsplit(location).encode()).hexdigest()[:SHORT_HASH]
+
+    @property
     def experiment_name(self) -> str:
-        """The MLflow experiment runs go to: ``mlflow.experiment_name``, else the dataset's name, so a
-        second dataset does not pile into the first one's experiment."""
-        return self.mlflow.experiment_name or self.dataset_name
+        """The MLflow experiment runs go to: ``mlflow.experiment_name``, else ``<dataset>-<source_id>``
+        (``flower_photos-1a2b3c``), so that other data never piles into this data's experiment."""
+        return self.mlflow.experiment_name or f"{self.dataset_name}-{self.source_id}"
 
     @property
     def registered_model_name(self) -> str | None:
-        """The model registry name of the servable model (the Keras flavor adds ``-keras``), None when
+        """The model registry name of the servable model (the Keras flavor adds ``-keras``):
+        ``mlflow.registered_model_name``, else ``<dataset>-<source_id>-classifier``; None when
         ``mlflow.register_model`` is false."""
         if not self.mlflow.register_model:
             return None
-        return self.mlflow.registered_model_name or f"{self.dataset_name}-classifier"
+        return self.mlflow.registered_model_name or f"{self.dataset_name}-{self.source_id}-classifier"
+
+    @property
+    def params_id(self) -> str:
+        """A short hash of the params a trained model depends on (seed, data, prepare, model, augment,
+        train): runs with the same id trained from the same settings."""
+        shaping = self.model_dump(mode="json", include={"seed", "data", "prepare", "model", "augment", "train"})
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:SHORT_HASH]
+
+    @property
+    def run_name(self) -> str:
+        """The MLflow run name of a run outside a DVC experiment: ``<dataset>-params-<params_id>``."""
+        return f"{self.dataset_name}-params-{self.params_id}"
 
     def flat(self) -> dict[str, Any]:
         """Params as dotted names (``train.learning_rate``), the way MLflow and DVC show them."""

@@ -2,6 +2,7 @@
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_image_size_below_resnet_minimum_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("url", "experiment"),
+    ("url", "dataset"),
     [
         ("https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz", "flower_photos"),
         ("https://host/x/pets.tar.gz?sig=abc", "pets"),
@@ -89,12 +90,40 @@ def test_image_size_below_resnet_minimum_is_refused(tmp_path):
         ("/data/birds/", "birds"),
     ],
 )
-def test_mlflow_names_follow_the_dataset(tmp_path, url, experiment):
+def test_mlflow_names_follow_the_dataset_and_its_source(tmp_path, url, dataset):
     params = tmp_path / "params.yaml"
     params.write_bytes(open("params.yaml", "rb").read())
     set_params(tmp_path, **{"data.url": url})
     cfg = load_config(params)
-    assert (cfg.experiment_name, cfg.registered_model_name) == (experiment, f"{experiment}-classifier")
+    assert re.fullmatch(rf"{re.escape(dataset)}-[0-9a-f]{{6}}", cfg.experiment_name)
+    assert cfg.registered_model_name == f"{cfg.experiment_name}-classifier"
+
+
+def names_for(tmp_path: Path, url: str) -> tuple[str, str | None]:
+    params = tmp_path / "params.yaml"
+    params.write_bytes(open("params.yaml", "rb").read())
+    set_params(tmp_path, **{"data.url": url})
+    cfg = load_config(params)
+    return cfg.experiment_name, cfg.registered_model_name
+
+
+def test_two_sources_whose_folders_share_a_name_get_their_own_experiment_and_model(tmp_path):
+    one, other = names_for(tmp_path, "/data/a/photos"), names_for(tmp_path, "/data/b/photos")
+    assert one[0].startswith("photos-") and other[0].startswith("photos-")
+    assert one[0] != other[0] and one[1] != other[1]
+    # A URL signed anew (query values) or with other credentials is the same source.
+    assert names_for(tmp_path, "https://u:p@host/f.tgz?sig=1") == names_for(tmp_path, "https://v:q@host/f.tgz?sig=2")
+
+
+def test_runs_outside_dvc_experiments_are_named_by_dataset_and_params(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_bytes(open("params.yaml", "rb").read())
+    before = load_config(params).run_name
+    assert re.fullmatch(r"flower_photos-params-[0-9a-f]{6}", before)
+    set_params(tmp_path, **{"evaluate.top_k": 3, "mlflow.champion_metric": "log_loss"})  # nothing the model depends on
+    assert load_config(params).run_name == before
+    set_params(tmp_path, **{"train.learning_rate": 0.01})
+    assert load_config(params).run_name != before
 
 
 def test_mlflow_names_set_in_params_win(tmp_path):

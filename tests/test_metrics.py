@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 from mlflow.utils.validation import _validate_metric
 from PIL import Image
-from sklearn.metrics import top_k_accuracy_score
+from sklearn.metrics import f1_score, top_k_accuracy_score
 
 from pipeline.report import plots, tracking
-from pipeline.report.metrics import classification_report, expected_calibration_error, fitted_temperature, reliability
+from pipeline.report.metrics import (
+    classification_report,
+    expected_calibration_error,
+    fitted_temperature,
+    images_for,
+    interval_warning,
+    macro_f1,
+    reliability,
+)
 from pipeline.stages.evaluate import GRADCAM_IMAGES, gradcam_examples
 
 LABELS = ["cat", "dog", "fox"]
@@ -43,6 +51,41 @@ def test_report_matches_hand_computed_values():
     assert report["macro"]["f1"] == round((0.5 + 0.8 + 2 / 3) / 3, 4)
     assert report["weighted"]["recall"] == round(4 / 6, 4)  # equal supports: weighted = macro recall
     assert report["test_images"] == 6
+
+
+def test_accuracy_interval_is_wilsons_and_macro_f1s_a_bootstrap_around_the_value():
+    report = classification_report(Y_TRUE, PROBABILITIES, LABELS, top_k=2)
+    # Wilson's score interval for 4 of 6 at 95 %, by its formula
+    n, p, z = 6, 4 / 6, 1.959964
+    centre, half = (p + z**2 / (2 * n)) / (1 + z**2 / n), z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    assert report["accuracy_ci95"] == {"low": round(centre - half, 4), "high": round(centre + half, 4)}
+    interval = report["macro_f1_ci95"]
+    assert 0 <= interval["low"] < report["macro"]["f1"] < interval["high"] <= 1
+    assert classification_report(Y_TRUE, PROBABILITIES, LABELS, top_k=2) == report  # a seeded bootstrap
+
+
+def test_vectorized_macro_f1_is_scikit_learns_with_unseen_classes_counted():
+    rng = np.random.default_rng(3)
+    y_true, y_pred = rng.integers(0, 4, (5, 40)), rng.integers(0, 4, (5, 40))  # class 4: no image, never predicted
+    expected = [f1_score(t, p, labels=range(5), average="macro", zero_division=0) for t, p in zip(y_true, y_pred)]
+    np.testing.assert_allclose(macro_f1(y_true, y_pred, 5), expected)
+
+
+def test_a_test_split_too_small_for_five_points_gets_a_one_line_warning():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 3, 2000)
+
+    def report(n: int) -> dict:  # 80 % right
+        probabilities = np.eye(3)[np.where(np.arange(n) % 5 == 0, (y_true[:n] + 1) % 3, y_true[:n])] * 0.7 + 0.1
+        return classification_report(y_true[:n], probabilities, LABELS, top_k=1)
+
+    small, large = report(45), report(2000)
+    warning = interval_warning(small)
+    assert warning.startswith("warning: 45 test images measure accuracy only to +-11 points (95 % interval 0.662-0.891); ")
+    assert warning.endswith(f"+-5 points takes about {images_for(0.8, 0.05)} test images "
+                            "(more data, or a larger prepare.split.test)") and "\n" not in warning
+    assert 230 <= images_for(0.8, 0.05) <= 260  # 1.96^2 x 0.8 x 0.2 / 0.05^2 = 246 by the normal approximation
+    assert interval_warning(large) is None
 
 
 def test_top_k_is_capped_at_the_number_of_classes():
@@ -116,12 +159,19 @@ def test_per_class_metrics_of_odd_names_log_to_mlflow_with_the_names_beside(tmp_
     experiment = mlflow.create_experiment("keys", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as logged:
         tracking.log_test_metrics(report)
-    metrics = mlflow.MlflowClient().get_run(logged.info.run_id).data.metrics
+    data = mlflow.MlflowClient().get_run(logged.info.run_id).data
+    metrics = data.metrics
     keys = tracking.class_keys(ODD_NAMES)
-    assert len([k for k in metrics if k.startswith("test_per_class_")]) == 4 * len(ODD_NAMES)  # nothing overwritten
+    # precision, recall, F1 per class, nothing overwritten; supports are counts, not metrics
+    assert len([k for k in metrics if k.startswith("test_per_class_")]) == 3 * len(ODD_NAMES)
     for key, name in zip(keys, ODD_NAMES, strict=True):
         assert metrics[f"test_per_class_{key}_recall"] == report["per_class"][name]["recall"]
     assert metrics["test_accuracy"] == report["accuracy"] and metrics["test_macro_f1"] == report["macro"]["f1"]
+    assert metrics["test_accuracy_ci95_low"] == report["accuracy_ci95"]["low"]
+    assert metrics["test_macro_f1_ci95_high"] == report["macro_f1_ci95"]["high"]
+    # k and the image count are tags
+    assert not {"test_top_k", "test_test_images"} & set(metrics) and not any(k.endswith("_support") for k in metrics)
+    assert (data.tags["test_top_k"], data.tags["test_images"]) == ("3", str(len(ODD_NAMES)))
     names = mlflow.artifacts.load_dict(f"runs:/{logged.info.run_id}/{tracking.CLASS_KEYS_ARTIFACT}")
     assert names == dict(zip(keys, ODD_NAMES, strict=True))
 

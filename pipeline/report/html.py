@@ -28,6 +28,7 @@ from pipeline.paths import (
     PREDICTIONS,
     RAW_DIR,
 )
+from pipeline.report.metrics import interval_warning
 
 MISTAKES = 12  # rows of the most confident mistakes table
 SUSPECTS = 12  # rows of the label-issue table
@@ -94,8 +95,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def headline(scores: dict[str, Any]) -> list[tuple[str, str, str]]:
     def with_interval(name: str, value: float) -> tuple[str, str, str]:
-        bounds = scores.get(f"{name}_interval")
-        detail = f"95 % interval {bounds[0]:.3f} to {bounds[1]:.3f}" if bounds else ""
+        bounds = scores.get(f"{name}_ci95")
+        detail = f"95 % interval {bounds['low']:.3f} to {bounds['high']:.3f}" if bounds else ""
         return (name.replace("_", " "), f"{value:.3f}", detail)
 
     return [with_interval("accuracy", scores["accuracy"]), with_interval("macro_f1", scores["macro"]["f1"]),
@@ -139,7 +140,7 @@ def write_report(cfg: Config, path: Path) -> None:
         title=f"{cfg.dataset_name}: {cfg.model.backbone} classifier",
         classes=list(scores["per_class"]),
         headline=headline(scores),
-        warnings=[w for w in [scores.get("interval_warning")] if w],
+        warnings=[w for w in [interval_warning(scores)] if w],
         per_class=list(scores["per_class"].items()),
         mistakes=mistakes(read_csv(PREDICTIONS)),
         pictures=[(heading, data_uri(PLOTS_DIR / name)) for name, heading in PICTURES if (PLOTS_DIR / name).is_file()],

@@ -7,22 +7,25 @@ DVC points at the main workspace even for queued experiments that run in a tempo
 ``dvc exp run --queue`` runs land in the same store. ``MLFLOW_TRACKING_URI`` points everything at
 another store, e.g. a team's ``mlflow server``.
 
-One pipeline run is one MLflow run: ``train`` starts it, logs the data as dataset inputs and the
-model, and records the run and the model versions in ``data/model/mlflow_run.json`` (a DVC output);
-``evaluate`` reopens the run to add test metrics (on the models too) and plots, and moves the
-registry alias ``@champion`` when the model passes its gate.
+One pipeline run is one MLflow run, named after its DVC experiment (``<dataset>-params-<hash>``
+outside one): ``train`` starts it, logs the data as dataset inputs and the model, and records the
+run and the model versions in ``data/model/mlflow_run.json`` (a DVC output); ``evaluate`` reopens
+the run to add test metrics (on the models too) and plots, and moves the registry alias
+``@champion`` to the run's versions when they pass its gate and beat the champion on the same data.
 """
 
 import contextlib
 import functools
 import hashlib
 import os
+import random
 import re
 import subprocess
 import sys
 import unicodedata
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,7 +41,7 @@ from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline.cli import UserError, error_summary, redact_url
-from pipeline.config import flatten, load_config
+from pipeline.config import CHAMPION_METRICS, flatten, load_config
 from pipeline.files import exclusive, read_json, write_json
 from pipeline.paths import CHECKPOINT_DIR, DOWNLOAD_REPORT, MLFLOW_RUN_FILE, MODEL_LABELS, PREPARED_MANIFEST, SPLITS
 
@@ -63,9 +66,12 @@ TRAINING_VIEW = "workflowType=machine_learning"
 # many minutes per call, each epoch logging one.
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-# Registry aliases, on both registered models: the newest trained version, and the newest that
-# passed evaluate's gate (every evaluated one when evaluate.min_accuracy is null), the one served.
+# Registry aliases, on both registered models: the newest trained version, and the best evaluated
+# one on the same data (mlflow.champion_metric), the one make serve serves.
 CANDIDATE, CHAMPION = "candidate", "champion"
+DATA_HASH_TAG = "data.manifest_sha256"  # the prepared data (files, labels, splits): same hash, same test images
+COUNT_TAGS = {"top_k": "test_top_k", "test_images": "test_images"}  # counts of metrics.json -> the run's tags
+CLASSES_SHOWN = 1000  # characters of class names in a version's tag and the registered model's description
 
 
 class StoreLost(UserError):
@@ -142,18 +148,26 @@ def log_params(params: dict[str, Any]) -> None:
     mlflow.log_params(loggable_params(params))
 
 
+def dvc_experiment() -> str | None:
+    """The DVC experiment this process runs in (DVC sets ``DVC_EXP_NAME`` for ``dvc exp run``,
+    queued or not); None under ``dvc repro``."""
+    return os.environ.get("DVC_EXP_NAME") or None
+
+
 @contextlib.contextmanager
-def start_new_run(experiment_name: str, system_metrics: bool) -> Iterator[mlflow.ActiveRun]:
+def start_new_run(experiment_name: str, run_name: str, system_metrics: bool) -> Iterator[mlflow.ActiveRun]:
     """A new run in ``experiment_name`` (a model-training experiment), named after the DVC experiment
-    when there is one; ``system_metrics``: MLflow samples CPU, memory, disk, network (and NVIDIA GPUs
-    when ``nvidia-ml-py`` is installed) every 10 s into ``system/*`` metrics while the run is open."""
+    when there is one, else ``run_name`` (never a name MLflow draws from Python's global ``random``,
+    which would move the training seeds); ``system_metrics``: MLflow samples CPU, memory, disk,
+    network (and NVIDIA GPUs when ``nvidia-ml-py`` is installed) every 10 s into ``system/*``
+    metrics while the run is open."""
     check_reachable()
     use_project_store()
     experiment = mlflow.get_experiment_by_name(experiment_name) or created_experiment(experiment_name)
     experiment_id = experiment.experiment_id
     if KIND_TAG not in experiment.tags:  # made before this tag was set; a kind set by hand stays
         mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
-    with ended(mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
+    with ended(mlflow.start_run(experiment_id=experiment_id, run_name=dvc_experiment() or run_name,
                                 tags=lineage_tags(), log_system_metrics=system_metrics)) as run:
         yield run
 
@@ -204,10 +218,11 @@ def lineage_tags() -> dict[str, str]:
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git_head()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    experiment = dvc_experiment()
+    if experiment:
+        tags["dvc.experiment"] = experiment
     if PREPARED_MANIFEST.is_file():  # files, labels and split of every image: one hash for "the data"
-        tags["data.manifest_sha256"] = hashlib.sha256(PREPARED_MANIFEST.read_bytes()).hexdigest()
+        tags[DATA_HASH_TAG] = hashlib.sha256(PREPARED_MANIFEST.read_bytes()).hexdigest()
     archive_sha256 = read_json(DOWNLOAD_REPORT).get("sha256") if DOWNLOAD_REPORT.is_file() else None
     if archive_sha256:  # null for a local folder source
         tags["data.archive_sha256"] = archive_sha256
@@ -246,11 +261,29 @@ def logged_dataset(run_id: str, context: str) -> mlflow.entities.Dataset | None:
                                                   for t in i.tags)), None)
 
 
+def keeps_global_random_state(function: Callable) -> Callable:
+    """Run ``function`` (an MLflow call made while training) with Python's and NumPy's global random
+    states put back afterwards: Keras draws the seeds of layers it builds later (fine-tuning's) from
+    Python's, so nothing logged may move them."""
+
+    @functools.wraps(function)
+    def kept(*args, **kwargs):
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    return kept
+
+
 def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
     """A Keras callback logging each epoch's metrics (loss, accuracy, val_*) to the active run."""
     return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: log_epoch(logs, epoch + 1, prefix))
 
 
+@keeps_global_random_state
 def log_epoch(logs: dict[str, float], epoch: int, prefix: str = "") -> None:
     """One epoch's metrics, each name with ``prefix``, at step ``epoch`` (counted from 1). A store
     that no longer answers (after HTTP_LIMITS' retries) ends training with StoreLost."""
@@ -268,6 +301,7 @@ def log_head_l2(l2: float) -> None:
     mlflow.log_metric("head_l2", l2)
 
 
+@keeps_global_random_state
 def log_temperature(temperature: float) -> None:
     """The temperature that train's temperature scaling divides the logits by, as metric ``temperature``."""
     mlflow.log_metric("temperature", temperature)
@@ -289,16 +323,22 @@ def _ascii_key(name: str) -> str:
 
 
 def log_test_metrics(report: dict, model_ids: Sequence[str | None] = (), dataset: mlflow.entities.Dataset | None = None) -> None:
-    """The numbers of ``eval/metrics.json`` as metrics of the active run, and of each logged model
+    """The scores of ``eval/metrics.json`` as metrics of the active run, and of each logged model
     in ``model_ids`` (the UI's Models tab compares them), measured on ``dataset``: ``test_`` and
-    their path joined by ``_`` (``test_accuracy``, ``test_macro_f1``, ``test_per_class_<key>_recall``
-    with the keys of :func:`class_keys`), and the class names of those keys as ``reports/class_keys.json``."""
+    their path joined by ``_`` (``test_accuracy``, ``test_accuracy_ci95_low``, ``test_macro_f1``,
+    ``test_per_class_<key>_recall`` with the keys of :func:`class_keys`), and the class names of
+    those keys as ``reports/class_keys.json``. Counts are no metrics: k and the number of test
+    images become the run's tags ``test_top_k`` and ``test_images``; per-class supports stay in
+    ``metrics.json``."""
     names = list(report["per_class"])
     keys = class_keys(names)
-    per_class = dict(zip(keys, report["per_class"].values(), strict=True))
-    metrics = flatten({**report, "per_class": per_class}, separator="_", prefix="test_")
+    per_class = {key: {k: v for k, v in scores.items() if k != "support"}
+                 for key, scores in zip(keys, report["per_class"].values(), strict=True)}
+    scores = {k: v for k, v in report.items() if k not in COUNT_TAGS}
+    metrics = flatten({**scores, "per_class": per_class}, separator="_", prefix="test_")
     for model_id in model_ids or [None]:  # None: the run's alone
         mlflow.log_metrics(metrics, model_id=model_id, dataset=dataset)
+    mlflow.set_tags({tag: report[key] for key, tag in COUNT_TAGS.items()})
     mlflow.log_dict(dict(zip(keys, names, strict=True)), CLASS_KEYS_ARTIFACT)
 
 
@@ -314,10 +354,20 @@ def log_reports(paths: Sequence[Path]) -> None:
             mlflow.log_artifact(str(path), artifact_path=REPORTS_ARTIFACTS)
 
 
-def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) -> dict[str, dict]:
+@dataclass(frozen=True)
+class About:
+    """What the registry pages say of a trained model besides its classes."""
+
+    dataset: str  # the dataset's name (Config.dataset_name)
+    source: str  # data.url, credentials masked
+    backbone: str  # as built, e.g. "mobilenet alpha 0.25 at 128 px"
+
+
+def log_model(model: keras.Model, model_dir: Path, registered_name: str | None, about: About) -> dict[str, dict]:
     """Log the trained model as two MLflow models that share one copy of the weights, register each
-    (unless ``registered_name`` is None) with the alias ``@candidate``, and return, per model, its
-    ``model_id``, ``registered_model`` and ``version``.
+    (unless ``registered_name`` is None) with the alias ``@candidate``, a description of the
+    registered model (:func:`descriptions`) and the version's tags (:func:`version_tags`), and
+    return, per model, its ``model_id``, ``registered_model`` and ``version``.
 
     - ``model``: the ``mlflow.keras`` flavor, the weights: uint8 batches ``(n, h, w, 3)`` ->
       probabilities, registered as ``<name>-keras``; the class names are in its metadata (``labels``).
@@ -353,8 +403,14 @@ def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) 
         registered_model_name=registered_name,
         pip_requirements=requirements,
     )
-    return {"model": registered(weights, f"{registered_name}-keras" if registered_name else None),
-            "image_classifier": registered(classifier, registered_name)}
+    models = {"model": registered(weights, f"{registered_name}-keras" if registered_name else None),
+              "image_classifier": registered(classifier, registered_name)}
+    if registered_name:
+        client = mlflow.MlflowClient()
+        for kind, description in descriptions(registered_name, about, labels).items():
+            client.update_registered_model(models[kind]["registered_model"], description=description)
+        tag_versions(models, version_tags(about, labels))
+    return models
 
 
 def registered(info: ModelInfo, name: str | None) -> dict:
@@ -363,6 +419,98 @@ def registered(info: ModelInfo, name: str | None) -> dict:
     if name:
         mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE, str(version))
     return {"model_id": info.model_id, "registered_model": name, "version": version}
+
+
+def class_list(labels: list[str]) -> str:
+    """The class names for a page: comma-separated, cut at CLASSES_SHOWN characters."""
+    text = ", ".join(labels)
+    return text if len(text) <= CLASSES_SHOWN else f"{text[:CLASSES_SHOWN]}... ({len(labels)} classes)"
+
+
+def descriptions(name: str, about: About, labels: list[str]) -> dict[str, str]:
+    """The registry page of each of a run's two registered models: what it classifies, from which
+    data, how to serve or load it, and why there are two (kind as in mlflow_run.json)."""
+    what = (f"Classifies photos into {len(labels)} classes ({class_list(labels)}): a new head on an image "
+            f"backbone (each version's backbone tag), trained on the dataset {about.dataset} ({about.source}). Aliases: @champion is "
+            "the version `make serve` serves, the best on the test data by mlflow.champion_metric (`make promote "
+            "EXP=<experiment>` picks another); @candidate is the newest trained version. Each version's tags "
+            "give its test accuracy with a 95 % interval, data hash, classes, backbone and DVC experiment.")
+    return {
+        "image_classifier": f"{what}\n\nThis is the model to serve: image bytes in, labels out. `make serve` runs "
+                            f"`mlflow models serve -m models:/{name}@champion`; POST base64 JPEG/PNG files as "
+                            "{\"dataframe_split\": {\"columns\": [\"image\"], \"data\": [[\"<base64>\"]]}} to "
+                            f"/invocations. It holds no weights: it loads those of {name}-keras of the same run.",
+        "model": f"{what}\n\nThe Keras weights behind {name} (serve that one): uint8 image batches "
+                 "(n, height, width, 3) of any size in, class probabilities out, class names in the metadata "
+                 f"`labels`. For Python: `mlflow.keras.load_model(\"models:/{name}-keras@champion\")` or "
+                 f"`make predict PATHS=photo.jpg ARGS=\"--model models:/{name}-keras@champion\"`.",
+    }
+
+
+def version_tags(about: About, labels: list[str]) -> dict[str, str]:
+    """Tags of a run's registered versions, for choosing one on the registry page."""
+    tags = {"dataset": about.dataset, "data.source": about.source, "classes": class_list(labels),
+            "backbone": about.backbone, "dvc.experiment": dvc_experiment() or "none (dvc repro)"}
+    data_hash = lineage_tags().get(DATA_HASH_TAG)
+    if data_hash:
+        tags[DATA_HASH_TAG] = data_hash
+    return tags
+
+
+def tag_versions(models: dict[str, dict], tags: dict[str, str]) -> None:
+    """Set ``tags`` on each registered version of ``models`` (as recorded in mlflow_run.json)."""
+    client = mlflow.MlflowClient()
+    for model in models.values():
+        if model["registered_model"]:
+            for key, value in tags.items():
+                client.set_model_version_tag(model["registered_model"], str(model["version"]), key, value)
+
+
+def scored_tags(report: dict) -> dict[str, str]:
+    """The version tags evaluate adds: each headline metric with its 95 % interval and the image count."""
+    n = report["test_images"]
+    return {f"test_{name}": f"{value:.4f} (95 % interval {interval['low']:.4f}-{interval['high']:.4f}, {n} test images)"
+            for name, value, interval in (("accuracy", report["accuracy"], report["accuracy_ci95"]),
+                                          ("macro_f1", report["macro"]["f1"], report["macro_f1_ci95"]))}
+
+
+def champion_stays(recorded: dict, report: dict, metric: str) -> str | None:
+    """Why ``@champion`` stays where it is rather than move to the recorded run's versions, in a few
+    words; None when it moves: there is no champion yet, it is this run's already, or this run beats
+    it on the test ``metric`` (one of CHAMPION_METRICS; a tie goes to the lower log loss), measured
+    on the same prepared data (scores on other images, or other splits, say nothing of which is better)."""
+    name = servable(recorded)
+    if name is None:
+        return None
+    client = mlflow.MlflowClient()
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:  # no champion yet
+        return None
+    if champion.run_id is None or champion.run_id == recorded["run_id"]:  # None: registered by hand, no run
+        return None
+    theirs, ours = client.get_run(champion.run_id).data, client.get_run(recorded["run_id"]).data
+    if theirs.tags.get(DATA_HASH_TAG) != ours.tags.get(DATA_HASH_TAG):
+        return (f"@champion (version {champion.version}) was tested on other data (prepared data "
+                f"{str(theirs.tags.get(DATA_HASH_TAG))[:8]}, this run's {str(ours.tags.get(DATA_HASH_TAG))[:8]})")
+    flat = flatten(report, separator="_")
+    score, their_score = flat[metric], theirs.metrics.get(f"test_{metric}")
+    if their_score is None:
+        return f"@champion (version {champion.version}) has no test_{metric} to compare with"
+    sign = 1 if CHAMPION_METRICS[metric] else -1
+    if sign * score > sign * their_score or (score == their_score
+                                             and flat["log_loss"] < theirs.metrics.get("test_log_loss", np.inf)):
+        return None
+    tie = f" and log loss {theirs.metrics.get('test_log_loss', np.nan):.4f} vs {flat['log_loss']:.4f}" \
+        if score == their_score else ""
+    return (f"@champion (version {champion.version}) scores test {metric} {their_score:.4f} vs this run's "
+            f"{score:.4f}{tie} on the same test data")
+
+
+def servable(recorded: dict) -> str | None:
+    """The registered model that decides for both of a run's models: the served one (else the Keras one)."""
+    return next((recorded["models"][kind]["registered_model"] for kind in ("image_classifier", "model")
+                 if recorded["models"].get(kind, {}).get("registered_model")), None)
 
 
 def promote(recorded: dict) -> list[str]:

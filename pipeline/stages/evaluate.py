@@ -17,9 +17,13 @@ And ``data/test_probabilities.npz``, every probability keyed by the file's path,
 its formats against (so the test images go through the Keras model once per run, here).
 Everything is also logged to the pipeline run in MLflow (per-class metrics under keys made by
 ``tracking.class_keys``, as class names may hold anything a folder name can), the test metrics
-also on the run's logged models. With ``evaluate.min_accuracy`` set, the stage fails (after writing
-all of the above) when test accuracy is below it; otherwise (and always when it is null) the run's
-registered versions become ``@champion``, the alias ``make serve`` serves.
+also on the run's logged models; accuracy and macro F1 come with 95 % intervals (a warning when
+the test split is too small for +-5 points), and each registered version gets them as tags. With
+``evaluate.min_accuracy`` set, the stage fails (after writing all of the above) when test accuracy
+is below it. Otherwise the run's registered versions become ``@champion``, the alias ``make serve``
+serves, when they beat the champion on ``mlflow.champion_metric`` on the same prepared data (or
+there is none yet); else they stay ``@candidate`` and the stage says why in one line
+(``make promote`` ships them anyway).
 """
 
 from collections.abc import Callable, Iterator
@@ -159,16 +163,33 @@ def main() -> None:
                                   tracking.logged_dataset(recorded["run_id"], "test"))
         tracking.log_plots(PLOTS_DIR)
         tracking.log_reports([METRICS, PREDICTIONS, REPORT, *EXTRA_ARTIFACTS])
+    tracking.tag_versions(recorded["models"], tracking.scored_tags(report))
 
-    print(f"evaluate: test accuracy {report['accuracy']:.3f} on {len(rows)} images "
-          f"(macro F1 {report['macro']['f1']:.3f}); plots in {PLOTS_DIR}")
+    interval = report["accuracy_ci95"]
+    print(f"evaluate: test accuracy {report['accuracy']:.3f} (95 % interval {interval['low']:.3f}-"
+          f"{interval['high']:.3f}) on {report['test_images']} images (macro F1 {report['macro']['f1']:.3f}); plots in {PLOTS_DIR}")
+    warning = metrics.interval_warning(report)
+    if warning:
+        print(f"evaluate: {warning}")
     gate = cfg.evaluate.min_accuracy
     if gate is not None and report["accuracy"] < gate:
         raise UserError(f"test accuracy {report['accuracy']:.4f} is below evaluate.min_accuracy {gate}; "
                         "@champion stays where it was")
-    promoted = tracking.promote(recorded)
-    if promoted:
-        print(f"evaluate: @champion is now {', '.join(promoted)}")
+    ship(recorded, report, cfg.mlflow.champion_metric)
+
+
+def ship(recorded: dict, report: dict, metric: str) -> None:
+    """Move @champion to the run's versions when they beat it (tracking.champion_stays); else say in
+    one line why they stay @candidate, and how to ship them anyway."""
+    reason = tracking.champion_stays(recorded, report, metric)
+    if reason is None:
+        promoted = tracking.promote(recorded)
+        if promoted:
+            print(f"evaluate: @champion is now {', '.join(promoted)}")
+        return
+    experiment = tracking.dvc_experiment()
+    print(f"evaluate: this run's versions stay @candidate: {reason}; "
+          f"make promote{f' EXP={experiment}' if experiment else ''} ships them")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,15 @@ Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> cla
 float32), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
 metrics; the linear head: one row per L2 strength tried, ``l2`` its strength), kept in Git for
 ``dvc plots``.
-The MLflow run gets every param, the prepared data as dataset inputs (one per split), the per-epoch
-(per-strength) metrics (fine-tuning ones prefixed ``finetune_``, at their epoch numbers), the chosen
-strength (``head_l2``), system metrics (``mlflow.system_metrics``) and the model, registered with the
-alias ``@candidate``.
+The MLflow run (named after the DVC experiment, else ``<dataset>-params-<hash>``) gets every param,
+the prepared data as dataset inputs (one per split), the per-epoch (per-strength) metrics
+(fine-tuning ones prefixed ``finetune_``, at their epoch numbers), the chosen strength (``head_l2``),
+system metrics (``mlflow.system_metrics``) and the model, registered with the alias ``@candidate``,
+a description and the version's tags.
+
+One seed, one model: Keras is seeded once MLflow's run has started (MLflow may use Python's global
+random), so the same params, data and seed train the same model under ``dvc repro``, ``dvc exp
+run``, after a resume, and against any tracking store.
 """
 
 import contextlib
@@ -62,7 +67,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import log_loss
 
-from pipeline.cli import UserError, error_summary, run_stage
+from pipeline.cli import UserError, error_summary, redact_url, run_stage
 from pipeline.config import Config, ModelParams, load_config
 from pipeline.data.augmentation import label_mixing, online_augmentation
 from pipeline.data.manifests import read_labels
@@ -478,7 +483,6 @@ def main() -> None:
     cfg = load_config()
     feature_store.read_meta()  # stops in one line when the features stage has not run
     strategy = devices.distribution_strategy()  # first: MultiWorkerMirroredStrategy must come before other TF ops
-    keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
     policy = networks.use_precision(cfg.model)
     print(f"train: {devices.replicas_and_workers(strategy)}, backbone computes in {policy}")
@@ -496,10 +500,14 @@ def train_and_write(cfg: Config, strategy: tf.distribute.Strategy) -> None:
     killed = checkpoints.killed_attempt(key)
     devices.from_chief(strategy, checkpoints.packed())  # the other workers resume from the same epoch
     # Fails here, before any training, when a configured tracking server does not answer.
-    with tracking.start_new_run(cfg.experiment_name, cfg.mlflow.system_metrics) as run:
+    with tracking.start_new_run(cfg.experiment_name, cfg.run_name, cfg.mlflow.system_metrics) as run:
         tracking.log_params(cfg.flat())
         tracking.log_datasets(cfg.dataset_name, cfg.data.url)
         take_over(killed, key, run.info.run_id)
+        # Seeded here, after MLflow's start-up, right before the first layer is built: Keras draws
+        # every default seed from Python's global random, which nothing may move in between (the
+        # MLflow calls made while training keep it: tracking.keeps_global_random_state).
+        keras.utils.set_random_seed(cfg.seed)
         with strategy.scope():
             model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync, CHIEF)
         with atomic_dir(MODEL_DIR) as out:
@@ -508,8 +516,10 @@ def train_and_write(cfg: Config, strategy: tf.distribute.Strategy) -> None:
         write_history(history, HISTORY)
         # The model is on disk before anything more goes to MLflow: a logging failure loses no
         # training (and the checkpoints stay, so a rerun only logs again).
+        about = tracking.About(cfg.dataset_name, redact_url(cfg.data.url),
+                               f"{cfg.model.architecture} at {cfg.model.input_size} px")
         try:
-            logged = tracking.log_model(model, MODEL_DIR, cfg.registered_model_name)
+            logged = tracking.log_model(model, MODEL_DIR, cfg.registered_model_name, about)
         except Exception as err:  # MLflow raises many types (HTTP, database, artifact store)
             raise UserError(f"training finished and the model is in {MODEL_DIR}, but logging it to MLflow "
                             f"failed ({error_summary(err)[:200]}); "
@@ -517,7 +527,8 @@ def train_and_write(cfg: Config, strategy: tf.distribute.Strategy) -> None:
         tracking.record_run(run, logged, cfg.mlflow.system_metrics)
     checkpoints.remove()
     devices.barrier(strategy)  # the other workers leave now: a worker gone sooner reads as crashed to the rest
-    print(f"train: {history_summary(history)}; model in {MODEL_DIR}, MLflow run {run.info.run_id}")
+    print(f"train: {history_summary(history)}; model in {MODEL_DIR}, MLflow run '{run.info.run_name}' "
+          f"({run.info.run_id})")
 
 
 def train_in_step(cfg: Config, strategy: tf.distribute.Strategy) -> None:
@@ -526,6 +537,7 @@ def train_in_step(cfg: Config, strategy: tf.distribute.Strategy) -> None:
     n_classes = len(read_labels(FEATURES_DIR / feature_store.LABELS))
     with tempfile.TemporaryDirectory(prefix="worker-checkpoints-") as scratch:
         checkpoints.unpack(devices.from_chief(strategy, b""), Path(scratch))
+        keras.utils.set_random_seed(cfg.seed)  # as the chief does, right before the first layer is built
         with strategy.scope():
             _, history = train_model(cfg, n_classes, strategy.num_replicas_in_sync, Role(False, Path(scratch)))
     devices.barrier(strategy)  # the chief's model, history and MLflow run are written

@@ -81,8 +81,8 @@ def changed_params(params: dict[str, Any], reference: dict[str, Any]) -> list[st
 
 def interval(metrics: dict[str, Any], name: str) -> str:
     """`` (0.88-0.93)`` from evaluate's 95 % interval of ``name``, or "" where there is none."""
-    bounds = metrics.get(f"{name}_interval")
-    return f" ({bounds[0]:.2f}-{bounds[1]:.2f})" if isinstance(bounds, list) and len(bounds) == 2 else ""
+    bounds = metrics.get(f"{name}_ci95")
+    return f" ({bounds['low']:.2f}-{bounds['high']:.2f})" if bounds else ""
 
 
 def mlflow_run_ids(experiment_name: str) -> dict[str, str]:

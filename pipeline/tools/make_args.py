@@ -1,4 +1,4 @@
-"""What ``make run``, ``predict``, ``serve``, ``ui``, ``exp`` and ``compare`` run, built from
+"""What ``make run``, ``predict``, ``serve``, ``ui``, ``exp``, ``compare`` and ``promote`` run, built from
 the make variables as they were typed, without a shell.
 
 The Makefile exports each variable unexpanded (``override X := $(value X)``), so neither make
@@ -14,6 +14,7 @@ split here with the shell's quoting rules (``shlex``): ``PATHS="'my photo.jpg' m
 - ``ui``: prints the link to the experiment's runs, then ``mlflow ui`` on ``MLFLOW_PORT``.
 - ``exp``: ``EXP_GRID`` (DVC's ``-S a=1,2`` sweep options) handed whole to ``pipeline.tools.experiments``.
 - ``compare``: ``ARGS`` become the arguments of ``pipeline.tools.compare``.
+- ``promote``: ``EXP`` (an experiment's name) becomes the argument of ``pipeline.tools.promote``.
 """
 
 import os
@@ -91,12 +92,16 @@ def exp_command() -> list[str]:
     return [sys.executable, "-m", "pipeline.tools.experiments", "--grid", os.environ.get("EXP_GRID", "")]
 
 
+def promote_command() -> list[str]:
+    return [sys.executable, "-m", "pipeline.tools.promote", *items("EXP")]
+
+
 def compare_command() -> list[str]:
     return [sys.executable, "-m", "pipeline.tools.compare", *items("ARGS")]
 
 
 COMMANDS = {"run": run_command, "predict": predict_command, "serve": serve_command, "ui": ui_command,
-            "exp": exp_command, "compare": compare_command}
+            "exp": exp_command, "compare": compare_command, "promote": promote_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from pipeline.cli import UserError, run_stage
 from pipeline.config import committed_params, differences, load_config
 from pipeline.files import read_json
 from pipeline.paths import LABEL_ISSUES_REPORT, METRICS, MLFLOW_RUN_FILE, PLOTS_DIR, STAGE_TIMES
+from pipeline.report.metrics import interval_warning
 
 
 def lines() -> list[str]:
@@ -20,10 +21,13 @@ def lines() -> list[str]:
     if not METRICS.is_file():
         raise UserError(f"{METRICS} is missing: run the pipeline first (make run)")
     scores = read_json(METRICS)
-    out = [f"test accuracy {scores['accuracy']:.3f}, macro F1 {scores['macro']['f1']:.3f}, "
-           f"ECE {scores['ece']:.3f} on {scores['test_images']} test images "
-           f"({METRICS}; all metrics: dvc metrics show)",
-           f"plots: {PLOTS_DIR}/ (all of them in a browser: dvc plots show)"]
+    out = [f"test accuracy {with_interval(scores['accuracy'], scores['accuracy_ci95'])}, macro F1 "
+           f"{with_interval(scores['macro']['f1'], scores['macro_f1_ci95'])}, ECE {scores['ece']:.3f} "
+           f"on {scores['test_images']} test images (95 % intervals; {METRICS}, all metrics: dvc metrics show)"]
+    warning = interval_warning(scores)
+    if warning:
+        out.append(warning)
+    out.append(f"plots: {PLOTS_DIR}/ (all of them in a browser: dvc plots show)")
     if LABEL_ISSUES_REPORT.is_file():
         with open(LABEL_ISSUES_REPORT, newline="", encoding="utf-8") as fh:
             flagged = sum(1 for _ in csv.DictReader(fh))
@@ -55,6 +59,10 @@ def settings_lines(params: dict[str, Any]) -> list[str]:
     return [f"settings that differ from the committed params.yaml: {shown}",
             "they stay for later runs (git checkout params.yaml to go back); next: make compare, "
             "make promote EXP=<name> to serve the best, make predict PATHS=photo.jpg"]
+
+
+def with_interval(value: float, interval: dict[str, float]) -> str:
+    return f"{value:.3f} ({interval['low']:.3f}-{interval['high']:.3f})"
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""What a run reports: metrics, plots, Grad-CAM heatmaps, and MLflow tracking."""

@@ -1,0 +1,355 @@
+"""The one module that talks to MLflow for the stages: where runs go, which run a pipeline run is,
+and what each stage logs, loads or looks up there (``serving.py``, the served model, is MLflow's own).
+
+By default runs go to a local SQLite store, ``mlflow.db`` in the project root, with artifacts in
+``mlartifacts/`` beside it (``make ui`` shows them). The project root is DVC's ``DVC_ROOT``, which
+DVC points at the main workspace even for queued experiments that run in a temporary copy, so
+``dvc exp run --queue`` runs land in the same store. ``MLFLOW_TRACKING_URI`` points everything at
+another store, e.g. a team's ``mlflow server``.
+
+One pipeline run is one MLflow run: ``train`` starts it, logs the data as dataset inputs and the
+model, and records the run and the model versions in ``data/model/mlflow_run.json`` (a DVC output);
+``evaluate`` reopens the run to add test metrics (on the models too) and plots, and moves the
+registry alias ``@champion`` when the model passes its gate.
+"""
+
+import contextlib
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import unicodedata
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import requests
+import tensorflow as tf
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from pipeline.cli import UserError, redact_url
+from pipeline.config import flatten, load_config
+from pipeline.files import read_json, write_json
+from pipeline.paths import DOWNLOAD_REPORT, MLFLOW_RUN_FILE, MODEL_LABELS, PREPARED_MANIFEST, SPLITS
+
+# Per-class metric keys (test_per_class_<key>_recall). MLflow takes letters, digits, _ - . space : /
+# in a metric key, at most 250 characters (mlflow.utils.validation); a class name is any folder name.
+CLASS_KEY_LENGTH = 100  # leaves room for test_per_class_..._precision within MLflow's 250
+KEY_CHARACTERS = "A-Za-z0-9_-"  # of those MLflow takes; "." is kept to mark a changed name
+PLAIN_CLASS_KEY = re.compile(f"[{KEY_CHARACTERS}]{{1,{CLASS_KEY_LENGTH}}}")  # such a name is its own key
+NOT_KEY_CHARACTER = re.compile(f"[^{KEY_CHARACTERS}]")
+# Artifact folders of a run: evaluate's plots, and its reports (metrics, predictions, ...).
+PLOTS_ARTIFACTS, REPORTS_ARTIFACTS = "plots", "reports"
+CLASS_KEYS_ARTIFACT = f"{REPORTS_ARTIFACTS}/class_keys.json"  # per-class key -> class name, logged with the metrics
+# MLflow's experiment kind, a tag: the experiment is model training ("Machine learning" in the UI),
+# not a GenAI app, whose pages (traces, sessions) MLflow 3 opens by default.
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17's UI still picks its pages by the browser's own "GenAI / Model training" switch (GenAI
+# until changed), not by that tag (mlflow/mlflow#24498): links to the runs page say which to show.
+TRAINING_VIEW = "workflowType=machine_learning"
+# Registry aliases, on both registered models: the newest trained version, and the newest that
+# passed evaluate's gate (every evaluated one when evaluate.min_accuracy is null), the one served.
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT", ".")).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside its database; a server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+def check_reachable() -> None:
+    """Fail before any training when a tracking server is configured but does not answer.
+
+    Training is not started against a store that cannot take its results; once a run has started,
+    the model files are written to ``data/model`` before anything is sent to MLflow.
+    """
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+    except requests.RequestException as err:
+        raise UserError(
+            f"MLflow tracking server {redact_url(uri)} does not answer ({type(err).__name__}): start it, "
+            "or unset MLFLOW_TRACKING_URI to log to the local store"
+        ) from None
+
+
+def use_project_store() -> str:
+    """Point MLflow at the store of :func:`tracking_uri`; returns its URI to show (credentials masked)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    return redact_url(mlflow.get_tracking_uri())
+
+
+def loggable_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Params safe to log: credentials stripped from URLs (the strict config has no secret keys)."""
+    return {key: redact_url(value) if isinstance(value, str) else value for key, value in params.items()}
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """The flat params (``model.backbone``, ...) as the active run's params, see :func:`loggable_params`."""
+    mlflow.log_params(loggable_params(params))
+
+
+def start_new_run(experiment_name: str, system_metrics: bool) -> mlflow.ActiveRun:
+    """A new run in ``experiment_name`` (a model-training experiment), named after the DVC experiment
+    when there is one; ``system_metrics``: MLflow samples CPU, memory, disk, network (and NVIDIA GPUs
+    when ``nvidia-ml-py`` is installed) every 10 s into ``system/*`` metrics while the run is open."""
+    check_reachable()
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location(uri),
+                                                 tags={KIND_TAG: MODEL_TRAINING})
+    else:
+        experiment_id = experiment.experiment_id
+        if KIND_TAG not in experiment.tags:  # made before this tag was set; a kind set by hand stays
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
+                            tags=lineage_tags(), log_system_metrics=system_metrics)
+
+
+def mark_killed(run_id: str) -> None:
+    """End the run of a killed training attempt as ``KILLED`` if the store still has it running."""
+    client = mlflow.MlflowClient()
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # e.g. another tracking store now
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+
+
+def training_runs_url(ui_url: str, experiment_name: str) -> str:
+    """The MLflow UI's page of the experiment's runs, in its model-training view."""
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    page = f"experiments/{experiment.experiment_id}/runs" if experiment else "experiments"
+    return f"{ui_url.rstrip('/')}/#/{page}?{TRAINING_VIEW}"
+
+
+def lineage_tags() -> dict[str, str]:
+    """Tags that tie the run to its code (git commit), DVC experiment and data."""
+    tags = {}
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git_head()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    if PREPARED_MANIFEST.is_file():  # files, labels and split of every image: one hash for "the data"
+        tags["data.manifest_sha256"] = hashlib.sha256(PREPARED_MANIFEST.read_bytes()).hexdigest()
+    archive_sha256 = read_json(DOWNLOAD_REPORT).get("sha256") if DOWNLOAD_REPORT.is_file() else None
+    if archive_sha256:  # null for a local folder source
+        tags["data.archive_sha256"] = archive_sha256
+    return tags
+
+
+def _git_head() -> str | None:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    return result.stdout.strip() or None
+
+
+def log_datasets(dataset_name: str, url: str) -> None:
+    """The prepared manifest as the run's dataset inputs, one per split (context ``train``, ``val``,
+    ``test``): its rows of that split (path, label, sha256, ...), named after the dataset, with
+    ``data.url`` (credentials masked) as source and a digest of the rows. The UI's Dataset column
+    shows them and its Datasets filter picks runs by them."""
+    if not PREPARED_MANIFEST.is_file():
+        return
+    rows = pd.read_csv(PREPARED_MANIFEST, dtype=str, keep_default_na=False)  # labels stay text ("001", "NA")
+    for split in SPLITS:
+        split_rows = rows[rows["split"] == split].reset_index(drop=True)
+        if split_rows.empty:
+            continue
+        with warnings.catch_warnings():
+            # MLflow 3.17 registers its local-file source twice, then warns that a path fits both.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            dataset = mlflow.data.from_pandas(split_rows, source=redact_url(url), name=dataset_name, targets="label")
+        mlflow.log_input(dataset, context=split)
+
+
+def logged_dataset(run_id: str, context: str) -> mlflow.entities.Dataset | None:
+    """The run's dataset input logged with ``context`` (see :func:`log_datasets`), if any."""
+    inputs = mlflow.get_run(run_id).inputs.dataset_inputs
+    return next((i.dataset for i in inputs if any(t.key == MLFLOW_DATASET_CONTEXT and t.value == context
+                                                  for t in i.tags)), None)
+
+
+def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
+    """A Keras callback logging each epoch's metrics (loss, accuracy, val_*) to the active run."""
+    return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: log_epoch(logs, epoch + 1, prefix))
+
+
+def log_epoch(logs: dict[str, float], epoch: int, prefix: str = "") -> None:
+    """One epoch's metrics, each name with ``prefix``, at step ``epoch`` (counted from 1)."""
+    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
+
+
+def log_temperature(temperature: float) -> None:
+    """The temperature that train's temperature scaling divides the logits by, as metric ``temperature``."""
+    mlflow.log_metric("temperature", temperature)
+
+
+def class_keys(labels: list[str]) -> list[str]:
+    """One metric-key part per class, valid in MLflow and unique: the name itself when it is plain
+    (ASCII letters, digits, ``_``, ``-``; at most 100 characters), else the name in ASCII with every
+    other character as ``_``, cut to 100, plus ``.`` and the class index: ``Ünïcode, cats`` (class 0)
+    -> ``Unicode__cats.0``, ``a b`` (class 3) -> ``a_b.3`` beside a class ``a_b``. Plain names have
+    no ``.`` and the indices differ, so no two keys are the same."""
+    return [label if PLAIN_CLASS_KEY.fullmatch(label) else f"{_ascii_key(label)}.{index}"
+            for index, label in enumerate(labels)]
+
+
+def _ascii_key(name: str) -> str:
+    letters = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))  # Ü -> U
+    return NOT_KEY_CHARACTER.sub("_", letters)[:CLASS_KEY_LENGTH]
+
+
+def log_test_metrics(report: dict, model_ids: Sequence[str] = (), dataset: mlflow.entities.Dataset | None = None) -> None:
+    """The numbers of ``eval/metrics.json`` as metrics of the active run, and of each logged model
+    in ``model_ids`` (the UI's Models tab compares them), measured on ``dataset``: ``test_`` and
+    their path joined by ``_`` (``test_accuracy``, ``test_macro_f1``, ``test_per_class_<key>_recall``
+    with the keys of :func:`class_keys`), and the class names of those keys as ``reports/class_keys.json``."""
+    names = list(report["per_class"])
+    keys = class_keys(names)
+    per_class = dict(zip(keys, report["per_class"].values(), strict=True))
+    metrics = flatten({**report, "per_class": per_class}, separator="_", prefix="test_")
+    for model_id in model_ids or [None]:  # None: the run's alone
+        mlflow.log_metrics(metrics, model_id=model_id, dataset=dataset)
+    mlflow.log_dict(dict(zip(keys, names, strict=True)), CLASS_KEYS_ARTIFACT)
+
+
+def log_plots(folder: Path) -> None:
+    """Every file in ``folder`` as an artifact of the active run, under ``plots/``."""
+    mlflow.log_artifacts(str(folder), artifact_path=PLOTS_ARTIFACTS)
+
+
+def log_reports(paths: Sequence[Path]) -> None:
+    """Each file of ``paths`` that exists as an artifact of the active run, under ``reports/``."""
+    for path in paths:
+        if path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=REPORTS_ARTIFACTS)
+
+
+def log_model(model: keras.Model, model_dir: Path, registered_name: str | None) -> dict[str, dict]:
+    """Log the trained model as two MLflow models that share one copy of the weights, register each
+    (unless ``registered_name`` is None) with the alias ``@candidate``, and return, per model, its
+    ``model_id``, ``registered_model`` and ``version``.
+
+    - ``model``: the ``mlflow.keras`` flavor, the weights: uint8 batches ``(n, h, w, 3)`` ->
+      probabilities, registered as ``<name>-keras``; the class names are in its metadata (``labels``).
+    - ``image_classifier``: ``pipeline/serving.py`` as a model from code, taking a column ``image``
+      of JPEG/PNG bytes (base64 in JSON) and returning the top labels with probabilities,
+      registered as ``<name>``, so ``mlflow models serve -m models:/<name>@champion`` answers HTTP
+      requests carrying images. It names the Keras model by URI rather than holding a second copy.
+    """
+    from pipeline import serving
+
+    labels = read_json(model_dir / MODEL_LABELS.name)
+    requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "pandas"]
+    weights = mlflow.keras.log_model(
+        model,
+        name="model",
+        signature=ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3), "image")]),
+            outputs=Schema([TensorSpec(np.dtype("float32"), (-1, len(labels)), "probabilities")]),
+        ),
+        # No input_example here: MLflow 3.17's keras flavor writes it before creating the model
+        # folder (FileNotFoundError). The image_classifier model below carries one.
+        metadata={"labels": labels},
+        registered_model_name=f"{registered_name}-keras" if registered_name else None,
+        pip_requirements=requirements,
+    )
+    classifier = mlflow.pyfunc.log_model(
+        name="image_classifier",
+        python_model=serving.__file__,
+        model_config={"keras_model": weights.model_uri, "labels": labels},
+        code_paths=[str(Path(__file__).parents[1])],  # the pipeline package: serving.py imports pipeline.data.images, pipeline.cli
+        signature=serving.SIGNATURE,
+        input_example=serving.example_request(),
+        registered_model_name=registered_name,
+        pip_requirements=requirements,
+    )
+    return {"model": registered(weights, f"{registered_name}-keras" if registered_name else None),
+            "image_classifier": registered(classifier, registered_name)}
+
+
+def registered(info: ModelInfo, name: str | None) -> dict:
+    """What mlflow_run.json records of a logged model; its registered version becomes ``@candidate``."""
+    version = info.registered_model_version
+    if name:
+        mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE, str(version))
+    return {"model_id": info.model_id, "registered_model": name, "version": version}
+
+
+def promote(recorded: dict) -> list[str]:
+    """Point ``@champion`` at the recorded run's registered versions; returns their URIs."""
+    client = mlflow.MlflowClient()
+    promoted = []
+    for model in recorded["models"].values():
+        if model["registered_model"]:
+            client.set_registered_model_alias(model["registered_model"], CHAMPION, str(model["version"]))
+            promoted.append(f"models:/{model['registered_model']}/{model['version']}")
+    return promoted
+
+
+def record_run(run: mlflow.ActiveRun, models: dict[str, dict], system_metrics: bool) -> None:
+    """Write the run's id and its models next to the model, so DVC outputs and the MLflow run find
+    each other, and evaluate resumes the run as train ran it."""
+    write_json(MLFLOW_RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                                 "tracking_uri": redact_url(mlflow.get_tracking_uri()),
+                                 "system_metrics": system_metrics, "models": models})
+
+
+def recorded_run() -> dict:
+    return read_json(MLFLOW_RUN_FILE)
+
+
+def resume_run(recorded: dict) -> mlflow.ActiveRun:
+    use_project_store()
+    return mlflow.start_run(run_id=recorded["run_id"], log_system_metrics=recorded["system_metrics"])
+
+
+def logged_model_info(uri: str) -> ModelInfo:
+    """What the project's store knows of the logged model at ``uri``: flavors, metadata, run id.
+    Raises MLflow's errors (MlflowException, OSError, ...) for a URI it cannot resolve."""
+    use_project_store()
+    return mlflow.models.get_model_info(uri)
+
+
+def load_keras_model(uri: str) -> keras.Model:
+    """The Keras model of the logged model at ``uri`` (its ``keras`` flavor, see :func:`logged_model_info`)."""
+    from pipeline import serving
+
+    return serving.load_keras_model(uri)
+
+
+def finished_runs(experiment_name: str, metric: str, max_runs: int) -> pd.DataFrame | None:
+    """The experiment's finished runs, best ``metric`` first, at most ``max_runs``, as MLflow's
+    search table (``tags.mlflow.runName``, ``metrics.<name>``, ``params.<name>``, ``run_id``, ...);
+    None when the store has no such experiment."""
+    if mlflow.get_experiment_by_name(experiment_name) is None:
+        return None
+    return mlflow.search_runs(experiment_names=[experiment_name], order_by=[f"metrics.{metric} DESC"],
+                              max_results=max_runs, filter_string="attributes.status = 'FINISHED'")
+
+
+if __name__ == "__main__":  # `python -m pipeline.report.tracking http://127.0.0.1:5000`: the link make ui prints
+    use_project_store()
+    print(training_runs_url(sys.argv[1], load_config().experiment_name))

@@ -1,0 +1,129 @@
+"""The servable MLflow model: image bytes in, top labels out.
+
+The train stage logs this file itself as the model ``image_classifier`` (MLflow's models from code:
+no pickled object), with the ``pipeline`` package beside it (``code_paths``). It holds no weights:
+its model config names the Keras model logged in the same run (``models:/m-<id>``) and the class
+names, so a run stores the weights once; loading it reads that Keras model from the tracking store
+(``MLFLOW_TRACKING_URI``, which ``make serve`` sets). With ``mlflow models serve`` a client posts
+JPEG or PNG files base64-encoded (MLflow's scoring server takes JSON, CSV or Parquet bodies, not
+raw image bytes), e.g. with curl::
+
+    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+      -d "{\\"dataframe_split\\": {\\"columns\\": [\\"image\\"], \\"data\\": [[\\"$(base64 -w0 rose.jpg)\\"]]}}"
+
+and gets, per image, the best label, its probability, and ``top_k``: a list of the ``top_k`` (a
+param, default 3; more than the number of classes gives all of them) best labels with their
+probabilities. A request the model cannot answer (``top_k`` below 1, a file that is not an image,
+an image over ``MAX_MEGAPIXELS``) is answered with HTTP 400 and one message naming the image and
+why; any other failure with HTTP 500, its traceback only in the server's log.
+"""
+
+import base64
+import io
+import logging
+import tempfile
+import threading
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array, Object, Property
+from PIL import Image
+
+from pipeline.cli import error_summary
+from pipeline.data.images import FORMATS, read_rgb
+
+DEFAULT_TOP_K = 3  # labels per image unless asked for more or fewer
+# Largest image decoded, read from the file's header before decoding: 50 Mpx is 150 MB of pixels,
+# about 2.4 GiB at the peak of its prediction (decoded copies, float32 in the model: 2.1 GiB measured
+# at 45 Mpx); larger photos are refused, not scaled down.
+MAX_MEGAPIXELS = 50
+# One image decoded and predicted at a time per server process, however many requests arrive at
+# once: memory is bounded by the largest image, not by the number of concurrent requests.
+ONE_IMAGE_AT_A_TIME = threading.Lock()
+RANKED = Array(Object([Property("label", "string"), Property("probability", "double")]))
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", "image")]),
+    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec(RANKED, "top_k")]),
+    params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]),
+)
+log = logging.getLogger(__name__)
+
+
+def example_request() -> pd.DataFrame:
+    """A one-image request (a small grey JPEG): MLflow stores it as the model's input example."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buffer, format="JPEG")
+    return pd.DataFrame({"image": [buffer.getvalue()]})
+
+
+def top_labels(probabilities: np.ndarray, labels: list[str], k: int) -> list[tuple[str, float]]:
+    """The k most probable labels with their probabilities, best first; ties keep label order."""
+    best = np.argsort(-probabilities, kind="stable")[:k]
+    return [(labels[i], float(probabilities[i])) for i in best]
+
+
+def refused(message: str) -> MlflowException:
+    """An error the client caused: the scoring server answers HTTP 400 with ``message``, no traceback."""
+    return MlflowException.invalid_parameter_value(message)
+
+
+def decode_request_image(data: bytes | str, index: int) -> np.ndarray:
+    """Image ``index`` of a request (its bytes, or their base64 text) as an RGB uint8 array."""
+    try:
+        raw = base64.b64decode(data, validate=True) if isinstance(data, str) else data
+        with Image.open(io.BytesIO(raw), formats=FORMATS) as image:  # reads the header only
+            width, height = image.size
+        if width * height <= MAX_MEGAPIXELS * 1_000_000:
+            return read_rgb(io.BytesIO(raw))
+    except Image.UnidentifiedImageError:
+        raise refused(f"image {index} is not in a format this model reads ({', '.join(FORMATS)}): send the "
+                      "image file's bytes, base64-encoded in JSON") from None
+    except Exception as err:  # bad base64; Pillow raises many types for damaged files
+        raise refused(f"image {index} cannot be decoded ({error_summary(err)})") from None
+    raise refused(f"image {index} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
+                  f"this server decodes at most {MAX_MEGAPIXELS} megapixels per image: send it smaller")
+
+
+def load_keras_model(uri: str):
+    """The Keras flavor of the logged model at ``uri``. MLflow copies the model out of the store to
+    load it, by default into a folder of the temp dir it never removes (a whole model per load):
+    here into one removed once the model is in memory."""
+    with tempfile.TemporaryDirectory(prefix="keras-model-") as scratch:
+        return mlflow.keras.load_model(uri, dst_path=scratch)
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        self.model = load_keras_model(context.model_config["keras_model"])
+        self.labels = context.model_config["labels"]
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
+        if top_k < 1:
+            raise refused(f"params.top_k must be 1 or more (got {top_k})")
+        rows = [self.classify(data, index, top_k) for index, data in enumerate(model_input["image"])]
+        return pd.DataFrame(rows, columns=["label", "probability", "top_k"])
+
+    def classify(self, data: bytes | str, index: int, top_k: int) -> dict:
+        with ONE_IMAGE_AT_A_TIME:
+            pixels = decode_request_image(data, index)
+            try:
+                # Images differ in size, so each is its own batch; the model resizes internally. One batch
+                # needs no tf.data pipeline (predict builds one per call: under train's op determinism
+                # TF rewrites its parallel map and logs a false E0000 "use_unbounded_threadpool" error).
+                probabilities = self.model.predict_on_batch(pixels[np.newaxis])[0]
+            except Exception as err:  # the scoring server would send the traceback to the client
+                log.exception("image %d: the prediction failed", index)
+                raise MlflowException(f"image {index}: the prediction failed ({type(err).__name__}); "
+                                      "the server's log has the details", error_code=INTERNAL_ERROR) from None
+        ranked = [{"label": label, "probability": round(p, 6)}
+                  for label, p in top_labels(probabilities, self.labels, top_k)]  # at most every class
+        return {"label": ranked[0]["label"], "probability": ranked[0]["probability"], "top_k": ranked}
+
+
+mlflow.models.set_model(ImageClassifier())  # what MLflow loads from this file

@@ -1,0 +1,12 @@
+"""The DVC stages, one module each, in pipeline order: download, prepare, augment, features,
+label_issues, train, evaluate, export. Each runs as ``python -m pipeline.stages.<stage>`` (the
+``cmd`` of its ``dvc.yaml`` stage), reads only ``params.yaml`` and the files of earlier stages, and
+writes only its own outputs (``pipeline/paths.py``). ``--help`` prints what a stage reads and writes.
+
+Importing this package (a stage process, not serving or the tools) quiets TensorFlow's start-up log
+(``pipeline.cli.quiet_tensorflow_import``).
+"""
+
+from pipeline.cli import quiet_tensorflow_import
+
+quiet_tensorflow_import()

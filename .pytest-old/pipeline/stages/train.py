@@ -1,0 +1,385 @@
+"""Stage 5, train: a new head on the cached features, then optional fine-tuning; one exported model.
+
+Phase ``head``: the backbone is frozen, so the head (``model.head``) trains on ``data/features``,
+one row per image and offline-augmented copy, computed once by the features stage: an epoch is a
+pass over a small matrix, not over the backbone.
+Phase ``fine_tune`` (``train.fine_tune.blocks`` or ``layers`` > 0): the top of the backbone is
+unfrozen (BatchNorm layers excepted) and trained with the head at
+``train.fine_tune.learning_rate``: on the frozen prefix's activations cached by the features stage
+when there are some (``Config.activation_cut``: only the unfrozen top runs), else on the images of
+``data/augmented``, offline variants included, through online augmentation layers when
+``augment.mode`` is online or both.
+Features and activations are memory-mapped and gathered a batch at a time: datasets larger than
+RAM stream from disk.
+
+Both phases: early stopping on val_loss keeping the best epoch, ``train.lr_schedule``, class weights,
+label smoothing, a stop with a clear message on a NaN loss, 16-bit compute (``model.precision``), and
+tf.distribute over all GPUs (or all workers under TF_CONFIG) with per-replica batch sizes. Epochs
+are numbered on from one phase to the next. After every epoch the training state is saved
+(``pipeline.model.checkpoints``): a killed run rerun with ``dvc repro`` goes on from its last epoch.
+
+Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
+float32), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
+metrics), kept in Git for ``dvc plots``.
+The MLflow run gets every param, the prepared data as dataset inputs (one per split), the per-epoch
+metrics (fine-tuning ones prefixed ``finetune_``, at their epoch numbers), system metrics
+(``mlflow.system_metrics``) and the model, registered with the alias ``@candidate``.
+"""
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.cli import UserError, error_summary, run_stage
+from pipeline.config import Config, ModelParams, load_config
+from pipeline.data.augmentation import label_mixing, online_augmentation
+from pipeline.data.manifests import read_labels
+from pipeline.files import atomic_dir, atomic_file
+from pipeline.model import checkpoints, devices, feature_store, networks
+from pipeline.paths import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, HISTORY, MODEL_DIR, MODEL_FILE, MODEL_LABELS
+from pipeline.report import metrics, tracking
+
+PLATEAU_FACTOR = 0.2  # lr_schedule plateau: multiply the learning rate by this...
+PLATEAU_PATIENCE = 2  # ...after this many epochs without val_loss progress
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # history.csv's phase column, and the checkpoint folder
+    metric_prefix: str  # of its metrics in MLflow
+    first_epoch: int  # epochs done before it: numbering goes on across phases
+    epochs: int
+    batch_size: int  # global: per replica times replicas
+    learning_rate: float
+    learning_rate_param: str  # named when the loss becomes NaN
+
+    @property
+    def last_epoch(self) -> int:
+        return self.first_epoch + self.epochs
+
+
+@dataclass(frozen=True)
+class Examples:
+    """One split: ``batches(indices, batch_size)`` turns a dataset of row indices into batches of
+    (inputs, one-hot labels) with tf ops; ``labels`` are the class indices."""
+
+    batches: Callable[[tf.data.Dataset, int], tf.data.Dataset]
+    labels: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def row_examples(rows: np.ndarray, labels: np.ndarray, n_classes: int, bfloat16_bits: bool = False) -> Examples:
+    """Batches gathered from ``rows`` (features or cached activations) by index, a batch per call:
+    never the whole array in memory, no Python loop per example. 16-bit rows become float32;
+    ``bfloat16_bits``: the rows are bfloat16 stored as their uint16 bit patterns."""
+    one_hot = tf.constant(keras.utils.to_categorical(labels, n_classes))
+
+    def gather(indices):
+        x = tf.numpy_function(lambda i: rows[i], [indices], tf.as_dtype(rows.dtype), stateful=False)
+        if bfloat16_bits:
+            x = tf.bitcast(x, tf.bfloat16)
+        x = tf.ensure_shape(tf.cast(x, "float32"), (None, *rows.shape[1:]))
+        return x, tf.gather(one_hot, indices)
+
+    return Examples(lambda indices, size: indices.batch(size).map(gather, num_parallel_calls=tf.data.AUTOTUNE),
+                    labels)
+
+
+def activation_examples(split: str, cut: str, n_classes: int) -> Examples:
+    """The split's activations at ``cut``, cached by the features stage (16-bit rows become float32)."""
+    rows, bfloat16_bits = feature_store.activations(split, cut)
+    return row_examples(rows, feature_store.labels(split), n_classes, bfloat16_bits)
+
+
+def image_examples(split: str, n_classes: int, size: int) -> Examples:
+    """The split's images in ``data/augmented`` (offline variants included), in the features' row order."""
+    rows, labels = feature_store.manifest_rows(split), feature_store.labels(split)
+    paths = tf.constant([str(AUGMENTED_DIR / r.path) for r in rows])
+    one_hot = tf.constant(keras.utils.to_categorical(labels, n_classes))
+
+    def example(i):
+        image = tf.io.decode_jpeg(tf.io.read_file(tf.gather(paths, i)), channels=3)
+        return tf.cast(tf.ensure_shape(image, (size, size, 3)), "float32"), tf.gather(one_hot, i)
+
+    return Examples(lambda indices, batch_size: indices.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+                    .batch(batch_size), labels)
+
+
+def shuffled_epochs(examples: Examples, batch_size: int, seed: int, epochs: range) -> tf.data.Dataset:
+    """The batches of every epoch in ``epochs``, each epoch's order a function of (seed, epoch) alone,
+    so that a resumed run sees exactly the batches an uninterrupted one would have."""
+
+    def one_epoch(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(examples.count, dtype=tf.int64),
+                                                         seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return examples.batches(tf.data.Dataset.from_tensor_slices(order), batch_size)
+
+    epoch_numbers = tf.data.Dataset.from_tensor_slices(np.arange(epochs.start, epochs.stop, dtype="int64"))
+    return epoch_numbers.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def in_order(examples: Examples, batch_size: int) -> tf.data.Dataset:
+    return examples.batches(tf.data.Dataset.range(examples.count), batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+# ---- set-up -----------------------------------------------------------------------------------
+
+
+def class_weights(labels: np.ndarray, n_classes: int, setting: str) -> dict[int, float] | None:
+    """``auto``: n / (classes x count), inverse to the class frequency, so every class weighs the same in total."""
+    if setting == "none":
+        return None
+    counts = np.bincount(labels, minlength=n_classes)
+    return {c: len(labels) / (n_classes * max(count, 1)) for c, count in enumerate(counts.tolist())}
+
+
+def resume_key(cfg: Config) -> str:
+    """What checkpoints are valid for: the params that shape training and the content of the inputs."""
+    params = cfg.model_dump(mode="json", include={"seed", "model", "augment", "train"})
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for path in [*sorted(FEATURES_DIR.iterdir()), AUGMENTED_MANIFEST]:
+        with open(path, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
+
+
+def take_over(killed: dict | None, key: str, run_id: str) -> None:
+    """Mark the MLflow run of a killed attempt as such; the run ``run_id`` now owns the checkpoints."""
+    if killed:
+        tracking.mark_killed(killed["mlflow_run_id"])
+    checkpoints.claim(key, run_id)
+
+
+# ---- one phase --------------------------------------------------------------------------------
+
+
+class EpochStats(keras.callbacks.Callback):
+    """Adds to each epoch's logs its ``seconds`` (wall time, validation included) and ``learning_rate``
+    (Keras logs it only with ReduceLROnPlateau; here also for constant and cosine)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["seconds"] = time.perf_counter() - self.started
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Ends the stage at the first NaN or infinite loss, naming the learning rate, its usual cause."""
+
+    def __init__(self, phase: Phase):
+        super().__init__()
+        self.phase = phase
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise UserError(f"the training loss became {loss} in epoch {self.epoch} ({self.phase.name} phase): "
+                            f"{self.phase.learning_rate_param}={self.phase.learning_rate:g} is probably too high; "
+                            "lower it")
+
+
+def compile_for(model: keras.Model, phase: Phase, steps_per_epoch: int, cfg: Config) -> None:
+    learning_rate = phase.learning_rate
+    if cfg.train.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, phase.epochs * steps_per_epoch)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+
+
+def stopping_and_schedule(cfg: Config) -> list[keras.callbacks.Callback]:
+    """Early stopping and the plateau schedule as ``train`` sets them (callbacks with state to checkpoint)."""
+    stateful = []
+    if cfg.train.early_stopping_patience:
+        stateful.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.train.early_stopping_patience,
+                                                      restore_best_weights=True, verbose=1))
+    if cfg.train.lr_schedule == "plateau":
+        stateful.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=PLATEAU_FACTOR,
+                                                          patience=PLATEAU_PATIENCE, verbose=1))
+    return stateful
+
+
+def callbacks_for(phase: Phase, cfg: Config) -> tuple[list[keras.callbacks.Callback], checkpoints.EpochCheckpoint]:
+    stateful = stopping_and_schedule(cfg)
+    checkpoint = checkpoints.EpochCheckpoint(phase.name, stateful)  # last: saves what the others did this epoch
+    return [EpochStats(), StopOnNaN(phase), *stateful, tracking.log_epoch_metrics(phase.metric_prefix), checkpoint], \
+        checkpoint
+
+
+def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, cfg: Config) -> list[dict]:
+    """Train ``model`` through ``phase``, from where a killed run stopped if it left a checkpoint."""
+    callbacks, checkpoint = callbacks_for(phase, cfg)
+    steps_per_epoch = math.ceil(train.count / phase.batch_size)
+    compile_for(model, phase, steps_per_epoch, cfg)
+    checkpoint.restore_variables(model)
+    start = checkpoint.epochs_done or phase.first_epoch
+    end = start if checkpoint.stopped else phase.last_epoch
+    if checkpoint.epochs_done:
+        print(f"train: resuming the {phase.name} phase after epoch {start} "
+              f"(checkpoint in {checkpoints.CHECKPOINT_DIR})")
+    for row in checkpoint.history:  # the killed run's epochs, into this run
+        tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"], phase.metric_prefix)
+    model.fit(
+        shuffled_epochs(train, phase.batch_size, cfg.seed, range(start, end)),
+        validation_data=in_order(val, phase.batch_size),
+        initial_epoch=start,
+        epochs=end,  # start == end still runs on_train_end: early stopping puts its best weights back
+        steps_per_epoch=steps_per_epoch,
+        shuffle=False,  # shuffled_epochs did
+        class_weight=class_weights(train.labels, model.output_shape[-1], cfg.train.class_weight),
+        callbacks=callbacks,
+        verbose=1 if sys.stdout.isatty() else 2,  # progress bars on a terminal, one line per epoch in logs
+    )
+    return [{"phase": phase.name, **row} for row in checkpoint.history]
+
+
+# ---- the two phases and the exported model ------------------------------------------------------
+
+
+def train_model(cfg: Config, n_classes: int, replicas: int) -> tuple[keras.Model, list[dict]]:
+    x_train = feature_store.features("train")
+    fine_tune = cfg.train.fine_tune
+    # Without fine-tuning the backbone runs only in the exported model, which is float32: built
+    # so at once, rather than in model.precision and then once more (seconds for a large backbone).
+    with contextlib.nullcontext() if fine_tune.enabled else networks.dtype_policy("float32"):
+        extractor = networks.saved_feature_extractor(cfg.model, FEATURES_DIR)
+    head = networks.head(x_train, n_classes, cfg.model.head)
+    base = networks.backbone_of(extractor)
+    top_start = networks.trainable_top_start(base, cfg.model.spec, fine_tune) if fine_tune.enabled else None
+
+    head_phase = Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size * replicas, cfg.train.learning_rate,
+                       "train.learning_rate")
+    val = row_examples(feature_store.features("val"), feature_store.labels("val"), n_classes)
+    history = fit_phase(head, head_phase, row_examples(x_train, feature_store.labels("train"), n_classes), val, cfg)
+    network, last_phase = head, head_phase
+    if fine_tune.enabled:
+        networks.unfreeze_top(base, top_start)
+        network, train, val = fine_tune_inputs(cfg, extractor, head, n_classes)
+        last_phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs,
+                           fine_tune.batch_size * replicas, fine_tune.learning_rate, "train.fine_tune.learning_rate")
+        history += fit_phase(network, last_phase, train, val, cfg)
+    if cfg.train.temperature_scaling:
+        calibrate(head, network, val, last_phase.batch_size)
+    return exported(cfg.model, extractor, head), history
+
+
+def calibrate(head: keras.Model, network: keras.Model, val: Examples, batch_size: int) -> None:
+    """Temperature scaling: the temperature that best fits the trained ``network``'s val
+    probabilities, folded into ``head``'s softmax layer (label smoothing leaves a model
+    underconfident, a long head phase overconfident; accuracy stays as it is)."""
+    temperature = metrics.fitted_temperature(val.labels, network.predict(in_order(val, batch_size), verbose=0))
+    networks.fold_temperature(head, temperature)
+    tracking.log_temperature(temperature)
+    print(f"train: temperature scaling on the val split: logits divided by {temperature:.3f}")
+
+
+def fine_tune_inputs(cfg: Config, extractor: keras.Model, head: keras.Model,
+                     n_classes: int) -> tuple[keras.Model, Examples, Examples]:
+    """The model fine-tuning trains and its train and val examples: the unfrozen top on the cached
+    activations when the features stage stored them, else the whole network on the images."""
+    cut = cfg.activation_cut
+    if cut:
+        print(f"train: fine-tuning on the activations at {cut} cached by the features stage")
+        return (networks.on_activations(extractor, head, cut),
+                *(activation_examples(split, cut, n_classes) for split in ("train", "val")))
+    size = cfg.model.input_size
+    augmentation = online_augmentation(cfg) if cfg.augment.mode in ("online", "both") else None
+    train, val = (image_examples(split, n_classes, size) for split in ("train", "val"))
+    train = replace(train, batches=label_mixing(cfg, train.batches))  # augment.online.mix, if any
+    return networks.on_pixels(extractor, head, size, augmentation), train, val
+
+
+def exported(params: ModelParams, extractor: keras.Model, head: keras.Model) -> keras.Model:
+    """The deliverable, in float32 even after mixed-precision training (16-bit is slow on many CPUs).
+    The head is float32 already; a mixed-precision extractor is rebuilt in float32 with its weights."""
+    with networks.dtype_policy("float32"):  # the resize layer too
+        if extractor.dtype_policy.name != "float32":
+            copy = networks.feature_extractor(params.model_copy(update={"weights": "none"}))
+            copy.set_weights(extractor.get_weights())
+            extractor = copy
+        return networks.classifier(extractor, head, params.input_size)
+
+
+def write_history(rows: list[dict], path: Path) -> None:
+    names = list(dict.fromkeys(name for row in rows for name in row))  # phase, epoch, then metrics
+    with atomic_file(path) as fh:
+        writer = csv.DictWriter(fh, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def history_summary(history: list[dict]) -> str:
+    """Per phase: epochs, time per epoch (the first one apart: it includes building the graph), last val_accuracy."""
+    parts = []
+    for phase in dict.fromkeys(row["phase"] for row in history):
+        rows = [row for row in history if row["phase"] == phase]
+        timing = f"first {rows[0]['seconds']:.2f} s"
+        if len(rows) > 1:
+            timing += f", then median {statistics.median(r['seconds'] for r in rows[1:]):.2f} s/epoch"
+        parts.append(f"{phase} {len(rows)} epochs ({timing}), last val_accuracy {rows[-1]['val_accuracy']:.3f}")
+    return "; ".join(parts)
+
+
+def main() -> None:
+    cfg = load_config()
+    feature_store.read_meta()  # stops in one line when the features stage has not run
+    strategy = devices.distribution_strategy()  # first: MultiWorkerMirroredStrategy must come before other TF ops
+    keras.utils.set_random_seed(cfg.seed)
+    tf.config.experimental.enable_op_determinism()  # same seed on CPU -> same metrics
+    policy = networks.use_precision(cfg.model)
+    print(f"train: {devices.replicas_and_workers(strategy)}, backbone computes in {policy}")
+    labels = read_labels(FEATURES_DIR / feature_store.LABELS)
+    key = resume_key(cfg)
+    killed = checkpoints.killed_attempt(key)
+    # Fails here, before any training, when a configured tracking server does not answer.
+    with tracking.start_new_run(cfg.experiment_name, cfg.mlflow.system_metrics) as run:
+        tracking.log_params(cfg.flat())
+        tracking.log_datasets(cfg.dataset_name, cfg.data.url)
+        take_over(killed, key, run.info.run_id)
+        with strategy.scope():
+            model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync)
+        with atomic_dir(MODEL_DIR) as out:
+            model.save(out / MODEL_FILE.name)
+            shutil.copy(FEATURES_DIR / feature_store.LABELS, out / MODEL_LABELS.name)
+        write_history(history, HISTORY)
+        # The model is on disk before anything more goes to MLflow: a logging failure loses no
+        # training (and the checkpoints stay, so a rerun only logs again).
+        try:
+            logged = tracking.log_model(model, MODEL_DIR, cfg.registered_model_name)
+        except Exception as err:  # MLflow raises many types (HTTP, database, artifact store)
+            raise UserError(f"training finished and the model is in {MODEL_DIR}, but logging it to MLflow "
+                            f"failed ({error_summary(err)[:200]}); "
+                            "rerun dvc repro once the tracking store is back") from None
+        tracking.record_run(run, logged, cfg.mlflow.system_metrics)
+    checkpoints.remove()
+    print(f"train: {history_summary(history)}; model in {MODEL_DIR}, MLflow run {run.info.run_id}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,52 @@
+"""How a stage process ends: a finished stage skips the interpreter's teardown (about a second with
+TensorFlow loaded), yet its atexit handlers run, its output is flushed and no thread's work is cut."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from conftest import REPO
+
+STAGE = textwrap.dedent("""
+    import atexit, os, sys, threading, time
+    from pipeline.cli import run_stage
+
+    class Teardown:
+        def __del__(self):  # runs when the interpreter frees this module's globals
+            os.write(1, b" torn down")
+
+    marker = Teardown()
+
+    def later():
+        time.sleep(0.5)
+        with open(os.environ["MARKER"], "a") as fh:
+            fh.write("thread finished;")
+
+    def main():
+        atexit.register(lambda: open(os.environ["MARKER"], "a").write("atexit ran;"))
+        if os.environ.get("THREAD"):
+            threading.Thread(target=later).start()
+        print("stage done", end="")  # buffered: stdout is a pipe
+
+    run_stage(main)
+""")
+
+
+def run_stage_program(tmp_path, **env) -> tuple[subprocess.CompletedProcess, str]:
+    marker = tmp_path / "marker"
+    result = subprocess.run([sys.executable, "-c", STAGE], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "MARKER": str(marker), **env})
+    return result, marker.read_text() if marker.exists() else ""
+
+
+def test_a_finished_stage_exits_without_the_teardown_after_its_atexit_handlers(tmp_path):
+    result, marker = run_stage_program(tmp_path)
+    assert (result.returncode, result.stdout, marker) == (0, "stage done", "atexit ran;"), result.stderr
+
+
+def test_a_thread_still_working_is_waited_for(tmp_path):
+    result, marker = run_stage_program(tmp_path, THREAD="1")
+    assert result.returncode == 0, result.stderr
+    assert marker == "thread finished;atexit ran;"
+    assert result.stdout == "stage done torn down"  # the ordinary exit, teardown included

@@ -1,0 +1,100 @@
+"""The features stage on every device: one CPU, two logical CPUs (MirroredStrategy, as on a machine
+with two GPUs) and two worker processes under TF_CONFIG on 127.0.0.1 (MultiWorkerMirroredStrategy)
+write the same files. A MobileNet at width 0.25 and 32 px, random weights, keeps it quick."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import free_port, on_two_cpus, project_env, project_through, run, set_params
+
+PER_REPLICA = 4
+TINY = {"model.backbone": "mobilenet", "model.alpha": 0.25, "model.image_size": 32, "augment.mode": "offline",
+        "train.fine_tune.blocks": 1, "train.batch_size": PER_REPLICA}
+
+
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory) -> Path:
+    """A project with the stages up to augment done, built once per module."""
+    return project_through("augment", tmp_path_factory.mktemp("features"), {"red": 9, "green": 9, "blue": 9}, TINY)
+
+
+def copy_of(project: Path, root: Path, name: str) -> Path:
+    return Path(shutil.copytree(project, root / name, symlinks=True))
+
+
+def outputs(project: Path) -> dict[str, np.ndarray]:
+    return {path.name: np.load(path) for path in sorted((project / "data" / "features").glob("*.npy"))}
+
+
+def meta_but_time(project: Path) -> dict:
+    return json.loads((project / "data" / "features" / "meta.json").read_text()) | {"seconds": None}
+
+
+def two_workers(chief: Path, worker: Path) -> list[str]:
+    """``python -m pipeline.stages.features`` as worker 0 (the chief) in ``chief`` and as worker 1 in
+    ``worker``, like two machines, each with its TF_CONFIG; their output."""
+    ports = set()
+    while len(ports) < 2:
+        ports.add(free_port())
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    processes = []
+    for index, project in enumerate((chief, worker)):
+        env = {**project_env(project), "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                "task": {"type": "worker", "index": index}})}
+        processes.append(subprocess.Popen([sys.executable, "-m", "pipeline.stages.features"], cwd=project, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [process.communicate(timeout=300)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, log in zip(processes, logs, strict=True):
+        assert process.returncode == 0, log
+    return logs
+
+
+def test_every_device_count_and_worker_count_writes_the_same_features(augmented, tmp_path):
+    one, mirrored, chief, worker = (copy_of(augmented, tmp_path, name)
+                                    for name in ("one", "mirrored", "chief", "worker"))
+    assert "1 replica(s) on 1 worker(s)" in run([sys.executable, "-m", "pipeline.stages.features"], one).stdout
+    assert "2 replica(s) on 1 worker(s)" in run(on_two_cpus("features"), mirrored).stdout
+    assert all("2 replica(s) on 2 worker(s)" in log for log in two_workers(chief, worker))
+    assert not (worker / "data" / "features").exists()  # only the chief writes
+
+    expected = outputs(one)
+    assert {"train_activations.npy", "val_activations.npy", "test.npy"} <= set(expected)
+    features = expected["train.npy"]
+    assert len(np.unique(features, axis=0)) == len(features)  # distinct rows: a shuffled or repeated one shows
+    # The last global batch (8 rows on two replicas) is short in some split: padding is exercised.
+    assert any(len(rows) % (2 * PER_REPLICA) for rows in expected.values())
+    for project in (mirrored, chief):
+        got = outputs(project)
+        assert set(got) == set(expected)
+        for name, rows in expected.items():
+            np.testing.assert_array_equal(got[name], rows, err_msg=f"{project.name}: {name}")
+        assert meta_but_time(project) == meta_but_time(one)
+
+
+PEAK_RSS = """
+import resource, subprocess, sys
+subprocess.run([sys.executable, "-m", "pipeline.stages.features"], check=True, capture_output=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)
+"""
+
+
+def test_a_huge_head_batch_does_not_grow_the_backbone_batch(augmented, tmp_path):
+    """train.batch_size is the head's batch over feature rows; the features stage runs at most
+    MAX_BACKBONE_BATCH images per pass. Padded up to 100,000 images (what it did before), the 32 px
+    batch and its activations would take gigabytes."""
+    peaks = {}
+    for batch_size in (PER_REPLICA, 100_000):
+        project = copy_of(augmented, tmp_path, f"batch{batch_size}")
+        set_params(project, **{"train.batch_size": batch_size})
+        peaks[batch_size] = int(run([sys.executable, "-c", PEAK_RSS], project).stdout.split()[-1])
+    assert peaks[100_000] < peaks[PER_REPLICA] + 300, f"peak RSS in MiB by train.batch_size: {peaks}"

@@ -1,0 +1,370 @@
+"""prepare: every image decoded once into RGB, bad ones quarantined, duplicates and label conflicts
+handled, and a deterministic, stable, leak-free stratified split.
+
+The stage runs in-process in a throw-away folder holding params.yaml and a generated data/raw.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fixtures_bad as bad
+from conftest import REPO, set_params
+from pipeline.cli import UserError
+from pipeline.data.images import read_rgb
+from pipeline.data.manifests import read_manifest
+from pipeline.stages import prepare
+
+RAW = Path("data/raw")
+PREPARED = Path("data/prepared")
+
+
+
+
+def run_prepare(**params) -> dict:
+    if params:
+        set_params(Path.cwd(), **params)
+    prepare.main()
+    return json.loads(Path("reports/data.json").read_text())
+
+
+def refused(**params) -> str:
+    with pytest.raises(UserError) as err:
+        run_prepare(**params)
+    assert "\n" not in str(err.value)
+    assert not PREPARED.exists()
+    return str(err.value)
+
+
+def manifest() -> dict[str, dict[str, str]]:
+    """Manifest rows by source."""
+    return {row["source"]: row for row in read_manifest(PREPARED / "manifest.csv")}
+
+
+def quarantine() -> dict[str, str]:
+    return {row["source"]: row["reason"] for row in read_manifest(PREPARED / "quarantine.csv")}
+
+
+def normalized(row: dict[str, str]) -> np.ndarray:
+    with Image.open(PREPARED / row["path"]) as image:
+        assert image.format == "JPEG" and image.mode == "RGB"
+        return np.asarray(image).astype(int)
+
+
+# --- Decoding ---------------------------------------------------------------------------------
+
+
+def test_every_supported_kind_becomes_an_upright_rgb_jpeg(workdir):
+    bad.write_pictures(RAW, {"odd": 3, "plain": 8})
+    odd = RAW / "odd"
+    bad.png_with_alpha(odd / "alpha.png")
+    bad.png_16bit_gray(odd / "gray16.png", value=40000)
+    bad.cmyk_jpeg(odd / "cmyk.jpg")
+    bad.grayscale_jpeg(odd / "gray.jpg")
+    bad.palette_png(odd / "palette.png")
+    bad.animated_gif(odd / "anim.gif")
+    bad.exif_rotated_jpeg(odd / "rotated.jpg")
+    for seed, suffix in ((2001, "bmp"), (2002, "webp"), (2003, "tiff")):
+        bad.picture(seed).save(odd / f"pic.{suffix}")
+    run_prepare()
+    rows = manifest()
+    assert quarantine() == {}
+    for name in ("alpha.png", "gray16.png", "cmyk.jpg", "gray.jpg", "palette.png", "anim.gif", "rotated.jpg",
+                 "pic.bmp", "pic.webp", "pic.tiff"):
+        assert rows[f"odd/{name}"]["label"] == "odd"
+        normalized(rows[f"odd/{name}"])
+    alpha = normalized(rows["odd/alpha.png"])
+    assert np.abs(alpha[32, 4] - [255, 0, 0]).max() < 8  # opaque red stays red
+    assert np.abs(alpha[32, 60] - [255, 255, 255]).max() < 8  # transparent becomes white, not black
+    assert np.abs(normalized(rows["odd/gray16.png"]) - round(40000 / 257)).max() < 4  # scaled, not clipped to 255
+    assert np.abs(normalized(rows["odd/anim.gif"])[10, 10] - [0, 255, 0]).max() < 8  # the first frame
+    rotated = rows["odd/rotated.jpg"]
+    assert (rotated["width"], rotated["height"]) == ("40", "80")
+    assert normalized(rotated).shape == (80, 40, 3)
+
+
+def test_normalized_images_are_bounded_by_max_side(workdir):
+    bad.write_pictures(RAW, {"a": 4, "b": 4})
+    bad.picture(3000, (300, 120)).save(RAW / "a" / "wide.png")
+    run_prepare(**{"prepare.max_side": 100})
+    rows = manifest()
+    assert (rows["a/wide.png"]["width"], rows["a/wide.png"]["height"]) == ("300", "120")
+    assert normalized(rows["a/wide.png"]).shape == (40, 100, 3)
+
+
+def test_bad_images_are_quarantined_with_their_reason(workdir):
+    bad.write_pictures(RAW, {"a": 5, "b": 5})
+    bad.truncated_jpeg(RAW / "a" / "truncated.jpg")
+    (RAW / "a" / "empty.jpg").write_bytes(b"")
+    (RAW / "a" / "page.jpg").write_bytes(bad.HTML_PAGE)
+    Image.new("RGB", (1, 1), "red").save(RAW / "b" / "pixel.png")
+    bad.huge_png_header(RAW / "b" / "bomb.png")
+    report = run_prepare()
+    reasons = quarantine()
+    assert reasons["a/truncated.jpg"].startswith("truncated: image file is truncated")
+    assert reasons["a/empty.jpg"] == "empty file"
+    assert reasons["a/page.jpg"].startswith(
+        "not an image: a JPEG/PNG/GIF/BMP/WEBP/TIFF file does not start with b'<!DOCTYPE")
+    assert reasons["b/pixel.png"] == "too small: 1x1 pixels, below prepare.min_side=32"
+    assert reasons["b/bomb.png"].startswith("decompression bomb: Image size (10000000000 pixels) exceeds limit")
+    assert report["quarantined"] == 5 and report["images"] == 10
+    assert report["quarantined_by_reason"] == {"decompression bomb": 1, "empty file": 1, "not an image": 1,
+                                               "too small": 1, "truncated": 1}
+    assert all((RAW / source).exists() for source in reasons)  # quarantined, never deleted
+    assert not set(reasons) & set(manifest())
+
+
+def test_names_hidden_and_ignored_files(workdir):
+    spaced = "rose\u0301 rouge"  # decomposed (NFD) 'rosé rouge', as macOS writes it
+    bad.write_pictures(RAW, {spaced: 4, "tulips": 5})
+    bad.picture(4000).save(RAW / spaced / os.fsdecode(b"caf\xe9.jpg"))  # not valid UTF-8
+    bad.picture(4001).save(RAW / "tulips" / "花 1.jpg")
+    (RAW / "tulips" / "deeper" / "deepest").mkdir(parents=True)
+    bad.picture(4002).save(RAW / "tulips" / "deeper" / "deepest" / "nested.jpg")
+    ignored = ["LICENSE.txt", "tulips/README.md", "tulips/LICENSE", "tulips/notes.txt", "tulips/.DS_Store",
+               "tulips/.hidden.jpg", ".cache/x.jpg", "__MACOSX/tulips/._x.jpg", "tulips/.thumbs/y.jpg"]
+    for name in ignored:
+        (RAW / name).parent.mkdir(parents=True, exist_ok=True)
+        (RAW / name).write_bytes(bad.jpeg_bytes(5000))
+    (RAW / "linked").symlink_to((RAW / "tulips").resolve(), target_is_directory=True)
+    report = run_prepare()
+    rows = manifest()
+    assert json.loads((PREPARED / "labels.json").read_text()) == ["rosé rouge", "tulips"]
+    assert rows[f"{spaced}/caf\\xe9.jpg"]["label"] == "rosé rouge"  # source: the file's own name
+    assert rows["tulips/花 1.jpg"]["label"] == "tulips"
+    assert rows["tulips/deeper/deepest/nested.jpg"]["label"] == "tulips"  # sub-folders belong to their class
+    assert (PREPARED / rows["tulips/花 1.jpg"]["path"]).is_file()
+    assert report["ignored_files"] == len(ignored) + 1  # + the symlinked folder
+    assert report["images"] == 12 and quarantine() == {}
+    why = {row["source"]: row["reason"] for row in read_manifest(PREPARED / "ignored.csv")}
+    assert set(why) == {*ignored, "linked"}
+    assert (why["LICENSE.txt"], why["tulips/.DS_Store"], why["linked"]) == (
+        "licence or readme", "hidden: the name starts with '.'", "symlinked folder: not followed (a link may loop)")
+    assert why["tulips/notes.txt"] == "not an image file name: suffix '.txt'"
+
+
+def test_every_file_left_out_is_listed_by_name_with_its_reason(workdir, capsys):
+    bad.write_pictures(RAW, {"cars": 4, "tulips": 4})
+    used = ["cars/license_plate_01.jpg", "cars/README_first.png", "cars/LICENSE.jpg", "tulips/a.jfif",
+            "tulips/b.JPE", "tulips/c.apng"]  # image suffixes Pillow decodes; names that only look like documents
+    for i, name in enumerate(used):
+        bad.picture(6000 + i).save(RAW / name, format="PNG" if name.endswith(("png", "apng")) else "JPEG")
+    left_out = {
+        "LICENSE": "licence or readme", "cars/LICENSE.md": "licence or readme", "cars/readme.txt": "licence or readme",
+        "COPYING": "licence or readme", "stray.jpg": "outside the class folders: no class folder above it",
+        "notes.txt": "not an image file name: suffix '.txt'",
+        "cars/scan.heic": "not an image file name: suffix '.heic'",
+        "cars/Makefile": "not an image file name: no suffix",
+        ".ipynb_checkpoints/cars/x-checkpoint.jpg": "hidden: in the hidden folder .ipynb_checkpoints/",
+        ".git/objects/ab": "hidden: in the hidden folder .git/",
+        "tulips/.thumbs/y.jpg": "hidden: in the hidden folder tulips/.thumbs/",
+        "tulips/.z.jpg": "hidden: the name starts with '.'",
+    }
+    for i, name in enumerate(left_out):
+        (RAW / name).parent.mkdir(parents=True, exist_ok=True)
+        (RAW / name).write_bytes(bad.jpeg_bytes(7000 + i))
+    os.mkfifo(RAW / "cars" / "pipe.jpg")  # opening it would block for ever
+    (RAW / "tulips" / "gone.jpg").symlink_to(RAW / "nowhere.jpg")
+    (RAW / "cars" / "more").symlink_to((RAW / "tulips").resolve(), target_is_directory=True)
+    left_out |= {"cars/pipe.jpg": "not a regular file: a broken link, FIFO, socket or device",
+                 "tulips/gone.jpg": "not a regular file: a broken link, FIFO, socket or device",
+                 "cars/more": "symlinked folder: not followed (a link may loop)"}
+    report = run_prepare()
+    assert set(used) <= set(manifest())
+    listed = {row["source"]: row["reason"] for row in read_manifest(PREPARED / "ignored.csv")}
+    assert listed == left_out
+    on_disk = {str(p.relative_to(RAW)) for p in RAW.rglob("*") if p.is_symlink() or not p.is_dir()}
+    assert on_disk == set(manifest()) | set(listed)  # every file is used or listed, none vanishes
+    assert report["ignored_by_reason"] == {"hidden": 4, "licence or readme": 4, "not a regular file": 2,
+                                           "not an image file name": 3, "outside the class folders": 1,
+                                           "symlinked folder": 1}
+    assert f"{len(left_out)} files ignored (see data/prepared/ignored.csv)" in capsys.readouterr().out
+
+
+def test_a_class_without_usable_images_says_what_was_left_out(workdir):
+    bad.write_pictures(RAW, {"a": 5, "b": 5})
+    (RAW / "scans").mkdir()
+    for name in ("1.heic", "2.heic"):
+        (RAW / "scans" / name).write_bytes(b"\0\0\0\x18ftypheic")
+    (RAW / "scans" / "3.jpg").write_bytes(b"")
+    assert "'scans' (train 0, val 0, test 0; 3 files not used, the first: scans/1.heic: not an image file name: " \
+           "suffix '.heic')" in refused()
+
+
+def test_folder_names_alike_but_for_their_unicode_form_or_case_warn(workdir, capsys):
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # both shown as café; macOS writes the second
+    bad.write_pictures(RAW, {composed: 3, decomposed: 3, "Tea": 4, "tea": 4})
+    report = run_prepare()
+    assert json.loads((PREPARED / "labels.json").read_text()) == ["Tea", "café", "tea"]
+    assert report["per_class"]["café"] == {"train": 4, "val": 1, "test": 1}  # one class, as on macOS
+    assert {row["label"] for row in manifest().values() if row["source"].startswith(decomposed)} == {composed}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: 1 class(es) merge names that differ only in their Unicode form (NFC/NFD, one name to Unicode and "
+        "to macOS): 'café' from 'cafe\\u0301' and 'caf\\xe9'; rename one if they are different classes",
+        "warning: 1 group(s) of classes differ only in case and stay apart: 'Tea' and 'tea' (a case-insensitive file "
+        "system, macOS or Windows, would merge their folders)"]
+
+
+# --- Pixel values and colour ------------------------------------------------------------------
+
+
+def test_float_pixels_are_scaled_by_their_range_or_quarantined(workdir):
+    bad.write_pictures(RAW, {"a": 4, "b": 4})
+    ramp = np.linspace(0, 1, 48 * 64).reshape(48, 64)
+    bad.float_tiff(RAW / "a" / "unit.tif", ramp)  # 0..1: Pillow alone makes it black
+    bad.float_tiff(RAW / "a" / "bytes.tif", np.full((48, 64), 200.0))  # 0..255
+    bad.float_tiff(RAW / "b" / "hdr.tif", ramp * 1000 - 5)
+    bad.float_tiff(RAW / "b" / "nan.tif", np.where(ramp > 0.5, np.nan, ramp))
+    Image.fromarray(np.full((48, 64), 1 << 20, dtype=np.int32)).save(RAW / "b" / "int32.tif")
+    run_prepare()
+    rows = manifest()
+    unit = normalized(rows["a/unit.tif"])
+    assert np.abs(unit[:, :, 0] - (ramp * 255).round()).max() < 8 and unit.max() > 240
+    assert np.abs(normalized(rows["a/bytes.tif"]) - 200).max() < 3
+    assert quarantine() == {
+        "b/hdr.tif": "pixel values out of range: float pixels from -5 to 995, neither within 0..1 nor 0..255; "
+                     "save the image as 8- or 16-bit",
+        "b/nan.tif": "pixel values out of range: float pixels holding NaN or infinity",
+        "b/int32.tif": "pixel values out of range: 32-bit integer pixels from 1.04858e+06 to 1.04858e+06, neither "
+                       "within 0..65535 (16 bits); save the image as 8- or 16-bit"}
+
+
+def test_colour_profiles_are_converted_to_srgb(workdir, capsys):
+    bad.write_pictures(RAW, {"a": 20, "b": 5})  # the 4 near-flat pictures below are near-duplicates: one split
+    adobe = (150, 60, 60)
+    Image.new("RGB", (64, 48), adobe).save(RAW / "a" / "adobe.jpg", quality=95, icc_profile=bad.adobe_rgb_profile())
+    bad.ink_strips(RAW / "a" / "cmyk.jpg", bad.cmyk_profile())
+    Image.new("RGB", (64, 48), adobe).save(RAW / "a" / "broken.jpg", quality=95, icc_profile=b"not a profile")
+    Image.new("L", (64, 48), 90).save(RAW / "a" / "grey.png", icc_profile=bad.adobe_rgb_profile())  # RGB profile
+    Image.new("L", (64, 48), 90).save(RAW / "b" / "linear.png", icc_profile=bad.linear_grey_profile())
+    report = run_prepare()
+    rows = manifest()
+    expected = bad.adobe_to_srgb(adobe)
+    assert np.abs(expected - adobe).max() > 20  # what ignoring the profile costs
+    assert np.abs(normalized(rows["a/adobe.jpg"])[24, 32] - expected).max() <= 3
+    assert np.abs(read_rgb(RAW / "a" / "adobe.jpg")[24, 32] - expected).max() <= 3  # predict decodes alike
+    strips = normalized(rows["a/cmyk.jpg"])[20, 8::16]
+    inks = [bad.ink_mix(*(int(i == ink) for i in range(4))) for ink in range(-1, 4)]  # paper, then C, M, Y, K
+    assert np.abs(strips - inks).max() <= 6, strips  # Pillow alone: pure cyan (0, 255, 255), ...
+    assert np.abs(normalized(rows["a/broken.jpg"])[24, 32] - adobe).max() <= 3  # kept, taken as sRGB
+    assert np.abs(normalized(rows["a/grey.png"]) - 90).max() <= 1
+    assert np.abs(normalized(rows["b/linear.png"]) - bad.srgb_encode(90 / 255)).max() <= 2  # 160
+    assert report["colour_profiles"] == {"converted": 3, "unusable": 2}
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1
+    assert notes == ["note: 2 images have a colour profile that cannot be used (the first: not a readable ICC "
+                     "profile); their pixels are taken as sRGB: a/broken.jpg, a/grey.png"]
+
+
+# --- Classes, duplicates and conflicts --------------------------------------------------------
+
+
+def test_empty_class_folder_fails(workdir):
+    bad.write_pictures(RAW, {"a": 5, "b": 5})
+    (RAW / "empty").mkdir()
+    assert refused() == (
+        "too few usable images to put one in each of train, val and test in 1 of 3 classes (prepare.split val 0.15, "
+        "test 0.15; near-duplicates count as one; each class needs at least 4): 'empty' (train 0, val 0, test 0): "
+        "add images or remove those classes")
+
+
+def test_one_class_only_fails(workdir):
+    bad.write_pictures(RAW, {"a": 5})
+    assert "data/raw has 1 class folder(s) ['a']; need at least 2" in refused()
+
+
+def test_class_too_small_for_the_split_fails(workdir):
+    bad.write_pictures(RAW, {"a": 5, "b": 3})
+    assert "in 1 of 2 classes" in refused() and "'b' (train 3, val 0, test 0)" in refused()
+
+
+def test_same_image_in_two_classes_is_excluded_and_leaves_no_files(workdir):
+    paths = bad.write_pictures(RAW, {"roses": 6, "tulips": 6})
+    shutil.copy(paths["roses"][0], RAW / "tulips" / "same.jpg")
+    shutil.copy(paths["roses"][1], RAW / "roses" / "z_again.jpg")  # an exact duplicate within one class
+    report = run_prepare()
+    conflict = "label conflict: the same image is in classes roses, tulips"
+    assert quarantine() == {"roses/img_0000.jpg": conflict, "tulips/same.jpg": conflict}
+    rows = manifest()
+    assert "roses/img_0000.jpg" not in rows and "tulips/same.jpg" not in rows
+    assert "roses/img_0001.jpg" in rows and "roses/z_again.jpg" not in rows  # the first name is kept
+    assert read_manifest(PREPARED / "duplicates.csv") == [
+        {"source": "roses/z_again.jpg", "label": "roses", "kind": "exact", "same_as": "roses/img_0001.jpg"}]
+    on_disk = sorted(str(p.relative_to(PREPARED)) for p in (PREPARED / "images").rglob("*") if p.is_file())
+    assert on_disk == sorted(row["path"] for row in rows.values())  # no orphaned normalized copies
+    assert sorted(p.name for p in PREPARED.iterdir()) == [
+        "duplicates.csv", "ignored.csv", "images", "labels.json", "manifest.csv", "quarantine.csv"]
+    assert (report["images"], report["quarantined"], report["duplicates_dropped"]) == (14 - 2 - 1, 2, 1)
+
+
+# --- Splitting --------------------------------------------------------------------------------
+
+
+def test_split_is_stratified_and_byte_identical_when_repeated(workdir):
+    bad.write_pictures(RAW, {"a": 20, "b": 34})
+    report = run_prepare()
+    first = (PREPARED / "manifest.csv").read_bytes()
+    assert report["per_class"] == {"a": {"train": 14, "val": 3, "test": 3}, "b": {"train": 24, "val": 5, "test": 5}}
+    assert (report["layout"], report["splits_given"]) == ("class_folders", [])
+    run_prepare()
+    assert (PREPARED / "manifest.csv").read_bytes() == first
+    reseeded = run_prepare(seed=7)
+    assert reseeded["per_class"] == report["per_class"] and (PREPARED / "manifest.csv").read_bytes() != first
+
+
+def test_adding_images_moves_at_most_the_boundary_images_of_their_class(workdir):
+    bad.write_pictures(RAW, {"a": 40, "b": 40})
+    run_prepare()
+    before = {source: row["split"] for source, row in manifest().items()}
+    bad.write_pictures(RAW / "more", {"a": 3}, first_seed=500)
+    for path in (RAW / "more" / "a").iterdir():
+        path.rename(RAW / "a" / path.name)
+    (RAW / "more" / "a").rmdir()
+    (RAW / "more").rmdir()
+    run_prepare()
+    after = {source: row["split"] for source, row in manifest().items()}
+    assert set(after) == set(before) | {f"a/img_{i:04d}.jpg" for i in (500, 501, 502)}
+    moved = [source for source in before if after[source] != before[source]]
+    assert not [source for source in moved if source.startswith("b/")]
+    assert len(moved) <= 2 * 3
+
+
+def test_near_duplicates_never_straddle_splits(workdir):
+    paths = bad.write_pictures(RAW, {"a": 30, "b": 30})
+    pairs = [(paths["a"][i], RAW / "a" / f"near_{i}.jpg") for i in range(12)]
+    pairs.append((paths["a"][20], RAW / "b" / "near_across.jpg"))  # a near-copy filed under another class
+    for original, copy in pairs:
+        bad.near_copy(original, copy)
+    report = run_prepare()
+    rows = manifest()
+    near = read_manifest(PREPARED / "duplicates.csv")
+    assert len(near) == len(pairs) and {row["kind"] for row in near} == {"near"}
+    for original, copy in pairs:
+        first, second = (str(p.relative_to(RAW)) for p in (original, copy))
+        assert rows[first]["split"] == rows[second]["split"], (first, second)
+    assert report["near_duplicate_groups"] == len(pairs) and report["largest_near_duplicate_group"] == 2
+    assert len({rows[str(copy.relative_to(RAW))]["split"] for _, copy in pairs}) > 1  # not all in one split
+
+
+def test_heavy_imbalance_warns_in_one_line(workdir, capsys):
+    bad.write_pictures(RAW, {"big": 41, "small": 4})
+    run_prepare()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: classes are heavily imbalanced: 'big' has 41 images, 'small' only 4"]
+
+
+def test_stage_prints_one_line_for_a_user_mistake(workdir):
+    bad.write_pictures(RAW, {"only": 5})
+    result = subprocess.run([sys.executable, "-m", "pipeline.stages.prepare"], cwd=workdir, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: data/raw has 1 class folder(s) ['only']; need at least 2 (one sub-folder of images per class)"]
