@@ -1,1 +1,0 @@
-"""What a run reports: metrics, plots, Grad-CAM heatmaps, and MLflow tracking."""
