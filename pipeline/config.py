@@ -380,9 +380,10 @@ class MlflowParams(Section):
     """Where runs and models go in MLflow ([MLflow](mlflow.md))."""
 
     experiment_name: str | None = Field(min_length=1, description=(
-        "null = the dataset's name, from data.url (flower_photos.tgz -> flower_photos)."))
+        "null = <dataset>-<source hash>: the dataset's name, from data.url (flower_photos.tgz -> "
+        "flower_photos), and 6 hex digits of data.url (no credentials, query values masked): flower_photos-b28381."))
     registered_model_name: str | None = Field(min_length=1, description=(
-        "null = <dataset>-classifier (the Keras flavor: <name>-keras)."))
+        "null = <dataset>-<source hash>-classifier (the Keras flavor: <name>-keras)."))
     register_model: bool = Field(description="false = log the model with the run without registering it.")
     system_metrics: bool = Field(description=(
         "false = no system/* metrics (CPU, memory, disk, network, GPU) in the run."))
