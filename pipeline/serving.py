@@ -20,10 +20,14 @@ the server's log.
 """
 
 import base64
+import contextlib
+import ctypes
 import io
 import logging
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 
 import mlflow
 import numpy as np
@@ -53,6 +57,17 @@ SIGNATURE = ModelSignature(
     params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]),
 )
 log = logging.getLogger(__name__)
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has malloc_trim), for memory_returned."""
+    with contextlib.suppress(OSError):
+        libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+        return libc if hasattr(libc, "malloc_trim") else None
+    return None
+
+
+LIBC = glibc()
 
 
 def example_request() -> pd.DataFrame:
@@ -105,6 +120,19 @@ def decode_request_image(data: bytes | str, index: int) -> np.ndarray:
                   f"this server decodes at most {MAX_MEGAPIXELS} megapixels per image: send it smaller")
 
 
+@contextlib.contextmanager
+def memory_returned() -> Iterator[None]:
+    """Give the memory freed in the block back to the OS (glibc's malloc_trim). The scoring server
+    predicts in a pool of threads, glibc keeps what each frees in an arena of its own, and a large
+    image's copies (gigabytes) stayed there: 8 concurrent 49-Mpx requests left the server at 5.2 GiB
+    (1.1 idle)."""
+    try:
+        yield
+    finally:
+        if LIBC is not None:
+            LIBC.malloc_trim(0)
+
+
 def load_keras_model(uri: str):
     """The Keras flavor of the logged model at ``uri``. MLflow copies the model out of the store to
     load it, by default into a folder of the temp dir it never removes (a whole model per load):
@@ -126,7 +154,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=["label", "probability", "top_k"])
 
     def classify(self, data: bytes | str, index: int, top_k: int) -> dict:
-        with ONE_IMAGE_AT_A_TIME:
+        with ONE_IMAGE_AT_A_TIME, memory_returned():
             pixels = decode_request_image(data, index)
             try:
                 # Images differ in size, so each is its own batch; the model resizes internally. One batch
