@@ -24,10 +24,14 @@ the server's log.
 """
 
 import base64
+import contextlib
+import ctypes
 import io
 import logging
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 
 import mlflow
 import numpy as np
@@ -55,6 +59,17 @@ SIGNATURE = ModelSignature(
     params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]),
 )
 log = logging.getLogger(__name__)
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has malloc_trim), for memory_returned."""
+    with contextlib.suppress(OSError):
+        libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+        return libc if hasattr(libc, "malloc_trim") else None
+    return None
+
+
+LIBC = glibc()
 
 
 def example_request() -> pd.DataFrame:
@@ -114,6 +129,19 @@ def request_image_input(data: bytes | str, index: int, size: int) -> np.ndarray:
         raise Refused(f"image {index} cannot be decoded ({error_summary(err)})") from None
 
 
+@contextlib.contextmanager
+def memory_returned() -> Iterator[None]:
+    """Give the memory freed in the block back to the OS (glibc's malloc_trim). The scoring server
+    predicts in a pool of threads, glibc keeps what each frees in an arena of its own, and a large
+    image's copies (gigabytes) stayed there: 8 concurrent 49-Mpx requests left the server at 5.2 GiB
+    (1.1 idle)."""
+    try:
+        yield
+    finally:
+        if LIBC is not None:
+            LIBC.malloc_trim(0)
+
+
 def load_keras_model(uri: str):
     """The Keras flavor of the logged model at ``uri``. MLflow copies the model out of the store to
     load it, by default into a folder of the temp dir it never removes (a whole model per load):
@@ -136,7 +164,7 @@ class ImageClassifier(PythonModel):
         return pd.DataFrame(rows, columns=["label", "probability", "top_k"])
 
     def classify(self, data: bytes | str, index: int, top_k: int) -> dict:
-        with ONE_IMAGE_AT_A_TIME:
+        with ONE_IMAGE_AT_A_TIME, memory_returned():
             pixels = request_image_input(data, index, self.size)
             try:
                 # One batch needs no tf.data pipeline (predict builds one per call: under train's op determinism

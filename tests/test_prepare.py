@@ -437,7 +437,8 @@ def test_copies_of_one_picture_stay_one_group_and_a_chain_of_look_alikes_is_spli
     assert 1 < len(stars) < 60 and sum(len(star) for star in stars) == 60
     pixels = np.frombuffer(b"".join(thumbnails), np.uint8).reshape(100, -1)
     for first, *others in stars:  # every image alike to its star's first
-        alike = dedupe.correlations(pixels, np.full(len(others), first), np.array(others, dtype=np.intp))
+        alike = dedupe.correlations(pixels, *dedupe.centred_norms(pixels), np.full(len(others), first),
+                                    np.array(others, dtype=np.intp))
         assert (alike >= dedupe.NEAR_CORRELATION).all()
 
 

@@ -74,10 +74,6 @@ COUNT_TAGS = {"top_k": "test_top_k", "test_images": "test_images"}  # counts of 
 CLASSES_SHOWN = 1000  # characters of class names in a version's tag and the registered model's description
 
 
-class StoreLost(UserError):
-    """The tracking store stopped answering during training."""
-
-
 def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT", ".")).resolve()
 
@@ -286,11 +282,11 @@ def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
 @keeps_global_random_state
 def log_epoch(logs: dict[str, float], epoch: int, prefix: str = "") -> None:
     """One epoch's metrics, each name with ``prefix``, at step ``epoch`` (counted from 1). A store
-    that no longer answers (after HTTP_LIMITS' retries) ends training with StoreLost."""
+    that no longer answers (after HTTP_LIMITS' retries) ends training with a UserError saying so."""
     try:
         mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
     except Exception as err:  # MLflow raises many types (HTTP, database)
-        raise StoreLost(f"the MLflow tracking store {redact_url(tracking_uri())} stopped answering in epoch {epoch} "
+        raise UserError(f"the MLflow tracking store {redact_url(tracking_uri())} stopped answering in epoch {epoch} "
                         f"({error_summary(err)[:200]}); training stopped with its checkpoints kept in "
                         f"{CHECKPOINT_DIR}: rerun dvc repro once the store answers, and training goes on after "
                         f"epoch {epoch}") from None

@@ -91,11 +91,12 @@ def near_duplicate_groups(images: list[Record], distance: int | None) -> tuple[l
     if distance is None:
         return [[image] for image in images], 0
     thumbnails = np.frombuffer(b"".join(i.thumbnail for i in images), dtype=np.uint8).reshape(len(images), -1)
-    detailed = np.flatnonzero(thumbnails.std(axis=1) >= FLAT)
+    means, norms = centred_norms(thumbnails)
+    detailed = np.flatnonzero(norms >= FLAT * np.sqrt(thumbnails.shape[1]))  # standard deviation >= FLAT
     hashes = np.array([images[i].phash for i in detailed], dtype=np.uint64)
     first, second, searched = near_pairs(hashes, distance)
     first, second = detailed[first], detailed[second]
-    alike = correlations(thumbnails, first, second) >= NEAR_CORRELATION
+    alike = correlations(thumbnails, means, norms, first, second) >= NEAR_CORRELATION
     graph = coo_array((np.ones(2 * alike.sum(), dtype=np.int8),
                        (np.concatenate([first[alike], second[alike]]), np.concatenate([second[alike], first[alike]]))),
                       shape=(len(images), len(images))).tocsr()
@@ -209,16 +210,26 @@ def expanded(queries: np.ndarray, start: np.ndarray, count: np.ndarray,
     return np.repeat(queries, count), order[np.repeat(start, count) + offsets]
 
 
-def correlations(thumbnails: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """The Pearson correlation of the thumbnails of each pair (first[k], second[k])."""
-    pixels = thumbnails.shape[1]
-    mean = thumbnails.mean(axis=1, dtype=np.float64)
-    norm = np.sqrt(np.maximum(np.square(thumbnails, dtype=np.float64).sum(axis=1) - pixels * mean**2, 1e-6))
-    steps = [np.empty(0)]
+def centred_norms(thumbnails: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each thumbnail's mean and the norm of its pixels less that mean (a few thousand rows at a time)."""
+    means, norms = np.empty(len(thumbnails), dtype=np.float32), np.empty(len(thumbnails), dtype=np.float32)
+    for k in range(0, len(thumbnails), THUMBNAIL_PAIRS_PER_STEP):
+        rows = thumbnails[k:k + THUMBNAIL_PAIRS_PER_STEP].astype(np.float32)
+        means[k:k + len(rows)] = rows.mean(axis=1)
+        norms[k:k + len(rows)] = np.linalg.norm(rows - means[k:k + len(rows), None], axis=1)
+    return means, norms
+
+
+def correlations(thumbnails: np.ndarray, means: np.ndarray, norms: np.ndarray, first: np.ndarray,
+                 second: np.ndarray) -> np.ndarray:
+    """The Pearson correlation of the thumbnails of each pair (first[k], second[k]), given their
+    centred_norms."""
+    steps = [np.empty(0, dtype=np.float32)]
     for k in range(0, len(first), THUMBNAIL_PAIRS_PER_STEP):
         a, b = first[k:k + THUMBNAIL_PAIRS_PER_STEP], second[k:k + THUMBNAIL_PAIRS_PER_STEP]
-        dot = np.einsum("ij,ij->i", thumbnails[a].astype(np.float32), thumbnails[b].astype(np.float32))
-        steps.append((dot - pixels * mean[a] * mean[b]) / (norm[a] * norm[b]))
+        centred_a = thumbnails[a].astype(np.float32) - means[a, None]
+        centred_b = thumbnails[b].astype(np.float32) - means[b, None]
+        steps.append(np.einsum("ij,ij->i", centred_a, centred_b) / np.maximum(norms[a] * norms[b], 1e-6))
     return np.concatenate(steps)
 
 

@@ -40,7 +40,8 @@ def assign_splits(groups: list[list[Record]], given: tuple[str, ...], split: Spl
         chosen = next((name for name in drawn if all(n <= room[label, name] for label, n in need.items())), "train")
         for image in pool:
             image.split = chosen
-            room[image.label, chosen] = room.get((image.label, chosen), 0) - 1
+        if chosen in drawn:
+            room.update({(label, chosen): room[label, chosen] - n for label, n in need.items()})
 
 
 def check_fractions(per_class: dict[str, dict[str, int]], groups: list[list[Record]], given: tuple[str, ...],
