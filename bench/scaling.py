@@ -9,6 +9,8 @@ time after each stage (hashing the stage's outputs, copying them into its cache,
 dvc.lock, checking the next stage), and the whole run. Prints seconds per 1,000 images per stage
 at each size, the growth from the second-largest size to the largest, DVC's share of the wall
 time, and how many files each stage's outputs hold (DVC's cost after a stage follows its files).
+At the largest size it also times ``dvc add`` of the augmented images as they are (a file per
+image and copy) and of the same bytes as one file: what fewer, larger files would save.
 
     python bench/scaling.py --sizes 1000 10000 100000 --append bench/results.md
 """
@@ -16,6 +18,7 @@ time, and how many files each stage's outputs hold (DVC's cost after a stage fol
 import argparse
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
-from sweep import DvcRun, new_project, timed_dvc
+from sweep import DvcRun, env, new_project, timed_dvc
 
 from common import load_average, machine, report
 
@@ -68,23 +71,48 @@ def output_files(project: Path, stage: str) -> int:
     return sum(files_in(project / (out if isinstance(out, str) else next(iter(out)))) for out in outs)
 
 
-def one_size(root: Path, images: Path, count: int) -> tuple[DvcRun, dict[str, int]]:
-    """``dvc repro`` on ``count`` of the images in a new project under ``root``; the run and each stage's output files."""
+def one_size(root: Path, images: Path, count: int, compare_files: bool) -> tuple[DvcRun, dict[str, int], list]:
+    """``dvc repro`` on ``count`` of the images in a new project under ``root``; the run, each
+    stage's output files and (``compare_files``) ``files_or_one``'s rows on its augmented images."""
     source = images if files_in(images) == count else subset(images, count, root / f"size-{count}" / "images")
     project = new_project(root / f"size-{count}", source, None, SIDE, 1, 2, SETTINGS)
     run = timed_dvc(project, "repro")
     files = {stage: output_files(project, stage) for stage in STAGES}
+    rows = files_or_one(project / "data" / "augmented", root / "hashing") if compare_files else []
     shutil.rmtree(project.parent)  # a 100,000-image project and its DVC cache take gigabytes
-    return run, files
+    return run, files, rows
+
+
+def files_or_one(folder: Path, scratch: Path) -> list[tuple[str, str]]:
+    """What DVC takes to hash and cache the same bytes as ``folder``'s files and as one file:
+    ``dvc add`` of a copy of each, in a new git + DVC repository (DVC's default cache: copies)."""
+    scratch.mkdir()
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(command, cwd=scratch, env=env(scratch), check=True)
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    shutil.copytree(folder, scratch / "files")
+    with open(scratch / "one.bin", "wb") as out:
+        for path in paths:
+            out.write(path.read_bytes())
+    seconds = {}
+    for name in ("files", "one.bin"):
+        started = time.perf_counter()
+        subprocess.run(["dvc", "add", "-q", name], cwd=scratch, env=env(scratch), check=True)
+        seconds[name] = time.perf_counter() - started
+    mib = (scratch / "one.bin").stat().st_size / 2**20
+    shutil.rmtree(scratch)
+    return [(f"dvc add of data/augmented's {len(paths):,} files ({mib:.0f} MiB)", f"{seconds['files']:.1f} s"),
+            ("dvc add of the same bytes as one file", f"{seconds['one.bin']:.1f} s")]
 
 
 def per_thousand(seconds: float, count: int) -> str:
     return f"{1000 * seconds / count:.2f}"
 
 
-def table(runs: dict[int, tuple[DvcRun, dict[str, int]]]) -> list[tuple[str, ...]]:
+def table(runs: dict[int, tuple[DvcRun, dict[str, int], list]]) -> list[tuple[str, ...]]:
     """Rows: per stage, then DVC after it, s per 1,000 images at each size and the growth to the
-    largest; then DVC's whole time, the total, DVC's share and the output files."""
+    largest; then DVC's whole time, the total, DVC's share; then, at the largest size, ``dvc add``
+    of the augmented images as files and as one file (seconds, not per 1,000 images)."""
     sizes = sorted(runs)
     last_two = sizes[-2:]
 
@@ -104,7 +132,8 @@ def table(runs: dict[int, tuple[DvcRun, dict[str, int]]]) -> list[tuple[str, ...
     rows.append(row("dvc repro, wall", {n: runs[n][0].seconds for n in sizes}))
     rows.append(("DVC's share of the wall time", *(f"{100 * own[n] / runs[n][0].seconds:.0f} %" for n in sizes), "-"))
     rows.append(("dvc repro, wall (s)", *(f"{runs[n][0].seconds:.0f}" for n in sizes), "-"))
-    return rows
+    largest = runs[sizes[-1]][2]  # files_or_one's (name, value) rows, in the largest size's column
+    return rows + [(name, *([""] * (len(sizes) - 1)), value, "") for name, value in largest]
 
 
 def main() -> None:
@@ -119,7 +148,7 @@ def main() -> None:
     draw_images(images, max(args.sizes))
     runs = {}
     for count in sorted(args.sizes):
-        runs[count] = one_size(root, images, count)
+        runs[count] = one_size(root, images, count, compare_files=count == max(args.sizes))
         print(f"{count} images: dvc repro {runs[count][0].seconds:.0f} s, load average {load_average()}", flush=True)
     sizes = sorted(args.sizes)
     header = ("stage (seconds per 1,000 images)", *(f"{n:,} images" for n in sizes),
