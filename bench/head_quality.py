@@ -49,6 +49,7 @@ from sklearn.metrics import log_loss
 from sklearn.neighbors import NearestCentroid
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from common import REPO, add_project_arguments, machine, new_workdir, report, run_stage
 from pipeline.config import Config, load_config, override_params
@@ -182,13 +183,15 @@ def measure(row: Row, cfg: Config, split_seeds: list[int], train_seeds: list[int
     }
     seeded = ("head", "keras head (before)")
     results: dict[str, list[list[float]]] = {name: [] for name in contenders}
+    seconds = dict.fromkeys(contenders, 0.0)
     for split_seed in split_seeds:
         x, y = split_data(row, cfg.prepare.split.val, split_seed)
         for name, contender in contenders.items():
+            started = time.perf_counter()
             results[name].append([contender(x, y, seed) for seed in (train_seeds if name in seeded else [0])])
-    sizes = {split: len(labels) for split, labels in split_data(row, cfg.prepare.split.val, split_seeds[0])[1].items()}
-    print(row.name, sizes, {name: [round(statistics.mean(r), 3) for r in runs] for name, runs in results.items()},
-          flush=True)
+            seconds[name] += time.perf_counter() - started
+    print(row.name, {name: [round(statistics.mean(r), 3) for r in runs] for name, runs in results.items()},
+          {name: round(s) for name, s in seconds.items()}, flush=True)
     return results
 
 
@@ -254,9 +257,12 @@ def main() -> None:
               "nearest centroid", "head: spread over training seeds", "keras head: spread over training seeds",
               "head - logistic regression (paired)", "goal: head >= regression - 1 SE, spread <= 0.01")
     rows = []
-    for row in rows_of(flowers, generated):
-        rows.append(table_row(row, split_sizes(row, cfg, split_seeds[0]),
-                              measure(row, cfg, split_seeds, args.train_seeds)))
+    # One BLAS thread for every contender: on 2 busy cores, two threads made scikit-learn's solves
+    # several times slower (pipeline.model.linear_head does the same).
+    with threadpool_limits(1):
+        for row in rows_of(flowers, generated):
+            rows.append(table_row(row, split_sizes(row, cfg, split_seeds[0]),
+                                  measure(row, cfg, split_seeds, args.train_seeds)))
     note = (f" Features (MobileNetV2, {args.weights.name}; original images, no augmented copies) by the pipeline's "
             f"stages: flowers {len(flowers.labels)} images at 224 px in {took(flowers_seconds)}, generated "
             f"{len(generated.labels)} images at 160 px in {took(generated_seconds)}. Test accuracy, mean ± standard "

@@ -376,10 +376,12 @@ def solved_head(cfg: Config, stats: networks.Standardization, train: tuple[np.nd
             for number, step in enumerate(solution.path, 1)]
     if role.logs_to_mlflow:
         log_head_rows(rows, solution.chosen.l2)
-    unconverged = [step.l2 for step in solution.path if not step.converged]
+    unconverged = [f"{step.l2:.3g}" for step in solution.path if not step.converged]
+    edge = solution.chosen.l2 in (linear_head.L2_GRID[0], linear_head.L2_GRID[-1])
     print(f"train: head solved at {len(rows)} L2 strengths in {sum(r['seconds'] for r in rows):.2f} s, "
           f"l2={solution.chosen.l2:.3g} kept (val log loss {solution.chosen.val_loss:.4f}, "
           f"val_accuracy {solution.chosen.val_accuracy:.3f})"
+          + (", the end of the grid: the best strength may lie beyond" if edge else "")
           + (f"; L-BFGS stopped at {linear_head.MAX_ITERATIONS} iterations for l2={unconverged}" if unconverged else ""))
     return head, rows
 
