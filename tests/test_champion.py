@@ -19,10 +19,11 @@ from pipeline.config import load_config
 from pipeline.model import networks
 from pipeline.report import tracking
 
-# ResNet50 at 32 px (random weights whose features keep the colours: accuracy follows the learning
-# rate), one head epoch, 18 test images.
+# ResNet50 at 32 px (random weights whose features keep the colours), an MLP head trained by Keras
+# for one epoch (the linear head is solved to its optimum whatever the learning rate: accuracy then
+# follows the learning rate), 18 test images.
 SETTINGS = {"model.backbone": "resnet50", "model.image_size": 32, "prepare.split.test": 0.3, "train.epochs": 1,
-            "export.tflite": []}
+            "model.head.dense_units": 16, "export.tflite": []}
 # Queued in this order, the best in the middle: measured 0.444, 0.944 and 0.222 test accuracy.
 EXPERIMENTS = {"middling": ["train.learning_rate=0.0001"], "best": ["train.learning_rate=0.001"],
                "worst": ["train.learning_rate=0.0001", "train.batch_size=64"]}
