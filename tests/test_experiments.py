@@ -14,6 +14,7 @@ import requests
 from test_pipeline_e2e import free_port
 
 from conftest import SMALL_BACKBONE, input_split, project_env, run, set_params
+from pipeline.config import load_config
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -66,7 +67,8 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
         assert len(experiments) == 2
 
         mlflow.set_tracking_uri(uri)
-        runs = mlflow.search_runs(experiment_names=["images"], output_format="list")
+        experiment_name = load_config(project / "params.yaml").experiment_name  # images-<source hash>
+        runs = mlflow.search_runs(experiment_names=[experiment_name], output_format="list")
         assert {r.info.run_name for r in runs} == experiments
         assert {r.data.tags["dvc.experiment"] for r in runs} == experiments
         assert all("test_accuracy" in r.data.metrics for r in runs)
@@ -76,7 +78,7 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
         for name in experiments:
             assert name in compared
 
-        experiment = mlflow.get_experiment_by_name("images")
+        experiment = mlflow.get_experiment_by_name(experiment_name)
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         # The link `make ui` prints opens the runs table, in the UI's model-training view.
         link = run([sys.executable, "-m", "pipeline.report.tracking", uri], project, env=env).stdout.strip().splitlines()[-1]

@@ -27,6 +27,7 @@ from conftest import (
     set_params,
     stages_run,
 )
+from pipeline.config import Config, load_config
 from pipeline.paths import HISTORY
 
 CLASSES = {"red": 12, "green": 12, "blue": 12}
@@ -42,6 +43,12 @@ def trained(tmp_path_factory) -> tuple[Path, str]:
     env = {**project_env(project), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "TF_ENABLE_ONEDNN_OPTS": "on"}
     result = run(["dvc", "repro"], project, env=env)
     return project, result.stdout + result.stderr
+
+
+@pytest.fixture
+def cfg(trained) -> Config:
+    """The project's params: its MLflow experiment and registered model names (images-<hash>...)."""
+    return load_config(trained[0] / "params.yaml")
 
 
 @pytest.fixture
@@ -75,11 +82,13 @@ def test_all_stages_run_and_write_metrics(trained):
     assert shown[""]["data"]["eval/metrics.json"]["data"]["accuracy"] == metrics["accuracy"]
 
 
-def test_mlflow_run_has_params_tags_metrics_and_artifacts(trained, client):
+def test_mlflow_run_has_params_tags_metrics_and_artifacts(trained, client, cfg):
     project, _ = trained
-    runs = mlflow.search_runs(experiment_names=["images"], output_format="list")
+    assert cfg.experiment_name.startswith("images-")
+    runs = mlflow.search_runs(experiment_names=[cfg.experiment_name], output_format="list")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = runs[0]
+    assert logged.info.run_name == cfg.run_name  # a dvc repro's run: dataset and params, not a random name
     assert logged.data.params["model.backbone"] == "inception_v3"
     assert logged.data.params["prepare.split.val"] == "0.15"
     assert logged.data.tags["mlflow.source.git.commit"] is not None
@@ -87,6 +96,9 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(trained, client):
     metrics = json.loads((project / "eval" / "metrics.json").read_text())
     assert logged.data.metrics["test_accuracy"] == metrics["accuracy"]
     assert logged.data.metrics["test_macro_f1"] == metrics["macro"]["f1"]
+    assert logged.data.metrics["test_accuracy_ci95_low"] == metrics["accuracy_ci95"]["low"]
+    assert not {"test_top_k", "test_test_images"} & set(logged.data.metrics)  # counts: tags
+    assert (logged.data.tags["test_top_k"], logged.data.tags["test_images"]) == ("2", "6")
     assert [m.step for m in client.get_metric_history(logged.info.run_id, "val_accuracy")] == [1, 2, 3]
     recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
     assert recorded["run_id"] == logged.info.run_id
@@ -101,9 +113,9 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(trained, client):
     assert client.get_experiment(logged.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_mlflow_run_has_the_prepared_data_as_one_dataset_input_per_split(trained, client):
+def test_mlflow_run_has_the_prepared_data_as_one_dataset_input_per_split(trained, client, cfg):
     project, _ = trained
-    logged = mlflow.search_runs(experiment_names=["images"], output_format="list")[0]
+    logged = mlflow.search_runs(experiment_names=[cfg.experiment_name], output_format="list")[0]
     inputs = {input_split(i): i.dataset for i in logged.inputs.dataset_inputs}
     assert set(inputs) == {"train", "val", "test"}
     manifest = pd.read_csv(project / "data" / "prepared" / "manifest.csv")
@@ -114,14 +126,18 @@ def test_mlflow_run_has_the_prepared_data_as_one_dataset_input_per_split(trained
     assert len({d.digest for d in inputs.values()}) == 3
 
 
-def test_registry_has_one_name_per_model_kind_with_candidate_and_champion(trained, client):
+def test_registry_has_one_name_per_model_kind_with_candidate_and_champion(trained, client, cfg):
     project, _ = trained
     recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
-    for name, kind in [("images-classifier", "image_classifier"), ("images-classifier-keras", "model")]:
+    served = cfg.registered_model_name
+    for name, kind in [(served, "image_classifier"), (f"{served}-keras", "model")]:
         versions = client.search_model_versions(f"name='{name}'")
         assert [v.run_id for v in versions] == [recorded["run_id"]]
-        # No evaluate.min_accuracy: the evaluated version is the champion.
+        # No evaluate.min_accuracy and no champion before: the evaluated version is the champion.
         assert client.get_registered_model(name).aliases == {"candidate": 1, "champion": 1}
+        assert versions[0].tags["dvc.experiment"] == "none (dvc repro)"
+        accuracy = json.loads((project / "eval" / "metrics.json").read_text())["accuracy"]
+        assert versions[0].tags["test_accuracy"].startswith(f"{accuracy:.4f} (95 % interval ")
         assert {k: v for k, v in recorded["models"][kind].items() if k != "model_id"} == {
             "registered_model": name, "version": 1}
         assert mlflow.get_logged_model(recorded["models"][kind]["model_id"]).name == kind
@@ -135,7 +151,7 @@ def test_registry_has_one_name_per_model_kind_with_candidate_and_champion(traine
     sizes = {kind: sum(f.stat().st_size for f in logged_model_dir(model["model_id"]).rglob("*") if f.is_file())
              for kind, model in recorded["models"].items()}
     assert sizes["image_classifier"] < sizes["model"] / 100
-    config = mlflow.models.get_model_info("models:/images-classifier@champion").flavors["python_function"]["config"]
+    config = mlflow.models.get_model_info(f"models:/{served}@champion").flavors["python_function"]["config"]
     assert config == {"keras_model": f"models:/{recorded['models']['model']['model_id']}",
                       "labels": ["blue", "green", "red"]}
 
@@ -144,13 +160,13 @@ def logged_model_dir(model_id: str) -> Path:
     return Path(mlflow.get_logged_model(model_id).artifact_location.removeprefix("file://"))
 
 
-def test_registered_model_classifies_image_bytes_in_a_fresh_process(trained):
+def test_registered_model_classifies_image_bytes_in_a_fresh_process(trained, cfg):
     project, _ = trained
     image = project / "data" / "prepared" / "images" / "red"
     code = (
         "import mlflow, pandas as pd, pathlib, json;"
         f"mlflow.set_tracking_uri('sqlite:///{project / 'mlflow.db'}');"
-        "m = mlflow.pyfunc.load_model('models:/images-classifier@champion');"
+        f"m = mlflow.pyfunc.load_model('models:/{cfg.registered_model_name}@champion');"
         f"files = sorted(pathlib.Path('{image}').glob('*.jpg'))[:3];"
         "out = m.predict(pd.DataFrame({'image': [f.read_bytes() for f in files]}), params={'top_k': 2});"
         "print(json.dumps({'labels': out['label'].tolist(), 'top_k': out['top_k'].tolist()}))"
@@ -174,16 +190,16 @@ def test_keras_flavor_takes_raw_uint8_batches_of_any_size(trained):
     assert in_fresh_process(code, project.parent) == "(4, 3) True"
 
 
-def test_make_serve_serves_the_champion_with_top_k_as_a_list(trained):
+def test_make_serve_serves_the_champion_with_top_k_as_a_list(trained, cfg):
     project, _ = trained
     image = jpeg_bytes(project)
-    with model_server(project) as url:  # make serve's default model: models:/images-classifier@champion
+    with model_server(project) as url:  # make serve's default model: models:/images-<hash>-classifier@champion
         response = requests.post(f"{url}/invocations", json=image_request([image]), timeout=60)
     assert response.status_code == 200, response.text
     served = response.json()["predictions"][0]
     # The server's answer is the champion's answer for that image.
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    local = mlflow.pyfunc.load_model("models:/images-classifier/1")
+    local = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model_name}/1")
     expected = local.predict(pd.DataFrame({"image": [image]})).iloc[0]
     assert served["label"] == expected["label"]
     assert served["probability"] == pytest.approx(expected["probability"], abs=1e-5)
@@ -230,11 +246,12 @@ def test_dvc_plots_render_to_html(trained, tmp_path):
     assert any("label_issues" in p.name for p in images)
 
 
-def test_accuracy_gate_fails_the_stage_and_moves_champion_only_when_passed(trained, tmp_path):
+def test_accuracy_gate_fails_the_stage_and_moves_champion_only_when_passed(trained, tmp_path, cfg):
     project = Path(shutil.copytree(trained[0], tmp_path / "copy", symlinks=True))
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")  # the copy's own store
     client = mlflow.MlflowClient()
-    for name in ("images-classifier", "images-classifier-keras"):
+    served = cfg.registered_model_name
+    for name in (served, f"{served}-keras"):
         client.delete_registered_model_alias(name, "champion")
     # A model that always answers the first class: exactly 2 of 6 test images right.
     from pipeline.model import networks
@@ -250,12 +267,12 @@ def test_accuracy_gate_fails_the_stage_and_moves_champion_only_when_passed(train
     assert result.stderr.strip().splitlines()[-1] == (
         "error: test accuracy 0.3333 is below evaluate.min_accuracy 0.5; @champion stays where it was")
     assert json.loads((project / "eval" / "metrics.json").read_text())["accuracy"] == 0.3333
-    assert client.get_registered_model("images-classifier").aliases == {"candidate": 1}
+    assert client.get_registered_model(served).aliases == {"candidate": 1}
 
     set_params(project, **{"evaluate.min_accuracy": 0.3})
     passed = run([sys.executable, "-m", "pipeline.stages.evaluate"], project)
-    assert "evaluate: @champion is now models:/images-classifier-keras/1, models:/images-classifier/1" in passed.stdout
-    for name in ("images-classifier", "images-classifier-keras"):
+    assert f"evaluate: @champion is now models:/{served}-keras/1, models:/{served}/1" in passed.stdout
+    for name in (served, f"{served}-keras"):
         assert client.get_registered_model(name).aliases == {"candidate": 1, "champion": 1}
 
 
@@ -291,22 +308,26 @@ def test_push_then_pull_into_a_fresh_clone_runs_nothing(trained, tmp_path):
     assert fetched.read_bytes() == (project / "data" / "model" / "model.keras").read_bytes()
 
 
-def test_only_what_changed_reruns(trained, client):
+def test_only_what_changed_reruns(trained, client, cfg):
     project, _ = trained
     assert stages_run(run(["dvc", "repro"], project).stdout) == []
     set_params(project, **{"train.epochs": 2})
     # The README's quicker loop: naming evaluate leaves export out; a later repro runs only export,
     # on the probabilities of the new model that evaluate left.
-    assert stages_run(run(["dvc", "repro", "evaluate"], project).stdout) == ["train", "evaluate"]
+    evaluated = run(["dvc", "repro", "evaluate"], project).stdout
+    assert stages_run(evaluated) == ["train", "evaluate"]
     assert stages_run(run(["dvc", "repro"], project).stdout) == ["export"]
-    assert len(mlflow.search_runs(experiment_names=["images"], output_format="list")) == 2
-    # The new run's versions: the candidate, and (no gate) the champion that make serve serves.
-    assert client.get_registered_model("images-classifier").aliases == {"candidate": 2, "champion": 2}
+    assert len(mlflow.search_runs(experiment_names=[cfg.experiment_name], output_format="list")) == 2
+    # The new run's versions are the candidate; the champion only if they scored better (evaluate says which).
+    served = cfg.registered_model_name
+    moved = f"evaluate: @champion is now models:/{served}-keras/2, models:/{served}/2" in evaluated
+    assert moved or "evaluate: this run's versions stay @candidate: @champion (version 1) scores" in evaluated
+    assert client.get_registered_model(served).aliases == {"candidate": 2, "champion": 2 if moved else 1}
 
 
 def test_editing_a_module_marks_the_stages_that_run_it_as_changed(trained):
     project, _ = trained
-    module = project / "pipeline" / "images.py"  # decides every prepared pixel
+    module = project / "pipeline" / "data" / "images.py"  # decides every prepared pixel
     original = module.read_text(encoding="utf-8")
     try:
         module.write_text(original + "\n# edited\n", encoding="utf-8")
@@ -318,11 +339,15 @@ def test_editing_a_module_marks_the_stages_that_run_it_as_changed(trained):
     assert "prepare" not in json.loads(run(["dvc", "status", "--json"], project).stdout)
 
 
-def test_summary_says_what_the_run_scored_and_where_to_look(trained):
+def test_summary_says_what_the_run_scored_and_where_to_look(trained, cfg):
     project, _ = trained
     metrics = json.loads((project / "eval" / "metrics.json").read_text())
     shown = run([sys.executable, "-m", "pipeline.tools.summary"], project).stdout.splitlines()
-    assert shown[0].startswith(f"test accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro']['f1']:.3f}")
+    accuracy, f1 = metrics["accuracy_ci95"], metrics["macro_f1_ci95"]
+    assert shown[0].startswith(f"test accuracy {metrics['accuracy']:.3f} ({accuracy['low']:.3f}-{accuracy['high']:.3f}), "
+                               f"macro F1 {metrics['macro']['f1']:.3f} ({f1['low']:.3f}-{f1['high']:.3f})")
+    # 6 test images: the interval is far wider than +-5 points, and the summary says so.
+    assert shown[1].startswith("warning: 6 test images measure accuracy only to +-")
     recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
-    assert any(recorded["run_id"] in line and "experiment 'images'" in line for line in shown)
-    assert len(shown) <= 6 and all(len(line) < 200 for line in shown)
+    assert any(recorded["run_id"] in line and f"experiment '{cfg.experiment_name}'" in line for line in shown)
+    assert len(shown) <= 7 and all(len(line) < 200 for line in shown)

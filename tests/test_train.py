@@ -114,7 +114,8 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_r
                                     for p in (uninterrupted, project)))
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["images"], output_format="list", order_by=["start_time"])
+    runs = mlflow.search_runs(experiment_names=[load_config(project / "params.yaml").experiment_name],
+                              output_format="list", order_by=["start_time"])
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
     client = mlflow.MlflowClient()
     last = runs[-1].info.run_id

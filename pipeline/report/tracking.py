@@ -64,7 +64,7 @@ TRAINING_VIEW = "workflowType=machine_learning"
 # one on the same data (mlflow.champion_metric), the one make serve serves.
 CANDIDATE, CHAMPION = "candidate", "champion"
 DATA_HASH_TAG = "data.manifest_sha256"  # the prepared data (files, labels, splits): same hash, same test images
-COUNT_KEYS = ("top_k", "test_images")  # of metrics.json: counts, logged as tags test_top_k, test_images
+COUNT_TAGS = {"top_k": "test_top_k", "test_images": "test_images"}  # counts of metrics.json -> the run's tags
 CLASSES_SHOWN = 1000  # characters of class names in a version's tag and the registered model's description
 
 
@@ -267,11 +267,11 @@ def log_test_metrics(report: dict, model_ids: Sequence[str] = (), dataset: mlflo
     keys = class_keys(names)
     per_class = {key: {k: v for k, v in scores.items() if k != "support"}
                  for key, scores in zip(keys, report["per_class"].values(), strict=True)}
-    scores = {k: v for k, v in report.items() if k not in COUNT_KEYS}
+    scores = {k: v for k, v in report.items() if k not in COUNT_TAGS}
     metrics = flatten({**scores, "per_class": per_class}, separator="_", prefix="test_")
     for model_id in model_ids or [None]:  # None: the run's alone
         mlflow.log_metrics(metrics, model_id=model_id, dataset=dataset)
-    mlflow.set_tags({f"test_{key}" if key == "top_k" else key: report[key] for key in COUNT_KEYS})
+    mlflow.set_tags({tag: report[key] for key, tag in COUNT_TAGS.items()})
     mlflow.log_dict(dict(zip(keys, names, strict=True)), CLASS_KEYS_ARTIFACT)
 
 
@@ -363,8 +363,8 @@ def class_list(labels: list[str]) -> str:
 def descriptions(name: str, about: About, labels: list[str]) -> dict[str, str]:
     """The registry page of each of a run's two registered models: what it classifies, from which
     data, how to serve or load it, and why there are two (kind as in mlflow_run.json)."""
-    what = (f"Classifies photos into {len(labels)} classes ({class_list(labels)}); transfer learning on an "
-            f"ImageNet backbone, trained on the dataset {about.dataset} ({about.source}). Aliases: @champion is "
+    what = (f"Classifies photos into {len(labels)} classes ({class_list(labels)}): a new head on an image "
+            f"backbone (each version's backbone tag), trained on the dataset {about.dataset} ({about.source}). Aliases: @champion is "
             "the version `make serve` serves, the best on the test data by mlflow.champion_metric (`make promote "
             "EXP=<experiment>` picks another); @candidate is the newest trained version. Each version's tags "
             "give its test accuracy with a 95 % interval, data hash, classes, backbone and DVC experiment.")
