@@ -55,7 +55,7 @@ def store(tmp_path_factory, model_dir, model) -> tuple[str, str]:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("predict-test", artifact_location=(root / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as logged:
-        tracking.log_model(model, model_dir, "tiny")
+        tracking.log_model(model, model_dir, "tiny", tracking.About("tiny-data", "/data/tiny", "mobilenet alpha 0.25 at 32 px"))
     return uri, logged.info.run_id
 
 
