@@ -35,8 +35,9 @@ def stage(name: str, workdir: Path) -> tuple[float, float]:
     """Run one pipeline stage in ``workdir``; return its wall time and CPU time (all processes) in seconds."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_CACHE_DIR": str(workdir / "cache")}
     started, cpu = time.perf_counter(), cpu_seconds()
-    subprocess.run([sys.executable, "-m", f"pipeline.stages.{name}"], cwd=workdir, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", f"pipeline.stages.{name}"], cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL
+    )
     return time.perf_counter() - started, cpu_seconds() - cpu
 
 
@@ -74,15 +75,22 @@ def main() -> None:
     with open(workdir / "data" / "prepared" / "manifest.csv", newline="") as fh:
         sources = sum(1 for _ in csv.DictReader(fh))
     cores = os.cpu_count()
-    print(f"augment, {sources} prepared images -> {written} written ({args.copies} copies per training image), "
-          f"{cores} cores:")
+    print(
+        f"augment, {sources} prepared images -> {written} written ({args.copies} copies per training image), "
+        f"{cores} cores:"
+    )
     # CPU time shows what the machine could do when other work competes for its cores.
-    print(f"  empty render cache: {cold:.1f}s = {written / cold:.1f} images written/s ({sources / cold:.1f} "
-          f"source images/s); {cold_cpu:.1f} CPU-s = {written / cold_cpu:.1f} images per CPU-second")
+    print(
+        f"  empty render cache: {cold:.1f}s = {written / cold:.1f} images written/s ({sources / cold:.1f} "
+        f"source images/s); {cold_cpu:.1f} CPU-s = {written / cold_cpu:.1f} images per CPU-second"
+    )
     print(f"  warm render cache:  {warm:.1f}s = {written / warm:.1f} images written/s; {warm_cpu:.1f} CPU-s")
     print(f"  load average during the runs: {os.getloadavg()[0]:.1f} (on {cores} cores)")
-    print(f"reproduce: python bench/augment_throughput.py --archive {args.archive} --copies {args.copies}"
-          + (f" --image-size {args.image_size}" if args.image_size else "") + f" --workdir {workdir}")
+    print(
+        f"reproduce: python bench/augment_throughput.py --archive {args.archive} --copies {args.copies}"
+        + (f" --image-size {args.image_size}" if args.image_size else "")
+        + f" --workdir {workdir}"
+    )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,15 @@ def new_workdir(workdir: Path, archive: Path, per_class: int | None, image_size:
         sys.exit("--workdir must be outside the repository")
     workdir.mkdir(parents=True, exist_ok=True)
     write_params(workdir, archive.resolve(), copies, image_size)
-    override_params(workdir / "params.yaml", {"data.max_per_class": per_class, "train.epochs": epochs,
-                         # Exactly `epochs` epochs, as the tutorial recipe runs.
-                         "train.early_stopping_patience": None})
+    override_params(
+        workdir / "params.yaml",
+        {
+            "data.max_per_class": per_class,
+            "train.epochs": epochs,
+            # Exactly `epochs` epochs, as the tutorial recipe runs.
+            "train.early_stopping_patience": None,
+        },
+    )
     return workdir
 
 
@@ -64,16 +70,26 @@ def add_project_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def stage_env(workdir: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_CACHE_DIR": str(workdir / "cache"),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PIPELINE_CACHE_DIR": str(workdir / "cache"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+    }
 
 
 def run_stage(name: str, workdir: Path) -> StageRun:
     """Run ``python -m pipeline.<name>`` in ``workdir``, polling the RSS of its process tree
     (ProcessPoolExecutor workers included) every POLL_SECONDS."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", f"pipeline.stages.{name}"], cwd=workdir, env=stage_env(workdir),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"pipeline.stages.{name}"],
+        cwd=workdir,
+        env=stage_env(workdir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     peaks = {"sum": 0, "single": 0}
     done = threading.Event()
 
@@ -98,7 +114,9 @@ def run_stage(name: str, workdir: Path) -> StageRun:
     return StageRun(seconds, peaks["sum"] / 2**20, peaks["single"] / 2**20)
 
 
-def finish_polled(process: subprocess.Popen, poll, done: threading.Event, started: float, what: str) -> tuple[str, float]:
+def finish_polled(
+    process: subprocess.Popen, poll, done: threading.Event, started: float, what: str
+) -> tuple[str, float]:
     """Wait for ``process`` with ``poll`` (which returns once ``done`` is set) running beside it in a
     thread; its output and wall time since ``started``; exit naming ``what`` if it failed."""
     poller = threading.Thread(target=poll, daemon=True)
@@ -125,10 +143,16 @@ def machine() -> dict[str, str]:
     with open("/proc/cpuinfo") as fh:
         cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
     gpus = tf.config.list_physical_devices("GPU")
-    return {"CPU": cpu, "cores": str(os.cpu_count()), "RAM": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
-            "GPU": ", ".join(g.name for g in gpus) or "none", "TensorFlow": tf.__version__,
-            "Keras": keras.__version__, "Python": platform.python_version(),
-            "load average (1, 5, 15 min) at start": ", ".join(f"{x:.2f}" for x in os.getloadavg())}
+    return {
+        "CPU": cpu,
+        "cores": str(os.cpu_count()),
+        "RAM": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "GPU": ", ".join(g.name for g in gpus) or "none",
+        "TensorFlow": tf.__version__,
+        "Keras": keras.__version__,
+        "Python": platform.python_version(),
+        "load average (1, 5, 15 min) at start": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
 
 
 def load_average() -> str:
@@ -141,23 +165,34 @@ QUOTE = "'"
 def placeholders(command: str) -> str:
     """``command`` as results.md shows it: each absolute path (the archive, the weights, a scratch folder)
     as ``<its name>``: a reader has them elsewhere."""
-    return re.sub(r"'/[^']*'|(?<![\w<])/[^\s`'\"]+", lambda path: f"<{PurePath(path[0].strip(QUOTE)).name}>",
-                  command)
+    return re.sub(r"'/[^']*'|(?<![\w<])/[^\s`'\"]+", lambda path: f"<{PurePath(path[0].strip(QUOTE)).name}>", command)
 
 
-def section(title: str, rows: Sequence[Sequence[str]], command: str, header: Sequence[str] = ("figure", "value")) -> str:
+def section(
+    title: str, rows: Sequence[Sequence[str]], command: str, header: Sequence[str] = ("figure", "value")
+) -> str:
     """A results.md section: a table of ``rows`` under ``header``, then the command reproducing it."""
     lines = [f"## {title}", "", f"| {' | '.join(header)} |", f"|{' --- |' * len(header)}"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join([*lines, "", f"Reproduce: `{placeholders(command)}`", ""])
 
 
-def report(title: str, rows: Sequence[Sequence[str]], command: str, started: float, info: dict[str, str],
-           append: Path | None, note: str = "", header: Sequence[str] = ("figure", "value")) -> None:
+def report(
+    title: str,
+    rows: Sequence[Sequence[str]],
+    command: str,
+    started: float,
+    info: dict[str, str],
+    append: Path | None,
+    note: str = "",
+    header: Sequence[str] = ("figure", "value"),
+) -> None:
     """Print the results.md section (when and how long, the machine's load, ``note``, the table) and
     append it to ``append``."""
-    intro = (f"On {time.strftime('%Y-%m-%d')} in {(time.perf_counter() - started) / 60:.1f} min; load average "
-             f"(1, 5, 15 min) at start {info['load average (1, 5, 15 min) at start']}.{note}")
+    intro = (
+        f"On {time.strftime('%Y-%m-%d')} in {(time.perf_counter() - started) / 60:.1f} min; load average "
+        f"(1, 5, 15 min) at start {info['load average (1, 5, 15 min) at start']}.{note}"
+    )
     heading, table = section(title, rows, command, header).split("\n\n", 1)
     text = f"{heading}\n\n{intro}\n\n{table}"
     print(text)

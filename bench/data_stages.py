@@ -26,15 +26,28 @@ def run(workdir: Path) -> list[tuple[str, str]]:
     raw = sum(1 for p in (workdir / "data/raw").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     prepared = len(manifest_rows(workdir / "data/prepared/manifest.csv"))
     written = len(manifest_rows(workdir / "data/augmented/manifest.csv"))
-    rows = [("images unpacked / kept by prepare / written by augment", f"{raw} / {prepared} / {written}"),
-            ("download (unpack archive)", f"{runs['download'].seconds:.1f} s"),
-            ("prepare", (f"{runs['prepare'].seconds:.1f} s = {raw / runs['prepare'].seconds:.1f} images "
-                         "normalized/s (it normalizes every unpacked image, then caps per class)")),
-            ("augment (empty render cache)",
-             f"{runs['augment'].seconds:.1f} s = {written / runs['augment'].seconds:.1f} images written/s")]
+    rows = [
+        ("images unpacked / kept by prepare / written by augment", f"{raw} / {prepared} / {written}"),
+        ("download (unpack archive)", f"{runs['download'].seconds:.1f} s"),
+        (
+            "prepare",
+            (
+                f"{runs['prepare'].seconds:.1f} s = {raw / runs['prepare'].seconds:.1f} images "
+                "normalized/s (it normalizes every unpacked image, then caps per class)"
+            ),
+        ),
+        (
+            "augment (empty render cache)",
+            f"{runs['augment'].seconds:.1f} s = {written / runs['augment'].seconds:.1f} images written/s",
+        ),
+    ]
     for name, stage in runs.items():
-        rows.append((f"{name} peak RSS: process tree sum / largest process",
-                     f"{stage.peak_rss_mb:.0f} MiB / {stage.peak_single_rss_mb:.0f} MiB"))
+        rows.append(
+            (
+                f"{name} peak RSS: process tree sum / largest process",
+                f"{stage.peak_rss_mb:.0f} MiB / {stage.peak_single_rss_mb:.0f} MiB",
+            )
+        )
     rows.append(("load average (1 min) after", load_average()))
     return rows
 
@@ -44,8 +57,14 @@ def main() -> None:
     add_slice_arguments(parser)
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a new temporary one)")
     args = parser.parse_args()
-    workdir = new_workdir(args.workdir or Path(tempfile.mkdtemp(prefix="bench-")), args.archive, args.per_class,
-                          args.image_size, args.copies, epochs=10)
+    workdir = new_workdir(
+        args.workdir or Path(tempfile.mkdtemp(prefix="bench-")),
+        args.archive,
+        args.per_class,
+        args.image_size,
+        args.copies,
+        epochs=10,
+    )
     for name, value in run(workdir):
         print(f"{name}: {value}")
 

@@ -41,10 +41,20 @@ def prepared(workdir: Path, images: int) -> list[tuple[str, ...]]:
     data = json.loads((project / "reports/data.json").read_text())
     off = max(abs(counts["val"] / (counts["train"] + counts["val"]) - 0.15) for counts in data["per_class"].values())
     split = ", ".join(f"{name} {n}" for name, n in data["per_split"].items())
-    return [(f"{images:,}", f"{generated:.0f}", f"{download.seconds:.1f}", f"{prepare.seconds:.1f}",
-             f"{1000 * prepare.seconds / images:.2f}", f"{prepare.peak_rss_mb:.0f}", split, f"{100 * off:.2f}",
-             f"{data['near_duplicate_groups']} / {data['largest_near_duplicate_group']}",
-             f"{data['near_duplicates_not_searched']:,}")]
+    return [
+        (
+            f"{images:,}",
+            f"{generated:.0f}",
+            f"{download.seconds:.1f}",
+            f"{prepare.seconds:.1f}",
+            f"{1000 * prepare.seconds / images:.2f}",
+            f"{prepare.peak_rss_mb:.0f}",
+            split,
+            f"{100 * off:.2f}",
+            f"{data['near_duplicate_groups']} / {data['largest_near_duplicate_group']}",
+            f"{data['near_duplicates_not_searched']:,}",
+        )
+    ]
 
 
 def main() -> None:
@@ -55,12 +65,27 @@ def main() -> None:
     started, info = time.perf_counter(), machine()
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="bench-digits-"))).resolve()
     rows = [row for images in args.images for row in prepared(workdir, images)]
-    header = ("images", "generated (s)", "download (s)", "prepare (s)", "prepare s / 1,000 images",
-              "prepare peak RSS (MiB)", "splits", "worst class: val off 15 % by (points)",
-              "near-duplicate groups / largest", "not searched (crowded or flat hash)")
-    report("Prepare on low-detail images (generated 28x28 digits, given train/ and test/)", rows,
-           f"python bench/digits.py --images {' '.join(map(str, args.images))}", started, info, args.append,
-           header=header)
+    header = (
+        "images",
+        "generated (s)",
+        "download (s)",
+        "prepare (s)",
+        "prepare s / 1,000 images",
+        "prepare peak RSS (MiB)",
+        "splits",
+        "worst class: val off 15 % by (points)",
+        "near-duplicate groups / largest",
+        "not searched (crowded or flat hash)",
+    )
+    report(
+        "Prepare on low-detail images (generated 28x28 digits, given train/ and test/)",
+        rows,
+        f"python bench/digits.py --images {' '.join(map(str, args.images))}",
+        started,
+        info,
+        args.append,
+        header=header,
+    )
 
 
 if __name__ == "__main__":

@@ -64,15 +64,16 @@ def run(workdir: Path, repeats: int) -> list[tuple[str, str]]:
     with_predict = best_of(repeats, lambda: extractor.predict(pixels, batch_size=batch_size, verbose=0))
     forward = best_of(repeats, forward_only)
     n = len(paths)
-    return [("images / batch size / input size / precision",
-             f"{n} / {batch_size} / {cfg.model.input_size}px / {policy}"),
-            ("end to end (read + decode + forward, as features.py)", f"{n / e2e:.1f} images/s"),
-            ("model.predict on in-memory uint8 array", f"{n / with_predict:.1f} images/s"),
-            ("predict_on_batch loop on in-memory slices", f"{n / forward:.1f} images/s"),
-            ("efficiency: end to end / model.predict", f"{with_predict / e2e:.2f}"),
-            ("efficiency: end to end / predict_on_batch loop", f"{forward / e2e:.2f}"),
-            ("goal: end to end / model.predict >= 0.9", "met" if with_predict / e2e >= 0.9 else "NOT met"),
-            ("load average (1 min) after", load_average())]
+    return [
+        ("images / batch size / input size / precision", f"{n} / {batch_size} / {cfg.model.input_size}px / {policy}"),
+        ("end to end (read + decode + forward, as features.py)", f"{n / e2e:.1f} images/s"),
+        ("model.predict on in-memory uint8 array", f"{n / with_predict:.1f} images/s"),
+        ("predict_on_batch loop on in-memory slices", f"{n / forward:.1f} images/s"),
+        ("efficiency: end to end / model.predict", f"{with_predict / e2e:.2f}"),
+        ("efficiency: end to end / predict_on_batch loop", f"{forward / e2e:.2f}"),
+        ("goal: end to end / model.predict >= 0.9", "met" if with_predict / e2e >= 0.9 else "NOT met"),
+        ("load average (1 min) after", load_average()),
+    ]
 
 
 def main() -> None:

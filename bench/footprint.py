@@ -28,9 +28,13 @@ OUTPUTS = ("data/raw", "data/prepared", "data/augmented", "data/features", "data
 
 
 def memory_rows(run: sweep.DvcRun, prefix: str = "") -> list[tuple[str, str]]:
-    return [(f"{prefix}{name}: wall, peak RSS (process tree sum / largest process)",
-             f"{stage.seconds:.1f} s, {stage.peak_rss_mb:.0f} / {stage.peak_single_rss_mb:.0f} MiB")
-            for name, stage in run.stages.items()]
+    return [
+        (
+            f"{prefix}{name}: wall, peak RSS (process tree sum / largest process)",
+            f"{stage.seconds:.1f} s, {stage.peak_rss_mb:.0f} / {stage.peak_single_rss_mb:.0f} MiB",
+        )
+        for name, stage in run.stages.items()
+    ]
 
 
 def experiment_rows(project: Path, number: int, learning_rate: float) -> list[tuple[str, str]]:
@@ -40,20 +44,28 @@ def experiment_rows(project: Path, number: int, learning_rate: float) -> list[tu
     if sweep.stages_run(run.output) != sweep.RERUN:
         raise SystemExit(f"experiment {number} ran {sweep.stages_run(run.output)}, not {sweep.RERUN}")
     grown = sweep.growth(before, sweep.disk(project))
-    return [(f"experiment {number}: dvc exp run {' '.join(args)}, wall",
-             f"{run.seconds:.1f} s ({sweep.stage_breakdown(run)})"),
-            *memory_rows(run, "  "),
-            ("  growth (DVC cache, MLflow artifacts, MLflow database)", sweep.mib(grown))]
+    return [
+        (
+            f"experiment {number}: dvc exp run {' '.join(args)}, wall",
+            f"{run.seconds:.1f} s ({sweep.stage_breakdown(run)})",
+        ),
+        *memory_rows(run, "  "),
+        ("  growth (DVC cache, MLflow artifacts, MLflow database)", sweep.mib(grown)),
+    ]
 
 
 def run(project: Path, experiments: int) -> list[tuple[str, str]]:
     first = sweep.timed_dvc(project, "repro")
     sweep.commit(project, "baseline")
-    rows = [("first run: dvc repro, wall", f"{first.seconds:.1f} s ({sweep.stage_breakdown(first)})"),
-            *memory_rows(first),
-            ("stores after it (DVC cache, MLflow artifacts, MLflow database)", sweep.mib(sweep.disk(project))),
-            ("outputs in the workspace (MiB)",
-             ", ".join(f"{name} {sweep.size(project / name) / 2**20:.1f}" for name in OUTPUTS))]
+    rows = [
+        ("first run: dvc repro, wall", f"{first.seconds:.1f} s ({sweep.stage_breakdown(first)})"),
+        *memory_rows(first),
+        ("stores after it (DVC cache, MLflow artifacts, MLflow database)", sweep.mib(sweep.disk(project))),
+        (
+            "outputs in the workspace (MiB)",
+            ", ".join(f"{name} {sweep.size(project / name) / 2**20:.1f}" for name in OUTPUTS),
+        ),
+    ]
     for number, learning_rate in enumerate(LEARNING_RATES[:experiments], start=1):
         rows += experiment_rows(project, number, learning_rate)
     return [*rows, ("load average (1 min) after", load_average())]
@@ -66,23 +78,39 @@ def main() -> None:
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--per-class", type=int, help="data.max_per_class (default: every image)")
-    parser.add_argument("--experiments", type=int, choices=range(len(LEARNING_RATES) + 1), default=2,
-                        help="warm-loop experiments after the first run")
+    parser.add_argument(
+        "--experiments",
+        type=int,
+        choices=range(len(LEARNING_RATES) + 1),
+        default=2,
+        help="warm-loop experiments after the first run",
+    )
     add_project_arguments(parser)
     args = parser.parse_args()
     defaults = load_config(REPO / "params.yaml")
-    overrides = {"model.backbone": args.backbone, "model.weights": str(args.weights.resolve()),
-                 "train.early_stopping_patience": defaults.train.early_stopping_patience}
-    project = sweep.new_project(args.workdir or Path(tempfile.mkdtemp(prefix="footprint-")), args.archive,
-                                args.per_class, args.image_size, defaults.augment.copies, defaults.train.epochs,
-                                overrides)
+    overrides = {
+        "model.backbone": args.backbone,
+        "model.weights": str(args.weights.resolve()),
+        "train.early_stopping_patience": defaults.train.early_stopping_patience,
+    }
+    project = sweep.new_project(
+        args.workdir or Path(tempfile.mkdtemp(prefix="footprint-")),
+        args.archive,
+        args.per_class,
+        args.image_size,
+        defaults.augment.copies,
+        defaults.train.epochs,
+        overrides,
+    )
     started, info = time.perf_counter(), machine()
     rows = run(project, args.experiments)
     scope = f"at most {args.per_class} images per class" if args.per_class else "every image"
     title = f"Memory and disk per run: {args.backbone}, {args.weights.name}, {args.image_size} px, {scope}"
-    command = (f"python bench/footprint.py --archive {args.archive} --weights {args.weights} "
-               f"--backbone {args.backbone} --image-size {args.image_size} --experiments {args.experiments}"
-               + (f" --per-class {args.per_class}" if args.per_class else ""))
+    command = (
+        f"python bench/footprint.py --archive {args.archive} --weights {args.weights} "
+        f"--backbone {args.backbone} --image-size {args.image_size} --experiments {args.experiments}"
+        + (f" --per-class {args.per_class}" if args.per_class else "")
+    )
     report(title, rows, command, started, info, args.append, f" Stores: {', '.join(sweep.STORES)} (`du -sb`).")
 
 

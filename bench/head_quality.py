@@ -93,7 +93,11 @@ def generated_images(root: Path, classes: int, per_class: int, size: int = 96, s
         folder = root / f"class_{index:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            f, a, phase = frequencies * rng.uniform(0.65, 1.35, 2), angles + rng.normal(0, 0.35, 2), rng.uniform(0, 7, 2)
+            f, a, phase = (
+                frequencies * rng.uniform(0.65, 1.35, 2),
+                angles + rng.normal(0, 0.35, 2),
+                rng.uniform(0, 7, 2),
+            )
             wave = sum(np.sin(2 * np.pi * f[k] * (x * np.cos(a[k]) + y * np.sin(a[k])) + phase[k]) for k in range(2))
             mix = ((wave - wave.min()) / (np.ptp(wave) + 1e-9))[..., None]
             pixels = (colours[0] * mix + colours[1] * (1 - mix)) * rng.uniform(0.7, 1.3)
@@ -109,12 +113,20 @@ def extracted(workdir: Path, source: Path, weights: Path, image_size: int) -> tu
     seconds = None
     if not (folder / feature_store.META).is_file():
         new_workdir(workdir, source, per_class=None, image_size=image_size, copies=0, epochs=10)
-        override_params(workdir / "params.yaml", {"model.backbone": "mobilenet_v2", "model.weights": str(weights.resolve()),
-                                                  "prepare.near_duplicate_distance": 0})
+        override_params(
+            workdir / "params.yaml",
+            {
+                "model.backbone": "mobilenet_v2",
+                "model.weights": str(weights.resolve()),
+                "prepare.near_duplicate_distance": 0,
+            },
+        )
         seconds = sum(run_stage(stage, workdir).seconds for stage in ("download", "prepare", "augment", "features"))
-    return Features(np.concatenate([feature_store.features(split, folder) for split in SPLITS]),
-                    np.concatenate([feature_store.labels(split, folder) for split in SPLITS]),
-                    read_labels(folder / feature_store.LABELS)), seconds
+    return Features(
+        np.concatenate([feature_store.features(split, folder) for split in SPLITS]),
+        np.concatenate([feature_store.labels(split, folder) for split in SPLITS]),
+        read_labels(folder / feature_store.LABELS),
+    ), seconds
 
 
 def draw(labels: np.ndarray, per_class: int | None, fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -140,8 +152,10 @@ def split_data(row: Row, fraction: float, seed: int) -> tuple[dict[str, np.ndarr
         kept = kept[np.isin(features.labels, wanted)]
     labels = np.unique(features.labels[kept], return_inverse=True)[1]
     indices = draw(labels, row.per_class, fraction, seed)
-    return ({split: features.rows[kept[i]] for split, i in indices.items()},
-            {split: labels[i] for split, i in indices.items()})
+    return (
+        {split: features.rows[kept[i]] for split, i in indices.items()},
+        {split: labels[i] for split, i in indices.items()},
+    )
 
 
 def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
@@ -151,8 +165,9 @@ def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
 def our_head(cfg: Config, x: dict, y: dict, seed: int) -> float:
     keras.utils.set_random_seed(seed)  # as the train stage does; the solve takes none
     n_classes = int(y["train"].max()) + 1
-    head, _ = train.linear_head_model(cfg, networks.standardization(x["train"]), (x["train"], y["train"]),
-                                      (x["val"], y["val"]), n_classes)
+    head, _ = train.linear_head_model(
+        cfg, networks.standardization(x["train"]), (x["train"], y["train"]), (x["val"], y["val"]), n_classes
+    )
     return accuracy(head.predict(x["test"], verbose=0).argmax(axis=1), y["test"])
 
 
@@ -161,15 +176,18 @@ def keras_head(cfg: Config, x: dict, y: dict, seed: int) -> float:
 
 
 def user_logistic_regression(x: dict, y: dict) -> float:
-    fits = [make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)).fit(x["train"], y["train"])
-            for c in USER_C]
+    fits = [
+        make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)).fit(x["train"], y["train"])
+        for c in USER_C
+    ]
     best = min(fits, key=lambda fit: log_loss(y["val"], fit.predict_proba(x["val"]), labels=fit.classes_))
     return accuracy(best.predict(x["test"]), y["test"])
 
 
 def nearest_centroid(x: dict, y: dict) -> float:
-    return accuracy(make_pipeline(StandardScaler(), NearestCentroid()).fit(x["train"], y["train"]).predict(x["test"]),
-                    y["test"])
+    return accuracy(
+        make_pipeline(StandardScaler(), NearestCentroid()).fit(x["train"], y["train"]).predict(x["test"]), y["test"]
+    )
 
 
 def measure(row: Row, cfg: Config, split_seeds: list[int], train_seeds: list[int]) -> dict[str, list[list[float]]]:
@@ -190,8 +208,12 @@ def measure(row: Row, cfg: Config, split_seeds: list[int], train_seeds: list[int
             started = time.perf_counter()
             results[name].append([contender(x, y, seed) for seed in (train_seeds if name in seeded else [0])])
             seconds[name] += time.perf_counter() - started
-    print(row.name, {name: [round(statistics.mean(r), 3) for r in runs] for name, runs in results.items()},
-          {name: round(s) for name, s in seconds.items()}, flush=True)
+    print(
+        row.name,
+        {name: [round(statistics.mean(r), 3) for r in runs] for name, runs in results.items()},
+        {name: round(s) for name, s in seconds.items()},
+        flush=True,
+    )
     return results
 
 
@@ -209,19 +231,37 @@ def table_row(row: Row, sizes: str, results: dict[str, list[list[float]]]) -> tu
         means[name] = (mean, error)
         cells.append(f"{mean:.3f} ± {error:.3f} ({min(per_split):.3f}..{max(per_split):.3f})")
     spreads = {name: max(max(r) - min(r) for r in results[name]) for name in ("head", "keras head (before)")}
-    gap, gap_error = mean_and_error([statistics.mean(h) - statistics.mean(r) for h, r in
-                                     zip(results["head"], results["logistic regression"], strict=True)])
+    gap, gap_error = mean_and_error(
+        [
+            statistics.mean(h) - statistics.mean(r)
+            for h, r in zip(results["head"], results["logistic regression"], strict=True)
+        ]
+    )
     ahead = means["head"][0] >= means["logistic regression"][0] - means["logistic regression"][1]
-    return (row.name, sizes, *cells, f"{spreads['head']:.3f}", f"{spreads['keras head (before)']:.3f}",
-            f"{gap:+.3f} ± {gap_error:.3f}", "met" if ahead and spreads["head"] <= 0.01 else "NOT met")
+    return (
+        row.name,
+        sizes,
+        *cells,
+        f"{spreads['head']:.3f}",
+        f"{spreads['keras head (before)']:.3f}",
+        f"{gap:+.3f} ± {gap_error:.3f}",
+        "met" if ahead and spreads["head"] <= 0.01 else "NOT met",
+    )
 
 
 def rows_of(flowers: Features, generated: Features) -> list[Row]:
     rows = [Row(f"flowers, {n} per class" if n else "flowers, whole archive", flowers, n) for n in FLOWERS_PER_CLASS]
-    rows.append(Row(f"flowers, two classes ({', '.join(TWO_CLASSES)}), {TWO_CLASS_PER_CLASS} per class", flowers,
-                    TWO_CLASS_PER_CLASS, TWO_CLASSES))
-    rows.append(Row(f"generated, {GENERATED_CLASSES} classes, {GENERATED_PER_CLASS} per class", generated,
-                    GENERATED_PER_CLASS))
+    rows.append(
+        Row(
+            f"flowers, two classes ({', '.join(TWO_CLASSES)}), {TWO_CLASS_PER_CLASS} per class",
+            flowers,
+            TWO_CLASS_PER_CLASS,
+            TWO_CLASSES,
+        )
+    )
+    rows.append(
+        Row(f"generated, {GENERATED_CLASSES} classes, {GENERATED_PER_CLASS} per class", generated, GENERATED_PER_CLASS)
+    )
     return rows
 
 
@@ -239,8 +279,12 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, required=True, help="the flowers archive (.tgz)")
     parser.add_argument("--weights", type=Path, required=True, help="MobileNetV2 1.0 ImageNet weights, no top (.h5)")
     parser.add_argument("--split-seeds", type=int, default=5, help="draws of the split per row (seeds 0..n-1)")
-    parser.add_argument("--train-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 1],
-                        help="training seeds of the two heads, per draw (comma-separated)")
+    parser.add_argument(
+        "--train-seeds",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[42, 1],
+        help="training seeds of the two heads, per draw (comma-separated)",
+    )
     add_project_arguments(parser)
     args = parser.parse_args()
     started, info = time.perf_counter(), machine()
@@ -253,29 +297,51 @@ def main() -> None:
 
     cfg = load_config(REPO / "params.yaml")
     split_seeds = list(range(args.split_seeds))
-    header = ("data", "train / val / test images", "head", "keras head (before)", "logistic regression",
-              "nearest centroid", "head: spread over training seeds", "keras head: spread over training seeds",
-              "head - logistic regression (paired)", "goal: head >= regression - 1 SE, spread <= 0.01")
+    header = (
+        "data",
+        "train / val / test images",
+        "head",
+        "keras head (before)",
+        "logistic regression",
+        "nearest centroid",
+        "head: spread over training seeds",
+        "keras head: spread over training seeds",
+        "head - logistic regression (paired)",
+        "goal: head >= regression - 1 SE, spread <= 0.01",
+    )
     rows = []
     # One BLAS thread for every contender: on 2 busy cores, two threads made scikit-learn's solves
     # several times slower (pipeline.model.linear_head does the same).
     with threadpool_limits(1):
         for row in rows_of(flowers, generated):
-            rows.append(table_row(row, split_sizes(row, cfg, split_seeds[0]),
-                                  measure(row, cfg, split_seeds, args.train_seeds)))
-    note = (f" Features (MobileNetV2, {args.weights.name}; original images, no augmented copies) by the pipeline's "
-            f"stages: flowers {len(flowers.labels)} images at 224 px in {took(flowers_seconds)}, generated "
-            f"{len(generated.labels)} images at 160 px in {took(generated_seconds)}. Test accuracy, mean ± standard "
-            f"error over {len(split_seeds)} draws of the split (range); heads once per training seed "
-            f"({', '.join(map(str, args.train_seeds))}) on each draw; spread = the largest max - min over the training "
-            "seeds within one draw. Rows of N per class: N images per class split as prepare splits them, the "
-            "class's other images added to test. Logistic regression: StandardScaler + LogisticRegression, "
-            f"C in {USER_C} by val log loss. The Keras head: the train stage's head phase before issue 23 "
-            "(bench/head_settings.py's one_run) at params.yaml's settings.")
-    command = (f"python bench/head_quality.py --archive {args.archive} --weights {args.weights} --split-seeds "
-               f"{args.split_seeds} --train-seeds {','.join(map(str, args.train_seeds))}")
-    report("Head quality: the head vs logistic regression vs nearest centroid (issue 23)", rows, command, started,
-           info, args.append, note, header)
+            rows.append(
+                table_row(row, split_sizes(row, cfg, split_seeds[0]), measure(row, cfg, split_seeds, args.train_seeds))
+            )
+    note = (
+        f" Features (MobileNetV2, {args.weights.name}; original images, no augmented copies) by the pipeline's "
+        f"stages: flowers {len(flowers.labels)} images at 224 px in {took(flowers_seconds)}, generated "
+        f"{len(generated.labels)} images at 160 px in {took(generated_seconds)}. Test accuracy, mean ± standard "
+        f"error over {len(split_seeds)} draws of the split (range); heads once per training seed "
+        f"({', '.join(map(str, args.train_seeds))}) on each draw; spread = the largest max - min over the training "
+        "seeds within one draw. Rows of N per class: N images per class split as prepare splits them, the "
+        "class's other images added to test. Logistic regression: StandardScaler + LogisticRegression, "
+        f"C in {USER_C} by val log loss. The Keras head: the train stage's head phase before issue 23 "
+        "(bench/head_settings.py's one_run) at params.yaml's settings."
+    )
+    command = (
+        f"python bench/head_quality.py --archive {args.archive} --weights {args.weights} --split-seeds "
+        f"{args.split_seeds} --train-seeds {','.join(map(str, args.train_seeds))}"
+    )
+    report(
+        "Head quality: the head vs logistic regression vs nearest centroid (issue 23)",
+        rows,
+        command,
+        started,
+        info,
+        args.append,
+        note,
+        header,
+    )
 
 
 if __name__ == "__main__":

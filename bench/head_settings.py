@@ -56,23 +56,33 @@ def one_run(cfg: Config, features: dict, labels: dict, seed: int) -> dict:
     keras.utils.set_random_seed(seed)
     n_classes = int(labels["train"].max()) + 1
     head = networks.head(networks.standardization(features["train"]), n_classes, cfg.model.head)
-    phase = train.Phase("head", "", 0, cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate,
-                        "train.learning_rate")
+    phase = train.Phase(
+        "head", "", 0, cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate, "train.learning_rate"
+    )
     train.compile_for(head, phase, -(-len(features["train"]) // phase.batch_size), cfg)
     one_hot = {split: keras.utils.to_categorical(y, n_classes) for split, y in labels.items()}
-    history = head.fit(features["train"], one_hot["train"], validation_data=(features["val"], one_hot["val"]),
-                       epochs=phase.epochs, batch_size=phase.batch_size, verbose=0,
-                       class_weight=train.class_weights(labels["train"], n_classes, cfg.train.class_weight),
-                       callbacks=train.stopping_and_schedule(cfg))
+    history = head.fit(
+        features["train"],
+        one_hot["train"],
+        validation_data=(features["val"], one_hot["val"]),
+        epochs=phase.epochs,
+        batch_size=phase.batch_size,
+        verbose=0,
+        class_weight=train.class_weights(labels["train"], n_classes, cfg.train.class_weight),
+        callbacks=train.stopping_and_schedule(cfg),
+    )
     temperature = 1.0
     if cfg.train.temperature_scaling:
         temperature = fitted_temperature(labels["val"], head.predict(features["val"], verbose=0))
         networks.fold_temperature(head, temperature)
     test = head.predict(features["test"], verbose=0)
-    return {"accuracy": float(np.mean(test.argmax(axis=1) == labels["test"])),
-            "ece": expected_calibration_error(labels["test"], test),
-            "log_loss": log_loss(labels["test"], test, labels=range(n_classes)),
-            "temperature": temperature, "epochs": len(history.history["loss"])}
+    return {
+        "accuracy": float(np.mean(test.argmax(axis=1) == labels["test"])),
+        "ece": expected_calibration_error(labels["test"], test),
+        "log_loss": log_loss(labels["test"], test, labels=range(n_classes)),
+        "temperature": temperature,
+        "epochs": len(history.history["loss"]),
+    }
 
 
 def run(workdir: Path, seeds: list[int]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
@@ -87,9 +97,16 @@ def run(workdir: Path, seeds: list[int]) -> tuple[tuple[str, ...], list[tuple[st
         runs = [one_run(cfg, features, labels, seed) for seed in seeds]
         mean = {key: statistics.mean(r[key] for r in runs) for key in runs[0]}
         accuracies = [r["accuracy"] for r in runs]
-        rows.append((f"{name} {json.dumps(overrides) if overrides else ''}".strip(),
-                     f"{mean['accuracy']:.3f} ({min(accuracies):.3f}..{max(accuracies):.3f})", f"{mean['ece']:.3f}",
-                     f"{mean['log_loss']:.3f}", f"{mean['epochs']:.1f}", f"{mean['temperature']:.2f}"))
+        rows.append(
+            (
+                f"{name} {json.dumps(overrides) if overrides else ''}".strip(),
+                f"{mean['accuracy']:.3f} ({min(accuracies):.3f}..{max(accuracies):.3f})",
+                f"{mean['ece']:.3f}",
+                f"{mean['log_loss']:.3f}",
+                f"{mean['epochs']:.1f}",
+                f"{mean['temperature']:.2f}",
+            )
+        )
         print(rows[-1], flush=True)
     return header, rows
 
@@ -100,9 +117,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=SEEDS)
     args = parser.parse_args()
     header, rows = run(args.workdir, args.seeds)
-    print(section(f"Head settings on the features of {args.workdir}", rows,
-                  f"python bench/head_settings.py --workdir {args.workdir} --seeds {','.join(map(str, args.seeds))}",
-                  header))
+    print(
+        section(
+            f"Head settings on the features of {args.workdir}",
+            rows,
+            f"python bench/head_settings.py --workdir {args.workdir} --seeds {','.join(map(str, args.seeds))}",
+            header,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,15 +39,30 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="head epochs (at most: early stopping is on)")
     parser.add_argument("--fine-tune-blocks", type=int, default=4)
     parser.add_argument("--fine-tune-epochs", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=42, help="params.yaml's seed: the split, the head's init, the draws")
+    parser.add_argument(
+        "--seed", type=int, default=42, help="params.yaml's seed: the split, the head's init, the draws"
+    )
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a new temporary one)")
     args = parser.parse_args()
     info = machine()
-    workdir = new_project(args.workdir or Path(tempfile.mkdtemp(prefix="online-augment-")), args.archive,
-                          args.weights, args.backbone, args.per_class, args.image_size, args.epochs)
-    override_params(workdir / "params.yaml", {"seed": args.seed, "augment.mode": "online",
-                                              "train.fine_tune.blocks": args.fine_tune_blocks,
-                                              "train.fine_tune.epochs": args.fine_tune_epochs})
+    workdir = new_project(
+        args.workdir or Path(tempfile.mkdtemp(prefix="online-augment-")),
+        args.archive,
+        args.weights,
+        args.backbone,
+        args.per_class,
+        args.image_size,
+        args.epochs,
+    )
+    override_params(
+        workdir / "params.yaml",
+        {
+            "seed": args.seed,
+            "augment.mode": "online",
+            "train.fine_tune.blocks": args.fine_tune_blocks,
+            "train.fine_tune.epochs": args.fine_tune_epochs,
+        },
+    )
     for stage in ("download", "prepare", "augment", "features"):
         run_stage(stage, workdir)
     rows = []
@@ -56,16 +71,28 @@ def main() -> None:
         seconds = run_stage("train", workdir).seconds
         run_stage("evaluate", workdir)
         report = test_report(workdir)
-        rows.append((name, epochs_run(workdir), f"{report['accuracy']:.3f}", f"{report['macro_f1']:.3f}",
-                     f"{report['ece']:.3f}", f"{seconds:.0f} s"))
+        rows.append(
+            (
+                name,
+                epochs_run(workdir),
+                f"{report['accuracy']:.3f}",
+                f"{report['macro_f1']:.3f}",
+                f"{report['ece']:.3f}",
+                f"{seconds:.0f} s",
+            )
+        )
         print(rows[-1], flush=True)  # what a long run has measured, should it be cut short
     rows.append(("load average (1 min) after", load_average(), "", "", "", ""))
-    command = (f"python bench/online_augment.py --archive {args.archive} --weights {args.weights} --backbone "
-               f"{args.backbone} --per-class {args.per_class} --image-size {args.image_size} --epochs {args.epochs} "
-               f"--fine-tune-blocks {args.fine_tune_blocks} --fine-tune-epochs {args.fine_tune_epochs} "
-               f"--seed {args.seed} --workdir {workdir}")
-    title = (f"Online-only augmentation with real weights: {args.backbone}, {args.image_size} px, at most "
-             f"{args.per_class} images per class, fine-tuning the top {args.fine_tune_blocks} blocks")
+    command = (
+        f"python bench/online_augment.py --archive {args.archive} --weights {args.weights} --backbone "
+        f"{args.backbone} --per-class {args.per_class} --image-size {args.image_size} --epochs {args.epochs} "
+        f"--fine-tune-blocks {args.fine_tune_blocks} --fine-tune-epochs {args.fine_tune_epochs} "
+        f"--seed {args.seed} --workdir {workdir}"
+    )
+    title = (
+        f"Online-only augmentation with real weights: {args.backbone}, {args.image_size} px, at most "
+        f"{args.per_class} images per class, fine-tuning the top {args.fine_tune_blocks} blocks"
+    )
     header = ("augment.online", "epochs run", "test accuracy", "macro F1", "ECE", "train stage")
     print("\n".join(f"| {k} | {v} |" for k, v in info.items()))
     print("\n" + section(title, rows, command, header))

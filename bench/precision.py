@@ -31,8 +31,14 @@ def images_per_second(name: str, precision: Literal["float32", "mixed_bfloat16"]
     from pipeline.model.networks import feature_extractor
 
     keras.config.set_dtype_policy(precision)
-    params = ModelParams(backbone=name, weights="none", image_size=None, alpha=None, precision=precision,
-                         head=HeadParams(dense_units=0, dropout=0.0))
+    params = ModelParams(
+        backbone=name,
+        weights="none",
+        image_size=None,
+        alpha=None,
+        precision=precision,
+        head=HeadParams(dense_units=0, dropout=0.0),
+    )
     extractor = feature_extractor(params)
     pixels = np.random.default_rng(0).integers(0, 256, (BATCH, params.input_size, params.input_size, 3), dtype="uint8")
     extractor.predict_on_batch(pixels)  # warm-up: builds the graph
@@ -59,12 +65,34 @@ def main() -> None:
                 best[precision] = max(best[precision], images_per_second(name, precision, args.batches))
         ratio = best["mixed_bfloat16"] / best["float32"]
         picked = "mixed_bfloat16" if BACKBONES[name].cpu_bfloat16 else "float32"
-        rows.append((name, f"{BACKBONES[name].native_size} px", f"{best['float32']:.1f}",
-                     f"{best['mixed_bfloat16']:.1f}", f"{ratio:.2f}", picked, load_average()))
-    report("Backbone speed: float32 vs mixed_bfloat16 on this CPU (what model.precision: auto picks)", rows,
-           f"python bench/precision.py --batches {args.batches} --repeats {args.repeats}", started, info, args.append,
-           header=("backbone", "input", "float32 images/s", "mixed_bfloat16 images/s", "bfloat16 / float32",
-                   "auto picks (CPU with bfloat16 units)", "load (1 min) after"))
+        rows.append(
+            (
+                name,
+                f"{BACKBONES[name].native_size} px",
+                f"{best['float32']:.1f}",
+                f"{best['mixed_bfloat16']:.1f}",
+                f"{ratio:.2f}",
+                picked,
+                load_average(),
+            )
+        )
+    report(
+        "Backbone speed: float32 vs mixed_bfloat16 on this CPU (what model.precision: auto picks)",
+        rows,
+        f"python bench/precision.py --batches {args.batches} --repeats {args.repeats}",
+        started,
+        info,
+        args.append,
+        header=(
+            "backbone",
+            "input",
+            "float32 images/s",
+            "mixed_bfloat16 images/s",
+            "bfloat16 / float32",
+            "auto picks (CPU with bfloat16 units)",
+            "load (1 min) after",
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -57,11 +57,20 @@ class Result:
 
 def contenders(epochs: int, fine_tune_blocks: int, fine_tune_epochs: int) -> list[Contender]:
     head_only = {"train.epochs": epochs, "train.fine_tune.blocks": 0}
-    return [Contender("ours: head, augment.copies 0", {**head_only, "augment.copies": 0}, "train.epochs"),
-            Contender("ours: head, augment.copies 2", {**head_only, "augment.copies": 2}, "train.epochs"),
-            Contender(f"ours: head + fine-tuning the top {fine_tune_blocks} blocks (cached activations), copies 2",
-                      {"augment.copies": 2, "train.epochs": epochs, "train.fine_tune.blocks": fine_tune_blocks,
-                       "train.fine_tune.epochs": fine_tune_epochs}, "train.fine_tune.epochs")]
+    return [
+        Contender("ours: head, augment.copies 0", {**head_only, "augment.copies": 0}, "train.epochs"),
+        Contender("ours: head, augment.copies 2", {**head_only, "augment.copies": 2}, "train.epochs"),
+        Contender(
+            f"ours: head + fine-tuning the top {fine_tune_blocks} blocks (cached activations), copies 2",
+            {
+                "augment.copies": 2,
+                "train.epochs": epochs,
+                "train.fine_tune.blocks": fine_tune_blocks,
+                "train.fine_tune.epochs": fine_tune_epochs,
+            },
+            "train.fine_tune.epochs",
+        ),
+    ]
 
 
 def test_report(workdir: Path) -> dict:
@@ -86,19 +95,34 @@ def ours(workdir: Path, contender: Contender, data_seconds: dict[str, float], pr
     reached = []
     for count in sorted(c for c in probe_epochs if c < contender.overrides[contender.probe]):
         override_params(workdir / "params.yaml", {contender.probe: count})
-        reached.append((before_train + sum(run_stage(name, workdir).seconds for name in TRAIN),
-                        test_report(workdir)["accuracy"]))
+        reached.append(
+            (before_train + sum(run_stage(name, workdir).seconds for name in TRAIN), test_report(workdir)["accuracy"])
+        )
     breakdown = " + ".join(f"{name} {s:.0f}" for name, s in seconds.items())
     return Result(contender.name, epochs, report, full, breakdown, [*reached, (full, report["accuracy"])])
 
 
 def the_recipe(workdir: Path, epochs: int) -> Result:
     cfg = load_config(workdir / "params.yaml")
-    figures = recipe.run(workdir, BACKBONES[cfg.model.backbone].application, cfg.model.weights, cfg.model.input_size,
-                         epochs, cfg.train.batch_size, cfg.seed, test=True)
+    figures = recipe.run(
+        workdir,
+        BACKBONES[cfg.model.backbone].application,
+        cfg.model.weights,
+        cfg.model.input_size,
+        epochs,
+        cfg.train.batch_size,
+        cfg.seed,
+        test=True,
+    )
     reached = [(row["elapsed"], row["test_accuracy"]) for row in figures["per_epoch"]]
-    return Result("keras.io recipe (frozen backbone, augmentation layers, fit)", f"{figures['epochs']}",
-                  figures["test"], figures["total"], f"datasets + fit {figures['fit']:.0f}", reached)
+    return Result(
+        "keras.io recipe (frozen backbone, augmentation layers, fit)",
+        f"{figures['epochs']}",
+        figures["test"],
+        figures["total"],
+        f"datasets + fit {figures['fit']:.0f}",
+        reached,
+    )
 
 
 def time_to(result: Result, accuracy: float) -> str:
@@ -106,8 +130,14 @@ def time_to(result: Result, accuracy: float) -> str:
     return "not reached" if seconds is None else f"{seconds:.0f} s"
 
 
-def run(workdir: Path, epochs: int, fine_tune_blocks: int, fine_tune_epochs: int, probe_epochs: list[int],
-        thresholds: list[float]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+def run(
+    workdir: Path,
+    epochs: int,
+    fine_tune_blocks: int,
+    fine_tune_epochs: int,
+    probe_epochs: list[int],
+    thresholds: list[float],
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """Every contender in ``workdir`` (set up by ``new_project``): the table's header and rows."""
     data_seconds = {name: run_stage(name, workdir).seconds for name in ("download", "prepare")}
     results = []
@@ -116,15 +146,36 @@ def run(workdir: Path, epochs: int, fine_tune_blocks: int, fine_tune_epochs: int
         print(results[-1], flush=True)  # progress, and what a long run has measured should it be cut short
     results.append(the_recipe(workdir, epochs))
     print(results[-1], flush=True)  # with the recipe's test accuracy after each epoch
-    header = ("contender", "epochs run", "test accuracy", "macro F1", "ECE", "wall time, end to end",
-              *[f"time to test accuracy {t:.2f}" for t in thresholds], "where the time went (s)")
-    rows = [(r.name, r.epochs, f"{r.report['accuracy']:.3f}", f"{r.report['macro_f1']:.3f}", f"{r.report['ece']:.3f}",
-             f"{r.seconds:.0f} s", *[time_to(r, t) for t in thresholds], r.breakdown) for r in results]
+    header = (
+        "contender",
+        "epochs run",
+        "test accuracy",
+        "macro F1",
+        "ECE",
+        "wall time, end to end",
+        *[f"time to test accuracy {t:.2f}" for t in thresholds],
+        "where the time went (s)",
+    )
+    rows = [
+        (
+            r.name,
+            r.epochs,
+            f"{r.report['accuracy']:.3f}",
+            f"{r.report['macro_f1']:.3f}",
+            f"{r.report['ece']:.3f}",
+            f"{r.seconds:.0f} s",
+            *[time_to(r, t) for t in thresholds],
+            r.breakdown,
+        )
+        for r in results
+    ]
     _, head, tuned, tutorial = results
-    goals = [("head only (copies 2) test accuracy >= 0.91", head.report["accuracy"] >= 0.91),
-             ("fine-tuned test accuracy >= 0.94", tuned.report["accuracy"] >= 0.94),
-             ("ECE <= 0.03 (head only and fine-tuned)", max(head.report["ece"], tuned.report["ece"]) <= 0.03),
-             ("head only ahead of the recipe at equal epochs", head.report["accuracy"] > tutorial.report["accuracy"])]
+    goals = [
+        ("head only (copies 2) test accuracy >= 0.91", head.report["accuracy"] >= 0.91),
+        ("fine-tuned test accuracy >= 0.94", tuned.report["accuracy"] >= 0.94),
+        ("ECE <= 0.03 (head only and fine-tuned)", max(head.report["ece"], tuned.report["ece"]) <= 0.03),
+        ("head only ahead of the recipe at equal epochs", head.report["accuracy"] > tutorial.report["accuracy"]),
+    ]
     blank = [""] * (len(header) - 2)
     rows += [(f"goal: {goal}", "met" if met else "NOT met", *blank) for goal, met in goals]
     rows.append(("wall time, head only (copies 2) / recipe", f"{head.seconds / tutorial.seconds:.2f}", *blank))
@@ -132,13 +183,20 @@ def run(workdir: Path, epochs: int, fine_tune_blocks: int, fine_tune_epochs: int
     return header, rows
 
 
-def new_project(workdir: Path, archive: Path, weights: Path, backbone: str, per_class: int | None, image_size: int,
-                epochs: int) -> Path:
+def new_project(
+    workdir: Path, archive: Path, weights: Path, backbone: str, per_class: int | None, image_size: int, epochs: int
+) -> Path:
     """A scratch project for the slice, with the real weights and the project's training defaults."""
     workdir = new_workdir(workdir, archive, per_class, image_size, copies=2, epochs=epochs)
     defaults = load_config(REPO / "params.yaml").train
-    override_params(workdir / "params.yaml", {"model.backbone": backbone, "model.weights": str(weights.resolve()),
-                                              "train.early_stopping_patience": defaults.early_stopping_patience})
+    override_params(
+        workdir / "params.yaml",
+        {
+            "model.backbone": backbone,
+            "model.weights": str(weights.resolve()),
+            "train.early_stopping_patience": defaults.early_stopping_patience,
+        },
+    )
     return workdir
 
 
@@ -148,28 +206,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--quality-per-class", type=int, help="data.max_per_class (default: every image)")
     parser.add_argument("--quality-image-size", type=int, default=224)
-    parser.add_argument("--quality-fine-tune-blocks", type=int, default=4, help="top blocks the fine-tuned contender trains")
+    parser.add_argument(
+        "--quality-fine-tune-blocks", type=int, default=4, help="top blocks the fine-tuned contender trains"
+    )
     parser.add_argument("--quality-fine-tune-epochs", type=int, default=5, help="its fine-tuning epochs")
-    parser.add_argument("--probe-epochs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 3],
-                        help="epoch counts rerun for the time to an accuracy (comma-separated)")
+    parser.add_argument(
+        "--probe-epochs",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 3],
+        help="epoch counts rerun for the time to an accuracy (comma-separated)",
+    )
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.85, 0.90])
 
 
 def command(args: argparse.Namespace, epochs: int, workdir: Path) -> str:
     per_class = f" --quality-per-class {args.quality_per_class}" if args.quality_per_class else ""
-    return (f"python bench/quality.py --archive {args.archive} --weights {args.weights} --backbone {args.backbone}"
-            f"{per_class} --quality-image-size {args.quality_image_size} --epochs {epochs} "
-            f"--quality-fine-tune-blocks {args.quality_fine_tune_blocks} --quality-fine-tune-epochs {args.quality_fine_tune_epochs} "
-            f"--probe-epochs {','.join(map(str, args.probe_epochs))} "
-            f"--thresholds {' '.join(map(str, args.thresholds))} --workdir {workdir}")
+    return (
+        f"python bench/quality.py --archive {args.archive} --weights {args.weights} --backbone {args.backbone}"
+        f"{per_class} --quality-image-size {args.quality_image_size} --epochs {epochs} "
+        f"--quality-fine-tune-blocks {args.quality_fine_tune_blocks} --quality-fine-tune-epochs {args.quality_fine_tune_epochs} "
+        f"--probe-epochs {','.join(map(str, args.probe_epochs))} "
+        f"--thresholds {' '.join(map(str, args.thresholds))} --workdir {workdir}"
+    )
 
 
 def measure(args: argparse.Namespace, epochs: int, workdir: Path) -> str:
     """The whole measurement as a results.md section."""
-    workdir = new_project(workdir, args.archive, args.weights, args.backbone, args.quality_per_class,
-                          args.quality_image_size, epochs)
-    header, rows = run(workdir, epochs, args.quality_fine_tune_blocks, args.quality_fine_tune_epochs, args.probe_epochs,
-                       args.thresholds)
+    workdir = new_project(
+        workdir, args.archive, args.weights, args.backbone, args.quality_per_class, args.quality_image_size, epochs
+    )
+    header, rows = run(
+        workdir,
+        epochs,
+        args.quality_fine_tune_blocks,
+        args.quality_fine_tune_epochs,
+        args.probe_epochs,
+        args.thresholds,
+    )
     scope = f"at most {args.quality_per_class} images per class" if args.quality_per_class else "every image"
     title = f"Quality with real weights: {args.backbone}, {args.weights.name}, {args.quality_image_size} px, {scope}"
     return section(title, rows, command(args, epochs, workdir), header)

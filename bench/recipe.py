@@ -40,8 +40,17 @@ def split_folders(workdir: Path, splits: tuple[str, ...]) -> Path:
     return root
 
 
-def recipe(folders: Path, application: str, weights: str | None, size: int, epochs: int, batch_size: int, seed: int,
-           launched: float, test: bool) -> dict:
+def recipe(
+    folders: Path,
+    application: str,
+    weights: str | None,
+    size: int,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    launched: float,
+    test: bool,
+) -> dict:
     """Train the recipe on ``folders``/train, validating on ``folders``/val; with ``test``, the test
     accuracy after each epoch and the final test metrics (pipeline.report.metrics, as our evaluate stage)."""
     import keras
@@ -58,8 +67,14 @@ def recipe(folders: Path, application: str, weights: str | None, size: int, epoc
     preprocess = getattr(keras.applications, network.__module__.split(".")[-1]).preprocess_input
     base = network(include_top=False, weights=weights, input_shape=(size, size, 3))
     base.trainable = False
-    augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal"), keras.layers.RandomZoom(AUGMENTATION_ZOOM),
-                                     keras.layers.RandomBrightness(0.2), keras.layers.RandomContrast(0.2)])
+    augmentation = keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal"),
+            keras.layers.RandomZoom(AUGMENTATION_ZOOM),
+            keras.layers.RandomBrightness(0.2),
+            keras.layers.RandomContrast(0.2),
+        ]
+    )
     inputs = keras.Input(shape=(size, size, 3))
     x = base(preprocess(augmentation(inputs)), training=False)
     x = keras.layers.Dropout(0.2)(keras.layers.GlobalAveragePooling2D()(x))
@@ -80,31 +95,57 @@ def recipe(folders: Path, application: str, weights: str | None, size: int, epoc
             before = time.perf_counter()
             last["probabilities"] = model.predict(test_images, verbose=0)
             accuracy = float(np.mean(last["probabilities"].argmax(axis=1) == y_test))
-            per_epoch.append({"epoch": epoch + 1, "elapsed": elapsed, "val_accuracy": logs["val_accuracy"],
-                              "test_accuracy": accuracy, "test_seconds": time.perf_counter() - before})
+            per_epoch.append(
+                {
+                    "epoch": epoch + 1,
+                    "elapsed": elapsed,
+                    "val_accuracy": logs["val_accuracy"],
+                    "test_accuracy": accuracy,
+                    "test_seconds": time.perf_counter() - before,
+                }
+            )
 
-    timer = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epoch_seconds.append(time.perf_counter()),
-                                           on_epoch_end=on_epoch_end)
+    timer = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: epoch_seconds.append(time.perf_counter()), on_epoch_end=on_epoch_end
+    )
     history = model.fit(train, validation_data=val, epochs=epochs, callbacks=[timer], verbose=2)
-    result = {"fit": time.perf_counter() - started - sum(row["test_seconds"] for row in per_epoch),
-              "epoch": statistics.median(epoch_seconds[1:] or epoch_seconds),
-              "val_accuracy": history.history["val_accuracy"][-1], "epochs": len(epoch_seconds)}
+    result = {
+        "fit": time.perf_counter() - started - sum(row["test_seconds"] for row in per_epoch),
+        "epoch": statistics.median(epoch_seconds[1:] or epoch_seconds),
+        "val_accuracy": history.history["val_accuracy"][-1],
+        "epochs": len(epoch_seconds),
+    }
     if test:
         report = classification_report(y_test, last["probabilities"], train.class_names, top_k=1)
-        result |= {"per_epoch": per_epoch, "test": {k: report[k] for k in ("accuracy", "ece")} | {
-            "macro_f1": report["macro"]["f1"]}}
+        result |= {
+            "per_epoch": per_epoch,
+            "test": {k: report[k] for k in ("accuracy", "ece")} | {"macro_f1": report["macro"]["f1"]},
+        }
     return result
 
 
-def run(workdir: Path, application: str, weights: str | None, size: int, epochs: int, batch_size: int, seed: int,
-        test: bool = False) -> dict:
+def run(
+    workdir: Path,
+    application: str,
+    weights: str | None,
+    size: int,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    test: bool = False,
+) -> dict:
     """``recipe`` in a fresh Python on our split of ``workdir``; ``total``: its whole wall time,
     without the test predictions' (``fit``: from dataset creation to the end of ``fit``)."""
     folders = split_folders(workdir, ("train", "val", "test") if test else ("train", "val"))
     launched = time.time()
     settings = [str(folders), application, weights, size, epochs, batch_size, seed, launched, test]
-    result = subprocess.run([sys.executable, __file__, json.dumps(settings)], env=stage_env(workdir),
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, __file__, json.dumps(settings)],
+        env=stage_env(workdir),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode:
         sys.exit(f"the recipe failed ({result.returncode}):\n{result.stderr[-3000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])

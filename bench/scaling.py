@@ -101,8 +101,10 @@ def files_or_one(folder: Path, scratch: Path) -> list[tuple[str, str]]:
         seconds[name] = time.perf_counter() - started
     mib = (scratch / "one.bin").stat().st_size / 2**20
     shutil.rmtree(scratch)
-    return [(f"dvc add of data/augmented's {len(paths):,} files ({mib:.0f} MiB)", f"{seconds['files']:.1f} s"),
-            ("dvc add of the same bytes as one file", f"{seconds['one.bin']:.1f} s")]
+    return [
+        (f"dvc add of data/augmented's {len(paths):,} files ({mib:.0f} MiB)", f"{seconds['files']:.1f} s"),
+        ("dvc add of the same bytes as one file", f"{seconds['one.bin']:.1f} s"),
+    ]
 
 
 def per_thousand(seconds: float, count: int) -> str:
@@ -125,8 +127,9 @@ def table(runs: dict[int, tuple[DvcRun, dict[str, int], list]]) -> list[tuple[st
     for stage in STAGES:
         rows.append(row(stage, {n: runs[n][0].stages[stage].seconds for n in sizes}))
         files = " / ".join(f"{runs[n][1][stage]:,}" for n in sizes)
-        rows.append(row(f"  DVC after {stage} (its outputs: {files} files)",
-                        {n: runs[n][0].dvc_after[stage] for n in sizes}))
+        rows.append(
+            row(f"  DVC after {stage} (its outputs: {files} files)", {n: runs[n][0].dvc_after[stage] for n in sizes})
+        )
     own = {n: runs[n][0].seconds - sum(s.seconds for s in runs[n][0].stages.values()) for n in sizes}
     rows.append(row("DVC's own time, all of it (start-up included)", own))
     rows.append(row("dvc repro, wall", {n: runs[n][0].seconds for n in sizes}))
@@ -151,14 +154,27 @@ def main() -> None:
         runs[count] = one_size(root, images, count, compare_files=count == max(args.sizes))
         print(f"{count} images: dvc repro {runs[count][0].seconds:.0f} s, load average {load_average()}", flush=True)
     sizes = sorted(args.sizes)
-    header = ("stage (seconds per 1,000 images)", *(f"{n:,} images" for n in sizes),
-              f"{sizes[-2]:,} → {sizes[-1]:,}" if len(sizes) > 1 else "growth")
-    note = (f" {info['cores']} cores ({info['CPU']}), {info['RAM']}; load average (1 min) after: {load_average()}."
-            f" Generated {SIDE}x{SIDE} PNGs, {CLASSES} classes; MobileNet 0.25 at {SIDE} px, random weights,"
-            " augment.copies 1, 2 head epochs, DVC's default cache (copies).")
+    header = (
+        "stage (seconds per 1,000 images)",
+        *(f"{n:,} images" for n in sizes),
+        f"{sizes[-2]:,} → {sizes[-1]:,}" if len(sizes) > 1 else "growth",
+    )
+    note = (
+        f" {info['cores']} cores ({info['CPU']}), {info['RAM']}; load average (1 min) after: {load_average()}."
+        f" Generated {SIDE}x{SIDE} PNGs, {CLASSES} classes; MobileNet 0.25 at {SIDE} px, random weights,"
+        " augment.copies 1, 2 head epochs, DVC's default cache (copies)."
+    )
     command = f"python bench/scaling.py --sizes {' '.join(map(str, sizes))}"
-    report(f"Scaling: seconds per 1,000 images per stage, {sizes[0]:,} to {sizes[-1]:,} generated images",
-           table(runs), command, started, info, args.append, note, header)
+    report(
+        f"Scaling: seconds per 1,000 images per stage, {sizes[0]:,} to {sizes[-1]:,} generated images",
+        table(runs),
+        command,
+        started,
+        info,
+        args.append,
+        note,
+        header,
+    )
     if not args.workdir:
         shutil.rmtree(root)
 

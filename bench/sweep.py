@@ -53,8 +53,11 @@ PROJECT_FILES = ("pipeline", "dvc.yaml", ".dvcignore", ".gitignore", ".dvc/confi
 STORES = (".dvc/cache", "mlartifacts", "mlflow.db")
 RERUN = ["train", "evaluate", "export"]  # what a head setting reruns; everything before is reused
 REUSED = ["download", "prepare", "augment", "features", "label_issues"]
-GRID = {"train.learning_rate": (0.0003, 0.001, 0.003), "model.head.dropout": (0.2, 0.5),
-        "train.label_smoothing": (0.0, 0.05)}  # params.yaml: 0.001, 0.2, 0.1
+GRID = {
+    "train.learning_rate": (0.0003, 0.001, 0.003),
+    "model.head.dropout": (0.2, 0.5),
+    "train.label_smoothing": (0.0, 0.05),
+}  # params.yaml: 0.001, 0.2, 0.1
 STAGE_COMMAND = re.compile(r"-m pipeline\.stages\.(\w+)")
 POLL_SECONDS = 0.1
 QUEUE_POLL_SECONDS = 5
@@ -68,8 +71,9 @@ class DvcRun:
     dvc_after: dict[str, float]  # DVC's own time after each stage, until the next one started (or DVC ended)
 
 
-def new_project(root: Path, archive: Path, per_class: int | None, image_size: int, copies: int, epochs: int,
-                overrides: dict) -> Path:
+def new_project(
+    root: Path, archive: Path, per_class: int | None, image_size: int, copies: int, epochs: int, overrides: dict
+) -> Path:
     """``root``/project: a git + DVC project holding this repository's pipeline, params set for the slice."""
     project = new_workdir(root / "project", archive, per_class, image_size, copies, epochs)
     override_params(project / "params.yaml", overrides)
@@ -90,8 +94,12 @@ def new_project(root: Path, archive: Path, per_class: int | None, image_size: in
 def env(project: Path) -> dict[str, str]:
     """What a user has after `make setup`: the venv on PATH, MLflow's default store in the project."""
     kept = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PYTHONPATH"))}
-    return {**kept, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{kept['PATH']}", "PYTHONUNBUFFERED": "1",
-            "PIPELINE_CACHE_DIR": str(project.parent / "cache")}
+    return {
+        **kept,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{kept['PATH']}",
+        "PYTHONUNBUFFERED": "1",
+        "PIPELINE_CACHE_DIR": str(project.parent / "cache"),
+    }
 
 
 def dvc(project: Path, *args: str) -> str:
@@ -132,8 +140,9 @@ def timed_dvc(project: Path, *args: str) -> DvcRun:
     """Run ``dvc args``, polling its process tree every POLL_SECONDS: each stage's wall time (first
     to last sight of its process) and peak RSS (sum over its processes, and the largest one)."""
     started = time.perf_counter()
-    process = subprocess.Popen(["dvc", *args], cwd=project, env=env(project), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        ["dvc", *args], cwd=project, env=env(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     seen: dict[str, list[float]] = {}  # stage: first sight, last sight, peak sum, peak single (bytes)
     done = threading.Event()
 
@@ -151,8 +160,10 @@ def timed_dvc(project: Path, *args: str) -> DvcRun:
             done.wait(POLL_SECONDS)
 
     output, seconds = finish_polled(process, poll, done, started, f"dvc {' '.join(args)}")
-    stages = {name: StageRun(last - first, total / 2**20, single / 2**20) for name, (first, last, total, single)
-              in seen.items()}
+    stages = {
+        name: StageRun(last - first, total / 2**20, single / 2**20)
+        for name, (first, last, total, single) in seen.items()
+    }
     starts = [first for first, *_ in seen.values()][1:] + [started + seconds]
     dvc_after = {name: start - last for (name, (_, last, *_)), start in zip(seen.items(), starts, strict=True)}
     return DvcRun(seconds, stages, output, dvc_after)
@@ -213,32 +224,48 @@ def features_hashes(project: Path) -> tuple[str, dict[str, str]]:
     """From `dvc exp show`: the data/features hash of the baseline commit, and of each experiment on it."""
     _, baseline = json.loads(dvc(project, "exp", "show", "--json"))  # the workspace, then HEAD
     revs = [rev for experiment in baseline.get("experiments") or [] for rev in experiment["revs"]]
-    return (baseline["data"]["deps"]["data/features"]["hash"],
-            {rev["name"]: rev["data"]["deps"]["data/features"]["hash"] for rev in revs})
+    return (
+        baseline["data"]["deps"]["data/features"]["hash"],
+        {rev["name"]: rev["data"]["deps"]["data/features"]["hash"] for rev in revs},
+    )
 
 
 def check_reuse(project: Path, names: list[str]) -> list[tuple[str, str]]:
     """Each queued experiment skipped the stages before train (unchanged) and ran train, evaluate and
     export only, on the baseline's features."""
     logs = {name: dvc(project, "queue", "logs", name) for name in names}
-    wrong = {name: (stages_run(log), re.findall(r"Stage '(\w+)' didn't change, skipping", log))
-             for name, log in logs.items()}
+    wrong = {
+        name: (stages_run(log), re.findall(r"Stage '(\w+)' didn't change, skipping", log)) for name, log in logs.items()
+    }
     wrong = {name: found for name, found in wrong.items() if found != (RERUN, REUSED)}
     baseline, hashes = features_hashes(project)
     other = {name: hashes.get(name) for name in names if hashes.get(name) != baseline}
     if wrong or other:
         sys.exit(f"the sweep did not reuse the features: (stages run, skipped) {wrong}, other features {other}")
-    return [("stages each queued experiment ran (from `dvc queue logs`)",
-             f"{' → '.join(RERUN)} in all {len(names)}; {', '.join(REUSED)}: \"didn't change, skipping\""),
-            ("data/features each experiment used (from `dvc exp show`)",
-             f"the baseline's ({baseline[:8]}) in all {len(names)}")]
+    return [
+        (
+            "stages each queued experiment ran (from `dvc queue logs`)",
+            f'{" → ".join(RERUN)} in all {len(names)}; {", ".join(REUSED)}: "didn\'t change, skipping"',
+        ),
+        (
+            "data/features each experiment used (from `dvc exp show`)",
+            f"the baseline's ({baseline[:8]}) in all {len(names)}",
+        ),
+    ]
 
 
 def recipe_seconds(project: Path, epochs: int) -> float:
     cfg = load_config(project / "params.yaml")
     weights = None if cfg.model.weights == "none" else cfg.model.weights
-    return recipe.run(project, BACKBONES[cfg.model.backbone].application, weights, cfg.model.input_size, epochs,
-                      cfg.train.batch_size, cfg.seed)["total"]
+    return recipe.run(
+        project,
+        BACKBONES[cfg.model.backbone].application,
+        weights,
+        cfg.model.input_size,
+        epochs,
+        cfg.train.batch_size,
+        cfg.seed,
+    )["total"]
 
 
 def stage_breakdown(run: DvcRun) -> str:
@@ -250,8 +277,10 @@ def run(project: Path, epochs: int, recipe_figure: float | None) -> list[tuple[s
     first = timed_dvc(project, "repro")
     commit(project, "baseline")
     baseline = disk(project)
-    rows = [("first run: dvc repro, wall", f"{first.seconds:.1f} s ({stage_breakdown(first)})"),
-            ("stores after it (DVC cache, MLflow artifacts, MLflow database)", mib(baseline))]
+    rows = [
+        ("first run: dvc repro, wall", f"{first.seconds:.1f} s ({stage_breakdown(first)})"),
+        ("stores after it (DVC cache, MLflow artifacts, MLflow database)", mib(baseline)),
+    ]
     grid = settings()
     started = time.perf_counter()
     for overrides in grid:
@@ -263,15 +292,22 @@ def run(project: Path, epochs: int, recipe_figure: float | None) -> list[tuple[s
     total, whole = queued + ran, growth(before, disk(project))
     mine = recipe_figure or recipe_seconds(project, epochs)
     grid_text = " x ".join(f"{key} {list(values)}" for key, values in GRID.items())
-    rows += [(f"sweep: {len(grid)} queued experiments ({grid_text}), wall",
-              f"{total:.0f} s (queueing {queued:.0f} s + dvc queue start -j 1 until done {ran:.0f} s) = "
-              f"{total / len(grid):.1f} s per experiment"),
-             (f"recipe: {len(grid)} runs (one run timed{'' if recipe_figure is None else ' earlier'}, x {len(grid)}: "
-              "extrapolated)", f"{len(grid) * mine:.0f} s ({mine:.1f} s per run)"),
-             (f"speed-up, sweep (recipe x {len(grid)} / ours)", f"{len(grid) * mine / total:.1f}x"),
-             (f"stores' growth over the {len(grid)} experiments", mib(whole)),
-             ("stores' growth per experiment (mean)", mib({name: whole[name] // len(grid) for name in STORES})),
-             ("load average (1 min) after", load_average())]
+    rows += [
+        (
+            f"sweep: {len(grid)} queued experiments ({grid_text}), wall",
+            f"{total:.0f} s (queueing {queued:.0f} s + dvc queue start -j 1 until done {ran:.0f} s) = "
+            f"{total / len(grid):.1f} s per experiment",
+        ),
+        (
+            f"recipe: {len(grid)} runs (one run timed{'' if recipe_figure is None else ' earlier'}, x {len(grid)}: "
+            "extrapolated)",
+            f"{len(grid) * mine:.0f} s ({mine:.1f} s per run)",
+        ),
+        (f"speed-up, sweep (recipe x {len(grid)} / ours)", f"{len(grid) * mine / total:.1f}x"),
+        (f"stores' growth over the {len(grid)} experiments", mib(whole)),
+        ("stores' growth per experiment (mean)", mib({name: whole[name] // len(grid) for name in STORES})),
+        ("load average (1 min) after", load_average()),
+    ]
     return rows
 
 
@@ -280,20 +316,28 @@ def main() -> None:
     add_slice_arguments(parser)
     parser.add_argument("--epochs", type=int, default=10, help="head epochs, both recipes")
     parser.add_argument("--backbone", default="inception_v3")
-    parser.add_argument("--recipe-seconds", type=float,
-                        help="the recipe's wall time at these settings, measured earlier (default: run it once)")
+    parser.add_argument(
+        "--recipe-seconds",
+        type=float,
+        help="the recipe's wall time at these settings, measured earlier (default: run it once)",
+    )
     add_project_arguments(parser)
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="sweep-"))
-    project = new_project(root, args.archive, args.per_class, args.image_size, args.copies, args.epochs,
-                          {"model.backbone": args.backbone})
+    project = new_project(
+        root, args.archive, args.per_class, args.image_size, args.copies, args.epochs, {"model.backbone": args.backbone}
+    )
     started, info = time.perf_counter(), machine()
     rows = run(project, args.epochs, args.recipe_seconds)
-    command = (f"python bench/sweep.py --archive {args.archive} --per-class {args.per_class} --image-size "
-               f"{args.image_size} --copies {args.copies} --epochs {args.epochs} --backbone {args.backbone}"
-               + (f" --recipe-seconds {args.recipe_seconds}" if args.recipe_seconds else ""))
-    title = (f"A {len(settings())}-point sweep of queued DVC experiments vs the keras.io recipe ({args.backbone}, "
-             f"{args.image_size} px, {args.per_class} per class, {args.epochs} epochs, model.weights=none)")
+    command = (
+        f"python bench/sweep.py --archive {args.archive} --per-class {args.per_class} --image-size "
+        f"{args.image_size} --copies {args.copies} --epochs {args.epochs} --backbone {args.backbone}"
+        + (f" --recipe-seconds {args.recipe_seconds}" if args.recipe_seconds else "")
+    )
+    title = (
+        f"A {len(settings())}-point sweep of queued DVC experiments vs the keras.io recipe ({args.backbone}, "
+        f"{args.image_size} px, {args.per_class} per class, {args.epochs} epochs, model.weights=none)"
+    )
     report(title, rows, command, started, info, args.append)
 
 

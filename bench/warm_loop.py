@@ -36,15 +36,18 @@ def run(project: Path, loops: int) -> list[tuple[str, str]]:
     commit(project, "baseline")
     rows = [("first run: dvc repro, wall", f"{first.seconds:.1f} s ({stage_breakdown(first)})")]
     rates = iter(LEARNING_RATES)
-    for name, target, expected in (("dvc exp run -S train.learning_rate=…", [], RERUN),
-                                   ("dvc exp run -S train.learning_rate=… evaluate", ["evaluate"], RERUN[:2])):
+    for name, target, expected in (
+        ("dvc exp run -S train.learning_rate=…", [], RERUN),
+        ("dvc exp run -S train.learning_rate=… evaluate", ["evaluate"], RERUN[:2]),
+    ):
         seconds = []
         for _ in range(loops):
             overrides = {"train.learning_rate": next(rates)}
             wall, breakdown = loop(project, overrides, target, expected)
             seconds.append(wall)
-            rows.append((f"{name.replace('…', str(overrides['train.learning_rate']))}, wall",
-                         f"{wall:.1f} s ({breakdown})"))
+            rows.append(
+                (f"{name.replace('…', str(overrides['train.learning_rate']))}, wall", f"{wall:.1f} s ({breakdown})")
+            )
         rows.append((f"{name}: median of {loops}", f"{statistics.median(seconds):.1f} s"))
     rows.append(("load average (1 min) after", load_average()))
     return rows
@@ -62,15 +65,26 @@ def main() -> None:
     if not 1 <= args.loops <= len(LEARNING_RATES) // 2:
         parser.error(f"--loops must be 1..{len(LEARNING_RATES) // 2}")
     root = args.workdir or Path(tempfile.mkdtemp(prefix="warm-"))
-    project = new_project(root, args.archive, args.per_class, args.image_size, args.copies, args.epochs,
-                          {"model.backbone": args.backbone, "model.weights": args.weights})
+    project = new_project(
+        root,
+        args.archive,
+        args.per_class,
+        args.image_size,
+        args.copies,
+        args.epochs,
+        {"model.backbone": args.backbone, "model.weights": args.weights},
+    )
     started, info = time.perf_counter(), machine()
     rows = run(project, args.loops)
-    command = (f"python bench/warm_loop.py --archive {args.archive} --per-class {args.per_class} --image-size "
-               f"{args.image_size} --copies {args.copies} --epochs {args.epochs} --backbone {args.backbone} "
-               f"--weights {args.weights} --loops {args.loops}")
-    title = (f"Warm loop ({args.backbone}, {args.image_size} px, {args.per_class} per class, {args.epochs} epochs, "
-             f"model.weights={Path(args.weights).name})")
+    command = (
+        f"python bench/warm_loop.py --archive {args.archive} --per-class {args.per_class} --image-size "
+        f"{args.image_size} --copies {args.copies} --epochs {args.epochs} --backbone {args.backbone} "
+        f"--weights {args.weights} --loops {args.loops}"
+    )
+    title = (
+        f"Warm loop ({args.backbone}, {args.image_size} px, {args.per_class} per class, {args.epochs} epochs, "
+        f"model.weights={Path(args.weights).name})"
+    )
     report(title, rows, command, started, info, args.append)
 
 

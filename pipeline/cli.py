@@ -122,9 +122,11 @@ def run_stage(main: Callable[[], None]) -> None:
         if sys.argv[1:] in (["-h"], ["--help"]):
             print(inspect.cleandoc(sys.modules[main.__module__].__doc__ or ""))
             sys.exit(0)
-        print(f"error: the stage takes no arguments (got {' '.join(sys.argv[1:])}): its settings are in "
-              "params.yaml (`dvc exp run -S key=value` for one run); --help says what it reads and writes",
-              file=sys.stderr)
+        print(
+            f"error: the stage takes no arguments (got {' '.join(sys.argv[1:])}): its settings are in "
+            "params.yaml (`dvc exp run -S key=value` for one run); --help says what it reads and writes",
+            file=sys.stderr,
+        )
         sys.exit(2)
     die_with_parent()
     sweep_outputs()
@@ -144,8 +146,11 @@ def run_stage(main: Callable[[], None]) -> None:
             raise
         target = err.filename2 or err.filename  # a copy's error names its source first
         where = f" writing {target}" if target else ""
-        print(f"error: {STORAGE_ERRORS[err.errno]}{where}: free space or fix permissions and rerun; "
-              "nothing half-written was left", file=sys.stderr)
+        print(
+            f"error: {STORAGE_ERRORS[err.errno]}{where}: free space or fix permissions and rerun; "
+            "nothing half-written was left",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -46,29 +46,50 @@ class Section(BaseModel):
 class DataParams(Section):
     """Where the images come from and how the download stage treats them ([Data](data.md))."""
 
-    url: str = Field(min_length=1, description=(
-        "Where the images come from: an http(s):// or file:// URL of an archive, a local archive "
-        f"({', '.join(ARCHIVE_SUFFIXES)}: recognised by content), or a local folder (copied into data/raw). "
-        "Inside: one folder per class, or split folders train/, val/ (valid/, validation/), test/ of class "
-        "folders, or any files `labels` names ([layouts](data.md#layouts))."))
-    sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$", description=(
-        "Expected sha256 of the archive; null = not checked (the computed hash goes to "
-        "reports/download.json, which dvc.lock pins)."))
-    max_per_class: Annotated[int, Field(gt=0)] | None = Field(description=(
-        "null = every image; an integer keeps at most that many images per class (quick runs)."))
-    max_files: Annotated[int, Field(gt=0)] = Field(description=(
-        "Refuse archives holding more files than this (archive bombs)."))
-    max_bytes: Annotated[int, Field(gt=0)] = Field(description=(
-        "Refuse downloads of, and archives unpacking to, more bytes than this (zip and tar bombs), counted as "
-        "they arrive and as they are written; a partial download over it is deleted."))
-    max_seconds: Annotated[float, Field(gt=0)] = Field(description=(
-        "Give a download up after this many seconds, all tries together (a trickling server); the partial "
-        "file is kept, so a rerun resumes it."))
-    labels: str | None = Field(min_length=1, description=(
-        "null = labels from folders; or the path of a CSV table `path,label[,split]` (paths relative to the "
-        "source): then only the files it lists are used ([labels table](data.md#labels-table))."))
-    class_depth: Annotated[int, Field(ge=1, le=16)] = Field(description=(
-        "Folder levels that make the label: 1 = the top folder (`dogs`), 2 = two levels (`dogs/husky`)."))
+    url: str = Field(
+        min_length=1,
+        description=(
+            "Where the images come from: an http(s):// or file:// URL of an archive, a local archive "
+            f"({', '.join(ARCHIVE_SUFFIXES)}: recognised by content), or a local folder (copied into data/raw). "
+            "Inside: one folder per class, or split folders train/, val/ (valid/, validation/), test/ of class "
+            "folders, or any files `labels` names ([layouts](data.md#layouts))."
+        ),
+    )
+    sha256: str | None = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description=(
+            "Expected sha256 of the archive; null = not checked (the computed hash goes to "
+            "reports/download.json, which dvc.lock pins)."
+        ),
+    )
+    max_per_class: Annotated[int, Field(gt=0)] | None = Field(
+        description=("null = every image; an integer keeps at most that many images per class (quick runs).")
+    )
+    max_files: Annotated[int, Field(gt=0)] = Field(
+        description=("Refuse archives holding more files than this (archive bombs).")
+    )
+    max_bytes: Annotated[int, Field(gt=0)] = Field(
+        description=(
+            "Refuse downloads of, and archives unpacking to, more bytes than this (zip and tar bombs), counted as "
+            "they arrive and as they are written; a partial download over it is deleted."
+        )
+    )
+    max_seconds: Annotated[float, Field(gt=0)] = Field(
+        description=(
+            "Give a download up after this many seconds, all tries together (a trickling server); the partial "
+            "file is kept, so a rerun resumes it."
+        )
+    )
+    labels: str | None = Field(
+        min_length=1,
+        description=(
+            "null = labels from folders; or the path of a CSV table `path,label[,split]` (paths relative to the "
+            "source): then only the files it lists are used ([labels table](data.md#labels-table))."
+        ),
+    )
+    class_depth: Annotated[int, Field(ge=1, le=16)] = Field(
+        description=("Folder levels that make the label: 1 = the top folder (`dogs`), 2 = two levels (`dogs/husky`).")
+    )
 
 
 class SplitParams(Section):
@@ -88,32 +109,47 @@ class PrepareParams(Section):
     """Decoding, quarantine, duplicates and the split ([Data](data.md))."""
 
     split: SplitParams
-    max_side: Annotated[int, Field(ge=32)] = Field(description=(
-        "Prepared images are re-encoded as JPEG with their shorter side at most this many pixels, so the "
-        "model's central square keeps that resolution; keep it at least model.image_size."))
-    min_side: Annotated[int, Field(ge=1)] = Field(description=(
-        "Images whose shorter side is below this many pixels are quarantined."))
-    max_aspect_ratio: Annotated[float, Field(ge=1)] = Field(description=(
-        "Images whose longer side is more than this many times the shorter are quarantined: the model sees "
-        "a photo's central square (pipeline/data/images.py model_input); the model server crops them all the same."))
-    max_pixels: Annotated[int, Field(gt=0, le=MAX_MEGAPIXELS * 1_000_000)] = Field(description=(
-        "Images of more pixels than this (width x height, read from the file's header: decompression bombs are "
-        "never decoded) are quarantined; at most what the model server decodes (50 megapixels), so every test "
-        "image can be served."))
-    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] | None = Field(description=(
-        "Images whose perceptual hashes (64 bits) differ in at most this many bits and whose 32x32 grey "
-        "thumbnails correlate >= 0.95 are near-duplicates and go to the same split (0 = identical hashes only; "
-        "null = none, near-copies may straddle splits)."))
+    max_side: Annotated[int, Field(ge=32)] = Field(
+        description=(
+            "Prepared images are re-encoded as JPEG with their shorter side at most this many pixels, so the "
+            "model's central square keeps that resolution; keep it at least model.image_size."
+        )
+    )
+    min_side: Annotated[int, Field(ge=1)] = Field(
+        description=("Images whose shorter side is below this many pixels are quarantined.")
+    )
+    max_aspect_ratio: Annotated[float, Field(ge=1)] = Field(
+        description=(
+            "Images whose longer side is more than this many times the shorter are quarantined: the model sees "
+            "a photo's central square (pipeline/data/images.py model_input); the model server crops them all the same."
+        )
+    )
+    max_pixels: Annotated[int, Field(gt=0, le=MAX_MEGAPIXELS * 1_000_000)] = Field(
+        description=(
+            "Images of more pixels than this (width x height, read from the file's header: decompression bombs are "
+            "never decoded) are quarantined; at most what the model server decodes (50 megapixels), so every test "
+            "image can be served."
+        )
+    )
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] | None = Field(
+        description=(
+            "Images whose perceptual hashes (64 bits) differ in at most this many bits and whose 32x32 grey "
+            "thumbnails correlate >= 0.95 are near-duplicates and go to the same split (0 = identical hashes only; "
+            "null = none, near-copies may straddle splits)."
+        )
+    )
 
 
 class HeadParams(Section):
     """The new classifier on the pooled backbone features (pipeline.model.networks.head); changing it
     reuses the cached features."""
 
-    dense_units: Annotated[int, Field(ge=0)] = Field(description=(
-        "0 = softmax right on the features; N = one extra ReLU layer of N units first."))
-    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(description=(
-        "Dropout rate before the softmax layer, in Keras training (an MLP head, fine-tuning)."))
+    dense_units: Annotated[int, Field(ge=0)] = Field(
+        description=("0 = softmax right on the features; N = one extra ReLU layer of N units first.")
+    )
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(
+        description=("Dropout rate before the softmax layer, in Keras training (an MLP head, fine-tuning).")
+    )
 
 
 # The largest model.image_size: over 3 times every backbone's native size (224-300 px), which is
@@ -126,21 +162,34 @@ class ModelParams(Section):
     """The pretrained backbone and the new head ([Training](training.md))."""
 
     backbone: BackboneName = Field(description="The pretrained network, frozen at first ([Backbones](#backbones)).")
-    weights: str = Field(min_length=1, description=(
-        "`imagenet` (downloaded once by Keras, hash-checked, cached), `none` (random init: only for testing "
-        "the plumbing), or the path of a Keras weights file of the backbone without its top "
-        "([your own weights file](training.md#weights))."))
-    image_size: Annotated[int, Field(gt=0)] | None = Field(description=(
-        "Input side in pixels; null = the backbone's native size. At least the backbone's minimum, at most "
-        f"{MAX_IMAGE_SIZE} ([Backbones](#backbones))."))
-    alpha: float | None = Field(description=(
-        "Width multiplier: one of the backbone's widths ([Backbones](#backbones)); null = its default. "
-        "Backbones without widths take null only."))
-    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = Field(description=(
-        "Compute dtype of the backbone (features and fine-tuning); the weights, the head and the exported "
-        "model stay float32. `auto`: mixed_float16 on a GPU; on CPUs with bfloat16 units (Intel AMX, "
-        "AVX512-BF16) mixed_bfloat16 for the backbones it speeds up (the bfloat16 column of "
-        "[Backbones](#backbones)); float32 otherwise."))
+    weights: str = Field(
+        min_length=1,
+        description=(
+            "`imagenet` (downloaded once by Keras, hash-checked, cached), `none` (random init: only for testing "
+            "the plumbing), or the path of a Keras weights file of the backbone without its top "
+            "([your own weights file](training.md#weights))."
+        ),
+    )
+    image_size: Annotated[int, Field(gt=0)] | None = Field(
+        description=(
+            "Input side in pixels; null = the backbone's native size. At least the backbone's minimum, at most "
+            f"{MAX_IMAGE_SIZE} ([Backbones](#backbones))."
+        )
+    )
+    alpha: float | None = Field(
+        description=(
+            "Width multiplier: one of the backbone's widths ([Backbones](#backbones)); null = its default. "
+            "Backbones without widths take null only."
+        )
+    )
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = Field(
+        description=(
+            "Compute dtype of the backbone (features and fine-tuning); the weights, the head and the exported "
+            "model stay float32. `auto`: mixed_float16 on a GPU; on CPUs with bfloat16 units (Intel AMX, "
+            "AVX512-BF16) mixed_bfloat16 for the backbones it speeds up (the bfloat16 column of "
+            "[Backbones](#backbones)); float32 otherwise."
+        )
+    )
     head: HeadParams
 
     @field_validator("weights")
@@ -156,8 +205,10 @@ class ModelParams(Section):
         if self.image_size is not None and self.image_size < minimum:
             raise ValueError(f"image_size {self.image_size} is below {self.backbone}'s minimum of {minimum}")
         if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
-            raise ValueError(f"image_size {self.image_size} is above the largest size, {MAX_IMAGE_SIZE} (ImageNet "
-                             f"backbones are trained at 224-300 px; memory grows with the square of the side): lower it")
+            raise ValueError(
+                f"image_size {self.image_size} is above the largest size, {MAX_IMAGE_SIZE} (ImageNet "
+                f"backbones are trained at 224-300 px; memory grows with the square of the side): lower it"
+            )
         return self
 
     @model_validator(mode="after")
@@ -167,7 +218,9 @@ class ModelParams(Section):
             raise ValueError(f"alpha {self.alpha}: {self.backbone} has no width multiplier; set alpha to null")
         if self.alpha is not None and self.alpha not in alphas:
             allowed = ", ".join(str(a) for a in sorted(alphas))
-            raise ValueError(f"alpha {self.alpha} is not one of {self.backbone}'s widths ({allowed}; null = {alphas[0]})")
+            raise ValueError(
+                f"alpha {self.alpha} is not one of {self.backbone}'s widths ({allowed}; null = {alphas[0]})"
+            )
         return self
 
     @property
@@ -199,22 +252,35 @@ class OnlineOnlyParams(Section):
     Off by default; only with mode online or both, where fine-tuning on the images runs them after the
     steps above."""
 
-    rand_augment_ops: Annotated[int, Field(ge=0, le=11)] = Field(description=(  # RandAugment has 11 operations
-        "keras.layers.RandAugment: this many of its 11 operations (rotate, shear, solarize, equalize...), "
-        "drawn per batch; 0 = off."))
-    rand_augment_factor: Annotated[float, Field(gt=0, le=1)] = Field(description=(
-        "Their strength: each draws its magnitude in [0, factor], in one direction only (Keras 3.15)."))
-    mix: Literal["none", "mixup", "cutmix"] = Field(description=(
-        "`mixup` blends two images, `cutmix` pastes a box of one into another, their labels mixed alike; "
-        "`none` = off."))
-    mix_alpha: Annotated[float, Field(gt=0)] = Field(description=(
-        "The share of the first image ~ Beta(alpha, alpha); MixUp's paper used 0.2 on ImageNet, CutMix's 1.0."))
+    rand_augment_ops: Annotated[int, Field(ge=0, le=11)] = Field(
+        description=(  # RandAugment has 11 operations
+            "keras.layers.RandAugment: this many of its 11 operations (rotate, shear, solarize, equalize...), "
+            "drawn per batch; 0 = off."
+        )
+    )
+    rand_augment_factor: Annotated[float, Field(gt=0, le=1)] = Field(
+        description=("Their strength: each draws its magnitude in [0, factor], in one direction only (Keras 3.15).")
+    )
+    mix: Literal["none", "mixup", "cutmix"] = Field(
+        description=(
+            "`mixup` blends two images, `cutmix` pastes a box of one into another, their labels mixed alike; "
+            "`none` = off."
+        )
+    )
+    mix_alpha: Annotated[float, Field(gt=0)] = Field(
+        description=(
+            "The share of the first image ~ Beta(alpha, alpha); MixUp's paper used 0.2 on ImageNet, CutMix's 1.0."
+        )
+    )
 
     @property
     def enabled(self) -> list[str]:
         """The options that are on, as ``name=value``, for messages."""
-        return [f"{name}={value}" for name, value in (("rand_augment_ops", self.rand_augment_ops), ("mix", self.mix))
-                if value not in (0, "none")]
+        return [
+            f"{name}={value}"
+            for name, value in (("rand_augment_ops", self.rand_augment_ops), ("mix", self.mix))
+            if value not in (0, "none")
+        ]
 
 
 class AugmentParams(Section):
@@ -222,28 +288,44 @@ class AugmentParams(Section):
     its steps in the order below; a step whose value is 0 is off. Validation and test images are never
     augmented ([Augmentation](augmentation.md))."""
 
-    mode: Literal["offline", "online", "both"] = Field(description=(
-        "`offline`: the augment stage writes `copies` variants per training image; `online`: it writes only "
-        "the resized originals and fine-tuning augments each batch; `both`: variants on disk and online "
-        "augmentation on top."))
-    copies: Annotated[int, Field(ge=0, le=100)] = Field(description=(
-        "Random variants written per training image besides its resized original (unused when online)."))
-    crop_scale: tuple[AreaFraction, AreaFraction] = Field(strict=False, description=(  # YAML lists become tuples
-        "Random resized crop: the crop's area as a fraction of the image's, uniform in [min, max]."))
-    crop_ratio: tuple[AspectRatio, AspectRatio] = Field(strict=False, description=(
-        "... and its aspect ratio (width / height), log-uniform in [min, max]."))
+    mode: Literal["offline", "online", "both"] = Field(
+        description=(
+            "`offline`: the augment stage writes `copies` variants per training image; `online`: it writes only "
+            "the resized originals and fine-tuning augments each batch; `both`: variants on disk and online "
+            "augmentation on top."
+        )
+    )
+    copies: Annotated[int, Field(ge=0, le=100)] = Field(
+        description=("Random variants written per training image besides its resized original (unused when online).")
+    )
+    crop_scale: tuple[AreaFraction, AreaFraction] = Field(
+        strict=False,
+        description=(  # YAML lists become tuples
+            "Random resized crop: the crop's area as a fraction of the image's, uniform in [min, max]."
+        ),
+    )
+    crop_ratio: tuple[AspectRatio, AspectRatio] = Field(
+        strict=False, description=("... and its aspect ratio (width / height), log-uniform in [min, max].")
+    )
     hflip: Probability = Field(description="Probability of a horizontal (left-right) flip.")
     vflip: Probability = Field(description="Probability of a vertical (upside-down) flip.")
-    brightness: Annotated[float, Field(ge=0, le=1)] = Field(description=(
-        "Add a random offset in [-b, b] x 255 to every pixel."))
-    contrast: Annotated[float, Field(ge=0, le=1)] = Field(description=(
-        "Scale each pixel's distance from the image mean by a random factor in [1-c, 1+c]."))
-    saturation: Annotated[float, Field(ge=0, le=1)] = Field(description=(
-        "Scale colour saturation by a random factor in [1-s, 1+s]."))
-    hue: Annotated[float, Field(ge=0, le=0.5)] = Field(description=(
-        "Turn the hue by a random fraction of the colour wheel in [-h, h]."))
-    pca_std: Annotated[float, Field(ge=0, le=1)] = Field(description=(
-        "AlexNet lighting: add ImageNet's RGB principal components, weighted by N(0, pca_std) x eigenvalue."))
+    brightness: Annotated[float, Field(ge=0, le=1)] = Field(
+        description=("Add a random offset in [-b, b] x 255 to every pixel.")
+    )
+    contrast: Annotated[float, Field(ge=0, le=1)] = Field(
+        description=("Scale each pixel's distance from the image mean by a random factor in [1-c, 1+c].")
+    )
+    saturation: Annotated[float, Field(ge=0, le=1)] = Field(
+        description=("Scale colour saturation by a random factor in [1-s, 1+s].")
+    )
+    hue: Annotated[float, Field(ge=0, le=0.5)] = Field(
+        description=("Turn the hue by a random fraction of the colour wheel in [-h, h].")
+    )
+    pca_std: Annotated[float, Field(ge=0, le=1)] = Field(
+        description=(
+            "AlexNet lighting: add ImageNet's RGB principal components, weighted by N(0, pca_std) x eigenvalue."
+        )
+    )
     online: OnlineOnlyParams
 
     @model_validator(mode="after")
@@ -257,9 +339,11 @@ class AugmentParams(Section):
     @model_validator(mode="after")
     def _online_only_with_online_mode(self) -> "AugmentParams":
         if self.mode == "offline" and self.online.enabled:
-            raise ValueError(f"online.{self.online.enabled[0]} runs only in the training graph, which mode offline "
-                             "leaves out (its variants are fixed files, and mixing labels needs the batch): "
-                             "set mode to online or both, or turn it off")
+            raise ValueError(
+                f"online.{self.online.enabled[0]} runs only in the training graph, which mode offline "
+                "leaves out (its variants are fixed files, and mixing labels needs the batch): "
+                "set mode to online or both, or turn it off"
+            )
         return self
 
     @property
@@ -271,20 +355,30 @@ class AugmentParams(Section):
 class FineTuneParams(Section):
     """Phase 2: unfreeze the top of the backbone and train it with the head on images."""
 
-    blocks: Annotated[int, Field(ge=0)] = Field(description=(
-        "Top blocks of the backbone to unfreeze (each backbone's blocks: [Backbones](#backbones)); "
-        "0 = no phase 2."))
-    layers: Annotated[int, Field(ge=0)] = Field(description=(
-        "Or: top layers to unfreeze, counted like Keras's `model.layers` (set blocks or layers, not both)."))
+    blocks: Annotated[int, Field(ge=0)] = Field(
+        description=(
+            "Top blocks of the backbone to unfreeze (each backbone's blocks: [Backbones](#backbones)); 0 = no phase 2."
+        )
+    )
+    layers: Annotated[int, Field(ge=0)] = Field(
+        description=(
+            "Or: top layers to unfreeze, counted like Keras's `model.layers` (set blocks or layers, not both)."
+        )
+    )
     epochs: Annotated[int, Field(gt=0)] = Field(description="Fine-tuning epochs, after the head's.")
-    batch_size: Annotated[int, Field(gt=0)] = Field(description=(
-        "Per replica; images through the whole backbone need far more memory than features."))
-    learning_rate: Annotated[float, Field(gt=0)] = Field(description=(
-        "Adam's, for phase 2: below phase 1's, so the pretrained weights move only a little."))
-    cache_activations: bool = Field(description=(
-        "With `blocks` and augment.mode offline, the frozen prefix's output for each image never changes: "
-        "the features stage stores it (16-bit) and fine-tuning runs only the unfrozen top. false = run the "
-        "whole backbone ([activation cache](training.md#activation-cache))."))
+    batch_size: Annotated[int, Field(gt=0)] = Field(
+        description=("Per replica; images through the whole backbone need far more memory than features.")
+    )
+    learning_rate: Annotated[float, Field(gt=0)] = Field(
+        description=("Adam's, for phase 2: below phase 1's, so the pretrained weights move only a little.")
+    )
+    cache_activations: bool = Field(
+        description=(
+            "With `blocks` and augment.mode offline, the frozen prefix's output for each image never changes: "
+            "the features stage stores it (16-bit) and fine-tuning runs only the unfrozen top. false = run the "
+            "whole backbone ([activation cache](training.md#activation-cache))."
+        )
+    )
 
     @model_validator(mode="after")
     def _one_way_to_count(self) -> "FineTuneParams":
@@ -302,43 +396,64 @@ class TrainParams(Section):
     `class_weight` and `temperature_scaling`, an MLP head trains with Keras and reads them all; phase 2
     (`fine_tune`) optionally trains the top of the backbone too ([Training](training.md))."""
 
-    epochs: Annotated[int, Field(gt=0)] = Field(description=(
-        "MLP head epochs (at most: early stopping may end the phase sooner)."))
-    batch_size: Annotated[int, Field(gt=0)] = Field(description=(
-        "Per replica: with several GPUs the global batch is this times their number."))
+    epochs: Annotated[int, Field(gt=0)] = Field(
+        description=("MLP head epochs (at most: early stopping may end the phase sooner).")
+    )
+    batch_size: Annotated[int, Field(gt=0)] = Field(
+        description=("Per replica: with several GPUs the global batch is this times their number.")
+    )
     learning_rate: Annotated[float, Field(gt=0)] = Field(description="Adam's, for an MLP head.")
-    lr_schedule: Literal["constant", "cosine", "plateau"] = Field(description=(
-        "`constant`; `cosine` (to 0 over the phase); `plateau` (x0.2 after 2 epochs without val_loss progress)."))
-    early_stopping_patience: Annotated[int, Field(gt=0)] | None = Field(description=(
-        "Stop a phase after this many epochs without val_loss progress and keep its best epoch; null = off."))
-    class_weight: Literal["auto", "none"] = Field(description=(
-        "`auto`: weight each class by n / (classes x its count); `none`: equal weights."))
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = Field(description=(
-        "Soften the one-hot targets by this much in Keras training (an MLP head, fine-tuning); 0 = hard targets."))
-    temperature_scaling: bool = Field(description=(
-        "After training, divide the logits by one temperature fitted on the val split: calibrated "
-        "probabilities, the same predicted classes."))
+    lr_schedule: Literal["constant", "cosine", "plateau"] = Field(
+        description=(
+            "`constant`; `cosine` (to 0 over the phase); `plateau` (x0.2 after 2 epochs without val_loss progress)."
+        )
+    )
+    early_stopping_patience: Annotated[int, Field(gt=0)] | None = Field(
+        description=(
+            "Stop a phase after this many epochs without val_loss progress and keep its best epoch; null = off."
+        )
+    )
+    class_weight: Literal["auto", "none"] = Field(
+        description=("`auto`: weight each class by n / (classes x its count); `none`: equal weights.")
+    )
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = Field(
+        description=(
+            "Soften the one-hot targets by this much in Keras training (an MLP head, fine-tuning); 0 = hard targets."
+        )
+    )
+    temperature_scaling: bool = Field(
+        description=(
+            "After training, divide the logits by one temperature fitted on the val split: calibrated "
+            "probabilities, the same predicted classes."
+        )
+    )
     fine_tune: FineTuneParams
 
 
 class EvaluateParams(Section):
     """Scoring the exported model on the test split ([Evaluation](evaluation.md))."""
 
-    top_k: Annotated[int, Field(ge=1)] = Field(description=(
-        "Also report top-k accuracy (k capped at the number of classes)."))
-    min_accuracy: Annotated[float, Field(ge=0, le=1)] | None = Field(description=(
-        "null = off; e.g. 0.85 makes the evaluate stage fail below that test accuracy (a CI gate)."))
+    top_k: Annotated[int, Field(ge=1)] = Field(
+        description=("Also report top-k accuracy (k capped at the number of classes).")
+    )
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        description=("null = off; e.g. 0.85 makes the evaluate stage fail below that test accuracy (a CI gate).")
+    )
 
 
 class LabelIssuesParams(Section):
     """The label_issues stage: held-out probabilities by k-fold, then confident learning
     ([Label issues](evaluation.md#label-issues))."""
 
-    folds: Annotated[int, Field(ge=2)] = Field(description=(
-        "k of the k-fold (at most the smallest class's image count)."))
-    max_fit_images: Annotated[int, Field(ge=1)] = Field(description=(
-        "Past this many images, each fold's model trains on a stratified sample of this many (the summary "
-        "line says so); every image is still scored."))
+    folds: Annotated[int, Field(ge=2)] = Field(
+        description=("k of the k-fold (at most the smallest class's image count).")
+    )
+    max_fit_images: Annotated[int, Field(ge=1)] = Field(
+        description=(
+            "Past this many images, each fold's model trains on a stratified sample of this many (the summary "
+            "line says so); every image is still scored."
+        )
+    )
     gallery: Annotated[int, Field(ge=0)] = Field(description="Top suspects drawn in reports/label_issues.png.")
 
 
@@ -359,9 +474,13 @@ class ExportParams(Section):
     """The export stage writes data/export/saved_model and one TFLite file per variant, then checks each
     against the Keras model on the test images ([Export](inference.md#export))."""
 
-    tflite: tuple[TfliteVariant, ...] = Field(strict=False, description=(  # YAML lists become tuples
-        "TFLite variants: `float32`; `float16` (weights as float16: half the size); `dynamic_range` (weights "
-        "as int8: a quarter). The last two need trained weights, and how well they hold depends on the backbone."))
+    tflite: tuple[TfliteVariant, ...] = Field(
+        strict=False,
+        description=(  # YAML lists become tuples
+            "TFLite variants: `float32`; `float16` (weights as float16: half the size); `dynamic_range` (weights "
+            "as int8: a quarter). The last two need trained weights, and how well they hold depends on the backbone."
+        ),
+    )
     tolerance: ToleranceParams
 
     @field_validator("tflite")
@@ -379,23 +498,35 @@ CHAMPION_METRICS = {"accuracy": True, "macro_f1": True, "log_loss": False, "ece"
 class MlflowParams(Section):
     """Where runs and models go in MLflow ([MLflow](mlflow.md))."""
 
-    experiment_name: str | None = Field(min_length=1, description=(
-        "null = <dataset>-<source hash>: the dataset's name, from data.url (flower_photos.tgz -> "
-        "flower_photos), and 6 hex digits of data.url (no credentials, query values masked): flower_photos-b28381."))
-    registered_model_name: str | None = Field(min_length=1, description=(
-        "null = <dataset>-<source hash>-classifier (the Keras flavor: <name>-keras)."))
+    experiment_name: str | None = Field(
+        min_length=1,
+        description=(
+            "null = <dataset>-<source hash>: the dataset's name, from data.url (flower_photos.tgz -> "
+            "flower_photos), and 6 hex digits of data.url (no credentials, query values masked): flower_photos-b28381."
+        ),
+    )
+    registered_model_name: str | None = Field(
+        min_length=1, description=("null = <dataset>-<source hash>-classifier (the Keras flavor: <name>-keras).")
+    )
     register_model: bool = Field(description="false = log the model with the run without registering it.")
-    system_metrics: bool = Field(description=(
-        "false = no system/* metrics (CPU, memory, disk, network, GPU) in the run."))
-    champion_metric: Literal[tuple(CHAMPION_METRICS)] = Field(description=(  # type: ignore[valid-type]
-        "The test metric a new model must beat the current @champion's by, on the same prepared data, to "
-        "take the alias (ties: log loss); otherwise it stays @candidate."))
+    system_metrics: bool = Field(
+        description=("false = no system/* metrics (CPU, memory, disk, network, GPU) in the run.")
+    )
+    champion_metric: Literal[tuple(CHAMPION_METRICS)] = Field(  # type: ignore[valid-type]
+        description=(
+            "The test metric a new model must beat the current @champion's by, on the same prepared data, to "
+            "take the alias (ties: log loss); otherwise it stays @candidate."
+        )
+    )
 
 
 class Config(Section):
-    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] = Field(description=(
-        "One seed for splitting, augmentation and training: same seed and inputs, same split, same augmented "
-        "files and, on a CPU, the same model."))
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] = Field(
+        description=(
+            "One seed for splitting, augmentation and training: same seed and inputs, same split, same augmented "
+            "files and, on a CPU, the same model."
+        )
+    )
     data: DataParams
     prepare: PrepareParams
     model: ModelParams
@@ -410,8 +541,10 @@ class Config(Section):
     def _fine_tune_blocks_exist(self) -> "Config":
         blocks, asked = len(self.model.spec.blocks), self.train.fine_tune.blocks
         if asked > blocks:
-            raise ValueError(f"train.fine_tune.blocks={asked}, but {self.model.backbone} has {blocks} blocks "
-                             f"(docs/params.md: Backbones); use at most {blocks}")
+            raise ValueError(
+                f"train.fine_tune.blocks={asked}, but {self.model.backbone} has {blocks} blocks "
+                f"(docs/params.md: Backbones); use at most {blocks}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -419,10 +552,12 @@ class Config(Section):
         # The head phase trains on cached features of fixed images; only fine-tuning sees the images.
         # (mode both without it still trains on the offline variants.)
         if self.augment.mode == "online" and not self.train.fine_tune.enabled:
-            raise ValueError("augment.mode=online: the online layers run only while fine-tuning (the head phase "
-                             "trains on cached features of fixed images), which train.fine_tune leaves off, so "
-                             "nothing would be augmented: set train.fine_tune.blocks (or layers) above 0, or "
-                             "augment.mode to offline or both")
+            raise ValueError(
+                "augment.mode=online: the online layers run only while fine-tuning (the head phase "
+                "trains on cached features of fixed images), which train.fine_tune leaves off, so "
+                "nothing would be augmented: set train.fine_tune.blocks (or layers) above 0, or "
+                "augment.mode to offline or both"
+            )
         return self
 
     @property
@@ -551,8 +686,10 @@ class NoAliasLoader(yaml.SafeLoader):
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
-            raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed: write the value out",
-                                       problem_mark=self.peek_event().start_mark)
+            raise yaml.MarkedYAMLError(
+                problem="aliases (*name) are not allowed: write the value out",
+                problem_mark=self.peek_event().start_mark,
+            )
         return super().compose_node(parent, index)
 
 

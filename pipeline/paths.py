@@ -33,10 +33,33 @@ MODEL_FILE = MODEL_DIR / "model.keras"
 MODEL_LABELS = MODEL_DIR / "labels.json"
 MLFLOW_RUN_FILE = MODEL_DIR / "mlflow_run.json"  # the MLflow run that made the model (train writes, evaluate reopens)
 # The folders stages write into (temporaries of a killed stage are left there: files.sweep_outputs).
-OUTPUT_FOLDERS = tuple(sorted({path.parent for path in (
-    RAW_DIR, DOWNLOAD_REPORT, PREPARED_DIR, DATA_REPORT, AUGMENTED_DIR, AUGMENT_GALLERY, FEATURES_DIR,
-    LABEL_ISSUES_REPORT, LABEL_ISSUES_GALLERY, MODEL_DIR, METRICS, PREDICTIONS, PLOTS_DIR, TEST_PROBABILITIES,
-    EXPORT_DIR, EXPORT_REPORT, HISTORY, MLFLOW_RUN_FILE)}))
+OUTPUT_FOLDERS = tuple(
+    sorted(
+        {
+            path.parent
+            for path in (
+                RAW_DIR,
+                DOWNLOAD_REPORT,
+                PREPARED_DIR,
+                DATA_REPORT,
+                AUGMENTED_DIR,
+                AUGMENT_GALLERY,
+                FEATURES_DIR,
+                LABEL_ISSUES_REPORT,
+                LABEL_ISSUES_GALLERY,
+                MODEL_DIR,
+                METRICS,
+                PREDICTIONS,
+                PLOTS_DIR,
+                TEST_PROBABILITIES,
+                EXPORT_DIR,
+                EXPORT_REPORT,
+                HISTORY,
+                MLFLOW_RUN_FILE,
+            )
+        }
+    )
+)
 # The data.labels table as the download stage copies it: paths relative to RAW_DIR; hidden, so never an image.
 LABELS_TABLE = RAW_DIR / ".labels.csv"
 LABELS_COLUMNS = ("path", "label", "split")  # split is optional

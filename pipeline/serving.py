@@ -114,8 +114,10 @@ def request_image_input(data: bytes | str, index: int, size: int) -> np.ndarray:
     def not_too_large(image: Image.Image) -> None:  # read from the header, before decoding
         width, height = image.size
         if width * height > MAX_MEGAPIXELS * 1_000_000:
-            raise Refused(f"image {index} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
-                          f"this server decodes at most {MAX_MEGAPIXELS} megapixels per image: send it smaller")
+            raise Refused(
+                f"image {index} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
+                f"this server decodes at most {MAX_MEGAPIXELS} megapixels per image: send it smaller"
+            )
 
     try:
         raw = base64.b64decode(data, validate=True) if isinstance(data, str) else data
@@ -123,8 +125,10 @@ def request_image_input(data: bytes | str, index: int, size: int) -> np.ndarray:
     except Refused:
         raise
     except Image.UnidentifiedImageError:
-        raise Refused(f"image {index} is not in a format this model reads ({', '.join(FORMATS)}): send the "
-                      "image file's bytes, base64-encoded in JSON") from None
+        raise Refused(
+            f"image {index} is not in a format this model reads ({', '.join(FORMATS)}): send the "
+            "image file's bytes, base64-encoded in JSON"
+        ) from None
     except Exception as err:  # bad base64; Pillow raises many types for damaged files
         raise Refused(f"image {index} cannot be decoded ({error_summary(err)})") from None
 
@@ -172,10 +176,13 @@ class ImageClassifier(PythonModel):
                 probabilities = self.model.predict_on_batch(pixels[np.newaxis])[0]
             except Exception as err:  # the scoring server would send the traceback to the client
                 log.exception("image %d: the prediction failed", index)
-                raise ServedError(f"image {index}: the prediction failed ({type(err).__name__}); "
-                                  "the server's log has the details", error_code=INTERNAL_ERROR) from None
-        ranked = [{"label": label, "probability": round(p, 6)}
-                  for label, p in top_labels(probabilities, self.labels, top_k)]  # at most every class
+                raise ServedError(
+                    f"image {index}: the prediction failed ({type(err).__name__}); the server's log has the details",
+                    error_code=INTERNAL_ERROR,
+                ) from None
+        ranked = [
+            {"label": label, "probability": round(p, 6)} for label, p in top_labels(probabilities, self.labels, top_k)
+        ]  # at most every class
         return {"label": ranked[0]["label"], "probability": ranked[0]["probability"], "top_k": ranked}
 
 

@@ -25,8 +25,16 @@ from pipeline.config import override_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # real weights and data, in a folder beside the clone (docs/development.md)
-PROJECT_FILES = ["pipeline", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "Makefile", "requirements.lock",
-                 "pyproject.toml"]
+PROJECT_FILES = [
+    "pipeline",
+    "params.yaml",
+    "dvc.yaml",
+    ".dvcignore",
+    ".dvc/config",
+    "Makefile",
+    "requirements.lock",
+    "pyproject.toml",
+]
 # The smallest real backbone (MobileNet 0.25 at 32 px: 0.2 M weights, 1 MB files, against Inception
 # v3's 22 M and 90 MB at new_project's 75 px), for tests about the pipeline around the model.
 SMALL_BACKBONE = {"model.backbone": "mobilenet", "model.alpha": 0.25, "model.image_size": 32}
@@ -73,16 +81,29 @@ def digit(label: int, rng: np.random.Generator) -> Image.Image:
     side = 112  # drawn at 4x, then reduced: anti-aliased edges, as in MNIST
     canvas = Image.new("L", (side, side), 0)
     font = ImageFont.load_default(size=int(rng.integers(52, 80)))
-    ImageDraw.Draw(canvas).text((side / 2 + rng.normal(0, 4), side / 2 + rng.normal(0, 4)), str(label), fill=255,
-                                font=font, anchor="mm", stroke_width=int(rng.integers(0, 6)), stroke_fill=255)
+    ImageDraw.Draw(canvas).text(
+        (side / 2 + rng.normal(0, 4), side / 2 + rng.normal(0, 4)),
+        str(label),
+        fill=255,
+        font=font,
+        anchor="mm",
+        stroke_width=int(rng.integers(0, 6)),
+        stroke_fill=255,
+    )
     canvas = canvas.rotate(rng.normal(0, 12), resample=Image.Resampling.BILINEAR)
     shear = rng.normal(0, 0.2)
-    canvas = canvas.transform(canvas.size, Image.Transform.AFFINE,
-                              (1, shear, -side / 2 * shear, 0, 1 + rng.normal(0, 0.08), 0), Image.Resampling.BILINEAR)
+    canvas = canvas.transform(
+        canvas.size,
+        Image.Transform.AFFINE,
+        (1, shear, -side / 2 * shear, 0, 1 + rng.normal(0, 0.08), 0),
+        Image.Resampling.BILINEAR,
+    )
     glyph = ImageOps.contain(canvas.crop(canvas.getbbox() or (0, 0, side, side)), (80, 80))
     out = Image.new("L", (side, side), 0)
-    out.paste(glyph, ((side - glyph.width) // 2 + int(rng.integers(-6, 7)),
-                      (side - glyph.height) // 2 + int(rng.integers(-6, 7))))
+    out.paste(
+        glyph,
+        ((side - glyph.width) // 2 + int(rng.integers(-6, 7)), (side - glyph.height) // 2 + int(rng.integers(-6, 7))),
+    )
     return out.resize((28, 28), Image.Resampling.LANCZOS)
 
 
@@ -126,11 +147,21 @@ def start_two_workers(stage: str, chief: Path, worker: Path) -> list[subprocess.
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     processes = []
     for index, project in enumerate((chief, worker)):
-        env = {**project_env(project), "TF_CONFIG": json.dumps({"cluster": cluster,
-                                                                "task": {"type": "worker", "index": index}})}
-        processes.append(subprocess.Popen([sys.executable, "-m", f"pipeline.stages.{stage}"], cwd=project, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          start_new_session=True))
+        env = {
+            **project_env(project),
+            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", f"pipeline.stages.{stage}"],
+                cwd=project,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
     return processes
 
 
@@ -141,19 +172,23 @@ def finished(processes: list[subprocess.Popen], timeout: float = 600) -> list[su
     finally:
         for process in processes:
             process.kill()
-    return [subprocess.CompletedProcess(process.args, process.returncode, out, err)
-            for process, (out, err) in zip(processes, outputs, strict=True)]
+    return [
+        subprocess.CompletedProcess(process.args, process.returncode, out, err)
+        for process, (out, err) in zip(processes, outputs, strict=True)
+    ]
 
 
 def on_two_cpus(stage: str) -> list[str]:
     """The command running ``python -m pipeline.<stage>`` with the CPU split into two logical
     devices: pipeline.model.devices then mirrors over them, as it would over two GPUs."""
-    script = ("import tensorflow as tf\n"
-              "cpu = tf.config.list_physical_devices('CPU')[0]\n"
-              "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
-              "from pipeline.cli import run_stage\n"
-              f"from pipeline.stages.{stage} import main\n"
-              "run_stage(main)\n")
+    script = (
+        "import tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from pipeline.cli import run_stage\n"
+        f"from pipeline.stages.{stage} import main\n"
+        "run_stage(main)\n"
+    )
     return [sys.executable, "-c", script]
 
 
@@ -170,9 +205,15 @@ def model_server(project: Path, model_uri: str | None = None) -> Iterator[str]:
     port = free_port()
     env = {**project_env(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     model = {"MODEL": model_uri} if model_uri else {}
-    server = subprocess.Popen(make("serve", SERVE_PORT=str(port), **model), cwd=project, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)  # make, the server and its workers: one process group
+    server = subprocess.Popen(
+        make("serve", SERVE_PORT=str(port), **model),
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # make, the server and its workers: one process group
     try:
         deadline = time.time() + 180
         while True:
@@ -213,14 +254,17 @@ def new_project(root: Path, images: Path) -> Path:
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)
     run(["git", "config", "user.name", "test"], root)
-    set_params(root, **{
-        "data.url": str(images),
-        "model.weights": "none",
-        "model.image_size": 75,
-        "augment.copies": 1,
-        "train.epochs": 3,
-        "train.batch_size": 8,
-    })
+    set_params(
+        root,
+        **{
+            "data.url": str(images),
+            "model.weights": "none",
+            "model.image_size": 75,
+            "augment.copies": 1,
+            "train.epochs": 3,
+            "train.batch_size": 8,
+        },
+    )
     return root
 
 

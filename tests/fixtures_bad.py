@@ -91,8 +91,9 @@ def huge_png_header(path: Path, side: int = 100_000) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def float_tiff(path: Path, values: np.ndarray) -> None:
@@ -123,15 +124,27 @@ def _icc(device: bytes, space: bytes, pcs: bytes, tags: dict[str, bytes]) -> byt
         body += b"\0" * (-len(body) % 4)
         table += signature.encode() + struct.pack(">II", start + len(data), len(body))
         data += body
-    header = (struct.pack(">I4sI", start + len(data), b"", 0x02100000) + device + space + pcs + b"\0" * 12
-              + b"acsp" + b"\0" * 28 + b"".join(_s15(v) for v in D50) + b"\0" * 48)
+    header = (
+        struct.pack(">I4sI", start + len(data), b"", 0x02100000)
+        + device
+        + space
+        + pcs
+        + b"\0" * 12
+        + b"acsp"
+        + b"\0" * 28
+        + b"".join(_s15(v) for v in D50)
+        + b"\0" * 48
+    )
     return header + struct.pack(">I", len(tags)) + table + data
 
 
 def _common_tags(name: str) -> dict[str, bytes]:
     text = name.encode() + b"\0"
-    return {"desc": b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 78,
-            "cprt": b"text\0\0\0\0none\0", "wtpt": _xyz(D50)}
+    return {
+        "desc": b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 78,
+        "cprt": b"text\0\0\0\0none\0",
+        "wtpt": _xyz(D50),
+    }
 
 
 def _xyz(values) -> bytes:
@@ -203,7 +216,7 @@ def ink_strips(path: Path, profile: bytes | None) -> None:
     """A CMYK JPEG of five 8-px strips, no ink then each full ink alone, with ``profile`` embedded."""
     pixels = np.zeros((8, 40, 4), dtype=np.uint8)
     for i in range(4):
-        pixels[:, 8 * (i + 1):8 * (i + 2), i] = 255
+        pixels[:, 8 * (i + 1) : 8 * (i + 2), i] = 255
     options: dict[str, Any] = {"icc_profile": profile} if profile else {}
     Image.fromarray(pixels, "CMYK").resize((80, 40), Image.Resampling.NEAREST).save(path, quality=95, **options)
 
@@ -256,6 +269,6 @@ def zip_claiming(path: Path, flag_bits: int = 0, method: int = zipfile.ZIP_STORE
     data = bytearray(path.read_bytes())
     for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # the last member's headers
         start = data.rfind(signature)
-        data[start + flags_at:start + flags_at + 4] = struct.pack("<HH", flag_bits, method)
+        data[start + flags_at : start + flags_at + 4] = struct.pack("<HH", flag_bits, method)
     path.write_bytes(bytes(data))
     return path

@@ -38,17 +38,39 @@ from pipeline.stages.augment import decode, encode_jpeg, gallery_variants, origi
 
 SIZE = 128
 N = 300  # samples per statistical check: standard errors of a few percent
-OFF = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0, "vflip": 0.0, "brightness": 0.0,
-       "contrast": 0.0, "saturation": 0.0, "hue": 0.0, "pca_std": 0.0}
-ALL_ON = {"crop_scale": (0.3, 1.0), "crop_ratio": (0.75, 4 / 3), "hflip": 0.5, "vflip": 0.5, "brightness": 0.4,
-          "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "pca_std": 0.3}
+OFF = {
+    "crop_scale": (1.0, 1.0),
+    "crop_ratio": (1.0, 1.0),
+    "hflip": 0.0,
+    "vflip": 0.0,
+    "brightness": 0.0,
+    "contrast": 0.0,
+    "saturation": 0.0,
+    "hue": 0.0,
+    "pca_std": 0.0,
+}
+ALL_ON = {
+    "crop_scale": (0.3, 1.0),
+    "crop_ratio": (0.75, 4 / 3),
+    "hflip": 0.5,
+    "vflip": 0.5,
+    "brightness": 0.4,
+    "contrast": 0.4,
+    "saturation": 0.4,
+    "hue": 0.1,
+    "pca_std": 0.3,
+}
 
 
 def config(**policy) -> Config:
     """The repo's params with every augmentation off except ``policy``, at SIZE px."""
     cfg = load_config(REPO / "params.yaml")
-    return cfg.model_copy(update={"augment": cfg.augment.model_copy(update={**OFF, **policy}),
-                                  "model": cfg.model.model_copy(update={"image_size": SIZE})})
+    return cfg.model_copy(
+        update={
+            "augment": cfg.augment.model_copy(update={**OFF, **policy}),
+            "model": cfg.model.model_copy(update={"image_size": SIZE}),
+        }
+    )
 
 
 def augmented(path: str, image: np.ndarray, n: int = N, **policy) -> np.ndarray:
@@ -64,8 +86,9 @@ def augmented(path: str, image: np.ndarray, n: int = N, **policy) -> np.ndarray:
 def gradient() -> np.ndarray:
     """Red = 2 * column, green = 2 * row: an output pixel tells where in the input it came from."""
     x = np.arange(SIZE) * 2
-    return np.stack([np.tile(x, (SIZE, 1)), np.tile(x[:, None], (1, SIZE)), np.full((SIZE, SIZE), 128)],
-                    axis=-1).astype("uint8")
+    return np.stack(
+        [np.tile(x, (SIZE, 1)), np.tile(x[:, None], (1, SIZE)), np.full((SIZE, SIZE), 128)], axis=-1
+    ).astype("uint8")
 
 
 def flat(rgb) -> np.ndarray:
@@ -143,8 +166,10 @@ def test_pca_lighting_shifts_every_pixel_alike_along_imagenet_components(path):
 
 
 def test_offline_and_online_policies_agree_statistically():
-    flips = {p: (lambda im: im[:, :, 0, 0] > im[:, :, -1, 0])(augmented(p, gradient(), n=400, hflip=0.3)).mean()
-             for p in PATHS}
+    flips = {
+        p: (lambda im: im[:, :, 0, 0] > im[:, :, -1, 0])(augmented(p, gradient(), n=400, hflip=0.3)).mean()
+        for p in PATHS
+    }
     assert flips["offline"] == pytest.approx(0.3, abs=0.07) and flips["online"] == pytest.approx(0.3, abs=0.07)
 
     shifts = {p: augmented(p, flat([128] * 3), brightness=0.2).mean(axis=(1, 2, 3)) - 128 for p in PATHS}
@@ -153,8 +178,10 @@ def test_offline_and_online_policies_agree_statistically():
         assert shift.std() == pytest.approx(0.2 * 255 / 3**0.5, rel=0.15)
 
     # Both redraw crops that do not fit, which pulls the mean area below the middle of crop_scale.
-    areas = {p: np.prod(crop_sides(augmented(p, gradient(), crop_scale=(0.6, 1.0), crop_ratio=(0.75, 4 / 3))), axis=0)
-             for p in PATHS}
+    areas = {
+        p: np.prod(crop_sides(augmented(p, gradient(), crop_scale=(0.6, 1.0), crop_ratio=(0.75, 4 / 3))), axis=0)
+        for p in PATHS
+    }
     assert areas["offline"].mean() == pytest.approx(0.744, abs=0.02)
     assert areas["online"].mean() == pytest.approx(areas["offline"].mean(), abs=0.02)
 
@@ -183,14 +210,24 @@ def test_online_layers_do_nothing_at_inference():
         ("augment.crop_ratio", [1.3, 0.7], "augment: crop_ratio must be [min, max] with min <= max"),
         ("augment.mode", "sometimes", "augment.mode: Input should be 'offline', 'online' or 'both'"),
         ("augment.hue", 0.6, "augment.hue: Input should be less than or equal to 0.5"),
-        ("augment.online.mix", "cutmix", "augment: online.mix=cutmix runs only in the training graph, which mode "
-                                         "offline leaves out"),
+        (
+            "augment.online.mix",
+            "cutmix",
+            "augment: online.mix=cutmix runs only in the training graph, which mode offline leaves out",
+        ),
         ("augment.online.rand_augment_ops", 2, "augment: online.rand_augment_ops=2 runs only in the training graph"),
         ("augment.online.mix", "augmix", "augment.online.mix: Input should be 'none', 'mixup' or 'cutmix'"),
-        ("augment.online.rand_augment_ops", 12, "augment.online.rand_augment_ops: Input should be less than or "
-                                                "equal to 11"),
-        ("model.image_size", 2000, "model: image_size 2000 is above the largest size, 1024 (ImageNet backbones are "
-                                   "trained at 224-300 px; memory grows with the square of the side): lower it"),
+        (
+            "augment.online.rand_augment_ops",
+            12,
+            "augment.online.rand_augment_ops: Input should be less than or equal to 11",
+        ),
+        (
+            "model.image_size",
+            2000,
+            "model: image_size 2000 is above the largest size, 1024 (ImageNet backbones are "
+            "trained at 224-300 px; memory grows with the square of the side): lower it",
+        ),
     ],
 )
 def test_bad_policy_fails_naming_the_key(tmp_path, key, value, expected):
@@ -203,8 +240,15 @@ def test_bad_policy_fails_naming_the_key(tmp_path, key, value, expected):
 @pytest.mark.parametrize("mode", ["online", "both"])
 def test_online_only_layers_load_with_an_online_mode(tmp_path, mode):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    set_params(tmp_path, **{"augment.mode": mode, "augment.online.mix": "mixup", "augment.online.rand_augment_ops": 1,
-                            "train.fine_tune.blocks": 1})  # the online layers run in fine-tuning
+    set_params(
+        tmp_path,
+        **{
+            "augment.mode": mode,
+            "augment.online.mix": "mixup",
+            "augment.online.rand_augment_ops": 1,
+            "train.fine_tune.blocks": 1,
+        },
+    )  # the online layers run in fine-tuning
     online = load_config(tmp_path / "params.yaml").augment.online
     assert (online.mix, online.rand_augment_ops) == ("mixup", 1)
 
@@ -236,8 +280,10 @@ VALUES = 10.0 * np.arange(1, 17)  # image i: every pixel VALUES[i]; its label: c
 
 def flat_batches(indices: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
     """Batches of (image, one-hot label) as train's Examples.batches makes them, from row indices."""
+
     def example(i):
         return tf.fill((SIZE, SIZE, 3), tf.gather(VALUES.astype("float32"), i)), tf.one_hot(i, len(VALUES))
+
     return indices.map(example).batch(batch_size)
 
 
@@ -275,8 +321,15 @@ def test_no_mixing_leaves_the_batches_alone_and_the_gallery_shows_mixing():
 @pytest.fixture(scope="module")
 def online_template(tmp_path_factory) -> Path:
     """A project through features with augment.mode online, fine-tuning 1 block: ResNet50 at 32 px."""
-    params = {"model.backbone": "resnet50", "model.image_size": 32, "augment.mode": "online", "train.epochs": 1,
-              "train.fine_tune.blocks": 1, "train.fine_tune.epochs": 2, "train.early_stopping_patience": None}
+    params = {
+        "model.backbone": "resnet50",
+        "model.image_size": 32,
+        "augment.mode": "online",
+        "train.epochs": 1,
+        "train.fine_tune.blocks": 1,
+        "train.fine_tune.epochs": 2,
+        "train.early_stopping_patience": None,
+    }
     return project_through("features", tmp_path_factory.mktemp("online"), {"red": 8, "green": 8, "blue": 8}, params)
 
 
@@ -298,8 +351,11 @@ def test_train_stage_fine_tunes_through_the_online_only_layers(online_template, 
 
 def run_augment(project: Path, cache: Path) -> tuple[list[dict[str, str]], int]:
     """Run the stage with render cache ``cache``; its manifest and how many files it rendered."""
-    result = run([sys.executable, "-m", "pipeline.stages.augment"], project,
-                 env={**project_env(project), "PIPELINE_CACHE_DIR": str(cache)})
+    result = run(
+        [sys.executable, "-m", "pipeline.stages.augment"],
+        project,
+        env={**project_env(project), "PIPELINE_CACHE_DIR": str(cache)},
+    )
     with open(project / "data" / "augmented" / "manifest.csv", newline="") as fh:
         return list(csv.DictReader(fh)), int(re.search(r"\((\d+) rendered", result.stdout).group(1))  # type: ignore[union-attr]
 
@@ -369,12 +425,18 @@ def test_stage_renders_only_what_is_new_and_never_reuses_stale_files(project, tm
 
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
-    result = run([sys.executable, "-m", "pipeline.stages.augment"], project, check=False,
-                 env={**project_env(project), "PIPELINE_CACHE_DIR": str(blocked)})
+    result = run(
+        [sys.executable, "-m", "pipeline.stages.augment"],
+        project,
+        check=False,
+        env={**project_env(project), "PIPELINE_CACHE_DIR": str(blocked)},
+    )
     # One line from us, after whatever TensorFlow logs when it loads; no traceback.
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert re.fullmatch(r"error: cannot create the render cache .* set PIPELINE_CACHE_DIR to a writable folder",
-                        result.stderr.strip().splitlines()[-1])
+    assert re.fullmatch(
+        r"error: cannot create the render cache .* set PIPELINE_CACHE_DIR to a writable folder",
+        result.stderr.strip().splitlines()[-1],
+    )
     assert len(list((project / "data" / "augmented").rglob("*.jpg"))) == len(online)  # last output kept
 
 
@@ -451,8 +513,9 @@ def test_gallery_memory_stays_bounded_at_the_largest_image_size(project):
     assert Image.open(project / "reports" / "augment_gallery.png").size[1] < 600  # 3 classes: 3 small rows
 
 
-@pytest.mark.parametrize("mode, copies, drawn", [("offline", 2, (2, 0)), ("offline", 9, (4, 0)), ("online", 2, (0, 4)),
-                                                 ("both", 1, (1, 4))])
+@pytest.mark.parametrize(
+    "mode, copies, drawn", [("offline", 2, (2, 0)), ("offline", 9, (4, 0)), ("online", 2, (0, 4)), ("both", 1, (1, 4))]
+)
 def test_gallery_draws_only_the_variants_training_sees(mode, copies, drawn):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["augment"] |= {"mode": mode, "copies": copies}

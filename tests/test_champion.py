@@ -22,17 +22,27 @@ from pipeline.report import tracking
 # ResNet50 at 32 px (random weights whose features keep the colours), an MLP head trained by Keras
 # for one epoch (the linear head is solved to its optimum whatever the learning rate: accuracy then
 # follows the learning rate), 18 test images.
-SETTINGS = {"model.backbone": "resnet50", "model.image_size": 32, "prepare.split.test": 0.3, "train.epochs": 1,
-            "model.head.dense_units": 16, "export.tflite": []}
+SETTINGS = {
+    "model.backbone": "resnet50",
+    "model.image_size": 32,
+    "prepare.split.test": 0.3,
+    "train.epochs": 1,
+    "model.head.dense_units": 16,
+    "export.tflite": [],
+}
 # Queued in this order, the best in the middle: measured 0.444, 0.944 and 0.222 test accuracy.
-EXPERIMENTS = {"middling": ["train.learning_rate=0.0001"], "best": ["train.learning_rate=0.001"],
-               "worst": ["train.learning_rate=0.0001", "train.batch_size=64"]}
+EXPERIMENTS = {
+    "middling": ["train.learning_rate=0.0001"],
+    "best": ["train.learning_rate=0.001"],
+    "worst": ["train.learning_rate=0.0001", "train.batch_size=64"],
+}
 
 
 def make_promote_command(experiment: str) -> list[str]:
     """The command ``make promote EXP=<experiment>`` runs (``make -n`` prints it without running it)."""
-    printed = subprocess.run(["make", "-n", "-s", "promote", f"EXP={experiment}"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout
+    printed = subprocess.run(
+        ["make", "-n", "-s", "promote", f"EXP={experiment}"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     return shlex.split(next(line for line in printed.splitlines() if line.startswith("python -m pipeline.tools.")))
 
 
@@ -62,9 +72,11 @@ def test_queued_experiments_leave_champion_on_the_best_and_make_promote_ships_an
         assert client.get_model_version_by_alias(name, "champion").run_id == by_name["best"].info.run_id
         assert client.get_model_version_by_alias(name, "candidate").run_id == by_name["worst"].info.run_id
     log = run(["dvc", "queue", "logs", "worst"], project).stdout
-    assert (f"evaluate: this run's versions stay @candidate: @champion (version 2) scores test accuracy "
-            f"{accuracy['best']:.4f} vs this run's {accuracy['worst']:.4f} on the same test data; "
-            "make promote EXP=worst ships them") in log
+    assert (
+        f"evaluate: this run's versions stay @candidate: @champion (version 2) scores test accuracy "
+        f"{accuracy['best']:.4f} vs this run's {accuracy['worst']:.4f} on the same test data; "
+        "make promote EXP=worst ships them"
+    ) in log
 
     # The registry pages: what each registered model is for, and each version's scores and lineage.
     best = by_name["best"]
@@ -72,10 +84,15 @@ def test_queued_experiments_leave_champion_on_the_best_and_make_promote_ships_an
     interval = mlflow.artifacts.load_dict(f"runs:/{best.info.run_id}/reports/metrics.json")["accuracy_ci95"]
     assert version.tags == {
         "test_accuracy": f"{accuracy['best']:.4f} (95 % interval {interval['low']:.4f}-{interval['high']:.4f}, "
-                         "18 test images)",
-        "test_macro_f1": version.tags["test_macro_f1"], "dataset": "images", "data.source": str(tmp_path / "images"),
-        "data.manifest_sha256": best.data.tags["data.manifest_sha256"], "classes": "blue, green, red",
-        "backbone": "resnet50 at 32 px", "dvc.experiment": "best"}
+        "18 test images)",
+        "test_macro_f1": version.tags["test_macro_f1"],
+        "dataset": "images",
+        "data.source": str(tmp_path / "images"),
+        "data.manifest_sha256": best.data.tags["data.manifest_sha256"],
+        "classes": "blue, green, red",
+        "backbone": "resnet50 at 32 px",
+        "dvc.experiment": "best",
+    }
     served, weights = (client.get_registered_model(name).description for name in names)
     assert served.startswith("Classifies photos into 3 classes (blue, green, red)")
     assert "This is the model to serve" in served and f"models:/{names[0]}@champion" in served
@@ -87,12 +104,14 @@ def test_queued_experiments_leave_champion_on_the_best_and_make_promote_ships_an
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
         "error: no DVC experiment named 'nope': `dvc exp list --all-commits` lists them (a queued one must "
-        "have run: dvc queue status)"]
+        "have run: dvc queue status)"
+    ]
 
     shipped = run(make_promote_command("worst"), project)
     assert shipped.stdout.strip().splitlines()[-1] == (
         f"promote: @champion is now models:/{names[1]}/3, models:/{names[0]}/3 (experiment worst, now in the "
-        "workspace: data/model); make serve serves it")
+        "workspace: data/model); make serve serves it"
+    )
     recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
     assert recorded["run_id"] == by_name["worst"].info.run_id
     for name in names:
@@ -101,8 +120,9 @@ def test_queued_experiments_leave_champion_on_the_best_and_make_promote_ships_an
     assert "train" not in json.loads(run(["dvc", "status", "--json"], project).stdout)
     # The served model's weights are data/model's.
     champion = mlflow.keras.load_model(f"models:/{names[1]}@champion")
-    for ours, theirs in zip(networks.load(project / "data" / "model" / "model.keras").get_weights(),
-                            champion.get_weights(), strict=True):
+    for ours, theirs in zip(
+        networks.load(project / "data" / "model" / "model.keras").get_weights(), champion.get_weights(), strict=True
+    ):
         np.testing.assert_array_equal(ours, theirs)
 
 
@@ -127,8 +147,10 @@ def version(client: mlflow.MlflowClient, data: str, **scores: float) -> tuple[di
     if not client.search_registered_models("name='m'"):
         client.create_registered_model("m")
     number = client.create_model_version("m", f"runs:/{logged.info.run_id}/model", logged.info.run_id).version
-    return {"run_id": logged.info.run_id,
-            "models": {"image_classifier": {"registered_model": "m", "version": number, "model_id": None}}}, report
+    return {
+        "run_id": logged.info.run_id,
+        "models": {"image_classifier": {"registered_model": "m", "version": number, "model_id": None}},
+    }, report
 
 
 def evaluated(client: mlflow.MlflowClient, record: dict, report: dict, metric: str = "accuracy") -> str | None:
@@ -150,14 +172,17 @@ def test_champion_moves_only_for_a_better_score_on_the_same_data(registry):
     assert evaluated(registry, *version(registry, "data1", accuracy=0.9)) is None  # better
     assert champion(registry) == 2
     assert evaluated(registry, *version(registry, "data1", accuracy=0.85)) == (
-        "@champion (version 2) scores test accuracy 0.9000 vs this run's 0.8500 on the same test data")
+        "@champion (version 2) scores test accuracy 0.9000 vs this run's 0.8500 on the same test data"
+    )
     assert evaluated(registry, *version(registry, "data1", accuracy=0.9)) == (  # a tie, log loss too
         "@champion (version 2) scores test accuracy 0.9000 vs this run's 0.9000 and log loss 0.3000 vs "
-        "0.3000 on the same test data")
+        "0.3000 on the same test data"
+    )
     assert evaluated(registry, *version(registry, "data1", accuracy=0.9, log_loss=0.2)) is None  # tie, lower loss
     assert champion(registry) == 5
     assert evaluated(registry, *version(registry, "data2", accuracy=0.99)) == (
-        "@champion (version 5) was tested on other data (prepared data data1, this run's data2)")
+        "@champion (version 5) was tested on other data (prepared data data1, this run's data2)"
+    )
     assert champion(registry) == 5
     # Lower wins for log loss (and ECE), whatever the accuracy.
     assert evaluated(registry, *version(registry, "data1", accuracy=0.5, log_loss=0.1), metric="log_loss") is None

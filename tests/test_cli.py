@@ -35,8 +35,13 @@ STAGE = textwrap.dedent("""
 
 def run_stage_program(tmp_path, **env) -> tuple[subprocess.CompletedProcess, str]:
     marker = tmp_path / "marker"
-    result = subprocess.run([sys.executable, "-c", STAGE], capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "MARKER": str(marker), **env})
+    result = subprocess.run(
+        [sys.executable, "-c", STAGE],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MARKER": str(marker), **env},
+    )
     return result, marker.read_text() if marker.exists() else ""
 
 
@@ -55,10 +60,18 @@ def test_a_thread_still_working_is_waited_for(tmp_path):
 def test_a_reader_that_stops_early_gets_no_traceback(workdir):
     """`python -m pipeline.tools.summary | head -1`: head exits after one line, later writes meet a closed pipe."""
     (workdir / "eval").mkdir()
-    (workdir / "eval" / "metrics.json").write_text('{"accuracy": 0.9, "macro": {"f1": 0.8}, "ece": 0.05, "test_images": 10}')
+    (workdir / "eval" / "metrics.json").write_text(
+        '{"accuracy": 0.9, "macro": {"f1": 0.8}, "ece": 0.05, "test_images": 10}'
+    )
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before anything is written
-    result = subprocess.run([sys.executable, "-m", "pipeline.tools.summary"], stdout=write_end, stderr=subprocess.PIPE,
-                            text=True, cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.tools.summary"],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     os.close(write_end)
     assert (result.returncode, result.stderr) == (141, "")  # 128 + SIGPIPE, as `yes | head -1` ends

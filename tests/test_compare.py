@@ -13,7 +13,9 @@ from pipeline.tools.experiments import parse_grid
 
 def test_grid_is_split_like_dvc_sweeps_without_a_shell():
     assert parse_grid("-S train.epochs=1,2 -S augment.crop_scale=[0.5,1.0],[0.8,1.0]") == [
-        ["train.epochs=1", "train.epochs=2"], ["augment.crop_scale=[0.5,1.0]", "augment.crop_scale=[0.8,1.0]"]]
+        ["train.epochs=1", "train.epochs=2"],
+        ["augment.crop_scale=[0.5,1.0]", "augment.crop_scale=[0.8,1.0]"],
+    ]
     # What a shell would run stays a literal value, for params.yaml's validation to refuse.
     assert parse_grid("-S 'data.url=$(touch x)'") == [["data.url=$(touch x)"]]
     for bad in ["train.epochs=1,2", "-S train.epochs", "-S =1", "-X a=1"]:
@@ -34,7 +36,7 @@ def test_grid_after_a_first_run_reuses_its_data_and_compares_best_first(project)
     table = run([sys.executable, "-m", "pipeline.tools.compare"], project).stdout.splitlines()
     assert all(len(line) <= 120 for line in table), table
     header = next(i for i, line in enumerate(table) if line.startswith("experiment "))
-    rows = table[header + 1: table.index("", header)]
+    rows = table[header + 1 : table.index("", header)]
     assert len(rows) == 2 and {re.search(r"train\.epochs=(\d)", r).group(1) for r in rows} == {"1", "2"}, table
     accuracies = [float(row.split()[1]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True)

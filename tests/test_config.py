@@ -45,16 +45,19 @@ def test_defaults_resolve_native_size():
     assert cfg.flat()["train.learning_rate"] == cfg.train.learning_rate
 
 
-@pytest.mark.parametrize(("overrides", "cut"), [
-    ({}, None),  # no fine-tuning
-    ({"train.fine_tune.blocks": 2}, "mixed8"),
-    ({"train.fine_tune.blocks": 1, "model.backbone": "resnet50"}, "conv5_block2_out"),
-    ({"train.fine_tune.blocks": 2, "augment.mode": "both"}, None),  # online layers change the inputs every epoch
-    ({"train.fine_tune.blocks": 2, "augment.mode": "online"}, None),
-    ({"train.fine_tune.blocks": 2, "train.fine_tune.cache_activations": False}, None),
-    ({"train.fine_tune.layers": 20}, None),  # no clean cut between layers
-    ({"train.fine_tune.blocks": 11}, None),  # every block: nothing frozen to cache
-])
+@pytest.mark.parametrize(
+    ("overrides", "cut"),
+    [
+        ({}, None),  # no fine-tuning
+        ({"train.fine_tune.blocks": 2}, "mixed8"),
+        ({"train.fine_tune.blocks": 1, "model.backbone": "resnet50"}, "conv5_block2_out"),
+        ({"train.fine_tune.blocks": 2, "augment.mode": "both"}, None),  # online layers change the inputs every epoch
+        ({"train.fine_tune.blocks": 2, "augment.mode": "online"}, None),
+        ({"train.fine_tune.blocks": 2, "train.fine_tune.cache_activations": False}, None),
+        ({"train.fine_tune.layers": 20}, None),  # no clean cut between layers
+        ({"train.fine_tune.blocks": 11}, None),  # every block: nothing frozen to cache
+    ],
+)
 def test_activations_are_cached_only_where_fine_tuning_has_a_fixed_frozen_prefix(tmp_path, overrides, cut):
     (tmp_path / "params.yaml").write_bytes(open("params.yaml", "rb").read())
     set_params(tmp_path, **overrides)
@@ -66,7 +69,9 @@ def test_stage_reports_bad_params_in_one_line(project):
     result = run([sys.executable, "-m", "pipeline.stages.download"], project, check=False)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert re.fullmatch(r"error: params\.yaml:\d+: train\.learning_rate: Input should be greater than 0 \(got -1\)", line)
+    assert re.fullmatch(
+        r"error: params\.yaml:\d+: train\.learning_rate: Input should be greater than 0 \(got -1\)", line
+    )
     assert not (project / "data" / "raw").exists()
 
 
@@ -151,11 +156,18 @@ def test_stage_help_says_what_it_reads_and_writes_without_running(project, stage
     ("edit", "expected"),
     [
         # a "billion laughs" file: nine levels of aliases would expand to 9**9 values
-        (lambda text: "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
-            f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)) + text,
-         "params.yaml:2: not valid YAML: aliases (*name) are not allowed"),
-        (lambda text: text.replace("  epochs: 10 ", "  epochs: [10 ", 1),
-         "not valid YAML: expected ',' or ']', but got '<scalar>' (while parsing a flow sequence on line "),
+        (
+            lambda text: (
+                "a: &a [x,x,x,x,x,x,x,x,x]\n"
+                + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+                + text
+            ),
+            "params.yaml:2: not valid YAML: aliases (*name) are not allowed",
+        ),
+        (
+            lambda text: text.replace("  epochs: 10 ", "  epochs: [10 ", 1),
+            "not valid YAML: expected ',' or ']', but got '<scalar>' (while parsing a flow sequence on line ",
+        ),
         (lambda text: text.replace("seed: 42", "seed: 4294967296"), "seed: Input should be less than 4294967296"),
         (lambda text: text.replace("seed: 42", "seed: '" + "x" * 5000 + "'"), "(got 'xxxxxxxx"),
     ],

@@ -31,8 +31,13 @@ def text_of(path: Path) -> str:
 
 def test_docs_site_builds_with_every_link_and_anchor_intact(tmp_path):
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's notice about MkDocs 2
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                            cwd=REPO, capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "site" / "params" / "index.html").is_file()
 
@@ -58,8 +63,11 @@ def test_no_tracked_file_holds_an_absolute_path_of_a_machine():
 
 
 def test_docs_and_code_do_not_speak_of_the_machine_they_were_written_on():
-    readers_see = [p for p in tracked_files()
-                   if p.suffix in (".md", ".py", ".yaml", ".yml", ".toml") and "tests" not in p.relative_to(REPO).parts]
+    readers_see = [
+        p
+        for p in tracked_files()
+        if p.suffix in (".md", ".py", ".yaml", ".yml", ".toml") and "tests" not in p.relative_to(REPO).parts
+    ]
     assert [f"{p.relative_to(REPO)}: {hit}" for p in readers_see for hit in MACHINE_TALK.findall(text_of(p))] == []
 
 
@@ -73,6 +81,9 @@ def test_make_help_names_every_target():
 def test_the_module_map_names_every_module():
     page = (REPO / "docs" / "development.md").read_text(encoding="utf-8")
     modules = [p for p in (REPO / "pipeline").rglob("*.py") if p.name != "__init__.py"]
-    missing = [str(m.relative_to(REPO)) for m in modules
-               if f"`{m.name}`" not in page and f"`{m.relative_to(REPO)}`" not in page]
+    missing = [
+        str(m.relative_to(REPO))
+        for m in modules
+        if f"`{m.name}`" not in page and f"`{m.relative_to(REPO)}`" not in page
+    ]
     assert modules and missing == []

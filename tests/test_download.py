@@ -126,7 +126,8 @@ def test_file_link_loops_in_a_folder_are_skipped_and_listed(workdir, flowers):
     report = download_from(flowers)
     reasons = {item["path"]: item["reason"] for item in report["skipped"]}
     assert {path: reasons[path] for path in ("daisy/self.jpg", "daisy/ping.jpg", "daisy/pong.jpg")} == dict.fromkeys(
-        ("daisy/self.jpg", "daisy/ping.jpg", "daisy/pong.jpg"), "link loop (links that lead back to themselves)")
+        ("daisy/self.jpg", "daisy/ping.jpg", "daisy/pong.jpg"), "link loop (links that lead back to themselves)"
+    )
     assert sorted(p.name for p in Path("data/raw/daisy").iterdir()) == ["img_0000.jpg", "img_0001.jpg"]
 
 
@@ -162,27 +163,39 @@ def test_non_utf8_unicode_and_spaced_names_arrive_readable(workdir, tmp_path, ki
 def test_labels_table_is_copied_with_paths_as_found_in_data_raw(workdir, flowers):
     archive = Path(shutil.make_archive(str(workdir.parent / "flowers"), "gztar", flowers.parent))  # flowers/...
     table = workdir.parent / "labels.csv"
-    table.write_text("\ufeffpath, Label\nflowers/daisy/img_0000.jpg,daisy\ntulips/img_0002.jpg,tulips\n"
-                     "flowers/nowhere.jpg,daisy\n", encoding="utf-8")  # with a BOM, as spreadsheets write it
+    table.write_text(
+        "\ufeffpath, Label\nflowers/daisy/img_0000.jpg,daisy\ntulips/img_0002.jpg,tulips\nflowers/nowhere.jpg,daisy\n",
+        encoding="utf-8",
+    )  # with a BOM, as spreadsheets write it
     report = download_from(archive, **{"data.labels": str(table)})
     copied = Path("data/raw/.labels.csv").read_text(encoding="utf-8").splitlines()
-    assert copied == ["path,label", "daisy/img_0000.jpg,daisy", "tulips/img_0002.jpg,tulips", "flowers/nowhere.jpg,daisy"]
+    assert copied == [
+        "path,label",
+        "daisy/img_0000.jpg,daisy",
+        "tulips/img_0002.jpg,tulips",
+        "flowers/nowhere.jpg,daisy",
+    ]
     assert report["labels"] == {"path": str(table), "sha256": sha256(table), "rows": 3}
     assert report["files"] == 5  # the source's files; the table is not one of them
 
 
-@pytest.mark.parametrize(("content", "problem"), [
-    ("file,class\n", "starts with 'file,class'"),
-    ("path,label,label\n", "starts with 'path,label,label'"),
-    ("path,label,fold\n", "starts with 'path,label,fold'"),
-    ("", "is empty"),
-], ids=["names", "twice", "unknown", "empty"])
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("file,class\n", "starts with 'file,class'"),
+        ("path,label,label\n", "starts with 'path,label,label'"),
+        ("path,label,fold\n", "starts with 'path,label,fold'"),
+        ("", "is empty"),
+    ],
+    ids=["names", "twice", "unknown", "empty"],
+)
 def test_labels_table_with_a_header_that_does_not_fit_is_refused(workdir, flowers, content, problem):
     table = workdir.parent / "labels.csv"
     table.write_text(content + "daisy/img_0000.jpg,daisy\n" if content else "", encoding="utf-8")
     assert refused(flowers, **{"data.labels": str(table)}) == (
         f"data.labels: {table} {problem}; its first row must name the columns path,label or path,label,split "
-        "(paths relative to the source, e.g. daisy/1.jpg)")
+        "(paths relative to the source, e.g. daisy/1.jpg)"
+    )
 
 
 def test_missing_labels_table_is_refused_before_downloading(workdir, server):
@@ -201,14 +214,22 @@ DATA = jpeg_bytes(0)
     [
         ([(tar_entry("flowers/../../evil.jpg"), DATA)], "'flowers/../../evil.jpg': '..' in path"),
         ([(tar_entry("/tmp/evil.jpg"), DATA)], "'/tmp/evil.jpg': absolute path"),
-        ([(tar_entry("flowers/a/x.jpg", tarfile.SYMTYPE, "../../../outside.jpg"), b"")],
-         "'flowers/a/x.jpg': symlink to '../../../outside.jpg' points outside the archive"),
-        ([(tar_entry("flowers/a/x.jpg", tarfile.SYMTYPE, "/etc/passwd"), b"")],
-         "'flowers/a/x.jpg': symlink to '/etc/passwd' points outside the archive"),
-        ([(tar_entry("flowers/a/x.jpg", tarfile.LNKTYPE, "../outside.jpg"), b"")],
-         "'flowers/a/x.jpg': hard link to '../outside.jpg' points outside the archive"),
-        ([(tar_entry("flowers/a/x.jpg", tarfile.LNKTYPE, "flowers/a/missing.jpg"), b"")],
-         "link to 'flowers/a/missing.jpg', which is not a file in the archive"),
+        (
+            [(tar_entry("flowers/a/x.jpg", tarfile.SYMTYPE, "../../../outside.jpg"), b"")],
+            "'flowers/a/x.jpg': symlink to '../../../outside.jpg' points outside the archive",
+        ),
+        (
+            [(tar_entry("flowers/a/x.jpg", tarfile.SYMTYPE, "/etc/passwd"), b"")],
+            "'flowers/a/x.jpg': symlink to '/etc/passwd' points outside the archive",
+        ),
+        (
+            [(tar_entry("flowers/a/x.jpg", tarfile.LNKTYPE, "../outside.jpg"), b"")],
+            "'flowers/a/x.jpg': hard link to '../outside.jpg' points outside the archive",
+        ),
+        (
+            [(tar_entry("flowers/a/x.jpg", tarfile.LNKTYPE, "flowers/a/missing.jpg"), b"")],
+            "link to 'flowers/a/missing.jpg', which is not a file in the archive",
+        ),
         ([(tar_entry("flowers/a/tty", tarfile.CHRTYPE), b"")], "'flowers/a/tty': a device file"),
         ([(tar_entry("flowers/a/fifo", tarfile.FIFOTYPE), b"")], "'flowers/a/fifo': a FIFO"),
     ],
@@ -235,23 +256,32 @@ def test_unsafe_zip_members_are_refused(workdir, members, symlinks, expected):
     assert expected in refused(archive)
 
 
-@pytest.mark.parametrize(("claims", "problem"), [
-    ({"flag_bits": 0x1}, "it is encrypted (a password-protected zip)"),
-    ({"method": 9}, "it is compressed with method 9 (deflate64), which Python cannot read"),
-], ids=["encrypted", "deflate64"])
+@pytest.mark.parametrize(
+    ("claims", "problem"),
+    [
+        ({"flag_bits": 0x1}, "it is encrypted (a password-protected zip)"),
+        ({"method": 9}, "it is compressed with method 9 (deflate64), which Python cannot read"),
+    ],
+    ids=["encrypted", "deflate64"],
+)
 def test_zip_members_zipfile_cannot_read_are_one_line(workdir, claims, problem):
     archive = zip_claiming(workdir.parent / "locked.zip", **claims)
-    assert refused(archive) == (f"{archive}: cannot extract member 'b/x.jpg': {problem}; "
-                                "unpack the archive yourself and set data.url to the folder")
+    assert refused(archive) == (
+        f"{archive}: cannot extract member 'b/x.jpg': {problem}; "
+        "unpack the archive yourself and set data.url to the folder"
+    )
 
 
 def test_links_inside_the_archive_become_copies(workdir):
-    archive = tar_with(workdir.parent / "links.tgz", [
-        (tar_entry("flowers/a/y.jpg", tarfile.SYMTYPE, "x.jpg"), b""),  # before its target: resolved at the end
-        (tar_entry("flowers/a/x.jpg"), DATA),
-        (tar_entry("flowers/b/z.jpg", tarfile.LNKTYPE, "flowers/a/x.jpg"), b""),
-        (tar_entry("flowers/b/w.jpg", tarfile.SYMTYPE, "../a/x.jpg"), b""),
-    ])
+    archive = tar_with(
+        workdir.parent / "links.tgz",
+        [
+            (tar_entry("flowers/a/y.jpg", tarfile.SYMTYPE, "x.jpg"), b""),  # before its target: resolved at the end
+            (tar_entry("flowers/a/x.jpg"), DATA),
+            (tar_entry("flowers/b/z.jpg", tarfile.LNKTYPE, "flowers/a/x.jpg"), b""),
+            (tar_entry("flowers/b/w.jpg", tarfile.SYMTYPE, "../a/x.jpg"), b""),
+        ],
+    )
     download_from(archive)
     files = sorted(Path("data/raw").rglob("*.jpg"))
     assert [str(p.relative_to("data/raw")) for p in files] == ["a/x.jpg", "a/y.jpg", "b/w.jpg", "b/z.jpg"]
@@ -298,8 +328,9 @@ def test_stage_prints_one_line_for_a_bad_archive(workdir):
     (workdir / "page.tgz").write_bytes(HTML_PAGE)
     set_params(workdir, **{"data.url": "page.tgz"})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "pipeline.stages.download"], cwd=workdir, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.stages.download"], cwd=workdir, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "error: data.url: page.tgz is not a tar or zip archive: it is an HTML page "
@@ -336,42 +367,58 @@ def warnings(err: str) -> list[str]:
 
 
 def test_unflagged_utf8_zip_names_are_read_as_utf8(workdir, capsys):
-    archive = zip_with_raw_names(workdir.parent / "mac.zip", [
-        ("photos/rosé/花.jpg".encode(), DATA), (b"photos/tulips/x.jpg", DATA)])
+    archive = zip_with_raw_names(
+        workdir.parent / "mac.zip", [("photos/rosé/花.jpg".encode(), DATA), (b"photos/tulips/x.jpg", DATA)]
+    )
     download_from(archive)
     assert raw_names() == ["rosé/花.jpg", "tulips/x.jpg"]  # not 'ros├⌐/Φè▒.jpg'
     assert warnings(capsys.readouterr().err) == []
 
 
 def test_zip_names_in_a_windows_code_page_stay_cp437_with_one_warning(workdir, capsys):
-    archive = zip_with_raw_names(workdir.parent / "windows.zip", [
-        ("café/1.jpg".encode("cp437"), DATA),  # Windows' zipper on an OEM code page: read right
-        ("café/2.jpg".encode("cp437"), DATA),
-        ("tulips/crème.jpg".encode("cp1252"), DATA)])  # on an ANSI code page: cp437 misreads it
+    archive = zip_with_raw_names(
+        workdir.parent / "windows.zip",
+        [
+            ("café/1.jpg".encode("cp437"), DATA),  # Windows' zipper on an OEM code page: read right
+            ("café/2.jpg".encode("cp437"), DATA),
+            ("tulips/crème.jpg".encode("cp1252"), DATA),
+        ],
+    )  # on an ANSI code page: cp437 misreads it
     download_from(archive)
     assert raw_names() == ["café/1.jpg", "café/2.jpg", "tulips/crΦme.jpg"]
     assert warnings(capsys.readouterr().err) == [
         f"warning: {archive}: zip member names that are not UTF-8 are read as cp437, the zip format's default, "
         "e.g. 'café/1.jpg'; if names look wrong, repack the archive with a tool that writes UTF-8 names "
-        "(7-Zip, Info-ZIP zip)"]
+        "(7-Zip, Info-ZIP zip)"
+    ]
 
 
 def test_backslash_separated_zip_names_are_folders(workdir):
-    archive = zip_with(workdir.parent / "backslash.zip", [
-        ("flowers\\daisy\\", b""), ("flowers\\daisy\\a.jpg", DATA), ("flowers\\tulips\\b.jpg", DATA),
-        ("flowers\\LICENSE.txt", b"CC-BY\n")])
+    archive = zip_with(
+        workdir.parent / "backslash.zip",
+        [
+            ("flowers\\daisy\\", b""),
+            ("flowers\\daisy\\a.jpg", DATA),
+            ("flowers\\tulips\\b.jpg", DATA),
+            ("flowers\\LICENSE.txt", b"CC-BY\n"),
+        ],
+    )
     report = download_from(archive)
     assert raw_names() == ["LICENSE.txt", "daisy/a.jpg", "tulips/b.jpg"]  # the wrapping folder is skipped
     assert report["files"] == 3
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("a\\..\\..\\evil.jpg", "'a/../../evil.jpg': '..' in path"),
-    ("\\tmp\\evil.jpg", "'/tmp/evil.jpg': absolute path"),
-    ("\\\\server\\share\\evil.jpg", "'//server/share/evil.jpg': absolute path"),
-    ("C:\\evil.jpg", "'C:/evil.jpg': a Windows drive letter"),
-    ("c:evil.jpg", "'c:evil.jpg': a Windows drive letter"),
-], ids=["dotdot", "root", "unc", "drive", "drive-relative"])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("a\\..\\..\\evil.jpg", "'a/../../evil.jpg': '..' in path"),
+        ("\\tmp\\evil.jpg", "'/tmp/evil.jpg': absolute path"),
+        ("\\\\server\\share\\evil.jpg", "'//server/share/evil.jpg': absolute path"),
+        ("C:\\evil.jpg", "'C:/evil.jpg': a Windows drive letter"),
+        ("c:evil.jpg", "'c:evil.jpg': a Windows drive letter"),
+    ],
+    ids=["dotdot", "root", "unc", "drive", "drive-relative"],
+)
 def test_backslash_names_are_checked_after_normalizing(workdir, name, expected):
     archive = zip_with(workdir.parent / "evil.zip", [("a/ok.jpg", DATA), (name, DATA)])
     assert expected in refused(archive)
@@ -380,50 +427,79 @@ def test_backslash_names_are_checked_after_normalizing(workdir, name, expected):
 
 def flowers_members(top: str) -> list[tuple[tarfile.TarInfo, bytes]]:
     return [(tar_entry(f"{top}/{name}"), DATA) for name in ("daisy/a.jpg", "tulips/b.jpg")] + [
-        (tar_entry(f"{top}/LICENSE.txt"), b"CC-BY\n")]
+        (tar_entry(f"{top}/LICENSE.txt"), b"CC-BY\n")
+    ]
 
 
 def test_a_wrapped_dataset_beside_class_folders_is_refused_and_all_wrapped_ones_are_warned_of(workdir, capsys):
-    archive = tar_with(workdir.parent / "two.tgz", [*flowers_members("flowers"), (tar_entry("extras/x.jpg"), DATA),
-                                                     (tar_entry("more/y.jpg"), DATA)])
+    archive = tar_with(
+        workdir.parent / "two.tgz",
+        [*flowers_members("flowers"), (tar_entry("extras/x.jpg"), DATA), (tar_entry("more/y.jpg"), DATA)],
+    )
     assert refused(archive) == (
         f"data.url: {archive} holds several top folders (extras/, flowers/, more/), and flowers/ holds only "
         "folders, like a whole dataset: several datasets side by side? set data.url to the folder of the one "
         "to use (unpack an archive first) or repack it with its class folders at the top; if the folders "
-        "inside are the classes, set data.class_depth: 2")
+        "inside are the classes, set data.class_depth: 2"
+    )
     source = workdir.parent / "unpacked"
     for info, data in flowers_members("flowers") + flowers_members("others"):
         (source / info.name).parent.mkdir(parents=True, exist_ok=True)
         (source / info.name).write_bytes(data)
     capsys.readouterr()
     download_from(source)
-    assert (f"warning: data.url: every top folder of {source} (flowers/, others/) holds only folders: the labels "
-            "are these top folders") in capsys.readouterr().err
+    assert (
+        f"warning: data.url: every top folder of {source} (flowers/, others/) holds only folders: the labels "
+        "are these top folders"
+    ) in capsys.readouterr().err
     assert sorted(p.name for p in Path("data/raw").iterdir()) == ["flowers", "others"]
 
 
-@pytest.mark.parametrize(("members", "params", "expected"), [
-    ([("cats/a.jpg", DATA), ("dogs/b.jpg", DATA), ("LICENSE.txt", b"")], {}, ["LICENSE.txt", "cats/a.jpg", "dogs/b.jpg"]),
-    ([("train/cats/a.jpg", DATA), ("val/cats/b.jpg", DATA)], {}, ["train/cats/a.jpg", "val/cats/b.jpg"]),
-    ([("dogs/husky/a.jpg", DATA), ("cats/siamese/b.jpg", DATA)], {"data.class_depth": 2},
-     ["cats/siamese/b.jpg", "dogs/husky/a.jpg"]),
-    ([("data/flowers/daisy/a.jpg", DATA), ("data/flowers/tulips/b.jpg", DATA), ("__MACOSX/data/._x.jpg", b""),
-      ("data/.DS_Store", b""), ("data/flowers/._c.jpg", b"")], {}, ["._c.jpg", "daisy/a.jpg", "tulips/b.jpg"]),
-], ids=["class-folders", "split-folders", "class-depth-2", "wrapped-twice-with-macos-junk"])
+@pytest.mark.parametrize(
+    ("members", "params", "expected"),
+    [
+        (
+            [("cats/a.jpg", DATA), ("dogs/b.jpg", DATA), ("LICENSE.txt", b"")],
+            {},
+            ["LICENSE.txt", "cats/a.jpg", "dogs/b.jpg"],
+        ),
+        ([("train/cats/a.jpg", DATA), ("val/cats/b.jpg", DATA)], {}, ["train/cats/a.jpg", "val/cats/b.jpg"]),
+        (
+            [("dogs/husky/a.jpg", DATA), ("cats/siamese/b.jpg", DATA)],
+            {"data.class_depth": 2},
+            ["cats/siamese/b.jpg", "dogs/husky/a.jpg"],
+        ),
+        (
+            [
+                ("data/flowers/daisy/a.jpg", DATA),
+                ("data/flowers/tulips/b.jpg", DATA),
+                ("__MACOSX/data/._x.jpg", b""),
+                ("data/.DS_Store", b""),
+                ("data/flowers/._c.jpg", b""),
+            ],
+            {},
+            ["._c.jpg", "daisy/a.jpg", "tulips/b.jpg"],
+        ),
+    ],
+    ids=["class-folders", "split-folders", "class-depth-2", "wrapped-twice-with-macos-junk"],
+)
 def test_layouts_with_several_top_folders_are_kept(workdir, members, params, expected):
     download_from(zip_with(workdir.parent / "ok.zip", members), **params)
     assert raw_names() == expected
 
 
 def test_old_python_warns_once_about_tarfile(workdir, capsys, monkeypatch):
-    archive = tar_with(workdir.parent / "many.tgz", [(tar_entry(f"a/{i}.jpg"), DATA) for i in range(3)] + [
-        (tar_entry(f"b/{i}.jpg"), DATA) for i in range(3)])
+    archive = tar_with(
+        workdir.parent / "many.tgz",
+        [(tar_entry(f"a/{i}.jpg"), DATA) for i in range(3)] + [(tar_entry(f"b/{i}.jpg"), DATA) for i in range(3)],
+    )
     monkeypatch.setattr(sys, "version_info", (3, 11, 7, "final", 0))
     download_from(archive)
     assert warnings(capsys.readouterr().err) == [
         "warning: Python 3.11.7 predates the tarfile fixes for malicious archives (CVE-2025-4517, CVE-2025-8194 and "
         "others) in Python 3.11.14; this stage checks every member itself, but upgrade Python to read tar archives "
-        "you do not trust"]
+        "you do not trust"
+    ]
     for fixed in ((3, 11, 14), (3, 12, 12), (3, 13, 6), (3, 14, 0)):
         monkeypatch.setattr(sys, "version_info", (*fixed, "final", 0))
         download_from(archive)
@@ -484,7 +560,9 @@ class ArchiveHandler(BaseHTTPRequestHandler):
         cut = self.server.cuts.pop(0) if self.server.cuts else len(body)
         step = 1024 if self.server.trickle else max(cut, 1)
         for start in range(0, cut, step):
-            self.wfile.write(body[start:min(start + step, cut)])  # then the connection closes: an interrupted transfer
+            self.wfile.write(
+                body[start : min(start + step, cut)]
+            )  # then the connection closes: an interrupted transfer
             time.sleep(self.server.trickle)
 
     def log_message(self, *args):
@@ -550,7 +628,8 @@ def test_a_mistyped_sha256_never_deletes_the_verified_archive(workdir, server, c
     assert f"got {actual}" in refused(server.url, **{"data.sha256": typo})
     assert [p.read_bytes() for p in cached_files(workdir)] == [server.payload]
     assert f"no cached archive from {server.url} has data.sha256={typo} (cached: {actual}); downloading again" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     stop(server)  # offline: the verified archive must still be there
     assert "(ConnectionError)" in refused(server.url, **{"data.sha256": "e" * 64})
     assert download_from(server.url, **{"data.sha256": actual}) == {**first, "url": server.url}
@@ -580,8 +659,10 @@ def test_server_errors_are_retried(workdir, server):
 def test_a_body_past_max_bytes_is_cut_off_and_not_kept(workdir, server):
     server.endless = 50 * 2**20  # the client stops reading long before
     message = refused(server.url, **{"data.max_bytes": 1_000_000})
-    assert message == (f"data.url {server.url}: the server sent more bytes than data.max_bytes=1000000 (an endless or "
-                       "wrong response?); nothing was kept: raise data.max_bytes if the archive is that large")
+    assert message == (
+        f"data.url {server.url}: the server sent more bytes than data.max_bytes=1000000 (an endless or "
+        "wrong response?); nothing was kept: raise data.max_bytes if the archive is that large"
+    )
     assert cached_files(workdir) == []
 
 
@@ -656,8 +737,10 @@ def test_credentials_in_the_url_are_masked_in_the_report_and_the_errors(workdir,
 
 def test_credentials_from_netrc(workdir, server, monkeypatch):
     server.authorization = basic("alice", "hunter2")
-    assert refused(server.url) == (f"data.url {server.url}: server answered 401 Unauthorized; give its credentials "
-                                   "in ~/.netrc or $PIPELINE_DATA_AUTH, not in data.url, or check them")
+    assert refused(server.url) == (
+        f"data.url {server.url}: server answered 401 Unauthorized; give its credentials "
+        "in ~/.netrc or $PIPELINE_DATA_AUTH, not in data.url, or check them"
+    )
     netrc = workdir.parent / "netrc"
     netrc.write_text("machine 127.0.0.1 login alice password hunter2\n")
     monkeypatch.setenv("NETRC", str(netrc))  # requests reads $NETRC, else ~/.netrc

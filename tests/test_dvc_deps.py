@@ -76,8 +76,13 @@ def test_stage_deps_are_its_import_closure(name):
 def test_closure_follows_lazy_and_from_imports():
     closure = {str(p.relative_to(REPO)) for p in import_closure("pipeline.stages.evaluate")}
     # evaluate -> models -> config -> backbones; pipeline/__init__.py runs before any module of it.
-    assert {"pipeline/__init__.py", "pipeline/stages/evaluate.py", "pipeline/model/networks.py", "pipeline/config.py",
-            "pipeline/model/backbones.py"} <= closure
+    assert {
+        "pipeline/__init__.py",
+        "pipeline/stages/evaluate.py",
+        "pipeline/model/networks.py",
+        "pipeline/config.py",
+        "pipeline/model/backbones.py",
+    } <= closure
 
 
 def stage_outputs() -> set[str]:
@@ -92,4 +97,6 @@ def test_every_output_path_has_its_one_home_in_paths_py():
     from pipeline import paths
 
     homes = {str(value) for name, value in vars(paths).items() if name.isupper() and isinstance(value, Path)}
-    assert not stage_outputs() - homes, f"outputs in dvc.yaml without a constant in pipeline/paths.py: {sorted(stage_outputs() - homes)}"
+    assert not stage_outputs() - homes, (
+        f"outputs in dvc.yaml without a constant in pipeline/paths.py: {sorted(stage_outputs() - homes)}"
+    )

@@ -17,8 +17,16 @@ from test_pipeline_e2e import free_port
 from conftest import SMALL_BACKBONE, input_split, project_env, run, set_params
 from pipeline.config import load_config
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def wait_until_up(url: str, process: subprocess.Popen, seconds: int = 180) -> None:
@@ -39,8 +47,12 @@ def rendered_text(url: str, profile: Path) -> str:
     browser profile: what a first visit shows."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is needed for this test (.ci/run installs it)"
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=30000",
-                          "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    dom = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=30000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
     return re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", " ", dom, flags=re.S))
 
 
@@ -48,10 +60,24 @@ def rendered_text(url: str, profile: Path) -> str:
 def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
     port = free_port()
     server = subprocess.Popen(
-        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=project_env(project), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=project_env(project),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -83,7 +109,11 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
         experiment = mlflow.get_experiment_by_name(experiment_name)
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         # The link `make ui` prints opens the runs table, in the UI's model-training view.
-        link = run([sys.executable, "-m", "pipeline.report.tracking", uri], project, env=env).stdout.strip().splitlines()[-1]
+        link = (
+            run([sys.executable, "-m", "pipeline.report.tracking", uri], project, env=env)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         assert link == f"{uri}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
         page = " ".join(rendered_text(link, tmp_path / "chromium").split())
         assert page.startswith(f"Runs - Experiment {experiment.experiment_id} - MLflow"), page[:300]

@@ -33,8 +33,14 @@ def tiny_model(tmp_path_factory) -> Path:
     probabilities; ResNet50 at 32 px with random weights, so only for plumbing) and ``labels.json``."""
     keras.utils.set_random_seed(0)
     root = tmp_path_factory.mktemp("tiny_model")
-    params = ModelParams(backbone="resnet50", weights="none", image_size=32, alpha=None, precision="float32",
-                         head=HeadParams(dense_units=0, dropout=0.1))
+    params = ModelParams(
+        backbone="resnet50",
+        weights="none",
+        image_size=32,
+        alpha=None,
+        precision="float32",
+        head=HeadParams(dense_units=0, dropout=0.1),
+    )
     extractor = networks.feature_extractor(params)
     images = make_images(root / "images", {label: 4 for label in LABELS}, size=(32, 32))
     pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(images.rglob("*.jpg"))])
@@ -54,7 +60,9 @@ def trained_project(root: Path, tiny_model: Path) -> Path:
     raw = make_images(root / "data" / "raw", {label: 3 for label in LABELS}, size=(120, 90))
     Image.open(next(raw.glob("red/*.jpg"))).resize((640, 480)).save(raw / "red" / "large.jpg")
     sources = sorted(str(p.relative_to(raw)) for p in raw.rglob("*.jpg"))
-    rows = [[f"images/{i}.jpg", source.split("/")[0], "test", "0" * 64, 0, 0, source] for i, source in enumerate(sources)]
+    rows = [
+        [f"images/{i}.jpg", source.split("/")[0], "test", "0" * 64, 0, 0, source] for i, source in enumerate(sources)
+    ]
     write_manifest(root / PREPARED_MANIFEST, ["path", "label", "split", "sha256", "width", "height", "source"], rows)
     with contextlib.chdir(root):
         _, paths = split_files("test")
@@ -108,10 +116,12 @@ def test_parity_failure_stops_the_stage_in_one_line(tmp_path, tiny_model, monkey
         run_stage(export.main)
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(r"error: export: tflite_float32 differs from the Keras model by \S+ in probability on "
-                        r"data/raw/\w+/\w+\.jpg, beyond export\.tolerance\.float32 = 1e-12 "
-                        r"\(top-1 agreement \S+%\); raise the tolerance or leave the variant out of export\.tflite",
-                        last), last
+    assert re.fullmatch(
+        r"error: export: tflite_float32 differs from the Keras model by \S+ in probability on "
+        r"data/raw/\w+/\w+\.jpg, beyond export\.tolerance\.float32 = 1e-12 "
+        r"\(top-1 agreement \S+%\); raise the tolerance or leave the variant out of export\.tflite",
+        last,
+    ), last
     assert not (project / "data" / "export").exists()  # nothing half-written
     assert not (project / "eval" / "export.json").exists()
 
@@ -121,34 +131,44 @@ def test_probabilities_of_another_model_stop_the_stage_in_one_line(tmp_path, tin
     monkeypatch.chdir(project)
     model = networks.load(MODEL_FILE)
     model.get_layer("head").get_layer("probabilities").set_weights(
-        [w + 0.1 for w in model.get_layer("head").get_layer("probabilities").get_weights()])
+        [w + 0.1 for w in model.get_layer("head").get_layer("probabilities").get_weights()]
+    )
     model.save(MODEL_FILE)  # retrained, say, and evaluate not run since
     with pytest.raises(SystemExit) as exit_info:
         run_stage(export.main)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {TEST_PROBABILITIES} is of another model or other test images than {MODEL_FILE}'s: "
-        "run the evaluate stage first (dvc repro)")
+        "run the evaluate stage first (dvc repro)"
+    )
     TEST_PROBABILITIES.unlink()
     with pytest.raises(SystemExit):
         run_stage(export.main)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {TEST_PROBABILITIES} is missing: run the evaluate stage first (dvc repro)")
+        f"error: {TEST_PROBABILITIES} is missing: run the evaluate stage first (dvc repro)"
+    )
     assert not (project / "data" / "export").exists()
 
 
 def test_parity_figures_and_the_worst_image():
     reference = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
     shift = np.array([[0.01, -0.01, 0], [-0.1, 0.3, -0.2], [0.2, 0, -0.2]])  # c's top-1 turns to class 0
-    check = export.ParityCheck(["a.jpg", "b.jpg", "c.jpg"], [reference[:2], reference[2:]], reference,
-                               ToleranceParams(float32=1e-3, float16=0.5, dynamic_range=0.5))
+    check = export.ParityCheck(
+        ["a.jpg", "b.jpg", "c.jpg"],
+        [reference[:2], reference[2:]],
+        reference,
+        ToleranceParams(float32=1e-3, float16=0.5, dynamic_range=0.5),
+    )
 
     def runner():
         outputs = iter([reference[:2] + shift[:2], reference[2:] + shift[2:]])
         return lambda batch: next(outputs)
 
     assert check("tflite_float16", runner(), "float16") == {"max_abs_diff": 0.3, "top1_agreement": 0.6667}
-    with pytest.raises(UserError, match=r"^export: tflite_float32 differs from the Keras model by 0\.3 in "
-                                        r"probability on b\.jpg, beyond export\.tolerance\.float32 = 0\.001 "
-                                        r"\(top-1 agreement 66\.67%\)"):
+    with pytest.raises(
+        UserError,
+        match=r"^export: tflite_float32 differs from the Keras model by 0\.3 in "
+        r"probability on b\.jpg, beyond export\.tolerance\.float32 = 0\.001 "
+        r"\(top-1 agreement 66\.67%\)",
+    ):
         check("tflite_float32", runner(), "float32")

@@ -15,8 +15,14 @@ from conftest import finished, on_two_cpus, project_through, run, set_params, st
 pytestmark = pytest.mark.slow
 
 PER_REPLICA = 4
-TINY = {"model.backbone": "mobilenet", "model.alpha": 0.25, "model.image_size": 32, "augment.mode": "offline",
-        "train.fine_tune.blocks": 1, "train.batch_size": PER_REPLICA}
+TINY = {
+    "model.backbone": "mobilenet",
+    "model.alpha": 0.25,
+    "model.image_size": 32,
+    "augment.mode": "offline",
+    "train.fine_tune.blocks": 1,
+    "train.batch_size": PER_REPLICA,
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +52,9 @@ def two_workers(chief: Path, worker: Path) -> list[str]:
 
 
 def test_every_device_count_and_worker_count_writes_the_same_features(augmented, tmp_path):
-    one, mirrored, chief, worker = (copy_of(augmented, tmp_path, name)
-                                    for name in ("one", "mirrored", "chief", "worker"))
+    one, mirrored, chief, worker = (
+        copy_of(augmented, tmp_path, name) for name in ("one", "mirrored", "chief", "worker")
+    )
     assert "1 replica(s) on 1 worker(s)" in run([sys.executable, "-m", "pipeline.stages.features"], one).stdout
     assert "2 replica(s) on 1 worker(s)" in run(on_two_cpus("features"), mirrored).stdout
     assert all("2 replica(s) on 2 worker(s)" in log for log in two_workers(chief, worker))

@@ -18,8 +18,14 @@ def model() -> keras.Model:
     """The exported model's shape (uint8 images -> resize -> extractor -> head), MobileNet 0.25 with
     random weights and a head with a hidden layer, so the gradient is not a constant."""
     keras.utils.set_random_seed(0)
-    params = ModelParams(backbone="mobilenet", weights="none", image_size=SIZE, alpha=0.25, precision="float32",
-                         head=HeadParams(dense_units=8, dropout=0.1))
+    params = ModelParams(
+        backbone="mobilenet",
+        weights="none",
+        image_size=SIZE,
+        alpha=0.25,
+        precision="float32",
+        head=HeadParams(dense_units=8, dropout=0.1),
+    )
     extractor = networks.feature_extractor(params)
     features = np.random.default_rng(0).normal(size=(16, extractor.output_shape[-1]))
     return networks.classifier(extractor, networks.head(networks.standardization(features), 3, params.head), SIZE)
@@ -27,8 +33,13 @@ def model() -> keras.Model:
 
 def parts(model: keras.Model):
     extractor = next(layer for layer in model.layers if layer.name.endswith("_features"))
-    return (model.get_layer("resize"), extractor.get_layer("preprocess"), networks.backbone_of(extractor),
-            extractor.get_layer("pool"), model.get_layer("head"))
+    return (
+        model.get_layer("resize"),
+        extractor.get_layer("preprocess"),
+        networks.backbone_of(extractor),
+        extractor.get_layer("pool"),
+        model.get_layer("head"),
+    )
 
 
 def test_one_pass_gives_the_models_probabilities_and_the_backbones_maps(model):

@@ -50,8 +50,9 @@ def test_flipped_labels_are_flagged_and_ranked_first():
     features, labels = clustered(40, rng)
     flipped = np.concatenate([most_typical(features, labels, c, 2) for c in range(len(CLASSES))])
     noisy = flip(labels, flipped)
-    probabilities = label_issues.held_out_probabilities(features, noisy, folds=5, seed=0,
-                                                        max_fit_images=1000).probabilities
+    probabilities = label_issues.held_out_probabilities(
+        features, noisy, folds=5, seed=0, max_fit_images=1000
+    ).probabilities
     issues = label_issues.ranked_issues(noisy, probabilities)
     assert sorted(issues) == sorted(flipped)
     scores = probabilities[issues, noisy[issues]]
@@ -132,14 +133,29 @@ def write_stage_inputs(root, per_split: dict[str, int], copies: int, rng) -> dic
         stored[:] = np.stack(rows)
         stored.flush()
         feature_store.write_labels(features_dir, split, labels_out)
-    write_manifest(root / "data" / "prepared" / "manifest.csv",
-                   ["path", "label", "split", "sha256", "width", "height", "source"], prepared)
-    write_manifest(root / "data" / "augmented" / "manifest.csv", ["path", "label", "split", "copy", "source"],
-                   augmented)
+    write_manifest(
+        root / "data" / "prepared" / "manifest.csv",
+        ["path", "label", "split", "sha256", "width", "height", "source"],
+        prepared,
+    )
+    write_manifest(
+        root / "data" / "augmented" / "manifest.csv", ["path", "label", "split", "copy", "source"], augmented
+    )
     (features_dir / feature_store.LABELS).write_text(json.dumps(CLASSES))
-    feature_store.write_meta(features_dir, feature_store.Meta(
-        backbone="generated", weights="none", image_size=0, precision="float32", dim=features.shape[1],
-        activation_cut=None, activation_dtype=None, images=len(augmented), seconds=0.0))
+    feature_store.write_meta(
+        features_dir,
+        feature_store.Meta(
+            backbone="generated",
+            weights="none",
+            image_size=0,
+            precision="float32",
+            dim=features.shape[1],
+            activation_cut=None,
+            activation_dtype=None,
+            images=len(augmented),
+            seconds=0.0,
+        ),
+    )
     return flipped
 
 
@@ -155,7 +171,8 @@ def test_stage_reports_the_flipped_originals_of_every_split(workdir, capsys):
     processes = min(joblib.cpu_count(), 5 * len(label_issues.REGULARIZATION))
     assert capsys.readouterr().out.strip().splitlines()[-1] == (  # 3 x 46 images; 4/5 of them train each fold
         "label_issues: 3 of 138 images flagged as likely mislabelled (reports/label_issues.csv); "
-        f"20 fits (5 folds x 4 C) on 111 images, {processes} processes")
+        f"20 fits (5 folds x 4 C) on 111 images, {processes} processes"
+    )
     with Image.open(workdir / "reports" / "label_issues.png") as gallery:
         assert gallery.format == "PNG" and gallery.width > 200
     assert sorted(p.name for p in (workdir / "reports").iterdir()) == ["label_issues.csv", "label_issues.png"]

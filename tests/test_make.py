@@ -22,7 +22,9 @@ def project(tmp_path: Path) -> Path:
     stand_ins.mkdir()
     for tool in ("dvc", "mlflow"):
         script = stand_ins / tool
-        script.write_text(f"#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]), file=open('{tool}.json', 'a'))\n")
+        script.write_text(
+            f"#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]), file=open('{tool}.json', 'a'))\n"
+        )
         script.chmod(0o755)
     return project
 
@@ -50,8 +52,16 @@ def test_set_runs_nothing_it_holds_and_refuses_what_is_not_key_value(project, ho
 
 def test_set_values_are_split_like_a_shell_line_and_kept_literally(project):
     result = make_in(project, "run", SET="train.epochs=2 data.url='/data/my photos' model.weights='$(none)'")
-    assert arguments(project, "dvc") == ["exp", "run", "-S", "train.epochs=2", "-S", "data.url=/data/my photos",
-                                         "-S", "model.weights=$(none)"], result.stderr
+    assert arguments(project, "dvc") == [
+        "exp",
+        "run",
+        "-S",
+        "train.epochs=2",
+        "-S",
+        "data.url=/data/my photos",
+        "-S",
+        "model.weights=$(none)",
+    ], result.stderr
     assert result.stdout.startswith("dvc exp run -S train.epochs=2 -S 'data.url=/data/my photos'")
 
 
@@ -59,14 +69,25 @@ def test_unbalanced_quotes_in_set_are_one_line(project):
     result = make_in(project, "run", SET="data.url='/data/my photos")
     assert result.stderr.splitlines()[0] == (
         "error: SET: No closing quotation: quote values with spaces as in a shell line, e.g. make run "
-        "SET=\"train.epochs=5 data.url='/data/my photos'\"")
+        "SET=\"train.epochs=5 data.url='/data/my photos'\""
+    )
 
 
 def test_serve_model_and_port_are_text(project):
     marker = project / "ran"
     make_in(project, "serve", MODEL=f'x"; touch {marker}; "', SERVE_PORT="5001")
-    assert arguments(project, "mlflow") == ["models", "serve", "-m", f'x"; touch {marker}; "', "--env-manager",
-                                            "local", "--host", "127.0.0.1", "--port", "5001"]
+    assert arguments(project, "mlflow") == [
+        "models",
+        "serve",
+        "-m",
+        f'x"; touch {marker}; "',
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "5001",
+    ]
     refused = make_in(project, "serve", SERVE_PORT=f"5001; touch {marker}")
     assert refused.stderr.splitlines()[0] == f"error: SERVE_PORT: '5001; touch {marker}' is not a port number (1-65535)"
     assert not marker.exists()

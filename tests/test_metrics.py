@@ -25,14 +25,16 @@ from pipeline.stages.evaluate import GRADCAM_IMAGES, gradcam_examples
 
 LABELS = ["cat", "dog", "fox"]
 Y_TRUE = np.array([0, 0, 1, 1, 2, 2])
-PROBABILITIES = np.array([
-    [0.7, 0.2, 0.1],  # cat, right (confidence 0.7)
-    [0.3, 0.6, 0.1],  # cat -> dog, wrong (0.6); cat is second
-    [0.1, 0.8, 0.1],  # dog, right (0.8)
-    [0.2, 0.7, 0.1],  # dog, right (0.7)
-    [0.05, 0.05, 0.9],  # fox, right (0.9)
-    [0.5, 0.1, 0.4],  # fox -> cat, wrong (0.5); fox is second
-])
+PROBABILITIES = np.array(
+    [
+        [0.7, 0.2, 0.1],  # cat, right (confidence 0.7)
+        [0.3, 0.6, 0.1],  # cat -> dog, wrong (0.6); cat is second
+        [0.1, 0.8, 0.1],  # dog, right (0.8)
+        [0.2, 0.7, 0.1],  # dog, right (0.7)
+        [0.05, 0.05, 0.9],  # fox, right (0.9)
+        [0.5, 0.1, 0.4],  # fox -> cat, wrong (0.5); fox is second
+    ]
+)
 
 
 def test_report_matches_hand_computed_values():
@@ -57,7 +59,10 @@ def test_accuracy_interval_is_wilsons_and_macro_f1s_a_bootstrap_around_the_value
     report = classification_report(Y_TRUE, PROBABILITIES, LABELS, top_k=2)
     # Wilson's score interval for 4 of 6 at 95 %, by its formula
     n, p, z = 6, 4 / 6, 1.959964
-    centre, half = (p + z**2 / (2 * n)) / (1 + z**2 / n), z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    centre, half = (
+        (p + z**2 / (2 * n)) / (1 + z**2 / n),
+        z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)),
+    )
     assert report["accuracy_ci95"] == {"low": round(centre - half, 4), "high": round(centre + half, 4)}
     interval = report["macro_f1_ci95"]
     assert 0 <= interval["low"] < report["macro"]["f1"] < interval["high"] <= 1
@@ -81,9 +86,15 @@ def test_a_test_split_too_small_for_five_points_gets_a_one_line_warning():
 
     small, large = report(45), report(2000)
     warning = interval_warning(small)
-    assert warning.startswith("warning: 45 test images measure accuracy only to +-11 points (95 % interval 0.662-0.891); ")
-    assert warning.endswith(f"+-5 points takes about {images_for(0.8, 0.05)} test images "
-                            "(more data, or a larger prepare.split.test)") and "\n" not in warning
+    assert warning.startswith(
+        "warning: 45 test images measure accuracy only to +-11 points (95 % interval 0.662-0.891); "
+    )
+    assert (
+        warning.endswith(
+            f"+-5 points takes about {images_for(0.8, 0.05)} test images (more data, or a larger prepare.split.test)"
+        )
+        and "\n" not in warning
+    )
     assert 230 <= images_for(0.8, 0.05) <= 260  # 1.96^2 x 0.8 x 0.2 / 0.05^2 = 246 by the normal approximation
     assert interval_warning(large) is None
 
@@ -99,8 +110,10 @@ def test_two_classes_with_top_k_1_and_2():
     top_1 = classification_report(y_true, probabilities, ["cat", "dog"], top_k=1)
     assert top_1["top_k"] == 1 and top_1["top_1_accuracy"] == top_1["accuracy"] == 0.5
     # cat: predicted for rows 0 and 3 (row 0 right); dog: rows 1 and 2 (row 2 right)
-    assert top_1["per_class"] == {"cat": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2},
-                                  "dog": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}}
+    assert top_1["per_class"] == {
+        "cat": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2},
+        "dog": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2},
+    }
     assert top_1["log_loss"] == round(-np.mean(np.log([0.9, 0.4, 0.7, 0.2])), 4)
     assert classification_report(y_true, probabilities, ["cat", "dog"], top_k=2)["top_2_accuracy"] == 1.0
     # A tie goes to the lower class index, as predict and the served model rank them.
@@ -137,8 +150,25 @@ def test_perfectly_calibrated_predictions_have_zero_error():
 
 
 # Names a folder can have that MLflow refuses in a metric key, or that collide once made safe.
-ODD_NAMES = ["daisy", "red-fox", "a_b", "a b", "a.b", "a_b.1", "cats, big", 'say "cheese"', "it's", "new\nline",
-             "Ünïcode", "猫", "..", "x" * 250, "x" * 251, "a:b", "$\\notmath$"]
+ODD_NAMES = [
+    "daisy",
+    "red-fox",
+    "a_b",
+    "a b",
+    "a.b",
+    "a_b.1",
+    "cats, big",
+    'say "cheese"',
+    "it's",
+    "new\nline",
+    "Ünïcode",
+    "猫",
+    "..",
+    "x" * 250,
+    "x" * 251,
+    "a:b",
+    "$\\notmath$",
+]
 
 
 def test_class_keys_are_unique_valid_mlflow_keys_and_plain_names_stay():
@@ -214,6 +244,11 @@ def test_class_names_in_cjk_scripts_are_drawn_not_boxes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib warns "Glyph ... missing from font(s)" for each box it draws
         plots.confusion_matrices(y, y[::-1], labels, tmp_path)
-        plots.image_grid([np.zeros((8, 8, 3), "uint8")] * 2, ["猫 → 犬", "고양이"], tmp_path / "grid.png",
-                         overlays=[np.ones((2, 2))] * 2, heading="Grad-CAM 猫")
+        plots.image_grid(
+            [np.zeros((8, 8, 3), "uint8")] * 2,
+            ["猫 → 犬", "고양이"],
+            tmp_path / "grid.png",
+            overlays=[np.ones((2, 2))] * 2,
+            heading="Grad-CAM 猫",
+        )
     assert (tmp_path / "grid.png").stat().st_size > 0

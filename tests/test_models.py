@@ -19,13 +19,13 @@ HEAD = HeadParams(dense_units=0, dropout=0.1)
 
 
 def params(backbone: str, size: int, weights: str = "none", alpha: float | None = None) -> ModelParams:
-    return ModelParams(backbone=backbone, weights=weights, image_size=size, alpha=alpha, precision="float32",
-                       head=HEAD)
+    return ModelParams(backbone=backbone, weights=weights, image_size=size, alpha=alpha, precision="float32", head=HEAD)
 
 
 def fine_tune(blocks: int = 0, layers: int = 0) -> FineTuneParams:
-    return FineTuneParams(blocks=blocks, layers=layers, epochs=1, batch_size=2, learning_rate=1e-3,
-                          cache_activations=True)
+    return FineTuneParams(
+        blocks=blocks, layers=layers, epochs=1, batch_size=2, learning_rate=1e-3, cache_activations=True
+    )
 
 
 def random_features(extractor: keras.Model, rows: int = 10) -> np.ndarray:
@@ -42,14 +42,22 @@ def test_every_backbone_builds_and_cuts_cleanly_at_its_blocks(name):
         networks.split_at(base, cut)  # Keras refuses a top whose layers read anything below the cut
     # Preprocessing happens exactly once: in our layer, or in the application's first layers.
     assert isinstance(base.layers[1], keras.layers.Rescaling | keras.layers.Normalization) == (
-        spec.preprocessing == "included")
+        spec.preprocessing == "included"
+    )
 
 
 # One backbone per family of keras.applications layers (ResNet101/152 and EfficientNetV2 B1-B3 are
 # deeper stacks of the same layers). Not MobileNet v1: with random weights its activations shrink
 # about twofold a block, to 1e-22 at the top, and no gradient that small moves a float32 weight.
-FAMILIES = ["inception_v3", "resnet50", "resnet50_v2", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_v2_b0",
-            "convnext_tiny"]
+FAMILIES = [
+    "inception_v3",
+    "resnet50",
+    "resnet50_v2",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_v2_b0",
+    "convnext_tiny",
+]
 
 
 @pytest.mark.slow
@@ -106,8 +114,11 @@ def test_the_cached_activations_model_computes_what_the_whole_network_does(name)
     cached.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
     before = [w.numpy() for w in base.trainable_weights]
     cached.train_on_batch(activations, np.eye(3, dtype="float32")[[0, 1, 2, 0]])
-    assert all(not np.array_equal(b, w.numpy()) for b, w in zip(before, base.trainable_weights, strict=True)
-               if w.path.endswith("kernel"))
+    assert all(
+        not np.array_equal(b, w.numpy())
+        for b, w in zip(before, base.trainable_weights, strict=True)
+        if w.path.endswith("kernel")
+    )
 
 
 def test_column_stats_streams_in_chunks_and_matches_numpy(tmp_path):
@@ -120,19 +131,23 @@ def test_column_stats_streams_in_chunks_and_matches_numpy(tmp_path):
     np.testing.assert_allclose(variance, exact.var(axis=0), rtol=1e-9)
 
 
-@pytest.mark.parametrize(("setting", "backbone", "gpu", "flags", "expected"), [
-    ("float32", "inception_v3", False, {"amx_bf16"}, "float32"),
-    ("mixed_bfloat16", "mobilenet_v2", False, set(), "mixed_bfloat16"),
-    ("auto", "inception_v3", False, {"avx2", "amx_bf16"}, "mixed_bfloat16"),
-    ("auto", "resnet50", False, {"avx512_bf16"}, "mixed_bfloat16"),
-    ("auto", "inception_v3", False, {"avx2", "avx512f"}, "float32"),
-    ("auto", "mobilenet_v2", False, {"avx2", "amx_bf16"}, "float32"),  # depthwise: slower in bfloat16
-    ("auto", "efficientnet_v2_b0", False, {"amx_bf16"}, "mixed_bfloat16"),  # its fused blocks gain
-    ("auto", "convnext_tiny", False, {"amx_bf16"}, "float32"),  # no gain: the exact one
-    ("auto", "mobilenet_v2", True, {"amx_bf16"}, "mixed_float16"),
-])
-def test_precision_auto_picks_float16_on_gpus_bfloat16_on_cpus_where_it_is_faster(monkeypatch, setting, backbone, gpu,
-                                                                                 flags, expected):
+@pytest.mark.parametrize(
+    ("setting", "backbone", "gpu", "flags", "expected"),
+    [
+        ("float32", "inception_v3", False, {"amx_bf16"}, "float32"),
+        ("mixed_bfloat16", "mobilenet_v2", False, set(), "mixed_bfloat16"),
+        ("auto", "inception_v3", False, {"avx2", "amx_bf16"}, "mixed_bfloat16"),
+        ("auto", "resnet50", False, {"avx512_bf16"}, "mixed_bfloat16"),
+        ("auto", "inception_v3", False, {"avx2", "avx512f"}, "float32"),
+        ("auto", "mobilenet_v2", False, {"avx2", "amx_bf16"}, "float32"),  # depthwise: slower in bfloat16
+        ("auto", "efficientnet_v2_b0", False, {"amx_bf16"}, "mixed_bfloat16"),  # its fused blocks gain
+        ("auto", "convnext_tiny", False, {"amx_bf16"}, "float32"),  # no gain: the exact one
+        ("auto", "mobilenet_v2", True, {"amx_bf16"}, "mixed_float16"),
+    ],
+)
+def test_precision_auto_picks_float16_on_gpus_bfloat16_on_cpus_where_it_is_faster(
+    monkeypatch, setting, backbone, gpu, flags, expected
+):
     import tensorflow as tf
 
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["gpu0"] if gpu and kind == "GPU" else [])
@@ -152,7 +167,8 @@ def test_fine_tuning_unfreezes_only_the_top_blocks_and_never_batchnorm():
     with_weights = [(i, layer) for i, layer in enumerate(base.layers) if layer.weights and layer not in batchnorm]
     assert all(layer.trainable == (i >= start) for i, layer in with_weights)
     assert {w.path.split("/")[0] for w in base.trainable_weights} == {
-        layer.name for i, layer in with_weights if i >= start}
+        layer.name for i, layer in with_weights if i >= start
+    }
 
     assert networks.trainable_top_start(base, spec, fine_tune(layers=10)) == len(base.layers) - 10
     assert networks.trainable_top_start(base, spec, fine_tune(blocks=11)) == 1  # every block
@@ -193,11 +209,17 @@ def test_alpha_sets_the_width_and_only_where_the_backbone_has_one(tmp_path):
     assert narrow.get_layer("conv1").kernel.shape == (3, 3, 3, 8)  # 32 filters x 0.25
     assert networks.backbone(params("mobilenet_v2", 32)).get_layer("Conv1").kernel.shape[-1] == 32  # null = 1.0
     narrow.save_weights(tmp_path / "mobilenet_0.25.weights.h5")
-    with pytest.raises(UserError, match=r"does not fit mobilenet alpha 0\.5 without its top .*; set model\.backbone "
-                                        r"and model\.alpha to the network the file was saved from$"):
+    with pytest.raises(
+        UserError,
+        match=r"does not fit mobilenet alpha 0\.5 without its top .*; set model\.backbone "
+        r"and model\.alpha to the network the file was saved from$",
+    ):
         networks.backbone(params("mobilenet", 32, str(tmp_path / "mobilenet_0.25.weights.h5"), alpha=0.5))
-    with pytest.raises(ValueError, match=r"alpha 0\.3 is not one of mobilenet's widths \(0\.25, 0\.5, 0\.75, 1\.0; "
-                                         r"null = 1\.0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"alpha 0\.3 is not one of mobilenet's widths \(0\.25, 0\.5, 0\.75, 1\.0; "
+        r"null = 1\.0\)",
+    ):
         params("mobilenet", 32, alpha=0.3)
     with pytest.raises(ValueError, match="alpha 1.0: resnet50 has no width multiplier; set alpha to null"):
         params("resnet50", 32, alpha=1.0)
@@ -209,10 +231,20 @@ def test_imagenet_download_failure_is_one_line(project, tmp_path):
     run([sys.executable, "-m", "pipeline.stages.download"], project)
     run([sys.executable, "-m", "pipeline.stages.prepare"], project)
     run([sys.executable, "-m", "pipeline.stages.augment"], project)
-    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras-home"),  # nothing cached
-           "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # no network
-    result = subprocess.run([sys.executable, "-m", "pipeline.stages.features"], cwd=project, capture_output=True,
-                            text=True, env=env, check=False)
+    env = {
+        **os.environ,
+        "KERAS_HOME": str(tmp_path / "keras-home"),  # nothing cached
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+    }  # no network
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.stages.features"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model.weights=imagenet: could not download the ImageNet weights for inception_v3")
@@ -255,22 +287,26 @@ def test_the_linear_head_is_logistic_regressions_optimum_at_the_strength_val_cho
     from pipeline.model import linear_head
     from pipeline.stages.train import linear_head_model
 
-    (x_train, y_train), (x_val, y_val), (x_test, _) = (generated_features(n_classes, rows, seed)
-                                                      for rows, seed in ((60, 0), (40, 1), (200, 2)))
+    (x_train, y_train), (x_val, y_val), (x_test, _) = (
+        generated_features(n_classes, rows, seed) for rows, seed in ((60, 0), (40, 1), (200, 2))
+    )
     stats = networks.standardization(x_train)
-    head, solution = linear_head_model(load_config(REPO / "params.yaml"), stats, (x_train, y_train), (x_val, y_val),
-                                       n_classes)
+    head, solution = linear_head_model(
+        load_config(REPO / "params.yaml"), stats, (x_train, y_train), (x_val, y_val), n_classes
+    )
 
     # The reference: scikit-learn solved to a gradient 1e6 times smaller, at every strength of the
     # grid, on rows standardized in float64 (a constant feature left as it is).
     scale = np.where(x_train.std(axis=0) > 0, x_train.astype("float64").std(axis=0), 1.0)
     mean = x_train.astype("float64").mean(axis=0)
-    standardized = {name: (x.astype("float64") - mean) / scale for name, x in
-                    (("train", x_train), ("val", x_val), ("test", x_test))}
+    standardized = {
+        name: (x.astype("float64") - mean) / scale for name, x in (("train", x_train), ("val", x_val), ("test", x_test))
+    }
 
     def optimum(l2: float) -> LogisticRegression:
-        return LogisticRegression(C=1 / (2 * l2 * len(y_train)), class_weight="balanced", tol=1e-10,
-                                  max_iter=100_000).fit(standardized["train"], y_train)
+        return LogisticRegression(
+            C=1 / (2 * l2 * len(y_train)), class_weight="balanced", tol=1e-10, max_iter=100_000
+        ).fit(standardized["train"], y_train)
 
     val_losses = [log_loss(y_val, optimum(l2).predict_proba(standardized["val"])) for l2 in linear_head.L2_GRID]
     assert solution.chosen.l2 == linear_head.L2_GRID[int(np.argmin(val_losses))]

@@ -17,8 +17,14 @@ from pipeline.paths import HISTORY, METRICS
 # ResNet50 at 32 px: random weights whose features still carry the images' colours, so that the
 # trained model depends on its initial weights (MobileNet's vanish: 1e-17, and every seed gives
 # the same constant model). Fine-tuning on: its layers are built after the head phase.
-SETTINGS = {"model.backbone": "resnet50", "model.image_size": 32, "train.fine_tune.blocks": 1,
-            "train.fine_tune.epochs": 6, "train.early_stopping_patience": None, "export.tflite": []}
+SETTINGS = {
+    "model.backbone": "resnet50",
+    "model.image_size": 32,
+    "train.fine_tune.blocks": 1,
+    "train.fine_tune.epochs": 6,
+    "train.early_stopping_patience": None,
+    "export.tflite": [],
+}
 
 
 def results(project: Path) -> tuple[str, list[dict[str, str]]]:
@@ -48,9 +54,25 @@ def test_same_params_data_and_seed_train_one_model_however_the_run_is_started(tm
     # tracking server.
     port = free_port()
     server = subprocess.Popen(
-        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=project_env(project), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=project_env(project),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{uri}/health", server)
@@ -69,8 +91,9 @@ def test_same_params_data_and_seed_train_one_model_however_the_run_is_started(tm
     forget_results(project)
     first_fine_tune_epoch = next(int(row["epoch"]) for row in expected[1] if row["phase"] == "fine_tune")
     killed = start_in_own_group(["dvc", "repro", "-f", "-s", "train"], project)
-    reached = kill_after_epoch(killed, project / "data" / "checkpoints" / "fine_tune" / "state.json",
-                               first_fine_tune_epoch)
+    reached = kill_after_epoch(
+        killed, project / "data" / "checkpoints" / "fine_tune" / "state.json", first_fine_tune_epoch
+    )
     resumed = run(["dvc", "repro", "-f", "-s", "train"], project)
     assert f"resuming the fine_tune phase after epoch {reached}" in resumed.stdout
     run(["dvc", "repro", "-f", "-s", "evaluate"], project)
@@ -83,5 +106,8 @@ def test_same_params_data_and_seed_train_one_model_however_the_run_is_started(tm
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     local = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time"])
     assert [(r.info.run_name, r.info.status) for r in local] == [
-        (experiment, "FINISHED"), (name, "KILLED"), (name, "FINISHED")]
+        (experiment, "FINISHED"),
+        (name, "KILLED"),
+        (name, "FINISHED"),
+    ]
     assert local[0].data.tags["dvc.experiment"] == experiment and "dvc.experiment" not in local[-1].data.tags

@@ -60,8 +60,9 @@ def commented_leaves(lines: list[str]) -> dict[str, tuple[bool, str]]:
     return leaves
 
 
-def schema_leaves(model: type[Section] = Config, node: dict[str, Any] | None = None,
-                  prefix: str = "") -> dict[str, tuple[dict[str, Any], FieldInfo]]:
+def schema_leaves(
+    model: type[Section] = Config, node: dict[str, Any] | None = None, prefix: str = ""
+) -> dict[str, tuple[dict[str, Any], FieldInfo]]:
     """Each key the config accepts -> (its JSON schema, its pydantic field)."""
     schema = Config.model_json_schema()
     node = node or schema
@@ -107,7 +108,8 @@ LEAVES = commented_leaves(PARAMS.read_text(encoding="utf-8").splitlines())
 
 def test_docs_params_md_is_what_the_generator_writes():
     assert params_doc.PAGE.read_text(encoding="utf-8") == params_doc.render(), (
-        "docs/params.md is out of date: run python -m pipeline.tools.params_doc")
+        "docs/params.md is out of date: run python -m pipeline.tools.params_doc"
+    )
 
 
 def test_params_yaml_sets_every_key_the_config_accepts():
@@ -148,10 +150,22 @@ def test_the_page_shows_types_ranges_and_every_backbone_from_the_registry():
 
 
 def test_the_comment_parser_sees_missing_comments_choices_and_bounds():
-    text = ["train:", "  # phase one", "  epochs: 10", "", "  batch_size: 32", "  split:  # fractions",
-            "    val: 0.1", "  mode: a    # a | b (what b does)", "               # | c; at most 0.5"]
-    assert commented_leaves(text) == {"train.epochs": (True, ""), "train.batch_size": (False, ""),
-                                      "train.split.val": (True, ""),
-                                      "train.mode": (True, "a | b (what b does) | c; at most 0.5")}
+    text = [
+        "train:",
+        "  # phase one",
+        "  epochs: 10",
+        "",
+        "  batch_size: 32",
+        "  split:  # fractions",
+        "    val: 0.1",
+        "  mode: a    # a | b (what b does)",
+        "               # | c; at most 0.5",
+    ]
+    assert commented_leaves(text) == {
+        "train.epochs": (True, ""),
+        "train.batch_size": (False, ""),
+        "train.split.val": (True, ""),
+        "train.mode": (True, "a | b (what b does) | c; at most 0.5"),
+    }
     assert listed_choices("a | b (what b does) | c; at most 0.5") == {"a", "b", "c"}
     assert stated_bounds("copies (0..100; at least 2)") == [("minimum", 2.0), ("minimum", 0.0), ("maximum", 100.0)]

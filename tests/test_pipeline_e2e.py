@@ -83,12 +83,22 @@ def jpeg_bytes(project: Path) -> bytes:
 
 def test_all_stages_run_and_write_metrics(trained):
     project, output = trained
-    assert stages_run(output) == ["download", "prepare", "augment", "features", "label_issues", "train", "evaluate",
-                                  "export"]
+    assert stages_run(output) == [
+        "download",
+        "prepare",
+        "augment",
+        "features",
+        "label_issues",
+        "train",
+        "evaluate",
+        "export",
+    ]
     # Every split's originals are scored (36), not the training images' augmented copies.
     summary = next(line for line in output.splitlines() if line.startswith("label_issues: "))
     assert summary.endswith(" of 36 images flagged as likely mislabelled (reports/label_issues.csv)")
-    assert (project / "reports" / "label_issues.csv").read_text().splitlines()[0] == "source,split,given,suggested,score"
+    assert (project / "reports" / "label_issues.csv").read_text().splitlines()[
+        0
+    ] == "source,split,given,suggested,score"
     metrics = json.loads((project / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert metrics["test_images"] == 6  # 3 classes x round(12 * 0.15)
@@ -125,8 +135,15 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(trained, client, cfg):
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/reliability.png", "plots/gradcam.png"} <= artifacts
     reports = {a.path for a in client.list_artifacts(logged.info.run_id, "reports")}
-    assert {"reports/metrics.json", "reports/data.json", "reports/labels.json", "reports/augment_gallery.png",
-            "reports/quarantine.csv", "reports/label_issues.csv", "reports/label_issues.png"} <= reports
+    assert {
+        "reports/metrics.json",
+        "reports/data.json",
+        "reports/labels.json",
+        "reports/augment_gallery.png",
+        "reports/quarantine.csv",
+        "reports/label_issues.csv",
+        "reports/label_issues.png",
+    } <= reports
     assert any(key.startswith("system/cpu_utilization") for key in logged.data.metrics)
     assert "system/system_memory_usage_megabytes" in logged.data.metrics
     # A model-training experiment: the UI opens it on its runs, not on GenAI traces.
@@ -159,7 +176,9 @@ def test_registry_has_one_name_per_model_kind_with_candidate_and_champion(traine
         accuracy = json.loads((project / "eval" / "metrics.json").read_text())["accuracy"]
         assert versions[0].tags["test_accuracy"].startswith(f"{accuracy:.4f} (95 % interval ")
         assert {k: v for k, v in recorded["models"][kind].items() if k != "model_id"} == {
-            "registered_model": name, "version": 1}
+            "registered_model": name,
+            "version": 1,
+        }
         assert mlflow.get_logged_model(recorded["models"][kind]["model_id"]).name == kind
     # The test metrics are on each logged model too (the UI's Models tab), on the test dataset.
     metrics = json.loads((project / "eval" / "metrics.json").read_text())
@@ -168,12 +187,16 @@ def test_registry_has_one_name_per_model_kind_with_candidate_and_champion(traine
         assert on_model["test_accuracy"].value == metrics["accuracy"]
         assert on_model["test_accuracy"].dataset_name == "images"
     # One copy of the weights per run: the served model names the Keras model instead of holding its own.
-    sizes = {kind: sum(f.stat().st_size for f in logged_model_dir(model["model_id"]).rglob("*") if f.is_file())
-             for kind, model in recorded["models"].items()}
+    sizes = {
+        kind: sum(f.stat().st_size for f in logged_model_dir(model["model_id"]).rglob("*") if f.is_file())
+        for kind, model in recorded["models"].items()
+    }
     assert sizes["image_classifier"] < sizes["model"] / 100
     config = mlflow.models.get_model_info(f"models:/{served}@champion").flavors["python_function"]["config"]
-    assert config == {"keras_model": f"models:/{recorded['models']['model']['model_id']}",
-                      "labels": ["blue", "green", "red"]}
+    assert config == {
+        "keras_model": f"models:/{recorded['models']['model']['model_id']}",
+        "labels": ["blue", "green", "red"],
+    }
 
 
 def logged_model_dir(model_id: str) -> Path:
@@ -236,8 +259,9 @@ def test_console_shows_warnings_not_tensorflow_noise(trained):
     assert "absl::InitializeLog" not in console and "Ignored output_format" not in console, console
     assert not re.search(r" INFO mlflow", console), console  # MLflow's notes (MLFLOW_LOGGING_LEVEL)
     # What the user has to fix still shows, in every stage that loads TensorFlow.
-    warned = re.findall(r"^W\d{4} .*\] TF_ENABLE_ONEDNN_OPTS is not set to either '0', 'false', '1', or 'true'",
-                        console, re.M)
+    warned = re.findall(
+        r"^W\d{4} .*\] TF_ENABLE_ONEDNN_OPTS is not set to either '0', 'false', '1', or 'true'", console, re.M
+    )
     assert len(warned) >= 5, console  # augment, features, train, evaluate, export
 
 
@@ -284,7 +308,8 @@ def test_accuracy_gate_fails_the_stage_and_moves_champion_only_when_passed(train
     result = run([sys.executable, "-m", "pipeline.stages.evaluate"], project, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: test accuracy 0.3333 is below evaluate.min_accuracy 0.5; @champion stays where it was")
+        "error: test accuracy 0.3333 is below evaluate.min_accuracy 0.5; @champion stays where it was"
+    )
     assert json.loads((project / "eval" / "metrics.json").read_text())["accuracy"] == 0.3333
     assert client.get_registered_model(served).aliases == {"candidate": 1}
 
@@ -364,13 +389,23 @@ def test_summary_says_what_the_run_scored_and_where_to_look(trained, cfg):
     metrics = json.loads((project / "eval" / "metrics.json").read_text())
     shown = run([sys.executable, "-m", "pipeline.tools.summary"], project).stdout.splitlines()
     accuracy, f1 = metrics["accuracy_ci95"], metrics["macro_f1_ci95"]
-    assert shown[0].startswith(f"test accuracy {metrics['accuracy']:.3f} ({accuracy['low']:.3f}-{accuracy['high']:.3f}), "
-                               f"macro F1 {metrics['macro']['f1']:.3f} ({f1['low']:.3f}-{f1['high']:.3f})")
+    assert shown[0].startswith(
+        f"test accuracy {metrics['accuracy']:.3f} ({accuracy['low']:.3f}-{accuracy['high']:.3f}), "
+        f"macro F1 {metrics['macro']['f1']:.3f} ({f1['low']:.3f}-{f1['high']:.3f})"
+    )
     # 6 test images: the interval is far wider than +-5 points, and the summary says so.
     assert shown[1].startswith("warning: 6 test images measure accuracy only to +-")
     recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
     assert any(recorded["run_id"] in line and f"experiment '{cfg.experiment_name}'" in line for line in shown)
     assert len(shown) <= 9 and all(len(line) < 200 for line in shown)
     times = next(line for line in shown if line.startswith("stage wall times"))
-    assert re.findall(r"(\w+) \d+\.\d s", times) == ["download", "prepare", "augment", "features", "label_issues",
-                                                      "train", "evaluate", "export"], times
+    assert re.findall(r"(\w+) \d+\.\d s", times) == [
+        "download",
+        "prepare",
+        "augment",
+        "features",
+        "label_issues",
+        "train",
+        "evaluate",
+        "export",
+    ], times

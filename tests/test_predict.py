@@ -38,10 +38,17 @@ def model_dir(tmp_path_factory) -> Path:
 
     keras.utils.set_random_seed(0)
     root = tmp_path_factory.mktemp("model")
-    extractor = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3), keras.layers.GlobalAveragePooling2D()])
-    pixels = np.stack([np.asarray(Image.open(p)) for p in make_images(root / "images", {"a": 6}, (32, 32)).rglob("*.jpg")])
-    head = networks.head(networks.standardization(extractor.predict(pixels, verbose=0)), len(LABELS),
-                         HeadParams(dense_units=0, dropout=0.5))
+    extractor = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3), keras.layers.GlobalAveragePooling2D()]
+    )
+    pixels = np.stack(
+        [np.asarray(Image.open(p)) for p in make_images(root / "images", {"a": 6}, (32, 32)).rglob("*.jpg")]
+    )
+    head = networks.head(
+        networks.standardization(extractor.predict(pixels, verbose=0)),
+        len(LABELS),
+        HeadParams(dense_units=0, dropout=0.5),
+    )
     networks.classifier(extractor, head, 32).save(root / "model.keras")
     (root / "labels.json").write_text(json.dumps(LABELS))
     return root
@@ -61,7 +68,9 @@ def store(tmp_path_factory, model_dir, model) -> tuple[str, str]:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("predict-test", artifact_location=(root / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as logged:
-        tracking.log_model(model, model_dir, "tiny", tracking.About("tiny-data", "/data/tiny", "mobilenet alpha 0.25 at 32 px"))
+        tracking.log_model(
+            model, model_dir, "tiny", tracking.About("tiny-data", "/data/tiny", "mobilenet alpha 0.25 at 32 px")
+        )
     return uri, logged.info.run_id
 
 
@@ -81,8 +90,12 @@ def test_folder_with_a_corrupt_file_prints_the_rest_and_exits_1(tmp_path, model_
     Image.new("RGBA", (30, 60), (255, 0, 0, 128)).save(folder / "green" / "transparent.png")
     (folder / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (folder / "notes.txt").write_text("not an image, not a candidate")
-    result = run([sys.executable, "-m", "pipeline.tools.predict", str(folder), "--model", str(model_dir / "model.keras")],
-                 tmp_path, check=False, env={**project_env(tmp_path), "PYTHONPATH": str(REPO)})
+    result = run(
+        [sys.executable, "-m", "pipeline.tools.predict", str(folder), "--model", str(model_dir / "model.keras")],
+        tmp_path,
+        check=False,
+        env={**project_env(tmp_path), "PYTHONPATH": str(REPO)},
+    )
 
     assert result.returncode == 1, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -94,7 +107,8 @@ def test_folder_with_a_corrupt_file_prints_the_rest_and_exits_1(tmp_path, model_
         assert [p for _, p in ranked] == pytest.approx([p for _, p in expected], abs=5e-4)  # printed with 3 decimals
     broken = folder / "red" / "broken.jpg"
     assert [line for line in result.stderr.splitlines() if line.startswith("skipped ")] == [
-        f"skipped {broken}: cannot read image (UnidentifiedImageError: cannot identify image file '{broken}')"]
+        f"skipped {broken}: cannot read image (UnidentifiedImageError: cannot identify image file '{broken}')"
+    ]
     assert "Traceback" not in result.stderr
 
 
@@ -105,13 +119,18 @@ def test_make_predict_takes_paths_with_spaces_and_runs_nothing_they_hold(tmp_pat
     marker = tmp_path / "ran"
     project = new_project(tmp_path / "project", tmp_path / "my photos")
     paths = f"'{spaced}' '{tmp_path}/x.jpg; touch {marker}' `touch {marker}`"
-    result = run(make("predict", PATHS=paths, ARGS=f"--model '{model_dir / 'model.keras'}' --top-k 1"), project,
-                 check=False)
+    result = run(
+        make("predict", PATHS=paths, ARGS=f"--model '{model_dir / 'model.keras'}' --top-k 1"), project, check=False
+    )
     assert not marker.exists()
-    assert result.stdout.splitlines() == [f"{spaced}\t{expected_top(model, spaced, 1)[0][0]} "
-                                          f"{expected_top(model, spaced, 1)[0][1]:.3f}"], result.stderr
+    assert result.stdout.splitlines() == [
+        f"{spaced}\t{expected_top(model, spaced, 1)[0][0]} {expected_top(model, spaced, 1)[0][1]:.3f}"
+    ], result.stderr
     assert [line.split(":")[0] for line in result.stderr.splitlines() if line.startswith("skipped ")] == [
-        f"skipped {tmp_path}/x.jpg; touch {marker}", "skipped `touch", f"skipped {marker}`"]
+        f"skipped {tmp_path}/x.jpg; touch {marker}",
+        "skipped `touch",
+        f"skipped {marker}`",
+    ]
     assert result.returncode != 0
 
 
@@ -212,8 +231,11 @@ def test_model_from_mlflow_runs_and_models_uris(tmp_path, store, model, monkeypa
 
     with pytest.raises(UserError, match=r"^--model runs:/0123456789abcdef/model: "):
         predict.main([str(image), "--model", "runs:/0123456789abcdef/model"])
-    with pytest.raises(UserError, match=rf"^--model models:/tiny/1 is not a Keras model \(flavors: "
-                                        rf"python_function\); use the run's Keras model, runs:/{run_id}/model$"):
+    with pytest.raises(
+        UserError,
+        match=rf"^--model models:/tiny/1 is not a Keras model \(flavors: "
+        rf"python_function\); use the run's Keras model, runs:/{run_id}/model$",
+    ):
         predict.main([str(image), "--model", "models:/tiny/1"])
 
 
@@ -278,14 +300,19 @@ def test_a_fifo_is_skipped_not_read_forever(tmp_path):
     fifo = tmp_path / "photo.jpg"
     os.mkfifo(fifo)  # opening it for reading would block until someone writes
     assert list(predict.image_files([fifo, tmp_path / "missing.jpg"])) == [
-        (fifo, "not a regular file (a FIFO, socket or device)"), (tmp_path / "missing.jpg", "no such file or folder")]
+        (fifo, "not a regular file (a FIFO, socket or device)"),
+        (tmp_path / "missing.jpg", "no such file or folder"),
+    ]
 
 
 @pytest.mark.slow
 def test_imagenet_shows_what_the_pretrained_backbone_sees(tmp_path, monkeypatch, capsys):
     """--imagenet: MobileNet 0.25 with its own ImageNet classifier (real weights) puts class 985,
     "daisy", in the top 5 of most daisy photos; a file without the classifier is one line."""
-    archive, with_top = SHARED / "datasets" / "flower_photos.tgz", SHARED / "weights" / "mobilenet_0.25_224_imagenet_with_top.h5"
+    archive, with_top = (
+        SHARED / "datasets" / "flower_photos.tgz",
+        SHARED / "weights" / "mobilenet_0.25_224_imagenet_with_top.h5",
+    )
     require_shared(archive)
     require_shared(with_top)
     with tarfile.open(archive) as tar:

@@ -28,8 +28,6 @@ RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
 
 
-
-
 def run_prepare(**params) -> dict:
     if params:
         set_params(Path.cwd(), **params)
@@ -78,8 +76,18 @@ def test_every_supported_kind_becomes_an_upright_rgb_jpeg(workdir):
     run_prepare()
     rows = manifest()
     assert quarantine() == {}
-    for name in ("alpha.png", "gray16.png", "cmyk.jpg", "gray.jpg", "palette.png", "anim.gif", "rotated.jpg",
-                 "pic.bmp", "pic.webp", "pic.tiff"):
+    for name in (
+        "alpha.png",
+        "gray16.png",
+        "cmyk.jpg",
+        "gray.jpg",
+        "palette.png",
+        "anim.gif",
+        "rotated.jpg",
+        "pic.bmp",
+        "pic.webp",
+        "pic.tiff",
+    ):
         assert rows[f"odd/{name}"]["label"] == "odd"
         normalized(rows[f"odd/{name}"])
     alpha = normalized(rows["odd/alpha.png"])
@@ -114,11 +122,11 @@ def test_elongated_and_oversized_images_are_quarantined_with_their_reason(workdi
     report = run_prepare()
     assert quarantine() == {
         "a/panorama.jpg": "too elongated: 6000x400 pixels, one side 15.0 times the other, above "
-                          "prepare.max_aspect_ratio=4 (the model sees the central square)",
+        "prepare.max_aspect_ratio=4 (the model sees the central square)",
         "b/strip.png": "too elongated: 40x20000 pixels, one side 500.0 times the other, above "
-                       "prepare.max_aspect_ratio=4 (the model sees the central square)",
+        "prepare.max_aspect_ratio=4 (the model sees the central square)",
         "a/huge.png": "too large: 8000x8000 pixels (64.0 megapixels), larger than 50 megapixels "
-                      "(prepare.max_pixels=50000000)",
+        "(prepare.max_pixels=50000000)",
     }
     assert report["quarantined_by_reason"] == {"too elongated": 2, "too large": 1}
     assert "b/four_to_one.jpg" in manifest()
@@ -138,13 +146,20 @@ def test_bad_images_are_quarantined_with_their_reason(workdir):
     assert reasons["a/truncated.jpg"].startswith("truncated: image file is truncated")
     assert reasons["a/empty.jpg"] == "empty file"
     assert reasons["a/page.jpg"].startswith(
-        "not an image: a JPEG/PNG/GIF/BMP/WEBP/TIFF file does not start with b'<!DOCTYPE")
+        "not an image: a JPEG/PNG/GIF/BMP/WEBP/TIFF file does not start with b'<!DOCTYPE"
+    )
     assert reasons["b/pixel.png"] == "too small: 1x1 pixels, below prepare.min_side=32"
-    assert reasons["b/bomb.png"] == ("too large: 100000x100000 pixels (10000.0 megapixels), larger than 50 "
-                                     "megapixels (prepare.max_pixels=50000000)")
+    assert reasons["b/bomb.png"] == (
+        "too large: 100000x100000 pixels (10000.0 megapixels), larger than 50 megapixels (prepare.max_pixels=50000000)"
+    )
     assert report["quarantined"] == 5 and report["images"] == 10
-    assert report["quarantined_by_reason"] == {"empty file": 1, "not an image": 1, "too large": 1, "too small": 1,
-                                               "truncated": 1}
+    assert report["quarantined_by_reason"] == {
+        "empty file": 1,
+        "not an image": 1,
+        "too large": 1,
+        "too small": 1,
+        "truncated": 1,
+    }
     assert all((RAW / source).exists() for source in reasons)  # quarantined, never deleted
     assert not set(reasons) & set(manifest())
 
@@ -154,8 +169,10 @@ def test_a_genuine_large_image_is_used_and_prepare_max_pixels_sets_the_limit(wor
     Image.new("L", (10_000, 4_500), 200).save(RAW / "a" / "scan.png")  # 45 Mpx: Pillow alone calls it a bomb
     assert run_prepare()["images"] == 11
     assert run_prepare(**{"prepare.max_pixels": 40_000_000})["quarantined_by_reason"] == {"too large": 1}
-    assert quarantine() == {"a/scan.png": "too large: 10000x4500 pixels (45.0 megapixels), larger than 40 megapixels "
-                                          "(prepare.max_pixels=40000000)"}
+    assert quarantine() == {
+        "a/scan.png": "too large: 10000x4500 pixels (45.0 megapixels), larger than 40 megapixels "
+        "(prepare.max_pixels=40000000)"
+    }
     # More than the model server decodes is refused: such test images could not be served.
     with pytest.raises(UserError, match="prepare.max_pixels: Input should be less than or equal to 50000000"):
         run_prepare(**{"prepare.max_pixels": 90_000_000})
@@ -168,8 +185,17 @@ def test_names_hidden_and_ignored_files(workdir):
     bad.picture(4001).save(RAW / "tulips" / "花 1.jpg")
     (RAW / "tulips" / "deeper" / "deepest").mkdir(parents=True)
     bad.picture(4002).save(RAW / "tulips" / "deeper" / "deepest" / "nested.jpg")
-    ignored = ["LICENSE.txt", "tulips/README.md", "tulips/LICENSE", "tulips/notes.txt", "tulips/.DS_Store",
-               "tulips/.hidden.jpg", ".cache/x.jpg", "__MACOSX/tulips/._x.jpg", "tulips/.thumbs/y.jpg"]
+    ignored = [
+        "LICENSE.txt",
+        "tulips/README.md",
+        "tulips/LICENSE",
+        "tulips/notes.txt",
+        "tulips/.DS_Store",
+        "tulips/.hidden.jpg",
+        ".cache/x.jpg",
+        "__MACOSX/tulips/._x.jpg",
+        "tulips/.thumbs/y.jpg",
+    ]
     for name in ignored:
         (RAW / name).parent.mkdir(parents=True, exist_ok=True)
         (RAW / name).write_bytes(bad.jpeg_bytes(5000))
@@ -186,19 +212,31 @@ def test_names_hidden_and_ignored_files(workdir):
     why = {row["source"]: row["reason"] for row in read_manifest(PREPARED / "ignored.csv")}
     assert set(why) == {*ignored, "linked"}
     assert (why["LICENSE.txt"], why["tulips/.DS_Store"], why["linked"]) == (
-        "licence or readme", "hidden: the name starts with '.'", "symlinked folder: not followed (a link may loop)")
+        "licence or readme",
+        "hidden: the name starts with '.'",
+        "symlinked folder: not followed (a link may loop)",
+    )
     assert why["tulips/notes.txt"] == "not an image file name: suffix '.txt'"
 
 
 def test_every_file_left_out_is_listed_by_name_with_its_reason(workdir, capsys):
     bad.write_pictures(RAW, {"cars": 4, "tulips": 4})
-    used = ["cars/license_plate_01.jpg", "cars/README_first.png", "cars/LICENSE.jpg", "tulips/a.jfif",
-            "tulips/b.JPE", "tulips/c.apng"]  # image suffixes Pillow decodes; names that only look like documents
+    used = [
+        "cars/license_plate_01.jpg",
+        "cars/README_first.png",
+        "cars/LICENSE.jpg",
+        "tulips/a.jfif",
+        "tulips/b.JPE",
+        "tulips/c.apng",
+    ]  # image suffixes Pillow decodes; names that only look like documents
     for i, name in enumerate(used):
         bad.picture(6000 + i).save(RAW / name, format="PNG" if name.endswith(("png", "apng")) else "JPEG")
     left_out = {
-        "LICENSE": "licence or readme", "cars/LICENSE.md": "licence or readme", "cars/readme.txt": "licence or readme",
-        "COPYING": "licence or readme", "stray.jpg": "outside the class folders: no class folder above it",
+        "LICENSE": "licence or readme",
+        "cars/LICENSE.md": "licence or readme",
+        "cars/readme.txt": "licence or readme",
+        "COPYING": "licence or readme",
+        "stray.jpg": "outside the class folders: no class folder above it",
         "notes.txt": "not an image file name: suffix '.txt'",
         "cars/scan.heic": "not an image file name: suffix '.heic'",
         "cars/Makefile": "not an image file name: no suffix",
@@ -213,18 +251,25 @@ def test_every_file_left_out_is_listed_by_name_with_its_reason(workdir, capsys):
     os.mkfifo(RAW / "cars" / "pipe.jpg")  # opening it would block for ever
     (RAW / "tulips" / "gone.jpg").symlink_to(RAW / "nowhere.jpg")
     (RAW / "cars" / "more").symlink_to((RAW / "tulips").resolve(), target_is_directory=True)
-    left_out |= {"cars/pipe.jpg": "not a regular file: a broken link, FIFO, socket or device",
-                 "tulips/gone.jpg": "not a regular file: a broken link, FIFO, socket or device",
-                 "cars/more": "symlinked folder: not followed (a link may loop)"}
+    left_out |= {
+        "cars/pipe.jpg": "not a regular file: a broken link, FIFO, socket or device",
+        "tulips/gone.jpg": "not a regular file: a broken link, FIFO, socket or device",
+        "cars/more": "symlinked folder: not followed (a link may loop)",
+    }
     report = run_prepare()
     assert set(used) <= set(manifest())
     listed = {row["source"]: row["reason"] for row in read_manifest(PREPARED / "ignored.csv")}
     assert listed == left_out
     on_disk = {str(p.relative_to(RAW)) for p in RAW.rglob("*") if p.is_symlink() or not p.is_dir()}
     assert on_disk == set(manifest()) | set(listed)  # every file is used or listed, none vanishes
-    assert report["ignored_by_reason"] == {"hidden": 4, "licence or readme": 4, "not a regular file": 2,
-                                           "not an image file name": 3, "outside the class folders": 1,
-                                           "symlinked folder": 1}
+    assert report["ignored_by_reason"] == {
+        "hidden": 4,
+        "licence or readme": 4,
+        "not a regular file": 2,
+        "not an image file name": 3,
+        "outside the class folders": 1,
+        "symlinked folder": 1,
+    }
     assert f"{len(left_out)} files ignored (see data/prepared/ignored.csv)" in capsys.readouterr().out
 
 
@@ -234,8 +279,10 @@ def test_a_class_without_usable_images_says_what_was_left_out(workdir):
     for name in ("1.heic", "2.heic"):
         (RAW / "scans" / name).write_bytes(b"\0\0\0\x18ftypheic")
     (RAW / "scans" / "3.jpg").write_bytes(b"")
-    assert "'scans' (train 0, val 0, test 0; 3 files not used, the first: scans/1.heic: not an image file name: " \
-           "suffix '.heic')" in refused()
+    assert (
+        "'scans' (train 0, val 0, test 0; 3 files not used, the first: scans/1.heic: not an image file name: "
+        "suffix '.heic')" in refused()
+    )
 
 
 def test_folder_names_alike_but_for_their_unicode_form_or_case_warn(workdir, capsys):
@@ -250,7 +297,8 @@ def test_folder_names_alike_but_for_their_unicode_form_or_case_warn(workdir, cap
         "warning: 1 class(es) merge names that differ only in their Unicode form (NFC/NFD, one name to Unicode and "
         "to macOS): 'café' from 'cafe\\u0301' and 'caf\\xe9'; rename one if they are different classes",
         "warning: 1 group(s) of classes differ only in case and stay apart: 'Tea' and 'tea' (a case-insensitive file "
-        "system, macOS or Windows, would merge their folders)"]
+        "system, macOS or Windows, would merge their folders)",
+    ]
 
 
 # --- Pixel values and colour ------------------------------------------------------------------
@@ -271,10 +319,11 @@ def test_float_pixels_are_scaled_by_their_range_or_quarantined(workdir):
     assert np.abs(normalized(rows["a/bytes.tif"]) - 200).max() < 3
     assert quarantine() == {
         "b/hdr.tif": "pixel values out of range: float pixels from -5 to 995, neither within 0..1 nor 0..255; "
-                     "save the image as 8- or 16-bit",
+        "save the image as 8- or 16-bit",
         "b/nan.tif": "pixel values out of range: float pixels holding NaN or infinity",
         "b/int32.tif": "pixel values out of range: 32-bit integer pixels from 1.04858e+06 to 1.04858e+06, neither "
-                       "within 0..65535 (16 bits); save the image as 8- or 16-bit"}
+        "within 0..65535 (16 bits); save the image as 8- or 16-bit",
+    }
 
 
 def test_colour_profiles_are_converted_to_srgb(workdir, capsys):
@@ -299,8 +348,10 @@ def test_colour_profiles_are_converted_to_srgb(workdir, capsys):
     assert np.abs(normalized(rows["b/linear.png"]) - bad.srgb_encode(90 / 255)).max() <= 2  # 160
     assert report["colour_profiles"] == {"converted": 3, "unusable": 2}
     notes = [line for line in capsys.readouterr().err.splitlines() if "colour profile" in line]
-    assert notes == ["note: 2 images have a colour profile that cannot be used (the first: not a readable ICC "
-                     "profile); their pixels are taken as sRGB: a/broken.jpg, a/grey.png"]
+    assert notes == [
+        "note: 2 images have a colour profile that cannot be used (the first: not a readable ICC "
+        "profile); their pixels are taken as sRGB: a/broken.jpg, a/grey.png"
+    ]
 
 
 # --- Classes, duplicates and conflicts --------------------------------------------------------
@@ -312,7 +363,8 @@ def test_empty_class_folder_fails(workdir):
     assert refused() == (
         "too few usable images to put one in each of train, val and test in 1 of 3 classes (prepare.split val 0.15, "
         "test 0.15; near-duplicates count as one; each class needs at least 4): 'empty' (train 0, val 0, test 0): "
-        "add images or remove those classes")
+        "add images or remove those classes"
+    )
 
 
 def test_one_class_only_fails(workdir):
@@ -336,11 +388,18 @@ def test_same_image_in_two_classes_is_excluded_and_leaves_no_files(workdir):
     assert "roses/img_0000.jpg" not in rows and "tulips/same.jpg" not in rows
     assert "roses/img_0001.jpg" in rows and "roses/z_again.jpg" not in rows  # the first name is kept
     assert read_manifest(PREPARED / "duplicates.csv") == [
-        {"source": "roses/z_again.jpg", "label": "roses", "kind": "exact", "same_as": "roses/img_0001.jpg"}]
+        {"source": "roses/z_again.jpg", "label": "roses", "kind": "exact", "same_as": "roses/img_0001.jpg"}
+    ]
     on_disk = sorted(str(p.relative_to(PREPARED)) for p in (PREPARED / "images").rglob("*") if p.is_file())
     assert on_disk == sorted(row["path"] for row in rows.values())  # no orphaned normalized copies
     assert sorted(p.name for p in PREPARED.iterdir()) == [
-        "duplicates.csv", "ignored.csv", "images", "labels.json", "manifest.csv", "quarantine.csv"]
+        "duplicates.csv",
+        "ignored.csv",
+        "images",
+        "labels.json",
+        "manifest.csv",
+        "quarantine.csv",
+    ]
     assert (report["images"], report["quarantined"], report["duplicates_dropped"]) == (14 - 2 - 1, 2, 1)
 
 
@@ -411,7 +470,9 @@ def test_low_detail_images_keep_the_split_fractions_of_every_class(workdir, caps
 def test_near_pair_search_finds_exactly_the_pairs_every_pair_comparison_finds(distance):
     rng = np.random.default_rng(distance)
     spread = rng.integers(0, 2**63, 3000, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 3000, dtype=np.uint64)
-    flips = [np.uint64(sum(1 << int(b) for b in rng.choice(64, size=k, replace=False))) for k in rng.integers(0, 12, 900)]
+    flips = [
+        np.uint64(sum(1 << int(b) for b in rng.choice(64, size=k, replace=False))) for k in rng.integers(0, 12, 900)
+    ]
     hashes = np.concatenate([spread, spread[:900] ^ np.array(flips, dtype=np.uint64)])
     first, second, searched = dedupe.near_pairs(hashes, distance)
     every = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= distance
@@ -428,8 +489,10 @@ def test_copies_of_one_picture_stay_one_group_and_a_chain_of_look_alikes_is_spli
         chain.append(chain[-1] + rng.normal(0, 10, 1024))
     copies = [chain[0][::-1] + rng.normal(0, 3, 1024) for _ in range(40)]
     thumbnails = [np.clip(t, 0, 255).astype(np.uint8).tobytes() for t in chain + copies]
-    images = [Record(f"{i:03d}.jpg", "a", "x", 32, 32, 2**63 - 1, Path("x"), "", thumbnail, rank=f"{i:03d}")
-              for i, thumbnail in enumerate(thumbnails)]
+    images = [
+        Record(f"{i:03d}.jpg", "a", "x", 32, 32, 2**63 - 1, Path("x"), "", thumbnail, rank=f"{i:03d}")
+        for i, thumbnail in enumerate(thumbnails)
+    ]
     groups, unsearched = dedupe.near_duplicate_groups(images, 6)
     assert unsearched == 0
     assert [i.source for i in max(groups, key=len)] == [f"{i:03d}.jpg" for i in range(60, 100)]
@@ -437,8 +500,9 @@ def test_copies_of_one_picture_stay_one_group_and_a_chain_of_look_alikes_is_spli
     assert 1 < len(stars) < 60 and sum(len(star) for star in stars) == 60
     pixels = np.frombuffer(b"".join(thumbnails), np.uint8).reshape(100, -1)
     for first, *others in stars:  # every image alike to its star's first
-        alike = dedupe.correlations(pixels, *dedupe.centred_norms(pixels), np.full(len(others), first),
-                                    np.array(others, dtype=np.intp))
+        alike = dedupe.correlations(
+            pixels, *dedupe.centred_norms(pixels), np.full(len(others), first), np.array(others, dtype=np.intp)
+        )
         assert (alike >= dedupe.NEAR_CORRELATION).all()
 
 
@@ -448,13 +512,20 @@ def test_giant_near_duplicate_groups_stop_prepare_in_one_line(workdir):
     for i in range(24):  # a: 30 copies of one picture, slightly re-encoded each
         bad.near_copy(paths["a"][0], RAW / "a" / f"copy_{i:02d}.jpg", scale=(7 + i % 2) / 8, quality=70 + i)
     message = refused()
-    assert message.startswith("prepare.split (val 0.15, test 0.15) cannot be met within 1% in 1 of 2 classes, as each "
-                              "near-duplicate group (prepare.near_duplicate_distance=6) stays in one split: 'a' (val ")
+    assert message.startswith(
+        "prepare.split (val 0.15, test 0.15) cannot be met within 1% in 1 of 2 classes, as each "
+        "near-duplicate group (prepare.near_duplicate_distance=6) stays in one split: 'a' (val "
+    )
     assert "its largest group holds 25 of its 30 images, the first " in message
-    assert message.endswith("remove the copies, or lower prepare.near_duplicate_distance (0: identical hashes only; "
-                            "null: no grouping, near-copies may then be in train and test)")
+    assert message.endswith(
+        "remove the copies, or lower prepare.near_duplicate_distance (0: identical hashes only; "
+        "null: no grouping, near-copies may then be in train and test)"
+    )
     assert run_prepare(**{"prepare.near_duplicate_distance": None})["per_class"]["a"] == {
-        "train": 22, "val": 4, "test": 4}
+        "train": 22,
+        "val": 4,
+        "test": 4,
+    }
 
 
 def test_heavy_imbalance_warns_in_one_line(workdir, capsys):
@@ -466,8 +537,14 @@ def test_heavy_imbalance_warns_in_one_line(workdir, capsys):
 
 def test_stage_prints_one_line_for_a_user_mistake(workdir):
     bad.write_pictures(RAW, {"only": 5})
-    result = subprocess.run([sys.executable, "-m", "pipeline.stages.prepare"], cwd=workdir, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.stages.prepare"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "error: data/raw has 1 class folder(s) ['only']; need at least 2 (one sub-folder of images per class)"]
+        "error: data/raw has 1 class folder(s) ['only']; need at least 2 (one sub-folder of images per class)"
+    ]

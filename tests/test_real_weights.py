@@ -38,25 +38,37 @@ def real_weights() -> None:
 
 
 def params(backbone: str, weights: Path, alpha: float | None = None) -> ModelParams:
-    return ModelParams(backbone=backbone, weights=str(weights), alpha=alpha, image_size=32, precision="float32",
-                       head=HeadParams(dense_units=0, dropout=0.1))
+    return ModelParams(
+        backbone=backbone,
+        weights=str(weights),
+        alpha=alpha,
+        image_size=32,
+        precision="float32",
+        head=HeadParams(dense_units=0, dropout=0.1),
+    )
 
 
-@pytest.mark.parametrize(("backbone", "weights", "alpha", "batchnorm"), [
-    ("mobilenet_v2", MOBILENET_V2, None, "bn_Conv1"),
-    ("mobilenet", MOBILENET_025, 0.25, "conv1_bn"),
-])
+@pytest.mark.parametrize(
+    ("backbone", "weights", "alpha", "batchnorm"),
+    [
+        ("mobilenet_v2", MOBILENET_V2, None, "bn_Conv1"),
+        ("mobilenet", MOBILENET_025, 0.25, "conv1_bn"),
+    ],
+)
 def test_each_weights_file_loads_into_its_backbone_and_width(backbone, weights, alpha, batchnorm):
     base = networks.backbone(params(backbone, weights, alpha))
     # Keras initializes BatchNorm variances to ones: ImageNet's are anything but.
     assert not np.allclose(base.get_layer(batchnorm).moving_variance.numpy(), 1)
 
 
-@pytest.mark.parametrize(("backbone", "weights", "alpha", "asked"), [
-    ("mobilenet_v2", MOBILENET_025, None, "mobilenet_v2 alpha 1.0"),  # another backbone
-    ("mobilenet", MOBILENET_025, None, "mobilenet alpha 1.0"),  # another width
-    ("mobilenet", MOBILENET_V2, 0.25, "mobilenet alpha 0.25"),
-])
+@pytest.mark.parametrize(
+    ("backbone", "weights", "alpha", "asked"),
+    [
+        ("mobilenet_v2", MOBILENET_025, None, "mobilenet_v2 alpha 1.0"),  # another backbone
+        ("mobilenet", MOBILENET_025, None, "mobilenet alpha 1.0"),  # another width
+        ("mobilenet", MOBILENET_V2, 0.25, "mobilenet alpha 0.25"),
+    ],
+)
 def test_a_file_for_another_backbone_or_width_stops_in_one_line(backbone, weights, alpha, asked):
     with pytest.raises(UserError) as error:
         networks.backbone(params(backbone, weights, alpha))
@@ -85,11 +97,19 @@ def flowers_slice(root: Path, per_class: int) -> Path:
 def test_real_weights_classify_a_flowers_slice_far_better_than_random_ones(tmp_path):
     require_shared(FLOWERS)
     project = new_project(tmp_path / "project", flowers_slice(tmp_path / "flowers", PER_CLASS))
-    set_params(project, **{
-        "model.backbone": "mobilenet", "model.alpha": 0.25, "model.weights": str(MOBILENET_025),
-        "model.image_size": 128, "prepare.split.test": 0.3, "augment.copies": 0, "train.epochs": 20,
-        "export.tflite": ["float32", "float16"],
-    })
+    set_params(
+        project,
+        **{
+            "model.backbone": "mobilenet",
+            "model.alpha": 0.25,
+            "model.weights": str(MOBILENET_025),
+            "model.image_size": 128,
+            "prepare.split.test": 0.3,
+            "augment.copies": 0,
+            "train.epochs": 20,
+            "export.tflite": ["float32", "float16"],
+        },
+    )
     run(["dvc", "repro"], project)
     accuracy = json.loads((project / "eval" / "metrics.json").read_text())["accuracy"]
     assert accuracy >= MIN_ACCURACY, f"test accuracy {accuracy} with {MOBILENET_025.name}"

@@ -44,12 +44,19 @@ def test_write_failure_is_one_line_and_keeps_previous_outputs(project, tmp_path)
     before = tree_digest(project / "data" / "raw")
     # New, bigger images: the copy into data/raw fails part-way.
     set_params(project, **{"data.url": str(make_images(tmp_path / "big", {"a": 3, "b": 3}, size=(400, 300)))})
-    result = subprocess.run([sys.executable, "-m", "pipeline.stages.download"], cwd=project, capture_output=True,
-                            text=True, preexec_fn=limit_file_size)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.stages.download"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
-    assert lines[0].startswith("error: file too large for the file system or process limits writing data/.raw.tmp-"), lines
+    assert lines[0].startswith("error: file too large for the file system or process limits writing data/.raw.tmp-"), (
+        lines
+    )
     assert tree_digest(project / "data" / "raw") == before
     assert not [p for p in (project / "data").iterdir() if p.name.startswith(".")]  # no temp leftovers
 
@@ -107,8 +114,8 @@ def test_storage_errors_from_any_stage_become_one_line(capsys, monkeypatch):
         run_stage(stage_that_fills_the_disk)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        "error: no space left on the device: free space or fix permissions and rerun; "
-        "nothing half-written was left")
+        "error: no space left on the device: free space or fix permissions and rerun; nothing half-written was left"
+    )
 
     def stage_with_a_bug():
         raise OSError(errno.ENOENT, "a bug, not a storage problem")
@@ -155,8 +162,7 @@ def test_temporaries_of_dead_processes_are_removed_by_the_next_write(tmp_path):
         with files.atomic_dir(out / "raw") as staging:
             (staging / "new.jpg").write_bytes(b"y")
         running.kill()
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [live_dir.name, other_host.name, "prepared", "raw"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([live_dir.name, other_host.name, "prepared", "raw"])
     assert (out / "prepared" / "image.jpg").is_file()  # the previous folder is back in place
 
 
@@ -172,7 +178,8 @@ def test_outputs_get_the_modes_the_umask_allows(workdir, tmp_path, umask, folder
     raw = workdir / "data" / "raw"
     assert {oct(p.stat().st_mode & 0o777) for p in [raw, raw / "a"]} == {oct(folder_mode)}
     assert {oct(p.stat().st_mode & 0o777) for p in [raw / "a" / "a_000.jpg", workdir / DOWNLOAD_REPORT]} == {
-        oct(file_mode)}
+        oct(file_mode)
+    }
     assert json.loads((workdir / DOWNLOAD_REPORT).read_text())["files"] == 2
 
 
@@ -182,8 +189,10 @@ def test_outputs_get_the_modes_the_umask_allows(workdir, tmp_path, umask, folder
 def parallel(command: list[str], folders: list[Path], env: dict[str, str]) -> list[subprocess.CompletedProcess]:
     """``command`` run in each of ``folders`` at once; each process prints a line once it has
     imported what it needs, then waits for the file ``go`` beside the folders: they start together."""
-    processes = [subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for folder in folders]
+    processes = [
+        subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for folder in folders
+    ]
     for process in processes:
         assert process.stdout is not None
         process.stdout.readline()
@@ -192,8 +201,10 @@ def parallel(command: list[str], folders: list[Path], env: dict[str, str]) -> li
     return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(processes, outputs)]
 
 
-WHEN_GO = "import sys, time; from pathlib import Path\nprint('ready', flush=True)\n" \
-          "while not Path('../go').exists(): time.sleep(0.001)\n"
+WHEN_GO = (
+    "import sys, time; from pathlib import Path\nprint('ready', flush=True)\n"
+    "while not Path('../go').exists(): time.sleep(0.001)\n"
+)
 
 
 def test_two_first_downloads_of_one_url_at_once_download_it_once(tmp_path):
@@ -208,7 +219,9 @@ def test_two_first_downloads_of_one_url_at_once_download_it_once(tmp_path):
         folder.mkdir(parents=True)
         shutil.copy(REPO / "params.yaml", folder)
         set_params(folder, **{"data.url": server.url})
-    stage = WHEN_GO + "from pipeline.cli import run_stage; from pipeline.stages import download; run_stage(download.main)"
+    stage = (
+        WHEN_GO + "from pipeline.cli import run_stage; from pipeline.stages import download; run_stage(download.main)"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_CACHE_DIR": str(tmp_path / "cache")}
     try:
         results = parallel([sys.executable, "-c", stage], folders, env)
@@ -226,10 +239,14 @@ def test_two_first_mlflow_runs_at_once_share_one_new_store(tmp_path):
     for folder in folders:
         folder.mkdir(parents=True)
     start = WHEN_GO.replace("print(", "import mlflow; from pipeline.report import tracking; print(") + (
-        "with tracking.start_new_run('parallel', system_metrics=False): mlflow.log_metric('x', 1)")
+        "with tracking.start_new_run('parallel', system_metrics=False): mlflow.log_metric('x', 1)"
+    )
     # DVC_ROOT: the project root, which DVC points queued experiments at: one store, tmp_path/mlflow.db.
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))},
-           "PYTHONPATH": str(REPO), "DVC_ROOT": str(tmp_path)}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))},
+        "PYTHONPATH": str(REPO),
+        "DVC_ROOT": str(tmp_path),
+    }
     results = parallel([sys.executable, "-c", start], folders, env)
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-3000:] for r in results]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -54,8 +54,10 @@ def test_exp_run_with_a_quoted_url_then_a_refused_download_keeps_the_outputs(pro
     run(["git", "commit", "-qm", "baseline"], project)
     with serving(archive, basic("alice", "hunter2")) as server:
         url = f"{server.url}?sig=abc123,def&v=1"  # '=' and ',' need the inner quotes (Hydra's grammar)
-        for unquoted, complaint in ((f"data.url={url}", "mismatched input '=' expecting <EOF>"),
-                                    (f"data.url={server.url}?sig,v", "Sweep overrides can't be used without `--queue`")):
+        for unquoted, complaint in (
+            (f"data.url={url}", "mismatched input '=' expecting <EOF>"),
+            (f"data.url={server.url}?sig,v", "Sweep overrides can't be used without `--queue`"),
+        ):
             failed = run(["dvc", "exp", "run", "download", "-S", unquoted], project, check=False, env=env)
             assert failed.returncode != 0 and complaint in failed.stderr
         run(["dvc", "exp", "run", "download", "-S", f'data.url="{url}"'], project, env=env)
@@ -84,8 +86,11 @@ def stage_and_workers(dvc: subprocess.Popen, stage: str, seconds: float = 120) -
         with contextlib.suppress(psutil.Error):
             # Python processes only: without $SHELL, DVC runs the stage under `/bin/sh -c`, and
             # dash does not exec its one command, so the shell is there too.
-            tree = [p for p in psutil.Process(dvc.pid).children(recursive=True)
-                    if p.name().startswith("python") and f"pipeline.stages.{stage}" in " ".join(p.cmdline())]
+            tree = [
+                p
+                for p in psutil.Process(dvc.pid).children(recursive=True)
+                if p.name().startswith("python") and f"pipeline.stages.{stage}" in " ".join(p.cmdline())
+            ]
             pids = {p.pid for p in tree}
             for process in tree:
                 if process.ppid() not in pids and process.children():
@@ -103,8 +108,14 @@ def test_killed_prepare_keeps_its_outputs_leaves_no_workers_and_the_rerun_cleans
     before = outputs(project, *kept)
 
     set_params(project, seed=7)
-    dvc = subprocess.Popen(["dvc", "repro", "prepare"], cwd=project, env=project_env(project),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dvc = subprocess.Popen(
+        ["dvc", "repro", "prepare"],
+        cwd=project,
+        env=project_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     stage, workers = stage_and_workers(dvc, "prepare")
     stage.kill()
     _, alive = psutil.wait_procs(workers, timeout=10)
@@ -167,7 +178,8 @@ def test_full_disk_in_a_stage_under_dvc_repro_keeps_everything_and_the_rerun_wor
         filler.unlink()
         run(["dvc", "repro", "prepare"], project, env=env)
         assert run(["dvc", "status", "prepare"], project, env=env).stdout.strip() == (
-            "Data and pipelines are up to date.")
+            "Data and pipelines are up to date."
+        )
 
 
 @needs_root
@@ -189,7 +201,8 @@ def test_disk_full_while_dvc_writes_dvc_lock_recovers_as_the_readme_says(tmp_pat
         (project / "dvc.lock").unlink()
         run(["dvc", "repro", "prepare"], project, env=env)
         assert run(["dvc", "status", "prepare"], project, env=env).stdout.strip() == (
-            "Data and pipelines are up to date.")
+            "Data and pipelines are up to date."
+        )
 
 
 def test_a_killed_stage_restored_from_the_run_cache_leaves_no_temporary_after_make_run(tmp_path):
@@ -197,8 +210,14 @@ def test_a_killed_stage_restored_from_the_run_cache_leaves_no_temporary_after_ma
     into data/ then, yet `make run`'s last step (the summary tool) still sweeps the killed one's folder."""
     project = project_through("augment", tmp_path, {"red": 12, "green": 12, "blue": 12}, {})
     set_params(project, **{"augment.copies": 2})
-    dvc = subprocess.Popen(["dvc", "repro", "augment"], cwd=project, env=project_env(project),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dvc = subprocess.Popen(
+        ["dvc", "repro", "augment"],
+        cwd=project,
+        env=project_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     stage, _ = stage_and_workers(dvc, "augment")
     while not list((project / "data").glob(".augmented.tmp-*")):
         assert dvc.poll() is None, "augment ended before its temporary folder was seen"

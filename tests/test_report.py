@@ -28,13 +28,17 @@ def test_report_opens_offline_with_the_runs_figures_and_files(tmp_path):
     assert html.count('src="data:image/png;base64,') >= 5
 
     shot = tmp_path / "report.png"
-    chromium(f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
-             page.as_uri())
+    chromium(
+        f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()
+    )
     image = Image.open(shot)
     assert image.size == (1200, 2400) and len(set(image.convert("L").getdata())) > 50  # drawn, not a blank page
 
-    text = " ".join(re.sub(r"<[^>]+>", " ", chromium(f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom",
-                                                       page.as_uri()).stdout).split())
+    text = " ".join(
+        re.sub(
+            r"<[^>]+>", " ", chromium(f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom", page.as_uri()).stdout
+        ).split()
+    )
     scores = json.loads((project / "eval" / "metrics.json").read_text())
     assert f"accuracy {scores['accuracy']:.3f}" in text
     assert "猫" in text and "Per class" in text and "Lineage" in text

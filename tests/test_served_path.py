@@ -19,8 +19,14 @@ CLASSES = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 # conftest.SMALL_BACKBONE: random MobileNet v1 features vanish (~1e-17), a constant model that would
 # hide any difference. With the pipeline before evaluate scored the original files, this run differed
 # by up to 0.029 (served vs reported), so the test fails there.
-SENSITIVE_MODEL = {"model.backbone": "mobilenet_v2", "model.alpha": 0.35, "model.image_size": 32,
-                   "train.epochs": 30, "train.learning_rate": 0.05, "train.early_stopping_patience": None}
+SENSITIVE_MODEL = {
+    "model.backbone": "mobilenet_v2",
+    "model.alpha": 0.35,
+    "model.image_size": 32,
+    "train.epochs": 30,
+    "train.learning_rate": 0.05,
+    "train.early_stopping_patience": None,
+}
 TRAINING_SIZE = (64, 48)
 TOLERANCE = 0.01  # largest probability difference allowed (the same arithmetic, batched differently: ~1e-6)
 
@@ -46,8 +52,14 @@ def write_test_photos(folder: Path, seed: int) -> list[str]:
     rgba = photo(CLASSES["blue"], seed + 3, (120, 160)).convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))  # transparent at the top, opaque at the bottom
     rgba.save(blue / "alpha.png")
-    return ["red/camera_2400px.jpg", "red/eight_times.jpg", "green/exif_6.jpg", "green/exif_8.jpg",
-            "blue/cmyk.jpg", "blue/alpha.png"]
+    return [
+        "red/camera_2400px.jpg",
+        "red/eight_times.jpg",
+        "green/exif_6.jpg",
+        "green/exif_8.jpg",
+        "blue/cmyk.jpg",
+        "blue/alpha.png",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +102,30 @@ def by_label(ranked: list[dict], labels: list[str]) -> np.ndarray:
 def test_the_model_server_answers_what_evaluate_reported(evaluated):
     project, files, recorded = evaluated
     with model_server(project) as url:  # make serve: the registered model's @champion
-        response = requests.post(f"{url}/invocations", timeout=120, json=image_request(
-            [(project / path).read_bytes() for path in files], top_k=len(recorded["labels"])))
+        response = requests.post(
+            f"{url}/invocations",
+            timeout=120,
+            json=image_request([(project / path).read_bytes() for path in files], top_k=len(recorded["labels"])),
+        )
     assert response.status_code == 200, response.text
-    served = {path: by_label(answer["top_k"], recorded["labels"])
-              for path, answer in zip(files, response.json()["predictions"], strict=True)}
+    served = {
+        path: by_label(answer["top_k"], recorded["labels"])
+        for path, answer in zip(files, response.json()["predictions"], strict=True)
+    }
     assert_same_answers(served, recorded)
     metrics = json.loads((project / "eval" / "metrics.json").read_text())
     truth = [recorded["labels"].index(Path(path).parent.name) for path in files]
-    assert np.mean([served[path].argmax() == t for path, t in zip(files, truth)]) == pytest.approx(metrics["accuracy"],
-                                                                                                    abs=1e-4)
+    assert np.mean([served[path].argmax() == t for path, t in zip(files, truth)]) == pytest.approx(
+        metrics["accuracy"], abs=1e-4
+    )
 
 
 def test_predict_answers_what_evaluate_reported(evaluated):
     project, files, recorded = evaluated
-    printed = run([sys.executable, "-m", "pipeline.tools.predict", *files, "--json",
-                   "--top-k", str(len(recorded["labels"]))], project).stdout
+    printed = run(
+        [sys.executable, "-m", "pipeline.tools.predict", *files, "--json", "--top-k", str(len(recorded["labels"]))],
+        project,
+    ).stdout
     answers = [json.loads(line) for line in printed.splitlines()]
     assert [answer["path"] for answer in answers] == files
     assert_same_answers({a["path"]: by_label(a["predictions"], recorded["labels"]) for a in answers}, recorded)

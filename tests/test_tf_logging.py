@@ -22,8 +22,15 @@ INFO = re.compile(r"^I\d{4} .*\] oneDNN custom operations are on", re.M)  # logg
 def tensorflow_stderr(level: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # this process has the default
     env |= {"TF_ENABLE_ONEDNN_OPTS": "1"} | ({"TF_CPP_MIN_LOG_LEVEL": level} if level else {})
-    return subprocess.run([sys.executable, "-c", PARTLY_READ_CACHE], cwd=REPO, env=env, capture_output=True,
-                          text=True, check=True, timeout=300).stderr
+    return subprocess.run(
+        [sys.executable, "-c", PARTLY_READ_CACHE],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stderr
 
 
 @pytest.mark.parametrize("level, info, warning", [(None, False, True), ("0", True, True), ("2", False, False)])

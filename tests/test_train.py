@@ -87,7 +87,9 @@ def test_the_head_is_the_optimum_of_its_problem_whatever_the_seed(featured, tmp_
     x = {split: np.load(features / f"{split}.npy") for split in ("train", "val", "test")}
     train_labels = np.load(features / "train_labels.npy")
     rows = np.concatenate([x["val"], x["test"]])
-    heads = [networks.load(project / "data" / "model" / "model.keras").get_layer("head") for project in (featured, other)]
+    heads = [
+        networks.load(project / "data" / "model" / "model.keras").get_layer("head") for project in (featured, other)
+    ]
     probabilities = [head.predict(rows, verbose=0) for head in heads]
     np.testing.assert_allclose(*probabilities, atol=1e-4)
     assert metrics_only(history(featured)) == metrics_only(history(other))
@@ -99,14 +101,22 @@ def test_the_head_is_the_optimum_of_its_problem_whatever_the_seed(featured, tmp_
     assert strengths == sorted(strengths, reverse=True)
     kept = float(min(path, key=lambda row: float(row["val_loss"]))["l2"])
     scaler = StandardScaler().fit(x["train"])
-    optimum = LogisticRegression(C=1 / (2 * kept * len(train_labels)), class_weight="balanced", tol=1e-10,
-                                 max_iter=100_000).fit(scaler.transform(x["train"]), train_labels)
+    optimum = LogisticRegression(
+        C=1 / (2 * kept * len(train_labels)), class_weight="balanced", tol=1e-10, max_iter=100_000
+    ).fit(scaler.transform(x["train"]), train_labels)
     np.testing.assert_allclose(probabilities[0], optimum.predict_proba(scaler.transform(rows)), atol=5e-3)
 
 
 def start_in_own_group(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=cwd, env=project_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=project_env(cwd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def kill_after_epoch(process: subprocess.Popen, state_file: Path, epoch: int, timeout: float = 600) -> int:
@@ -127,8 +137,9 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_r
     # early stopping and the plateau schedule remember earlier epochs, so resuming must restore them.
     # Two copies of the project: in one copy DVC's run cache would restore the first run's output.
     fine_tune = {"train.fine_tune.blocks": 1, "train.fine_tune.epochs": 4, "train.early_stopping_patience": 2}
-    uninterrupted, project = (Path(shutil.copytree(featured_template, tmp_path / name, symlinks=True))
-                              for name in ("uninterrupted", "killed"))
+    uninterrupted, project = (
+        Path(shutil.copytree(featured_template, tmp_path / name, symlinks=True)) for name in ("uninterrupted", "killed")
+    )
     for copy in (uninterrupted, project):
         set_params(copy, **fine_tune)
     run(["dvc", "repro", "train"], uninterrupted)
@@ -137,8 +148,9 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_r
     assert [r["phase"] for r in expected][head_steps - 1 : head_steps + 1] == ["head", "fine_tune"]
 
     killed = start_in_own_group(["dvc", "repro", "train"], project)
-    reached = kill_after_epoch(killed, project / "data" / "checkpoints" / "fine_tune" / "state.json",
-                               epoch=head_steps + 1)
+    reached = kill_after_epoch(
+        killed, project / "data" / "checkpoints" / "fine_tune" / "state.json", epoch=head_steps + 1
+    )
     assert not (project / "data" / "model").exists()
 
     resumed = run(["dvc", "repro", "train"], project)
@@ -148,12 +160,19 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_r
     assert not (project / "data" / "checkpoints").exists()
     val_images = sorted((project / "data" / "augmented" / "val").rglob("*.jpg"))
     images = np.stack([np.asarray(Image.open(path)) for path in val_images])
-    np.testing.assert_array_equal(*(networks.load(p / "data" / "model" / "model.keras").predict(images, verbose=0)
-                                    for p in (uninterrupted, project)))
+    np.testing.assert_array_equal(
+        *(
+            networks.load(p / "data" / "model" / "model.keras").predict(images, verbose=0)
+            for p in (uninterrupted, project)
+        )
+    )
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=[load_config(project / "params.yaml").experiment_name],
-                              output_format="list", order_by=["start_time"])
+    runs = mlflow.search_runs(
+        experiment_names=[load_config(project / "params.yaml").experiment_name],
+        output_format="list",
+        order_by=["start_time"],
+    )
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
     client = mlflow.MlflowClient()
     last = runs[-1].info.run_id
@@ -163,15 +182,21 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_r
 
 
 def test_two_workers_train_the_model_of_one_and_a_killed_worker_stops_them_until_a_rerun_resumes(
-        featured_template, tmp_path):
+    featured_template, tmp_path
+):
     # A cluster of two processes on 127.0.0.1 (TF_CONFIG) against one process with the CPU split
     # in two: two replicas, the same global batches either way. Head, then fine-tuning the top
     # block on the images with online augmentation. Worker 1 is killed after the chief's first
     # checkpoint; the chief must stop in one line, and both rerun must go on from there.
-    steps = {"train.epochs": 3, "train.fine_tune.blocks": 1, "train.fine_tune.epochs": 2,
-             "train.early_stopping_patience": None}
-    one, chief, worker = (Path(shutil.copytree(featured_template, tmp_path / name, symlinks=True))
-                          for name in ("one", "chief", "worker"))
+    steps = {
+        "train.epochs": 3,
+        "train.fine_tune.blocks": 1,
+        "train.fine_tune.epochs": 2,
+        "train.early_stopping_patience": None,
+    }
+    one, chief, worker = (
+        Path(shutil.copytree(featured_template, tmp_path / name, symlinks=True)) for name in ("one", "chief", "worker")
+    )
     for copy in (one, chief, worker):
         set_params(copy, **steps)
     assert "train: 2 replica(s) on 1 worker(s)" in run(on_two_cpus("train"), one).stdout
@@ -183,7 +208,8 @@ def test_two_workers_train_the_model_of_one_and_a_killed_worker_stops_them_until
     assert stopped.stderr.strip().splitlines()[-1] == (
         "error: a worker of the cluster (TF_CONFIG) stopped or cannot be reached (TensorFlow's UnavailableError); "
         "start it and rerun the stage on every worker (dvc repro on the chief): training goes on from the chief's "
-        "last checkpoint")
+        "last checkpoint"
+    )
     assert not (chief / "data" / "model").exists()
 
     resumed = finished(start_two_workers("train", chief, worker))
@@ -202,8 +228,10 @@ def test_two_workers_train_the_model_of_one_and_a_killed_worker_stops_them_until
         np.testing.assert_allclose([float(r[name]) for r in got], [float(r[name]) for r in expected], rtol=1e-4)
     val_images = sorted((chief / "data" / "augmented" / "val").rglob("*.jpg"))
     images = np.stack([np.asarray(Image.open(path)) for path in val_images])
-    np.testing.assert_allclose(*(networks.load(p / "data" / "model" / "model.keras").predict(images, verbose=0)
-                                 for p in (chief, one)), atol=1e-5)
+    np.testing.assert_allclose(
+        *(networks.load(p / "data" / "model" / "model.keras").predict(images, verbose=0) for p in (chief, one)),
+        atol=1e-5,
+    )
     mlflow.set_tracking_uri(f"sqlite:///{chief / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["images"], output_format="list", order_by=["start_time"])
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]  # the chief stopped with an error
@@ -213,11 +241,18 @@ def test_cached_fine_tuning_trains_like_fine_tuning_on_the_images(featured_templ
     # Offline augmentation and a block cut: the features stage caches the prefix's output and
     # fine-tuning runs only the top. Without the cache the same training runs on the images.
     # bfloat16 compute: the cache holds exactly what the prefix computed, so both must agree.
-    tune = {"augment.mode": "offline", "model.precision": "mixed_bfloat16", "train.fine_tune.blocks": 1,
-            "train.fine_tune.epochs": 2, "train.early_stopping_patience": None, "train.lr_schedule": "constant",
-            "train.fine_tune.learning_rate": 1e-3}
-    cached, plain = (Path(shutil.copytree(featured_template, tmp_path / name, symlinks=True))
-                     for name in ("cached", "plain"))
+    tune = {
+        "augment.mode": "offline",
+        "model.precision": "mixed_bfloat16",
+        "train.fine_tune.blocks": 1,
+        "train.fine_tune.epochs": 2,
+        "train.early_stopping_patience": None,
+        "train.lr_schedule": "constant",
+        "train.fine_tune.learning_rate": 1e-3,
+    }
+    cached, plain = (
+        Path(shutil.copytree(featured_template, tmp_path / name, symlinks=True)) for name in ("cached", "plain")
+    )
     set_params(cached, **tune)
     set_params(plain, **tune, **{"train.fine_tune.cache_activations": False})
     output = run(["dvc", "repro", "train"], cached).stdout
@@ -239,13 +274,17 @@ def test_cached_fine_tuning_trains_like_fine_tuning_on_the_images(featured_templ
             assert float(with_cache[key]) == pytest.approx(float(without[key]), rel=2e-3)
     val_images = sorted((cached / "data" / "augmented" / "val").rglob("*.jpg"))
     images = np.stack([np.asarray(Image.open(path)) for path in val_images])
-    tuned = {name: networks.load(project / "data" / "model" / "model.keras") for name, project in
-             (("cached", cached), ("plain", plain))}
+    tuned = {
+        name: networks.load(project / "data" / "model" / "model.keras")
+        for name, project in (("cached", cached), ("plain", plain))
+    }
     np.testing.assert_allclose(*(model.predict(images, verbose=0) for model in tuned.values()), atol=2e-3)
     untuned = networks.saved_feature_extractor(load_config(cached / "params.yaml").model, features)
     top = networks.backbone_of(untuned).get_layer("conv5_block3_3_conv").get_weights()[0]
-    assert not np.allclose(top, networks.backbone_of(tuned["cached"].get_layer(untuned.name))
-                           .get_layer("conv5_block3_3_conv").get_weights()[0])
+    assert not np.allclose(
+        top,
+        networks.backbone_of(tuned["cached"].get_layer(untuned.name)).get_layer("conv5_block3_3_conv").get_weights()[0],
+    )
 
 
 @pytest.mark.parametrize(("policy", "rtol"), [("mixed_bfloat16", 2**-8), ("mixed_float16", 2**-11)])
@@ -258,8 +297,9 @@ def test_stored_activations_read_back_as_computed(tmp_path, policy, rtol):
     low = 1e-8 if storage == "bfloat16" else 1e-4  # bfloat16 keeps float32's range: tiny values survive
     values = (rng.choice([-1, 1], (6, 4)) * np.exp(rng.uniform(np.log(low), np.log(1e4), (6, 4)))).astype("float32")
     np.save(tmp_path / "rows.npy", as_stored(values, storage))
-    examples = row_examples(np.load(tmp_path / "rows.npy", mmap_mode="r"), np.zeros(6, int), 2,
-                            bfloat16_bits=storage == "bfloat16")
+    examples = row_examples(
+        np.load(tmp_path / "rows.npy", mmap_mode="r"), np.zeros(6, int), 2, bfloat16_bits=storage == "bfloat16"
+    )
     read = np.concatenate([x.numpy() for x, _ in in_order(examples, batch_size=4)])
     np.testing.assert_allclose(read, values, rtol=rtol)
 
@@ -318,9 +358,11 @@ def test_nan_loss_stops_the_stage_naming_the_learning_rate(featured):
     set_params(featured, **{"model.head.dense_units": 8, "train.learning_rate": 1e38})  # an MLP head: Keras trains it
     result = run([sys.executable, "-m", "pipeline.stages.train"], featured, check=False)
     assert result.returncode == 2
-    assert re.fullmatch(r"error: the training loss became nan in epoch 1 \(head phase\): "
-                        r"train.learning_rate=1e\+38 is probably too high; lower it",
-                        result.stderr.strip().splitlines()[-1])
+    assert re.fullmatch(
+        r"error: the training loss became nan in epoch 1 \(head phase\): "
+        r"train.learning_rate=1e\+38 is probably too high; lower it",
+        result.stderr.strip().splitlines()[-1],
+    )
     assert not (featured / "data" / "model").exists()
 
 
@@ -329,8 +371,14 @@ def test_mixed_precision_training_exports_a_float32_model(tmp_path, policy):
     from pipeline.config import HeadParams, ModelParams
     from pipeline.stages.train import exported
 
-    params = ModelParams(backbone="resnet50", weights="none", image_size=32, alpha=None, precision="float32",
-                         head=HeadParams(dense_units=8, dropout=0.1))
+    params = ModelParams(
+        backbone="resnet50",
+        weights="none",
+        image_size=32,
+        alpha=None,
+        precision="float32",
+        head=HeadParams(dense_units=8, dropout=0.1),
+    )
     x_train = np.random.default_rng(0).normal(size=(10, 2048)).astype("float32")
     images = np.random.default_rng(1).integers(0, 255, (2, 40, 50, 3), dtype="uint8")
     with networks.dtype_policy(policy):
@@ -353,24 +401,48 @@ def test_a_float32_extractor_goes_into_the_exported_model_as_it_is():
     from pipeline.config import HeadParams, ModelParams
     from pipeline.stages.train import exported
 
-    params = ModelParams(backbone="mobilenet", weights="none", image_size=32, alpha=0.25, precision="mixed_bfloat16",
-                         head=HeadParams(dense_units=0, dropout=0.1))
+    params = ModelParams(
+        backbone="mobilenet",
+        weights="none",
+        image_size=32,
+        alpha=0.25,
+        precision="mixed_bfloat16",
+        head=HeadParams(dense_units=0, dropout=0.1),
+    )
     with networks.dtype_policy("mixed_bfloat16"):
         with networks.dtype_policy("float32"):
             extractor = networks.feature_extractor(params)
         head = networks.head(networks.standardization(np.ones((4, 256), "float32")), 2, params.head)
         model = exported(params, extractor, head)
     assert model.get_layer(extractor.name) is extractor
-    assert {layer.compute_dtype for layer in [model.get_layer("resize"), *extractor.layers[1:],
-                                              *networks.backbone_of(extractor).layers[1:]]} == {"float32"}
+    assert {
+        layer.compute_dtype
+        for layer in [model.get_layer("resize"), *extractor.layers[1:], *networks.backbone_of(extractor).layers[1:]]
+    } == {"float32"}
 
 
 def mlflow_server(store: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on 127.0.0.1:``port`` keeping its runs in ``store``, once it answers."""
-    server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
-                               "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"], env=project_env(store),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'server.db'}",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=project_env(store),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 180
     while time.time() < deadline:
         assert server.poll() is None, "mlflow server exited"
@@ -382,13 +454,21 @@ def mlflow_server(store: Path, port: int) -> subprocess.Popen:
 
 
 def test_a_tracking_server_dying_mid_training_ends_it_in_one_line_and_the_rerun_resumes(featured, tmp_path):
-    set_params(featured, **{"train.epochs": 300, "train.early_stopping_patience": None, "train.lr_schedule": "constant"})
+    set_params(
+        featured, **{"train.epochs": 300, "train.early_stopping_patience": None, "train.lr_schedule": "constant"}
+    )
     port, store = free_port(), tmp_path / "store"
     store.mkdir()
     env = {**project_env(featured), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
     server = mlflow_server(store, port)
-    training = subprocess.Popen([sys.executable, "-m", "pipeline.stages.train"], cwd=featured, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    training = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.stages.train"],
+        cwd=featured,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     state = featured / "data" / "checkpoints" / "head" / "state.json"
     while not (state.is_file() and json.loads(state.read_text())["epoch"] >= 3):
         assert training.poll() is None, training.communicate()
@@ -400,8 +480,12 @@ def test_a_tracking_server_dying_mid_training_ends_it_in_one_line_and_the_rerun_
     assert time.time() - killed_at < 120  # MLflow's own retries waited minutes per call
     last = stderr.strip().splitlines()[-1]
     assert training.returncode == 2, stderr
-    assert last.startswith(f"error: the MLflow tracking store http://127.0.0.1:{port} stopped answering in epoch "), last
-    assert "training stopped with its checkpoints kept in data/checkpoints: rerun dvc repro once the store answers" in last
+    assert last.startswith(f"error: the MLflow tracking store http://127.0.0.1:{port} stopped answering in epoch "), (
+        last
+    )
+    assert (
+        "training stopped with its checkpoints kept in data/checkpoints: rerun dvc repro once the store answers" in last
+    )
     stopped = json.loads(state.read_text())["epoch"]
     assert 3 <= stopped < 300 and not (featured / "data" / "model").exists()
 

@@ -18,8 +18,14 @@ from pipeline.tools import predict
 # A comma, an apostrophe, quotes and letters outside ASCII: none may appear in an MLflow metric key.
 CLASSES = {"Ünïcode, cats": 10, 'dogs\' "best"': 10}
 MODEL_NAME = "two-classes"
-PLOTS = {"confusion_matrix.png", "confusion_matrix_normalized.png", "reliability.png", "training_curves.png",
-         "top_losses.png", "gradcam.png"}
+PLOTS = {
+    "confusion_matrix.png",
+    "confusion_matrix_normalized.png",
+    "reliability.png",
+    "training_curves.png",
+    "top_losses.png",
+    "gradcam.png",
+}
 
 
 pytestmark = pytest.mark.e2e
@@ -31,8 +37,17 @@ def two_classes(tmp_path_factory) -> tuple[Path, str, Path]:
     tmp = tmp_path_factory.mktemp("two")
     images = make_images(tmp / "images", CLASSES, size=(40, 32))
     project = new_project(tmp / "project", images)
-    set_params(project, **SMALL_BACKBONE, **{"train.epochs": 1, "augment.copies": 0, "evaluate.top_k": 5, "export.tflite": [],
-                           "mlflow.registered_model_name": MODEL_NAME})
+    set_params(
+        project,
+        **SMALL_BACKBONE,
+        **{
+            "train.epochs": 1,
+            "augment.copies": 0,
+            "evaluate.top_k": 5,
+            "export.tflite": [],
+            "mlflow.registered_model_name": MODEL_NAME,
+        },
+    )
     return project, run(["dvc", "repro"], project).stdout, images
 
 
@@ -83,13 +98,18 @@ def test_served_champion_answers_with_the_two_labels_and_refuses_bad_requests_wi
     project, _, images = two_classes
     image = a_jpeg(images).read_bytes()
     with model_server(project) as url:  # make serve's default: models:/two-classes@champion
+
         def ask(*images: bytes, **params) -> requests.Response:
             return requests.post(f"{url}/invocations", json=image_request(list(images), **params), timeout=60)
 
         answer = ask(image, top_k=5)
-        refused = {"top_k=0": ask(image, top_k=0), "top_k=-2": ask(image, top_k=-2),
-                   "text": ask(image, b"not an image"), "81 Mpx": ask(huge_png_header(9000, 9000)),
-                   "cut off": ask(image[: len(image) // 2])}
+        refused = {
+            "top_k=0": ask(image, top_k=0),
+            "top_k=-2": ask(image, top_k=-2),
+            "text": ask(image, b"not an image"),
+            "81 Mpx": ask(huge_png_header(9000, 9000)),
+            "cut off": ask(image[: len(image) // 2]),
+        }
     assert answer.status_code == 200, answer.text
     served = answer.json()["predictions"][0]
     assert served["label"] in CLASSES
@@ -101,18 +121,25 @@ def test_served_champion_answers_with_the_two_labels_and_refuses_bad_requests_wi
     message = {case: response.json()["message"] for case, response in refused.items()}
     assert message["top_k=0"] == "params.top_k must be 1 or more (got 0)"
     assert message["top_k=-2"] == "params.top_k must be 1 or more (got -2)"
-    assert message["text"] == ("image 1 is not in a format this model reads (JPEG, PNG, GIF, BMP, WEBP, TIFF): "
-                               "send the image file's bytes, base64-encoded in JSON")
-    assert message["81 Mpx"] == ("image 0 is 9000x9000 pixels (81.0 megapixels); this server decodes at most 50 "
-                                 "megapixels per image: send it smaller")
+    assert message["text"] == (
+        "image 1 is not in a format this model reads (JPEG, PNG, GIF, BMP, WEBP, TIFF): "
+        "send the image file's bytes, base64-encoded in JSON"
+    )
+    assert message["81 Mpx"] == (
+        "image 0 is 9000x9000 pixels (81.0 megapixels); this server decodes at most 50 "
+        "megapixels per image: send it smaller"
+    )
     assert message["cut off"].startswith("image 0 cannot be decoded (OSError: ")
 
 
 def huge_png_header(width: int, height: int) -> bytes:
     """The start of a PNG claiming ``width`` x ``height`` pixels (53 bytes): its header and the
     start of its pixel data, all Pillow reads before decoding, as the server does."""
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + png_chunk(b"IDAT", zlib.compress(b"")))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + png_chunk(b"IDAT", zlib.compress(b""))
+    )
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -81,8 +81,9 @@ def offline_policy(size: int, policy: AugmentParams) -> A.Compose:
     """The random policy as albumentations transforms; seed it per variant with :func:`offline_variant`."""
     transforms = [
         # INTER_AREA where the crop shrinks: antialiased, as the unaugmented copy 0 (images.model_input) is
-        A.RandomResizedCrop(size=(size, size), scale=policy.crop_scale, ratio=policy.crop_ratio,
-                            area_for_downscale="image"),
+        A.RandomResizedCrop(
+            size=(size, size), scale=policy.crop_scale, ratio=policy.crop_ratio, area_for_downscale="image"
+        ),
         A.HorizontalFlip(p=policy.hflip),
         A.VerticalFlip(p=policy.vflip),
         # brightness_by_max: an additive shift of brightness * 255, like keras.layers.RandomBrightness
@@ -146,8 +147,9 @@ class RandomResizedCrop(_RandomLayer):
         height, width = (ops.cast(ops.shape(images)[axis], "float32") for axis in (1, 2))
         tries = (batch, self.TRIES)
         area = keras.random.uniform(tries, *self.scale, seed=self.generator)
-        ratio = ops.exp(keras.random.uniform(tries, math.log(self.ratio[0]), math.log(self.ratio[1]),
-                                             seed=self.generator))
+        ratio = ops.exp(
+            keras.random.uniform(tries, math.log(self.ratio[0]), math.log(self.ratio[1]), seed=self.generator)
+        )
         crop_w, crop_h = ops.sqrt(area * ratio), ops.sqrt(area / ratio)  # fractions of the sides
         fits = ops.logical_and(crop_w <= 1, crop_h <= 1)
         first = ops.expand_dims(ops.argmax(ops.cast(fits, "int32"), axis=1), 1)
@@ -245,9 +247,15 @@ def _layers(cfg: Config, size: int) -> keras.Sequential:
         layers.append(RandomPCALighting(policy.pca_std, seed=next(seeds), name="pca_lighting"))
     layers.append(keras.layers.Rescaling(255, name="to_pixel_range"))
     if policy.online.rand_augment_ops:
-        layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=policy.online.rand_augment_ops,
-                                               factor=policy.online.rand_augment_factor, seed=next(seeds),
-                                               name="rand_augment"))
+        layers.append(
+            keras.layers.RandAugment(
+                value_range=(0, 255),
+                num_ops=policy.online.rand_augment_ops,
+                factor=policy.online.rand_augment_factor,
+                seed=next(seeds),
+                name="rand_augment",
+            )
+        )
     return keras.Sequential(layers, name="augmentation")
 
 

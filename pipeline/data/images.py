@@ -96,8 +96,9 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.asarray(decode(path)[0])
 
 
-def decode(source: Source, check: Callable[[Image.Image], None] | None = None,
-           at_least: int | None = None) -> tuple[Image.Image, str]:
+def decode(
+    source: Source, check: Callable[[Image.Image], None] | None = None, at_least: int | None = None
+) -> tuple[Image.Image, str]:
     """The upright sRGB image in ``source`` and what became of its colour profile (``to_rgb``).
 
     ``check`` sees the opened image before its pixels are decoded (size checks cost nothing then).
@@ -158,8 +159,10 @@ def eight_bit(image: Image.Image) -> Image.Image:
     else:
         kind = "float" if image.mode == "F" else "32-bit integer"
         ranges = "0..1 nor 0..255" if image.mode == "F" else "0..65535 (16 bits)"
-        raise Unconvertible(f"pixel values out of range: {kind} pixels from {low:g} to {high:g}, neither "
-                            f"within {ranges}; save the image as 8- or 16-bit")
+        raise Unconvertible(
+            f"pixel values out of range: {kind} pixels from {low:g} to {high:g}, neither "
+            f"within {ranges}; save the image as 8- or 16-bit"
+        )
     return Image.fromarray((values * scale).round().astype(np.uint8))
 
 

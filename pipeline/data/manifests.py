@@ -86,8 +86,10 @@ def read_test_probabilities(paths: list[str]) -> np.ndarray:
         raise UserError(f"{TEST_PROBABILITIES} is missing: run the evaluate stage first (dvc repro)")
     with np.load(TEST_PROBABILITIES) as saved:
         if str(saved["model_sha256"]) != sha256_of(MODEL_FILE) or saved["paths"].tolist() != paths:
-            raise UserError(f"{TEST_PROBABILITIES} is of another model or other test images than {MODEL_FILE}'s: "
-                            "run the evaluate stage first (dvc repro)")
+            raise UserError(
+                f"{TEST_PROBABILITIES} is of another model or other test images than {MODEL_FILE}'s: "
+                "run the evaluate stage first (dvc repro)"
+            )
         return saved["probabilities"]
 
 

@@ -45,8 +45,9 @@ class Backbone:
 
 def _resnet_blocks(stage_depths: tuple[int, int, int, int]) -> tuple[str, ...]:
     """``conv2_block1_out`` ... ``conv5_blockN_out``: ResNet v1 and v2 name their blocks alike."""
-    return tuple(f"conv{stage}_block{i}_out" for stage, depth in enumerate(stage_depths, start=2)
-                 for i in range(1, depth + 1))
+    return tuple(
+        f"conv{stage}_block{i}_out" for stage, depth in enumerate(stage_depths, start=2) for i in range(1, depth + 1)
+    )
 
 
 def _inverted_residual_blocks(names: list[str], project_bn: str, residual: set[int], top: str) -> tuple[str, ...]:
@@ -74,23 +75,34 @@ RESNET50_BLOCKS = _resnet_blocks((3, 4, 6, 3))
 RESNET101_BLOCKS = _resnet_blocks((3, 4, 23, 3))
 RESNET152_BLOCKS = _resnet_blocks((3, 8, 36, 3))
 # MobileNetV2: inverted residual blocks 0..16, then the 1x1 convolution to 1280 channels.
-MOBILENET_V2_BLOCKS = _inverted_residual_blocks(["expanded_conv", *(f"block_{i}" for i in range(1, 17))], "project_BN",
-                                                {2, 4, 5, 7, 8, 9, 11, 12, 14, 15}, "out_relu")
+MOBILENET_V2_BLOCKS = _inverted_residual_blocks(
+    ["expanded_conv", *(f"block_{i}" for i in range(1, 17))],
+    "project_BN",
+    {2, 4, 5, 7, 8, 9, 11, 12, 14, 15},
+    "out_relu",
+)
 # MobileNet v1: a plain chain of 13 depthwise-separable blocks, each ending at its pointwise ReLU.
 MOBILENET_BLOCKS = tuple(f"conv_pw_{i}_relu" for i in range(1, 14))
+
+
 # MobileNetV3: blocks 0..10 (Small) or 0..14 (Large), then conv_1 with its BatchNorm and hard-swish.
 def _mobilenet_v3_names(count: int) -> list[str]:
     return ["expanded_conv", *(f"expanded_conv_{i}" for i in range(1, count))]
 
 
-MOBILENET_V3_SMALL_BLOCKS = _inverted_residual_blocks(_mobilenet_v3_names(11), "project_bn", {2, 4, 5, 7, 9, 10},
-                                                      "conv_1_bn")
-MOBILENET_V3_LARGE_BLOCKS = _inverted_residual_blocks(_mobilenet_v3_names(15), "project_bn",
-                                                      {0, 2, 4, 5, 7, 8, 9, 11, 13, 14}, "conv_1_bn")
+MOBILENET_V3_SMALL_BLOCKS = _inverted_residual_blocks(
+    _mobilenet_v3_names(11), "project_bn", {2, 4, 5, 7, 9, 10}, "conv_1_bn"
+)
+MOBILENET_V3_LARGE_BLOCKS = _inverted_residual_blocks(
+    _mobilenet_v3_names(15), "project_bn", {0, 2, 4, 5, 7, 8, 9, 11, 13, 14}, "conv_1_bn"
+)
 # ConvNeXt: its residual blocks end at unnamed additions, so the blocks here are the stem and the
 # four stages, each stage but the last with the downsampling layer that follows it.
-CONVNEXT_TINY_BLOCKS = ("convnext_tiny_stem", *(f"convnext_tiny_downsampling_block_{i}" for i in range(3)),
-                        "convnext_tiny_stage_3_block_2_identity")
+CONVNEXT_TINY_BLOCKS = (
+    "convnext_tiny_stem",
+    *(f"convnext_tiny_downsampling_block_{i}" for i in range(3)),
+    "convnext_tiny_stage_3_block_2_identity",
+)
 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
@@ -100,19 +112,51 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("resnet101", "ResNet101", 224, 32, "caffe", RESNET101_BLOCKS),
         Backbone("resnet152", "ResNet152", 224, 32, "caffe", RESNET152_BLOCKS),
         Backbone("resnet50_v2", "ResNet50V2", 224, 32, "tf", RESNET50_BLOCKS),
-        Backbone("mobilenet_v2", "MobileNetV2", 224, 32, "tf", MOBILENET_V2_BLOCKS,
-                 alphas=(1.0, 0.35, 0.5, 0.75, 1.3, 1.4), cpu_bfloat16=False),
-        Backbone("mobilenet", "MobileNet", 224, 32, "tf", MOBILENET_BLOCKS, alphas=(1.0, 0.25, 0.5, 0.75), cpu_bfloat16=False),
-        Backbone("mobilenet_v3_small", "MobileNetV3Small", 224, 32, "included", MOBILENET_V3_SMALL_BLOCKS,
-                 alphas=(1.0, 0.75), cpu_bfloat16=False),
-        Backbone("mobilenet_v3_large", "MobileNetV3Large", 224, 32, "included", MOBILENET_V3_LARGE_BLOCKS,
-                 alphas=(1.0, 0.75), cpu_bfloat16=False),
-        Backbone("efficientnet_v2_b0", "EfficientNetV2B0", 224, 32, "included", _efficientnet_v2_blocks((1, 2, 2, 3, 5, 8))),
-        Backbone("efficientnet_v2_b1", "EfficientNetV2B1", 240, 32, "included", _efficientnet_v2_blocks((2, 3, 3, 4, 6, 9))),
-        Backbone("efficientnet_v2_b2", "EfficientNetV2B2", 260, 32, "included",
-                 _efficientnet_v2_blocks((2, 3, 3, 4, 6, 10))),
-        Backbone("efficientnet_v2_b3", "EfficientNetV2B3", 300, 32, "included",
-                 _efficientnet_v2_blocks((2, 3, 3, 5, 7, 12))),
+        Backbone(
+            "mobilenet_v2",
+            "MobileNetV2",
+            224,
+            32,
+            "tf",
+            MOBILENET_V2_BLOCKS,
+            alphas=(1.0, 0.35, 0.5, 0.75, 1.3, 1.4),
+            cpu_bfloat16=False,
+        ),
+        Backbone(
+            "mobilenet", "MobileNet", 224, 32, "tf", MOBILENET_BLOCKS, alphas=(1.0, 0.25, 0.5, 0.75), cpu_bfloat16=False
+        ),
+        Backbone(
+            "mobilenet_v3_small",
+            "MobileNetV3Small",
+            224,
+            32,
+            "included",
+            MOBILENET_V3_SMALL_BLOCKS,
+            alphas=(1.0, 0.75),
+            cpu_bfloat16=False,
+        ),
+        Backbone(
+            "mobilenet_v3_large",
+            "MobileNetV3Large",
+            224,
+            32,
+            "included",
+            MOBILENET_V3_LARGE_BLOCKS,
+            alphas=(1.0, 0.75),
+            cpu_bfloat16=False,
+        ),
+        Backbone(
+            "efficientnet_v2_b0", "EfficientNetV2B0", 224, 32, "included", _efficientnet_v2_blocks((1, 2, 2, 3, 5, 8))
+        ),
+        Backbone(
+            "efficientnet_v2_b1", "EfficientNetV2B1", 240, 32, "included", _efficientnet_v2_blocks((2, 3, 3, 4, 6, 9))
+        ),
+        Backbone(
+            "efficientnet_v2_b2", "EfficientNetV2B2", 260, 32, "included", _efficientnet_v2_blocks((2, 3, 3, 4, 6, 10))
+        ),
+        Backbone(
+            "efficientnet_v2_b3", "EfficientNetV2B3", 300, 32, "included", _efficientnet_v2_blocks((2, 3, 3, 5, 7, 12))
+        ),
         Backbone("convnext_tiny", "ConvNeXtTiny", 224, 32, "included", CONVNEXT_TINY_BLOCKS, cpu_bfloat16=False),
     )
 }

@@ -130,13 +130,18 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_file(self.folder / name, "wb") as fh:
             np.savez(fh, **arrays)
-        write_json(self.folder / STATE_FILE, {  # written last: it always names a complete arrays file
-            "epoch": epoch + 1,
-            "stopped": bool(self.model.stop_training),
-            "arrays": name,
-            "history": self.history,
-            "callbacks": [{attr: _plain(getattr(c, attr)) for attr in CALLBACK_STATE[type(c)]} for c in self.stateful],
-        })
+        write_json(
+            self.folder / STATE_FILE,
+            {  # written last: it always names a complete arrays file
+                "epoch": epoch + 1,
+                "stopped": bool(self.model.stop_training),
+                "arrays": name,
+                "history": self.history,
+                "callbacks": [
+                    {attr: _plain(getattr(c, attr)) for attr in CALLBACK_STATE[type(c)]} for c in self.stateful
+                ],
+            },
+        )
         for old in self.folder.glob("epoch-*.npz"):
             if old.name != name:
                 old.unlink()

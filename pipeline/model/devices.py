@@ -23,8 +23,12 @@ from pipeline.cli import UserError
 from pipeline.files import atomic_dir
 
 # What TensorFlow raises on the other workers when one of a cluster dies or cannot be reached.
-PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
-               tf.errors.CancelledError)
+PEER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+)
 
 
 def distribution_strategy() -> tf.distribute.Strategy:
@@ -97,7 +101,8 @@ def from_chief(strategy: tf.distribute.Strategy, payload: bytes) -> bytes:
         return payload
     words = np.concatenate([[len(payload)], np.frombuffer(payload + bytes(-len(payload) % 8), dtype=np.int64)])
     shares = strategy.experimental_distribute_values_from_function(
-        lambda context: tf.constant(words if context.replica_id_in_sync_group == 0 else words[:0]))
+        lambda context: tf.constant(words if context.replica_id_in_sync_group == 0 else words[:0])
+    )
     gathered = strategy.gather(shares, axis=0).numpy()
     return gathered[1:].tobytes()[: gathered[0]]
 
@@ -109,8 +114,10 @@ def cluster_failures(resume: str) -> Iterator[None]:
     try:
         yield
     except PEER_ERRORS as err:
-        raise UserError(f"a worker of the cluster (TF_CONFIG) stopped or cannot be reached (TensorFlow's "
-                        f"{type(err).__name__}); {resume}") from None
+        raise UserError(
+            f"a worker of the cluster (TF_CONFIG) stopped or cannot be reached (TensorFlow's "
+            f"{type(err).__name__}); {resume}"
+        ) from None
 
 
 def fit_on_several_workers() -> None:
@@ -137,8 +144,7 @@ def fit_on_several_workers() -> None:
         if iterator is None or strategy is None or not trainer._collective_all_reduce_multi_worker(strategy):
             return symbolic_build(model, iterator, data_batch)
         for _, _, batches in iterator:  # as Keras does: the first batch of the epoch's iterator
-            data_batch = tree.map_structure(lambda value: strategy.experimental_local_results(value)[0],
-                                            next(batches))
+            data_batch = tree.map_structure(lambda value: strategy.experimental_local_results(value)[0], next(batches))
             break
         with strategy.scope():
             model._symbolic_build(data_batch=data_batch)

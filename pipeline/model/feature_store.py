@@ -72,8 +72,9 @@ def new_features(folder: Path, split: str, count: int, dim: int) -> np.memmap:
 
 
 def new_activations(folder: Path, split: str, shape: tuple[int, ...], storage: str) -> np.memmap:
-    return np.lib.format.open_memmap(folder / f"{split}_activations.npy", mode="w+", dtype=FILE_DTYPE[storage],
-                                     shape=shape)
+    return np.lib.format.open_memmap(
+        folder / f"{split}_activations.npy", mode="w+", dtype=FILE_DTYPE[storage], shape=shape
+    )
 
 
 def write_labels(folder: Path, split: str, labels: list[int]) -> None:
@@ -117,6 +118,7 @@ def manifest_rows(split: str, folder: Path = FEATURES_DIR) -> list[AugmentedImag
     rows = [r for r in read_rows(AUGMENTED_MANIFEST, AugmentedImage) if r.split == split]
     count = len(labels(split, folder))
     if len(rows) != count:
-        raise UserError(f"{folder} does not match {AUGMENTED_DIR} ({count} vs {len(rows)} {split} images): "
-                        "run dvc repro")
+        raise UserError(
+            f"{folder} does not match {AUGMENTED_DIR} ({count} vs {len(rows)} {split} images): run dvc repro"
+        )
     return rows

@@ -90,9 +90,16 @@ def scores(model: LogisticRegression, x: np.ndarray, y: np.ndarray, n_classes: i
     return log_loss(y, probabilities, labels=range(n_classes)), float(np.mean(probabilities.argmax(axis=1) == y))
 
 
-def regularization_path(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                        n_classes: int, class_weight: dict[int, float] | None,
-                        grid: tuple[float, ...] = L2_GRID, patience: int = PATIENCE) -> Solution:
+def regularization_path(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    class_weight: dict[int, float] | None,
+    grid: tuple[float, ...] = L2_GRID,
+    patience: int = PATIENCE,
+) -> Solution:
     """The optimum at each strength of ``grid`` (strongest first) on standardized features, until
     ``patience`` strengths have passed without a lower val log loss; the best of them."""
     model = LogisticRegression(tol=TOLERANCE, max_iter=MAX_ITERATIONS, class_weight=class_weight, warm_start=True)
@@ -106,9 +113,15 @@ def regularization_path(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndar
         with warnings.catch_warnings(record=True) as caught, threadpool_limits(1):
             warnings.simplefilter("always", ConvergenceWarning)
             model.fit(x_train, y_train)
-        path.append(Step(l2, *scores(model, x_train, y_train, n_classes), *scores(model, x_val, y_val, n_classes),
-                         time.perf_counter() - started,
-                         converged=not any(issubclass(w.category, ConvergenceWarning) for w in caught)))
+        path.append(
+            Step(
+                l2,
+                *scores(model, x_train, y_train, n_classes),
+                *scores(model, x_val, y_val, n_classes),
+                time.perf_counter() - started,
+                converged=not any(issubclass(w.category, ConvergenceWarning) for w in caught),
+            )
+        )
         if len(path) == 1 or path[-1].val_loss < path[chosen].val_loss:
             chosen, weights = len(path) - 1, softmax_weights(model, n_classes)
         elif len(path) - 1 - chosen >= patience:

@@ -69,11 +69,14 @@ def imagenet_classifier(params: ModelParams, weights: str) -> keras.Model:
     width = {} if params.width is None else {"alpha": params.width}
     size = spec.native_size
     try:
-        top = getattr(keras.applications, spec.application)(include_top=True, weights=weights, classes=1000,
-                                                            input_shape=(size, size, 3), **width)
+        top = getattr(keras.applications, spec.application)(
+            include_top=True, weights=weights, classes=1000, input_shape=(size, size, 3), **width
+        )
     except Exception as err:  # Keras raises bare Exception/ValueError for download and shape problems
-        raise UserError(f"--imagenet: {weights} does not load into {params.architecture} with its ImageNet "
-                        f"classifier ({first_line(err)[:200]}): it needs weights saved with the top") from None
+        raise UserError(
+            f"--imagenet: {weights} does not load into {params.architecture} with its ImageNet "
+            f"classifier ({first_line(err)[:200]}): it needs weights saved with the top"
+        ) from None
     inputs = keras.Input(shape=(None, None, 3), name="image")  # like the exported model: input_size() reads the resize
     x = keras.layers.Resizing(size, size, crop_to_aspect_ratio=True, name="resize")(inputs)
     return keras.Model(inputs, top(preprocessing(spec)(x), training=False), name="imagenet_classifier")
@@ -86,8 +89,10 @@ def _weights_problem(params: ModelParams, err: Exception | Warning) -> str:
             f"model.weights=imagenet: could not download the ImageNet weights for {params.architecture} "
             f"({message[:160]}); offline? set model.weights to a local weights file or to none"
         )
-    return (f"model.weights: {params.weights} does not fit {params.architecture} without its top ({message[:200]}); "
-            "set model.backbone and model.alpha to the network the file was saved from")
+    return (
+        f"model.weights: {params.weights} does not fit {params.architecture} without its top ({message[:200]}); "
+        "set model.backbone and model.alpha to the network the file was saved from"
+    )
 
 
 def feature_extractor(params: ModelParams) -> keras.Model:
@@ -138,13 +143,17 @@ def head(stats: Standardization, n_classes: int, params: HeadParams, l2: float =
     """
     regularizer = keras.regularizers.L2(l2) if l2 else None
     inputs = keras.Input(shape=(len(stats.mean),), name="features")
-    x = keras.layers.Normalization(mean=stats.mean, variance=stats.variance, name="standardize", dtype="float32")(inputs)
+    x = keras.layers.Normalization(mean=stats.mean, variance=stats.variance, name="standardize", dtype="float32")(
+        inputs
+    )
     if params.dense_units:
-        x = keras.layers.Dense(params.dense_units, activation="relu", kernel_regularizer=regularizer, name="hidden",
-                               dtype="float32")(x)
+        x = keras.layers.Dense(
+            params.dense_units, activation="relu", kernel_regularizer=regularizer, name="hidden", dtype="float32"
+        )(x)
     x = keras.layers.Dropout(params.dropout, name="dropout", dtype="float32")(x)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=regularizer,
-                                 name="probabilities", dtype="float32")(x)
+    outputs = keras.layers.Dense(
+        n_classes, activation="softmax", kernel_regularizer=regularizer, name="probabilities", dtype="float32"
+    )(x)
     return keras.Model(inputs, outputs, name="head")
 
 
@@ -189,8 +198,9 @@ def input_size(model: keras.Model) -> int:
     return model.get_layer("resize").height
 
 
-def on_pixels(extractor: keras.Model, head_model: keras.Model, size: int,
-              augmentation: keras.Sequential | None = None) -> keras.Model:
+def on_pixels(
+    extractor: keras.Model, head_model: keras.Model, size: int, augmentation: keras.Sequential | None = None
+) -> keras.Model:
     """The fine-tuning model: float pixels at the input size -> [online augmentation] -> probabilities."""
     inputs = keras.Input(shape=(size, size, 3), name="pixels")
     x = augmentation(inputs) if augmentation is not None else inputs
@@ -239,8 +249,10 @@ def trainable_top_start(base: keras.Model, spec: Backbone, fine_tune: FineTunePa
         last_frozen = spec.blocks[-fine_tune.blocks - 1]
         return [layer.name for layer in base.layers].index(last_frozen) + 1
     if fine_tune.layers >= len(base.layers):
-        raise UserError(f"train.fine_tune.layers={fine_tune.layers}, but {spec.name} has "
-                        f"{len(base.layers) - 1} layers besides its input")
+        raise UserError(
+            f"train.fine_tune.layers={fine_tune.layers}, but {spec.name} has "
+            f"{len(base.layers) - 1} layers besides its input"
+        )
     return len(base.layers) - fine_tune.layers
 
 
@@ -312,5 +324,7 @@ def load(path: Path) -> keras.Model:
     except ValueError as err:
         if "safe_mode" not in str(err):
             raise
-        raise UserError(f"{path} contains Python code (a Lambda layer); refusing to run it (Keras safe mode): "
-                        "load only models you trust, built from Keras layers") from None
+        raise UserError(
+            f"{path} contains Python code (a Lambda layer); refusing to run it (Keras safe mode): "
+            "load only models you trust, built from Keras layers"
+        ) from None

@@ -53,8 +53,10 @@ def predict_with_maps(model: keras.Model, batches, keep: np.ndarray) -> tuple[np
     both = keras.Model(inputs, [feature_map, _chain(after_map, feature_map)])
     # Traced once for any batch size (predict_on_batch would trace again for a short last batch:
     # a second or more for a large backbone).
-    run = tf.function(lambda images: both(images, training=False),
-                      input_signature=[tf.TensorSpec(model.input_shape, model.input.dtype)])
+    run = tf.function(
+        lambda images: both(images, training=False),
+        input_signature=[tf.TensorSpec(model.input_shape, model.input.dtype)],
+    )
     probabilities, maps, seen = [], {}, 0
     wanted = set(keep.tolist())
     for batch in batches:

@@ -99,9 +99,13 @@ def headline(scores: dict[str, Any]) -> list[tuple[str, str, str]]:
         detail = f"95 % interval {bounds['low']:.3f} to {bounds['high']:.3f}" if bounds else ""
         return (name.replace("_", " "), f"{value:.3f}", detail)
 
-    return [with_interval("accuracy", scores["accuracy"]), with_interval("macro_f1", scores["macro"]["f1"]),
-            ("ECE", f"{scores['ece']:.3f}", "expected calibration error"), ("log loss", f"{scores['log_loss']:.3f}", ""),
-            ("test images", str(scores["test_images"]), "")]
+    return [
+        with_interval("accuracy", scores["accuracy"]),
+        with_interval("macro_f1", scores["macro"]["f1"]),
+        ("ECE", f"{scores['ece']:.3f}", "expected calibration error"),
+        ("log loss", f"{scores['log_loss']:.3f}", ""),
+        ("test images", str(scores["test_images"]), ""),
+    ]
 
 
 def mistakes(rows: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -114,21 +118,31 @@ def data_rows(cfg: Config) -> list[tuple[str, Any]]:
     stats = read_json(DATA_REPORT) if DATA_REPORT.is_file() else {}
     rows: list[tuple[str, Any]] = [("dataset", cfg.dataset_name), ("layout", stats.get("layout", "?"))]
     rows += [(f"{split} images", count) for split, count in stats.get("per_split", {}).items()]
-    rows += [("quarantined", stats.get("quarantined", 0)), ("exact duplicates dropped", stats.get("duplicates_dropped", 0)),
-             ("near-duplicate groups", stats.get("near_duplicate_groups", 0)), ("files ignored", stats.get("ignored_files", 0))]
+    rows += [
+        ("quarantined", stats.get("quarantined", 0)),
+        ("exact duplicates dropped", stats.get("duplicates_dropped", 0)),
+        ("near-duplicate groups", stats.get("near_duplicate_groups", 0)),
+        ("files ignored", stats.get("ignored_files", 0)),
+    ]
     return rows
 
 
 def lineage(cfg: Config) -> list[tuple[str, str]]:
     download = read_json(DOWNLOAD_REPORT) if DOWNLOAD_REPORT.is_file() else {}
-    rows = [("data", str(download.get("url", cfg.data.url))), ("data sha256", str(download.get("sha256") or "(a folder)"))]
+    rows = [
+        ("data", str(download.get("url", cfg.data.url))),
+        ("data sha256", str(download.get("sha256") or "(a folder)")),
+    ]
     if os.environ.get("DVC_EXP_NAME"):
         rows.append(("DVC experiment", os.environ["DVC_EXP_NAME"]))
     if MLFLOW_RUN_FILE.is_file():
         run = read_json(MLFLOW_RUN_FILE)
         rows.append(("MLflow run", run["run_id"]))
-        rows += [(f"registered model ({kind})", f"models:/{m['registered_model']}/{m['version']}")
-                 for kind, m in run.get("models", {}).items() if m.get("registered_model")]
+        rows += [
+            (f"registered model ({kind})", f"models:/{m['registered_model']}/{m['version']}")
+            for kind, m in run.get("models", {}).items()
+            if m.get("registered_model")
+        ]
     return rows
 
 

@@ -63,9 +63,17 @@ def macro_f1_interval(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) ->
     F1 has no closed-form interval). Fewer than two images: the whole range."""
     if len(y_true) < 2:
         return {"low": 0.0, "high": 1.0}
-    result = bootstrap((y_true, y_pred), lambda t, p, axis: macro_f1(t, p, n_classes), paired=True, vectorized=True,
-                       n_resamples=BOOTSTRAP_RESAMPLES, batch=100, confidence_level=CONFIDENCE, method="percentile",
-                       rng=np.random.default_rng(BOOTSTRAP_SEED))
+    result = bootstrap(
+        (y_true, y_pred),
+        lambda t, p, axis: macro_f1(t, p, n_classes),
+        paired=True,
+        vectorized=True,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        batch=100,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        rng=np.random.default_rng(BOOTSTRAP_SEED),
+    )
     return {"low": float(result.confidence_interval.low), "high": float(result.confidence_interval.high)}
 
 
@@ -92,13 +100,16 @@ def interval_warning(report: dict) -> str | None:
     half = (interval["high"] - interval["low"]) / 2
     if half <= WIDE_HALF_WIDTH:
         return None
-    return (f"warning: {n} test images measure accuracy only to +-{100 * half:.0f} points (95 % interval "
-            f"{interval['low']:.3f}-{interval['high']:.3f}); +-{100 * WIDE_HALF_WIDTH:.0f} points takes about "
-            f"{images_for(report['accuracy'], WIDE_HALF_WIDTH)} test images (more data, or a larger prepare.split.test)")
+    return (
+        f"warning: {n} test images measure accuracy only to +-{100 * half:.0f} points (95 % interval "
+        f"{interval['low']:.3f}-{interval['high']:.3f}); +-{100 * WIDE_HALF_WIDTH:.0f} points takes about "
+        f"{images_for(report['accuracy'], WIDE_HALF_WIDTH)} test images (more data, or a larger prepare.split.test)"
+    )
 
 
 def images_for(accuracy: float, half_width: float) -> int:
     """About how many test images make the Wilson interval of ``accuracy`` at most +-``half_width``."""
+
     def fits(n: int) -> bool:
         low, high = wilson(round(accuracy * n), n)
         return (high - low) / 2 <= half_width
@@ -120,8 +131,9 @@ def top_k_accuracy(y_true: np.ndarray, probabilities: np.ndarray, k: int) -> flo
     return float(np.mean(np.any(best == y_true[:, np.newaxis], axis=1)))
 
 
-def reliability(y_true: np.ndarray, probabilities: np.ndarray,
-                bins: int = CALIBRATION_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reliability(
+    y_true: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per confidence bin (equal width over [0, 1]): mean confidence, accuracy and image count."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == y_true
@@ -141,7 +153,9 @@ def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bi
     return float(np.sum(np.abs(accuracy[filled] - mean_confidence[filled]) * counts[filled]) / counts.sum())
 
 
-def fitted_temperature(y_true: np.ndarray, probabilities: np.ndarray, bounds: tuple[float, float] = (0.25, 4.0)) -> float:
+def fitted_temperature(
+    y_true: np.ndarray, probabilities: np.ndarray, bounds: tuple[float, float] = (0.25, 4.0)
+) -> float:
     """Temperature scaling (Guo et al., 2017): the T in ``bounds`` whose softmax(logits / T) has the
     lowest log loss on ``y_true``. log p serves as the logits: softmax forgets per-row shifts."""
     from scipy.optimize import minimize_scalar  # scikit-learn's own dependency

@@ -40,7 +40,7 @@ def short(label: str, width: int = LABEL_CHARACTERS) -> str:
     text = " ".join(label.split())
     if len(text) > width:
         head = (width - 1) // 2
-        text = f"{text[:head]}…{text[head + 1 - width:]}"
+        text = f"{text[:head]}…{text[head + 1 - width :]}"
     return text.replace("$", r"\$")
 
 
@@ -66,18 +66,28 @@ def confusion_matrices(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]
     ticks = range(0, n, step)
     names = [short(labels[i]) for i in ticks]
     paths = []
-    for normalize, name, title in ((None, "confusion_matrix.png", "Test confusion matrix (counts)"),
-                                   ("true", "confusion_matrix_normalized.png", "Test confusion matrix (row-normalized)")):
+    for normalize, name, title in (
+        (None, "confusion_matrix.png", "Test confusion matrix (counts)"),
+        ("true", "confusion_matrix_normalized.png", "Test confusion matrix (row-normalized)"),
+    ):
         fig, ax = plt.subplots(figsize=(cell * n + 3, cell * n + 2))
         display = ConfusionMatrixDisplay.from_predictions(
-            y_true, y_pred, labels=range(n), normalize=normalize, include_values=with_values,
-            values_format=".2f" if normalize else "d", ax=ax, colorbar=False,
+            y_true,
+            y_pred,
+            labels=range(n),
+            normalize=normalize,
+            include_values=with_values,
+            values_format=".2f" if normalize else "d",
+            ax=ax,
+            colorbar=False,
         )
         if not with_values:  # a slim bar as tall as the matrix, which then keeps most of the figure
-            fig.colorbar(display.im_, ax=ax, fraction=0.046, pad=0.02,
-                         ticks=None if normalize else MaxNLocator(integer=True))  # counts: whole numbers
-        ax.set_xticks(ticks, names, fontsize=fontsize, rotation=45 if with_values else 90, ha="right",
-                      rotation_mode="anchor")
+            fig.colorbar(
+                display.im_, ax=ax, fraction=0.046, pad=0.02, ticks=None if normalize else MaxNLocator(integer=True)
+            )  # counts: whole numbers
+        ax.set_xticks(
+            ticks, names, fontsize=fontsize, rotation=45 if with_values else 90, ha="right", rotation_mode="anchor"
+        )
         ax.set_yticks(ticks, names, fontsize=fontsize)
         ax.set_title(title if step == 1 else f"{title}; one class in {step} named")
         _save(fig, out_dir / name)
@@ -85,8 +95,9 @@ def confusion_matrices(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]
     return paths
 
 
-def reliability_diagram(confidence: np.ndarray, accuracy: np.ndarray, counts: np.ndarray, ece: float,
-                        path: Path) -> None:
+def reliability_diagram(
+    confidence: np.ndarray, accuracy: np.ndarray, counts: np.ndarray, ece: float, path: Path
+) -> None:
     bins = len(counts)
     centers = (np.arange(bins) + 0.5) / bins
     filled = counts > 0
@@ -94,8 +105,7 @@ def reliability_diagram(confidence: np.ndarray, accuracy: np.ndarray, counts: np
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.bar(centers[filled], accuracy[filled], width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy")
     ax.plot(confidence[filled], accuracy[filled], "o", color="black", label="mean confidence")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-           title=f"Reliability (ECE {ece:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"Reliability (ECE {ece:.3f})")
     ax.legend(loc="upper left")
     _save(fig, path)
 
@@ -112,19 +122,27 @@ def training_curves(history_csv: Path, path: Path) -> None:
             epochs = [int(r["epoch"]) for r in part]
             for key, color in ((metric, "tab:blue"), (f"val_{metric}", "tab:orange")):
                 if key in part[0]:
-                    ax.plot(epochs, [float(r[key]) for r in part], style, color=color, marker=".",
-                            label=f"{key} ({phase})")
+                    ax.plot(
+                        epochs, [float(r[key]) for r in part], style, color=color, marker=".", label=f"{key} ({phase})"
+                    )
         ax.set(xlabel="epoch", title=metric)
         ax.legend()
     _save(fig, path)
 
 
-def image_grid(images: list[np.ndarray], titles: list[str], path: Path, overlays: list[np.ndarray] | None = None,
-               columns: int = 6, heading: str | None = None) -> None:
+def image_grid(
+    images: list[np.ndarray],
+    titles: list[str],
+    path: Path,
+    overlays: list[np.ndarray] | None = None,
+    columns: int = 6,
+    heading: str | None = None,
+) -> None:
     """Images with titles (callers bound how many); optional heatmaps (values 0..1, any size) drawn over them."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.5 * rows + (0.4 if heading else 0)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(2.3 * columns, 2.5 * rows + (0.4 if heading else 0)), squeeze=False
+    )
     if heading:
         fig.suptitle(heading)
     for ax in axes.flat:
@@ -146,8 +164,13 @@ def image_grid(images: list[np.ndarray], titles: list[str], path: Path, overlays
 def _save_with_scale(fig: plt.Figure, axes: np.ndarray, path: Path) -> None:
     """A heatmap grid with its colour scale: 1 = the image's strongest evidence for the class."""
     fig.tight_layout()
-    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes, shrink=0.6, pad=0.01,
-                 label="evidence for the class, relative to the image's strongest")
+    fig.colorbar(
+        ScalarMappable(Normalize(0, 1), cmap="jet"),
+        ax=axes,
+        shrink=0.6,
+        pad=0.01,
+        label="evidence for the class, relative to the image's strongest",
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -64,8 +64,11 @@ TRAINING_VIEW = "workflowType=machine_learning"
 # server gone (refused connections) fails a call in ~15 s and one that hangs in ~75 s. MLflow's own
 # defaults (7 retries up to 120 s apart, 120 s per try) kept training waiting for a dead server for
 # many minutes per call, each epoch logging one.
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
 # Registry aliases, on both registered models: the newest trained version, and the best evaluated
 # one on the same data (mlflow.champion_metric), the one make serve serves.
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -129,8 +132,9 @@ def create_tables(uri: str) -> None:
     if not uri.startswith("sqlite:///"):
         return  # a server creates its own store's tables, once, when it starts
     database = Path(uri.removeprefix("sqlite:///"))
-    with exclusive(database.with_name(f"{database.name}.lock"),
-                   f"MLflow: waiting for another process setting up {database}"):
+    with exclusive(
+        database.with_name(f"{database.name}.lock"), f"MLflow: waiting for another process setting up {database}"
+    ):
         mlflow.MlflowClient(uri).search_experiments(max_results=1)  # opens the store: creates its tables
 
 
@@ -163,8 +167,14 @@ def start_new_run(experiment_name: str, run_name: str, system_metrics: bool) -> 
     experiment_id = experiment.experiment_id
     if KIND_TAG not in experiment.tags:  # made before this tag was set; a kind set by hand stays
         mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
-    with ended(mlflow.start_run(experiment_id=experiment_id, run_name=dvc_experiment() or run_name,
-                                tags=lineage_tags(), log_system_metrics=system_metrics)) as run:
+    with ended(
+        mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=dvc_experiment() or run_name,
+            tags=lineage_tags(),
+            log_system_metrics=system_metrics,
+        )
+    ) as run:
         yield run
 
 
@@ -185,8 +195,9 @@ def ended(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
 def created_experiment(name: str) -> mlflow.entities.Experiment:
     """A new model-training experiment ``name``, or the one a parallel run created a moment ago."""
     try:
-        mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri()),
-                                 tags={KIND_TAG: MODEL_TRAINING})
+        mlflow.create_experiment(
+            name, artifact_location=artifact_location(tracking_uri()), tags={KIND_TAG: MODEL_TRAINING}
+        )
     except mlflow.exceptions.MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -244,17 +255,21 @@ def log_datasets(dataset_name: str, url: str) -> None:
             continue
         with warnings.catch_warnings():
             # MLflow 3.17 registers its local-file source twice, then warns that a path fits both.
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            warnings.filterwarnings(
+                "ignore", message="The specified dataset source can be interpreted in multiple ways"
+            )
             dataset = mlflow.data.from_pandas(  # type: ignore[attr-defined]  # registered at import time
-                split_rows, source=redact_url(url), name=dataset_name, targets="label")
+                split_rows, source=redact_url(url), name=dataset_name, targets="label"
+            )
         mlflow.log_input(dataset, context=split)
 
 
 def logged_dataset(run_id: str, context: str) -> mlflow.entities.Dataset | None:
     """The run's dataset input logged with ``context`` (see :func:`log_datasets`), if any."""
     inputs = mlflow.get_run(run_id).inputs.dataset_inputs  # type: ignore[union-attr]  # a fetched run has inputs
-    return next((i.dataset for i in inputs if any(t.key == MLFLOW_DATASET_CONTEXT and t.value == context
-                                                  for t in i.tags)), None)
+    return next(
+        (i.dataset for i in inputs if any(t.key == MLFLOW_DATASET_CONTEXT and t.value == context for t in i.tags)), None
+    )
 
 
 def keeps_global_random_state(function: Callable) -> Callable:
@@ -286,10 +301,12 @@ def log_epoch(logs: dict[str, float], epoch: int, prefix: str = "") -> None:
     try:
         mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
     except Exception as err:  # MLflow raises many types (HTTP, database)
-        raise UserError(f"the MLflow tracking store {redact_url(tracking_uri())} stopped answering in epoch {epoch} "
-                        f"({error_summary(err)[:200]}); training stopped with its checkpoints kept in "
-                        f"{CHECKPOINT_DIR}: rerun dvc repro once the store answers, and training goes on after "
-                        f"epoch {epoch}") from None
+        raise UserError(
+            f"the MLflow tracking store {redact_url(tracking_uri())} stopped answering in epoch {epoch} "
+            f"({error_summary(err)[:200]}); training stopped with its checkpoints kept in "
+            f"{CHECKPOINT_DIR}: rerun dvc repro once the store answers, and training goes on after "
+            f"epoch {epoch}"
+        ) from None
 
 
 def log_head_l2(l2: float) -> None:
@@ -309,8 +326,10 @@ def class_keys(labels: list[str]) -> list[str]:
     other character as ``_``, cut to 100, plus ``.`` and the class index: ``Ünïcode, cats`` (class 0)
     -> ``Unicode__cats.0``, ``a b`` (class 3) -> ``a_b.3`` beside a class ``a_b``. Plain names have
     no ``.`` and the indices differ, so no two keys are the same."""
-    return [label if PLAIN_CLASS_KEY.fullmatch(label) else f"{_ascii_key(label)}.{index}"
-            for index, label in enumerate(labels)]
+    return [
+        label if PLAIN_CLASS_KEY.fullmatch(label) else f"{_ascii_key(label)}.{index}"
+        for index, label in enumerate(labels)
+    ]
 
 
 def _ascii_key(name: str) -> str:
@@ -318,7 +337,9 @@ def _ascii_key(name: str) -> str:
     return NOT_KEY_CHARACTER.sub("_", letters)[:CLASS_KEY_LENGTH]
 
 
-def log_test_metrics(report: dict, model_ids: Sequence[str | None] = (), dataset: mlflow.entities.Dataset | None = None) -> None:
+def log_test_metrics(
+    report: dict, model_ids: Sequence[str | None] = (), dataset: mlflow.entities.Dataset | None = None
+) -> None:
     """The scores of ``eval/metrics.json`` as metrics of the active run, and of each logged model
     in ``model_ids`` (the UI's Models tab compares them), measured on ``dataset``: ``test_`` and
     their path joined by ``_`` (``test_accuracy``, ``test_accuracy_ci95_low``, ``test_macro_f1``,
@@ -328,8 +349,10 @@ def log_test_metrics(report: dict, model_ids: Sequence[str | None] = (), dataset
     ``metrics.json``."""
     names = list(report["per_class"])
     keys = class_keys(names)
-    per_class = {key: {k: v for k, v in scores.items() if k != "support"}
-                 for key, scores in zip(keys, report["per_class"].values(), strict=True)}
+    per_class = {
+        key: {k: v for k, v in scores.items() if k != "support"}
+        for key, scores in zip(keys, report["per_class"].values(), strict=True)
+    }
     scores = {k: v for k, v in report.items() if k not in COUNT_TAGS}
     metrics = flatten({**scores, "per_class": per_class}, separator="_", prefix="test_")
     for model_id in model_ids or [None]:  # None: the run's alone
@@ -393,14 +416,18 @@ def log_model(model: keras.Model, model_dir: Path, registered_name: str | None, 
         name="image_classifier",
         python_model=serving.__file__,
         model_config={"keras_model": weights.model_uri, "labels": labels},
-        code_paths=[str(Path(__file__).parents[1])],  # the pipeline package: serving.py imports pipeline.data.images, pipeline.cli
+        code_paths=[
+            str(Path(__file__).parents[1])
+        ],  # the pipeline package: serving.py imports pipeline.data.images, pipeline.cli
         signature=serving.SIGNATURE,
         input_example=serving.example_request(),
         registered_model_name=registered_name,
         pip_requirements=requirements,
     )
-    models = {"model": registered(weights, f"{registered_name}-keras" if registered_name else None),
-              "image_classifier": registered(classifier, registered_name)}
+    models = {
+        "model": registered(weights, f"{registered_name}-keras" if registered_name else None),
+        "image_classifier": registered(classifier, registered_name),
+    }
     if registered_name:
         client = mlflow.MlflowClient()
         for kind, description in descriptions(registered_name, about, labels).items():
@@ -426,27 +453,34 @@ def class_list(labels: list[str]) -> str:
 def descriptions(name: str, about: About, labels: list[str]) -> dict[str, str]:
     """The registry page of each of a run's two registered models: what it classifies, from which
     data, how to serve or load it, and why there are two (kind as in mlflow_run.json)."""
-    what = (f"Classifies photos into {len(labels)} classes ({class_list(labels)}): a new head on an image "
-            f"backbone (each version's backbone tag), trained on the dataset {about.dataset} ({about.source}). Aliases: @champion is "
-            "the version `make serve` serves, the best on the test data by mlflow.champion_metric (`make promote "
-            "EXP=<experiment>` picks another); @candidate is the newest trained version. Each version's tags "
-            "give its test accuracy with a 95 % interval, data hash, classes, backbone and DVC experiment.")
+    what = (
+        f"Classifies photos into {len(labels)} classes ({class_list(labels)}): a new head on an image "
+        f"backbone (each version's backbone tag), trained on the dataset {about.dataset} ({about.source}). Aliases: @champion is "
+        "the version `make serve` serves, the best on the test data by mlflow.champion_metric (`make promote "
+        "EXP=<experiment>` picks another); @candidate is the newest trained version. Each version's tags "
+        "give its test accuracy with a 95 % interval, data hash, classes, backbone and DVC experiment."
+    )
     return {
         "image_classifier": f"{what}\n\nThis is the model to serve: image bytes in, labels out. `make serve` runs "
-                            f"`mlflow models serve -m models:/{name}@champion`; POST base64 JPEG/PNG files as "
-                            "{\"dataframe_split\": {\"columns\": [\"image\"], \"data\": [[\"<base64>\"]]}} to "
-                            f"/invocations. It holds no weights: it loads those of {name}-keras of the same run.",
+        f"`mlflow models serve -m models:/{name}@champion`; POST base64 JPEG/PNG files as "
+        '{"dataframe_split": {"columns": ["image"], "data": [["<base64>"]]}} to '
+        f"/invocations. It holds no weights: it loads those of {name}-keras of the same run.",
         "model": f"{what}\n\nThe Keras weights behind {name} (serve that one): uint8 image batches "
-                 "(n, height, width, 3) of any size in, class probabilities out, class names in the metadata "
-                 f"`labels`. For Python: `mlflow.keras.load_model(\"models:/{name}-keras@champion\")` or "
-                 f"`make predict PATHS=photo.jpg ARGS=\"--model models:/{name}-keras@champion\"`.",
+        "(n, height, width, 3) of any size in, class probabilities out, class names in the metadata "
+        f'`labels`. For Python: `mlflow.keras.load_model("models:/{name}-keras@champion")` or '
+        f'`make predict PATHS=photo.jpg ARGS="--model models:/{name}-keras@champion"`.',
     }
 
 
 def version_tags(about: About, labels: list[str]) -> dict[str, str]:
     """Tags of a run's registered versions, for choosing one on the registry page."""
-    tags = {"dataset": about.dataset, "data.source": about.source, "classes": class_list(labels),
-            "backbone": about.backbone, "dvc.experiment": dvc_experiment() or "none (dvc repro)"}
+    tags = {
+        "dataset": about.dataset,
+        "data.source": about.source,
+        "classes": class_list(labels),
+        "backbone": about.backbone,
+        "dvc.experiment": dvc_experiment() or "none (dvc repro)",
+    }
     data_hash = lineage_tags().get(DATA_HASH_TAG)
     if data_hash:
         tags[DATA_HASH_TAG] = data_hash
@@ -465,9 +499,13 @@ def tag_versions(models: dict[str, dict], tags: dict[str, str]) -> None:
 def scored_tags(report: dict) -> dict[str, str]:
     """The version tags evaluate adds: each headline metric with its 95 % interval and the image count."""
     n = report["test_images"]
-    return {f"test_{name}": f"{value:.4f} (95 % interval {interval['low']:.4f}-{interval['high']:.4f}, {n} test images)"
-            for name, value, interval in (("accuracy", report["accuracy"], report["accuracy_ci95"]),
-                                          ("macro_f1", report["macro"]["f1"], report["macro_f1_ci95"]))}
+    return {
+        f"test_{name}": f"{value:.4f} (95 % interval {interval['low']:.4f}-{interval['high']:.4f}, {n} test images)"
+        for name, value, interval in (
+            ("accuracy", report["accuracy"], report["accuracy_ci95"]),
+            ("macro_f1", report["macro"]["f1"], report["macro_f1_ci95"]),
+        )
+    }
 
 
 def champion_stays(recorded: dict, report: dict, metric: str) -> str | None:
@@ -487,26 +525,40 @@ def champion_stays(recorded: dict, report: dict, metric: str) -> str | None:
         return None
     theirs, ours = client.get_run(champion.run_id).data, client.get_run(recorded["run_id"]).data
     if theirs.tags.get(DATA_HASH_TAG) != ours.tags.get(DATA_HASH_TAG):
-        return (f"@champion (version {champion.version}) was tested on other data (prepared data "
-                f"{str(theirs.tags.get(DATA_HASH_TAG))[:8]}, this run's {str(ours.tags.get(DATA_HASH_TAG))[:8]})")
+        return (
+            f"@champion (version {champion.version}) was tested on other data (prepared data "
+            f"{str(theirs.tags.get(DATA_HASH_TAG))[:8]}, this run's {str(ours.tags.get(DATA_HASH_TAG))[:8]})"
+        )
     flat = flatten(report, separator="_")
     score, their_score = flat[metric], theirs.metrics.get(f"test_{metric}")
     if their_score is None:
         return f"@champion (version {champion.version}) has no test_{metric} to compare with"
     sign = 1 if CHAMPION_METRICS[metric] else -1
-    if sign * score > sign * their_score or (score == their_score
-                                             and flat["log_loss"] < theirs.metrics.get("test_log_loss", np.inf)):
+    if sign * score > sign * their_score or (
+        score == their_score and flat["log_loss"] < theirs.metrics.get("test_log_loss", np.inf)
+    ):
         return None
-    tie = f" and log loss {theirs.metrics.get('test_log_loss', np.nan):.4f} vs {flat['log_loss']:.4f}" \
-        if score == their_score else ""
-    return (f"@champion (version {champion.version}) scores test {metric} {their_score:.4f} vs this run's "
-            f"{score:.4f}{tie} on the same test data")
+    tie = (
+        f" and log loss {theirs.metrics.get('test_log_loss', np.nan):.4f} vs {flat['log_loss']:.4f}"
+        if score == their_score
+        else ""
+    )
+    return (
+        f"@champion (version {champion.version}) scores test {metric} {their_score:.4f} vs this run's "
+        f"{score:.4f}{tie} on the same test data"
+    )
 
 
 def servable(recorded: dict) -> str | None:
     """The registered model that decides for both of a run's models: the served one (else the Keras one)."""
-    return next((recorded["models"][kind]["registered_model"] for kind in ("image_classifier", "model")
-                 if recorded["models"].get(kind, {}).get("registered_model")), None)
+    return next(
+        (
+            recorded["models"][kind]["registered_model"]
+            for kind in ("image_classifier", "model")
+            if recorded["models"].get(kind, {}).get("registered_model")
+        ),
+        None,
+    )
 
 
 def promote(recorded: dict) -> list[str]:
@@ -523,9 +575,16 @@ def promote(recorded: dict) -> list[str]:
 def record_run(run: mlflow.ActiveRun, models: dict[str, dict], system_metrics: bool) -> None:
     """Write the run's id and its models next to the model, so DVC outputs and the MLflow run find
     each other, and evaluate resumes the run as train ran it."""
-    write_json(MLFLOW_RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                 "tracking_uri": redact_url(mlflow.get_tracking_uri()),
-                                 "system_metrics": system_metrics, "models": models})
+    write_json(
+        MLFLOW_RUN_FILE,
+        {
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+            "tracking_uri": redact_url(mlflow.get_tracking_uri()),
+            "system_metrics": system_metrics,
+            "models": models,
+        },
+    )
 
 
 def recorded_run() -> dict:
@@ -562,8 +621,12 @@ def finished_runs(experiment_name: str, metric: str, max_runs: int) -> pd.DataFr
     None when the store has no such experiment."""
     if mlflow.get_experiment_by_name(experiment_name) is None:
         return None
-    return mlflow.search_runs(experiment_names=[experiment_name], order_by=[f"metrics.{metric} DESC"],
-                              max_results=max_runs, filter_string="attributes.status = 'FINISHED'")
+    return mlflow.search_runs(
+        experiment_names=[experiment_name],
+        order_by=[f"metrics.{metric} DESC"],
+        max_results=max_runs,
+        filter_string="attributes.status = 'FINISHED'",
+    )
 
 
 if __name__ == "__main__":  # `python -m pipeline.report.tracking http://127.0.0.1:5000`: the link make ui prints

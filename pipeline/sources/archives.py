@@ -33,8 +33,6 @@ TARFILE_FIXED = {(3, 9): 24, (3, 10): 19, (3, 11): 14, (3, 12): 12, (3, 13): 6}
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)  # what zipfile reads
 
 
-
-
 # --- Safe extraction --------------------------------------------------------------------------
 
 
@@ -58,16 +56,20 @@ def extract(archive: Path, dest: Path, limits: DataParams) -> None:
     if fmt == "tar":
         warn_about_tarfile()
     try:
-        with open(archive, "rb") as fh, tqdm.wrapattr(
-            fh, "read", total=archive.stat().st_size, desc="extract", disable=None
-        ) as raw, open_members(raw, fmt, archive) as members:
+        with (
+            open(archive, "rb") as fh,
+            tqdm.wrapattr(fh, "read", total=archive.stat().st_size, desc="extract", disable=None) as raw,
+            open_members(raw, fmt, archive) as members,
+        ):
             for member in members:
                 path = member_path(archive, member.name)
                 if member.kind == "special":
                     refuse(archive, member.name, f"{member.detail}; only files and folders are extracted")
                 if member.kind == "unreadable":
-                    raise UserError(f"{archive}: cannot extract member {readable(member.name)!r}: {member.detail}; "
-                                    "unpack the archive yourself and set data.url to the folder")
+                    raise UserError(
+                        f"{archive}: cannot extract member {readable(member.name)!r}: {member.detail}; "
+                        "unpack the archive yourself and set data.url to the folder"
+                    )
                 if member.kind == "dir":
                     (dest / path).mkdir(parents=True, exist_ok=True)
                     continue
@@ -97,9 +99,12 @@ def warn_about_tarfile() -> None:
     major, minor, micro = sys.version_info[:3]
     fixed = TARFILE_FIXED.get((major, minor))
     if fixed is not None and micro < fixed:
-        print(f"warning: Python {major}.{minor}.{micro} predates the tarfile fixes for malicious archives "
-              f"(CVE-2025-4517, CVE-2025-8194 and others) in Python {major}.{minor}.{fixed}; this stage checks every "
-              "member itself, but upgrade Python to read tar archives you do not trust", file=sys.stderr)
+        print(
+            f"warning: Python {major}.{minor}.{micro} predates the tarfile fixes for malicious archives "
+            f"(CVE-2025-4517, CVE-2025-8194 and others) in Python {major}.{minor}.{fixed}; this stage checks every "
+            "member itself, but upgrade Python to read tar archives you do not trust",
+            file=sys.stderr,
+        )
 
 
 @contextmanager
@@ -119,8 +124,12 @@ def tar_members(tar: tarfile.TarFile) -> Iterator[Member]:
         elif info.isdir():
             yield Member(info.name, "dir")
         elif info.issym():
-            yield Member(info.name, "link", link=posixpath.join(posixpath.dirname(info.name), info.linkname),
-                         detail=f"symlink to '{info.linkname}'")
+            yield Member(
+                info.name,
+                "link",
+                link=posixpath.join(posixpath.dirname(info.name), info.linkname),
+                detail=f"symlink to '{info.linkname}'",
+            )
         elif info.islnk():  # hard links name their target from the archive root
             yield Member(info.name, "link", link=info.linkname, detail=f"hard link to '{info.linkname}'")
         else:
@@ -133,9 +142,12 @@ def zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[Member]:
         name, cp437 = zip_name(info)
         if cp437 and not warned:
             warned = True
-            print(f"warning: {archive}: zip member names that are not UTF-8 are read as cp437, the zip format's "
-                  f"default, e.g. {name!r}; if names look wrong, repack the archive with a tool that writes UTF-8 "
-                  "names (7-Zip, Info-ZIP zip)", file=sys.stderr)
+            print(
+                f"warning: {archive}: zip member names that are not UTF-8 are read as cp437, the zip format's "
+                f"default, e.g. {name!r}; if names look wrong, repack the archive with a tool that writes UTF-8 "
+                "names (7-Zip, Info-ZIP zip)",
+                file=sys.stderr,
+            )
         mode = info.external_attr >> 16  # Unix mode bits, 0 when the zip tool stored none
         if name.endswith("/"):
             yield Member(name, "dir")
@@ -143,13 +155,17 @@ def zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[Member]:
             yield Member(name, "unreadable", detail="it is encrypted (a password-protected zip)")
         elif info.compress_type not in ZIP_METHODS:  # e.g. Deflate64, which Windows uses for big archives
             method = zipfile.compressor_names.get(info.compress_type, "unknown")  # type: ignore[attr-defined]  # undocumented
-            yield Member(name, "unreadable",
-                         detail=f"it is compressed with method {info.compress_type} ({method}), which Python cannot read")
+            yield Member(
+                name,
+                "unreadable",
+                detail=f"it is compressed with method {info.compress_type} ({method}), which Python cannot read",
+            )
         elif stat.S_ISLNK(mode):  # a zip symlink stores its target as the member's content
             with zf.open(info) as fh:
                 target = fh.read(4096).decode("utf-8", "backslashreplace").replace("\\", "/")
-            yield Member(name, "link", link=posixpath.join(posixpath.dirname(name), target),
-                         detail=f"symlink to '{target}'")
+            yield Member(
+                name, "link", link=posixpath.join(posixpath.dirname(name), target), detail=f"symlink to '{target}'"
+            )
         elif stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: only permissions stored
             yield Member(name, "special", detail="a device file or FIFO")
         else:
@@ -175,8 +191,9 @@ def zip_name(info: zipfile.ZipInfo) -> tuple[str, bool]:
 
 
 def refuse(archive: Path, name: str, why: str) -> NoReturn:
-    raise UserError(f"{archive}: refusing member {readable(name)!r}: {why} "
-                    "(unsafe archive: get it from a trusted source)")
+    raise UserError(
+        f"{archive}: refusing member {readable(name)!r}: {why} (unsafe archive: get it from a trusted source)"
+    )
 
 
 def member_path(archive: Path, name: str) -> PurePosixPath:
@@ -212,13 +229,15 @@ def write_capped(stream: IO[bytes], path: Path, size: int, archive: Path, limits
 
 def check_count(archive: Path, count: int, limits: DataParams) -> None:
     if count > limits.max_files:
-        raise UserError(f"{archive} holds more than data.max_files={limits.max_files} files (an archive bomb?): "
-                        "raise data.max_files if the archive is genuine")
+        raise UserError(
+            f"{archive} holds more than data.max_files={limits.max_files} files (an archive bomb?): "
+            "raise data.max_files if the archive is genuine"
+        )
 
 
 def check_size(archive: Path, size: int, limits: DataParams) -> None:
     if size > limits.max_bytes:
-        raise UserError(f"{archive} unpacks to more than data.max_bytes={limits.max_bytes} bytes (an archive bomb?): "
-                        "raise data.max_bytes if the archive is genuine")
-
-
+        raise UserError(
+            f"{archive} unpacks to more than data.max_bytes={limits.max_bytes} bytes (an archive bomb?): "
+            "raise data.max_bytes if the archive is genuine"
+        )

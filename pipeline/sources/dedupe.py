@@ -65,8 +65,9 @@ def drop_exact_duplicates(images: list[Record]) -> tuple[list[Record], list[tupl
         copies.sort(key=lambda c: c.source)
         labels = sorted({c.label for c in copies})
         if len(labels) > 1:
-            conflicts += [(c.source, f"label conflict: the same image is in classes {', '.join(labels)}")
-                          for c in copies]
+            conflicts += [
+                (c.source, f"label conflict: the same image is in classes {', '.join(labels)}") for c in copies
+            ]
             continue
         first: dict[str, Record] = {}  # by held-out split: copies in two given splits are both kept
         for copy in copies:
@@ -97,9 +98,13 @@ def near_duplicate_groups(images: list[Record], distance: int | None) -> tuple[l
     first, second, searched = near_pairs(hashes, distance)
     first, second = detailed[first], detailed[second]
     alike = correlations(thumbnails, means, norms, first, second) >= NEAR_CORRELATION
-    graph = coo_array((np.ones(2 * alike.sum(), dtype=np.int8),
-                       (np.concatenate([first[alike], second[alike]]), np.concatenate([second[alike], first[alike]]))),
-                      shape=(len(images), len(images))).tocsr()
+    graph = coo_array(
+        (
+            np.ones(2 * alike.sum(), dtype=np.int8),
+            (np.concatenate([first[alike], second[alike]]), np.concatenate([second[alike], first[alike]])),
+        ),
+        shape=(len(images), len(images)),
+    ).tocsr()
     _, group_of = connected_components(graph, directed=False)
     order = sorted(range(len(images)), key=lambda i: images[i].rank)
     group_of = split_chains(graph, group_of, order)
@@ -117,7 +122,7 @@ def split_chains(alike: csr_array, group_of: np.ndarray, order: list[int]) -> np
     position[order] = np.arange(len(order))
     split = group_of.copy()  # a star's id: -1 - its first image's index, apart from the groups' ids
     for index in (i for i in order if sizes[group_of[i]] > MAX_CHAIN):
-        leaders = [j for j in alike.indices[alike.indptr[index]:alike.indptr[index + 1]] if split[j] == -1 - j]
+        leaders = [j for j in alike.indices[alike.indptr[index] : alike.indptr[index + 1]] if split[j] == -1 - j]
         split[index] = split[min(leaders, key=position.__getitem__)] if leaders else -1 - index
     return split
 
@@ -202,8 +207,9 @@ def in_steps(count: np.ndarray) -> Iterator[np.ndarray]:
         begin = end
 
 
-def expanded(queries: np.ndarray, start: np.ndarray, count: np.ndarray,
-             order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def expanded(
+    queries: np.ndarray, start: np.ndarray, count: np.ndarray, order: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Each query against each of its ``count`` matches, which sit at ``order[start:start + count]``."""
     total = int(count.sum())
     offsets = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
@@ -214,19 +220,20 @@ def centred_norms(thumbnails: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each thumbnail's mean and the norm of its pixels less that mean (a few thousand rows at a time)."""
     means, norms = np.empty(len(thumbnails), dtype=np.float32), np.empty(len(thumbnails), dtype=np.float32)
     for k in range(0, len(thumbnails), THUMBNAIL_PAIRS_PER_STEP):
-        rows = thumbnails[k:k + THUMBNAIL_PAIRS_PER_STEP].astype(np.float32)
-        means[k:k + len(rows)] = rows.mean(axis=1)
-        norms[k:k + len(rows)] = np.linalg.norm(rows - means[k:k + len(rows), None], axis=1)
+        rows = thumbnails[k : k + THUMBNAIL_PAIRS_PER_STEP].astype(np.float32)
+        means[k : k + len(rows)] = rows.mean(axis=1)
+        norms[k : k + len(rows)] = np.linalg.norm(rows - means[k : k + len(rows), None], axis=1)
     return means, norms
 
 
-def correlations(thumbnails: np.ndarray, means: np.ndarray, norms: np.ndarray, first: np.ndarray,
-                 second: np.ndarray) -> np.ndarray:
+def correlations(
+    thumbnails: np.ndarray, means: np.ndarray, norms: np.ndarray, first: np.ndarray, second: np.ndarray
+) -> np.ndarray:
     """The Pearson correlation of the thumbnails of each pair (first[k], second[k]), given their
     centred_norms."""
     steps = [np.empty(0, dtype=np.float32)]
     for k in range(0, len(first), THUMBNAIL_PAIRS_PER_STEP):
-        a, b = first[k:k + THUMBNAIL_PAIRS_PER_STEP], second[k:k + THUMBNAIL_PAIRS_PER_STEP]
+        a, b = first[k : k + THUMBNAIL_PAIRS_PER_STEP], second[k : k + THUMBNAIL_PAIRS_PER_STEP]
         centred_a = thumbnails[a].astype(np.float32) - means[a, None]
         centred_b = thumbnails[b].astype(np.float32) - means[b, None]
         steps.append(np.einsum("ij,ij->i", centred_a, centred_b) / np.maximum(norms[a] * norms[b], 1e-6))
@@ -234,8 +241,11 @@ def correlations(thumbnails: np.ndarray, means: np.ndarray, norms: np.ndarray, f
 
 
 def near_duplicate_rows(groups: list[list[Record]]) -> list[list]:
-    return [[i.source, i.label, "near" if i.split == group[0].split else "cross_split", group[0].source]
-            for group in groups for i in group[1:]]
+    return [
+        [i.source, i.label, "near" if i.split == group[0].split else "cross_split", group[0].source]
+        for group in groups
+        for i in group[1:]
+    ]
 
 
 def cross_split(groups: list[list[Record]]) -> dict[str, int]:
@@ -245,7 +255,8 @@ def cross_split(groups: list[list[Record]]) -> dict[str, int]:
     splits_of: dict[str, set[str]] = defaultdict(set)
     for image in (i for g in spanning for i in g):
         splits_of[image.sha256].add(image.split)
-    return {"groups": len(spanning), "images": sum(len(g) for g in spanning),
-            "exact": sum(len(splits) > 1 for splits in splits_of.values())}
-
-
+    return {
+        "groups": len(spanning),
+        "images": sum(len(g) for g in spanning),
+        "exact": sum(len(splits) > 1 for splits in splits_of.values()),
+    }

@@ -28,8 +28,6 @@ CHUNK = 2**20
 AUTH_VARIABLE = "PIPELINE_DATA_AUTH"  # the Authorization header for data.url, e.g. "Bearer <token>"
 
 
-
-
 def cache_dir() -> Path:
     return cache_root() / "downloads"
 
@@ -116,8 +114,10 @@ def fetch(cfg: DataParams) -> tuple[Path, str]:
     the archive cached, instead of writing into the same ``.part``.
     """
     folder = cache_dir() / hashlib.sha256(cfg.url.encode()).hexdigest()[:16]
-    with exclusive(folder.with_name(f"{folder.name}.lock"),
-                   f"download: waiting for another process downloading {redact_url(cfg.url)} into {folder}"):
+    with exclusive(
+        folder.with_name(f"{folder.name}.lock"),
+        f"download: waiting for another process downloading {redact_url(cfg.url)} into {folder}",
+    ):
         return fetch_locked(cfg, folder)
 
 
@@ -130,8 +130,11 @@ def fetch_locked(cfg: DataParams, folder: Path) -> tuple[Path, str]:
         print(f"download: using cached {cached} (no network access)")
         return cached, cached.parent.name
     if expected and (others := sorted(p.parent.name for p in folder.glob(f"*/{glob.escape(name)}"))):
-        print(f"download: no cached archive from {shown} has data.sha256={expected} (cached: {', '.join(others)}); "
-              "downloading again", file=sys.stderr)
+        print(
+            f"download: no cached archive from {shown} has data.sha256={expected} (cached: {', '.join(others)}); "
+            "downloading again",
+            file=sys.stderr,
+        )
     folder.mkdir(parents=True, exist_ok=True)
     part = folder / f"{name}.part"
     download_with_retries(url, part, Limits(cfg.max_bytes, cfg.max_seconds, time.monotonic() + cfg.max_seconds))
@@ -166,9 +169,11 @@ def download_with_retries(url: str, part: Path, limits: Limits) -> None:
             problem = str(err) if isinstance(err, Retryable) else type(err).__name__
             kept = f"; the partial file {part} is kept and resumes next run" if part.exists() else ""
             if limits.seconds_left() <= 0:
-                raise UserError(f"could not download data.url {redact_url(url)} within data.max_seconds="
-                                f"{limits.max_seconds:g} ({problem}){kept}; a slow server? raise data.max_seconds, "
-                                "or set data.url to a copy on a faster one") from None
+                raise UserError(
+                    f"could not download data.url {redact_url(url)} within data.max_seconds="
+                    f"{limits.max_seconds:g} ({problem}){kept}; a slow server? raise data.max_seconds, "
+                    "or set data.url to a copy on a faster one"
+                ) from None
             if attempt == RETRIES:
                 raise UserError(
                     f"could not download data.url {redact_url(url)} ({problem}) after {RETRIES} tries{kept}; "
@@ -197,11 +202,14 @@ def download_into(url: str, part: Path, limits: Limits) -> None:
         if response.status_code in (408, 429) or response.status_code >= 500:
             raise Retryable(f"server answered {response.status_code} {response.reason}")
         if response.status_code in (401, 403):
-            raise UserError(f"data.url {redact_url(url)}: server answered {response.status_code} {response.reason}; "
-                            f"give its credentials in ~/.netrc or ${AUTH_VARIABLE}, not in data.url, or check them")
+            raise UserError(
+                f"data.url {redact_url(url)}: server answered {response.status_code} {response.reason}; "
+                f"give its credentials in ~/.netrc or ${AUTH_VARIABLE}, not in data.url, or check them"
+            )
         if response.status_code >= 400:
-            raise UserError(f"data.url {redact_url(url)}: server answered {response.status_code} {response.reason}; "
-                            "check the URL")
+            raise UserError(
+                f"data.url {redact_url(url)}: server answered {response.status_code} {response.reason}; check the URL"
+            )
         start = resume_offset(response)
         if start not in (0, have):
             part.unlink()
@@ -210,9 +218,10 @@ def download_into(url: str, part: Path, limits: Limits) -> None:
         if total is not None and total > limits.max_bytes:
             part.unlink(missing_ok=True)
             raise too_large(url, f"announces {total} bytes, more", limits)
-        with open(part, "r+b" if start else "wb") as fh, tqdm(
-            total=total, initial=start, unit="B", unit_scale=True, desc="download", disable=None
-        ) as bar:
+        with (
+            open(part, "r+b" if start else "wb") as fh,
+            tqdm(total=total, initial=start, unit="B", unit_scale=True, desc="download", disable=None) as bar,
+        ):
             fh.seek(start)
             fh.truncate()
             # read1 hands over whatever has arrived, so an interrupted transfer keeps every byte it got.
@@ -230,8 +239,10 @@ def download_into(url: str, part: Path, limits: Limits) -> None:
 
 
 def too_large(url: str, what: str, limits: Limits) -> UserError:
-    return UserError(f"data.url {redact_url(url)}: the server {what} than data.max_bytes={limits.max_bytes} (an "
-                     "endless or wrong response?); nothing was kept: raise data.max_bytes if the archive is that large")
+    return UserError(
+        f"data.url {redact_url(url)}: the server {what} than data.max_bytes={limits.max_bytes} (an "
+        "endless or wrong response?); nothing was kept: raise data.max_bytes if the archive is that large"
+    )
 
 
 def auth_from_environment() -> Callable[[requests.PreparedRequest], requests.PreparedRequest] | None:
@@ -261,5 +272,3 @@ def expected_size(response: requests.Response) -> int | None:
         return None if total == "*" else int(total)
     length = response.headers.get("Content-Length")
     return int(length) if length else None
-
-

@@ -15,8 +15,6 @@ NOTES = (".txt", ".md")  # files a wrapping folder may hold next to its folders 
 SHOWN = 5  # folders named in one message
 
 
-
-
 # --- Local folders ----------------------------------------------------------------------------
 
 
@@ -97,20 +95,22 @@ def check_one_dataset(top: Path, cfg: DataParams) -> None:
     wrapped = [p for p in dirs if holds_only_folders(p)]
     if wrapped and len(wrapped) < len(dirs):
         verb = "holds" if len(wrapped) == 1 else "hold"
-        raise UserError(f"data.url: {redact_url(cfg.url)} holds several top folders ({folder_list(dirs)}), and "
-                        f"{folder_list(wrapped)} {verb} only folders, like a whole dataset: several datasets side "
-                        "by side? set data.url to the folder of the one to use (unpack an archive first) or repack "
-                        "it with its class folders at the top; if the folders inside are the classes, set "
-                        "data.class_depth: 2")
+        raise UserError(
+            f"data.url: {redact_url(cfg.url)} holds several top folders ({folder_list(dirs)}), and "
+            f"{folder_list(wrapped)} {verb} only folders, like a whole dataset: several datasets side "
+            "by side? set data.url to the folder of the one to use (unpack an archive first) or repack "
+            "it with its class folders at the top; if the folders inside are the classes, set "
+            "data.class_depth: 2"
+        )
     if wrapped:
-        print(f"warning: data.url: every top folder of {redact_url(cfg.url)} ({folder_list(dirs)}) holds only "
-              "folders: the labels are these top folders (data.class_depth: 1); if the folders inside them are "
-              "the classes, set data.class_depth: 2, or if they are several datasets, set data.url to one",
-              file=sys.stderr)
+        print(
+            f"warning: data.url: every top folder of {redact_url(cfg.url)} ({folder_list(dirs)}) holds only "
+            "folders: the labels are these top folders (data.class_depth: 1); if the folders inside them are "
+            "the classes, set data.class_depth: 2, or if they are several datasets, set data.url to one",
+            file=sys.stderr,
+        )
 
 
 def folder_list(folders: list[Path]) -> str:
     more = f" and {len(folders) - SHOWN} more" if len(folders) > SHOWN else ""
     return ", ".join(f"{readable(p.name)}/" for p in folders[:SHOWN]) + more
-
-

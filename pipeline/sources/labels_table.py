@@ -27,8 +27,10 @@ def read_labels(table: Path) -> list[list[str]]:
     header = [cell.strip().lower() for cell in rows[0]] if rows else []
     if not {"path", "label"} <= set(header) <= set(LABELS_COLUMNS) or len(set(header)) < len(header):
         found = f"starts with {','.join(rows[0])!r}" if rows else "is empty"
-        raise UserError(f"data.labels: {table} {found}; its first row must name the columns path,label or "
-                        "path,label,split (paths relative to the source, e.g. daisy/1.jpg)")
+        raise UserError(
+            f"data.labels: {table} {found}; its first row must name the columns path,label or "
+            "path,label,split (paths relative to the source, e.g. daisy/1.jpg)"
+        )
     return [header, *rows[1:]]
 
 
@@ -48,5 +50,3 @@ def path_in_raw(path: str, raw: Path, wrapper: Path) -> str:
     if depth and parts[:depth] == wrapper.parts and not (raw / path).is_file() and (raw / inner).is_file():
         return inner.as_posix()
     return path
-
-

@@ -24,8 +24,6 @@ HELD_OUT = ("val", "test")  # the splits drawn from train when the source does n
 SHOWN = 10  # how many classes or folders a message names before "and N more"
 
 
-
-
 @dataclass
 class Record:
     """One usable image: its source, its normalized copy (first pending, then at ``path``), its split."""
@@ -70,8 +68,6 @@ class Found:
     merged: dict[str, list[str]] = field(default_factory=dict)  # label -> the Unicode forms it was written in
 
 
-
-
 def folder_name(label: str) -> str:
     """``label`` as one folder name: labels from ``data.class_depth`` or a table may hold a ``/``."""
     return label.replace("/", "__")
@@ -97,8 +93,10 @@ def find_images(raw: Path, depth: int) -> Found:
         return from_class_folders(folders, files, depth)
     others = [readable(name) for name in top if name not in splits]
     if others:
-        raise UserError(f"{raw} mixes split folders ({named(list(splits))}) with other folders ({named(others)}): "
-                        "put every class folder inside the split folders (a class named like a split: rename it)")
+        raise UserError(
+            f"{raw} mixes split folders ({named(list(splits))}) with other folders ({named(others)}): "
+            "put every class folder inside the split folders (a class named like a split: rename it)"
+        )
     return from_split_folders(folders, files, depth, splits)
 
 
@@ -127,7 +125,7 @@ def listing(raw: Path) -> tuple[list[Path], dict[Path, str | None]]:
 def hidden_in(path: Path) -> Path | None:
     """The first part of ``path`` that is hidden (``.name``, or ``__MACOSX``), or None."""
     depth = next((i for i, name in enumerate(path.parts) if name.startswith(".") or name == "__MACOSX"), None)
-    return None if depth is None else Path(*path.parts[:depth + 1])
+    return None if depth is None else Path(*path.parts[: depth + 1])
 
 
 def file_problem(raw: Path, path: Path) -> str | None:
@@ -142,8 +140,11 @@ def file_problem(raw: Path, path: Path) -> str | None:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         if path.name.split(".")[0].upper() in DOCUMENT_STEMS:
             return "licence or readme"
-        return f"not an image file name: suffix '{readable(path.suffix)}'" if path.suffix else \
-            "not an image file name: no suffix"
+        return (
+            f"not an image file name: suffix '{readable(path.suffix)}'"
+            if path.suffix
+            else "not an image file name: no suffix"
+        )
     return None
 
 
@@ -165,8 +166,9 @@ def outside_classes(parts: tuple[str, ...], depth: int) -> str | None:
     """Why a file at ``parts`` below the class root is in no class folder, or None when it is in one."""
     if len(parts) > depth:
         return None
-    return "outside the class folders: " + ("no class folder above it" if depth == 1 else
-                                            f"fewer than data.class_depth={depth} folders above it")
+    return "outside the class folders: " + (
+        "no class folder above it" if depth == 1 else f"fewer than data.class_depth={depth} folders above it"
+    )
 
 
 def label_rule(depth: int) -> str:
@@ -188,23 +190,32 @@ def from_class_folders(folders: list[Path], files: dict[Path, str | None], depth
         else:
             candidates.append((label, RAW_DIR / path, ""))
     classes = [f for f in folders if len(f.parts) == depth]
-    return Found("class_folders", f"class folders, label = {label_rule(depth)}",
-                 sorted({label_of(f.parts) for f in classes}), candidates, ignored,
-                 merged=merged_forms([readable(f.as_posix()) for f in classes]))
+    return Found(
+        "class_folders",
+        f"class folders, label = {label_rule(depth)}",
+        sorted({label_of(f.parts) for f in classes}),
+        candidates,
+        ignored,
+        merged=merged_forms([readable(f.as_posix()) for f in classes]),
+    )
 
 
-def from_split_folders(folders: list[Path], files: dict[Path, str | None], depth: int,
-                       split_of: dict[str, str]) -> Found:
+def from_split_folders(
+    folders: list[Path], files: dict[Path, str | None], depth: int, split_of: dict[str, str]
+) -> Found:
     """Class folders inside each split folder (``split_of``: folder name -> split)."""
     order = sorted(split_of, key=lambda name: SPLITS.index(split_of[name]))
     for split in SPLITS:
         twins = [name for name in order if split_of[name] == split]
         if len(twins) > 1:
-            raise UserError(f"{RAW_DIR} has {len(twins)} folders for the {split} split ({', '.join(twins)}): "
-                            "merge them into one")
+            raise UserError(
+                f"{RAW_DIR} has {len(twins)} folders for the {split} split ({', '.join(twins)}): merge them into one"
+            )
     if "train" not in split_of.values():
-        raise UserError(f"{RAW_DIR} has split folders ({', '.join(order)}) but no train folder: "
-                        "add train/ holding the class folders to train on")
+        raise UserError(
+            f"{RAW_DIR} has split folders ({', '.join(order)}) but no train folder: "
+            "add train/ holding the class folders to train on"
+        )
     classes = [f for f in folders if len(f.parts) == depth + 1 and f.parts[0] in split_of]
     classes_in = {name: {label_of(f.parts[1:]) for f in classes if f.parts[0] == name} for name in order}
     check_same_classes(classes_in)
@@ -213,16 +224,25 @@ def from_split_folders(folders: list[Path], files: dict[Path, str | None], depth
     for path, problem in files.items():
         inside = path.parts[0] in split_of and len(path.parts) > 1
         problem = problem or (outside_classes(path.parts[1:], depth) if inside else "outside the split folders")
-        label = label_of(path.parts[1:depth + 1]) if inside and len(path.parts) > depth + 1 else ""
+        label = label_of(path.parts[1 : depth + 1]) if inside and len(path.parts) > depth + 1 else ""
         if problem:
             ignored.append((readable(str(path)), problem, label))
         else:
             candidates.append((label, RAW_DIR / path, split_of[path.parts[0]]))
     given = tuple(split_of[name] for name in order)
-    described = (f"split folders {', '.join(name + '/' for name in order)}{drawn_from_train(given)}, "
-                 f"label = {label_rule(depth)} inside each")
-    return Found("split_folders", described, sorted(classes_in[order[0]]), candidates, ignored, given,
-                 merged=merged_forms([readable(Path(*f.parts[1:]).as_posix()) for f in classes]))
+    described = (
+        f"split folders {', '.join(name + '/' for name in order)}{drawn_from_train(given)}, "
+        f"label = {label_rule(depth)} inside each"
+    )
+    return Found(
+        "split_folders",
+        described,
+        sorted(classes_in[order[0]]),
+        candidates,
+        ignored,
+        given,
+        merged=merged_forms([readable(Path(*f.parts[1:]).as_posix()) for f in classes]),
+    )
 
 
 def check_same_classes(classes_in: dict[str, set[str]]) -> None:
@@ -232,8 +252,10 @@ def check_same_classes(classes_in: dict[str, set[str]]) -> None:
         label, lacking = gaps[0]
         having = next(folder for folder, labels in classes_in.items() if label in labels)
         more = f" (other gaps: {len(gaps) - 1})" if len(gaps) > 1 else ""
-        raise UserError(f"class '{label}' is in {RAW_DIR}/{having}/ but not in {RAW_DIR}/{lacking}/{more}: "
-                        f"every split folder needs the same class folders; add it to {lacking}/ or remove it")
+        raise UserError(
+            f"class '{label}' is in {RAW_DIR}/{having}/ but not in {RAW_DIR}/{lacking}/{more}: "
+            f"every split folder needs the same class folders; add it to {lacking}/ or remove it"
+        )
 
 
 def from_table(raw: Path, files: dict[Path, str | None]) -> Found:
@@ -256,24 +278,38 @@ def from_table(raw: Path, files: dict[Path, str | None]) -> Found:
             listed[entry[1]] = number  # the row's file
             candidates.append(entry)
             written_labels.append(row[header.index("label")].strip())
-    ignored = [(readable(str(path)), problem or "not listed in data.labels", "") for path, problem in files.items()
-               if raw / path not in mentioned and path != Path(LABELS_TABLE.name)]
+    ignored = [
+        (readable(str(path)), problem or "not listed in data.labels", "")
+        for path, problem in files.items()
+        if raw / path not in mentioned and path != Path(LABELS_TABLE.name)
+    ]
     given = tuple(split for split in SPLITS if any(entry[2] == split for entry in candidates))
     column = f", splits from its split column{drawn_from_train(given)}" if given else ""
-    return Found("labels_csv", f"labels from data.labels{column}", sorted({entry[0] for entry in candidates}),
-                 candidates, ignored, given, bad_rows, merged_forms(written_labels))
+    return Found(
+        "labels_csv",
+        f"labels from data.labels{column}",
+        sorted({entry[0] for entry in candidates}),
+        candidates,
+        ignored,
+        given,
+        bad_rows,
+        merged_forms(written_labels),
+    )
 
 
-def table_row(header: list[str], row: list[str], written: str, path: Path | None, where: str,
-              listed: dict[Path, int]) -> tuple[str, Path, str] | str:
+def table_row(
+    header: list[str], row: list[str], written: str, path: Path | None, where: str, listed: dict[Path, int]
+) -> tuple[str, Path, str] | str:
     """(label, file, given split) of one row of the labels table, or why the row cannot be used."""
     if len(row) != len(header):
         return f"malformed row: {where} has {len(row)} fields, its header {len(header)}"
     cells = dict(zip(header, (cell.strip() for cell in row)))
     label, split = unicodedata.normalize("NFC", cells["label"]), cells.get("split", "").lower()
     if PurePosixPath(written).is_absolute():
-        return (f"absolute path: {where} names {written!r}; absolute paths are not allowed: give the path relative "
-                "to the source (e.g. daisy/1.jpg)")
+        return (
+            f"absolute path: {where} names {written!r}; absolute paths are not allowed: give the path relative "
+            "to the source (e.g. daisy/1.jpg)"
+        )
     if path is None:
         return f"missing file: {where} names {written!r}, which is not a file in the source"
     if path in listed:
@@ -300,8 +336,11 @@ def file_in(raw: Path, path: str) -> Path | None:
 
 def unusable(label: str) -> bool:
     """Labels that are no path below a folder: later stages write images to <split>/<label>/ too."""
-    return (label.startswith("/") or any(part in (".", "..") for part in label.split("/"))
-            or any(unicodedata.category(char) == "Cc" for char in label))
+    return (
+        label.startswith("/")
+        or any(part in (".", "..") for part in label.split("/"))
+        or any(unicodedata.category(char) == "Cc" for char in label)
+    )
 
 
 def source_of(path: Path) -> str:

@@ -17,7 +17,6 @@ HELD_OUT = ("val", "test")  # the splits drawn from train when the source does n
 SPLIT_TOLERANCE = 0.01
 
 
-
 # --- Splitting --------------------------------------------------------------------------------
 
 
@@ -44,8 +43,9 @@ def assign_splits(groups: list[list[Record]], given: tuple[str, ...], split: Spl
             room.update({(label, chosen): room[label, chosen] - n for label, n in need.items()})
 
 
-def check_fractions(per_class: dict[str, dict[str, int]], groups: list[list[Record]], given: tuple[str, ...],
-                    params: PrepareParams) -> None:
+def check_fractions(
+    per_class: dict[str, dict[str, int]], groups: list[list[Record]], given: tuple[str, ...], params: PrepareParams
+) -> None:
     """Each class's drawn splits (and train) hold the share of its images that prepare.split asks,
     within SPLIT_TOLERANCE; else stop, naming the classes and their largest near-duplicate group."""
     split = params.split
@@ -83,11 +83,14 @@ def check_enough_classes(found: Found) -> None:
     if len(found.classes) >= 2:
         return
     if found.layout != "labels_csv":
-        raise UserError(f"{RAW_DIR} has {len(found.classes)} class folder(s) {found.classes}; need at least 2 "
-                        "(one sub-folder of images per class)")
+        raise UserError(
+            f"{RAW_DIR} has {len(found.classes)} class folder(s) {found.classes}; need at least 2 "
+            "(one sub-folder of images per class)"
+        )
     first_bad = f"; {len(found.bad_rows)} bad rows, the first: {found.bad_rows[0][1]}" if found.bad_rows else ""
-    raise UserError(f"data.labels names {len(found.classes)} class(es) {found.classes} on usable rows; "
-                    f"need at least 2{first_bad}")
+    raise UserError(
+        f"data.labels names {len(found.classes)} class(es) {found.classes} on usable rows; need at least 2{first_bad}"
+    )
 
 
 def count_per_class(classes: list[str], images: list[Record]) -> dict[str, dict[str, int]]:
@@ -107,8 +110,12 @@ def unused_files(found: Found, quarantine: list[tuple[str, str]]) -> dict[str, l
     return {label: sorted(files) for label, files in unused.items()}
 
 
-def check_classes(per_class: dict[str, dict[str, int]], given: tuple[str, ...], split: SplitParams,
-                  unused: dict[str, list[tuple[str, str]]]) -> None:
+def check_classes(
+    per_class: dict[str, dict[str, int]],
+    given: tuple[str, ...],
+    split: SplitParams,
+    unused: dict[str, list[tuple[str, str]]],
+) -> None:
     """Every split needs an image of every class; the refusal says for each class too small what
     was left out of it (nothing is written then, so ignored.csv and quarantine.csv cannot)."""
     small = [label for label, counts in per_class.items() if min(counts.values()) == 0]
@@ -121,8 +128,12 @@ def check_classes(per_class: dict[str, dict[str, int]], given: tuple[str, ...], 
             files = unused.get(label, [])
             return f"; {len(files)} files not used, the first: {files[0][0]}: {files[0][1]}" if files else ""
 
-        shown = named([f"'{label}' ({', '.join(f'{s} {n}' for s, n in per_class[label].items())}{left_out(label)})"
-                       for label in small])
+        shown = named(
+            [
+                f"'{label}' ({', '.join(f'{s} {n}' for s, n in per_class[label].items())}{left_out(label)})"
+                for label in small
+            ]
+        )
         raise UserError(
             f"too few usable images to put one in each of train, val and test in {len(small)} of {len(per_class)} "
             f"classes (prepare.split val {split.val}, test {split.test}; near-duplicates count as one{need}): "
@@ -131,14 +142,18 @@ def check_classes(per_class: dict[str, dict[str, int]], given: tuple[str, ...], 
     sizes = {label: sum(counts.values()) for label, counts in per_class.items()}
     largest, smallest = max(sizes, key=sizes.__getitem__), min(sizes, key=sizes.__getitem__)
     if sizes[largest] > IMBALANCE_WARNING * sizes[smallest]:
-        print(f"warning: classes are heavily imbalanced: '{largest}' has {sizes[largest]} images, "
-              f"'{smallest}' only {sizes[smallest]}", file=sys.stderr)
+        print(
+            f"warning: classes are heavily imbalanced: '{largest}' has {sizes[largest]} images, "
+            f"'{smallest}' only {sizes[smallest]}",
+            file=sys.stderr,
+        )
 
 
 def smallest_class(fractions: list[float]) -> int:
     """The fewest images from which each drawn split gets one and train keeps at least one."""
-    return next(n for n in count(1)
-                if all(round(n * f) >= 1 for f in fractions) and n > sum(round(n * f) for f in fractions))
+    return next(
+        n for n in count(1) if all(round(n * f) >= 1 for f in fractions) and n > sum(round(n * f) for f in fractions)
+    )
 
 
 def cap_per_class(images: list[Record], cap: int | None) -> list[Record]:
@@ -149,5 +164,3 @@ def cap_per_class(images: list[Record], cap: int | None) -> list[Record]:
     for image in sorted(images, key=lambda i: i.rank):
         by_class[image.label, image.held_out].append(image)
     return [image for members in by_class.values() for image in members[:cap]]
-
-

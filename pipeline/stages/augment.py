@@ -77,8 +77,9 @@ def fingerprints(cfg: Config) -> tuple[str, str]:
     common = {
         "size": cfg.model.input_size,
         "jpeg_quality": JPEG_QUALITY,
-        "code": [hashlib.sha256(Path(f).read_bytes()).hexdigest()
-                 for f in (images.__file__, augmentation.__file__, __file__)],
+        "code": [
+            hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (images.__file__, augmentation.__file__, __file__)
+        ],
         "libraries": [version(name) for name in ("albumentations", "albucore", "pillow", "numpy")] + [cv2.__version__],
     }
     policy = cfg.augment.model_dump(mode="json", exclude={"mode", "copies", "online"})  # online: no file changes
@@ -92,8 +93,9 @@ def original(data: bytes, cfg: Config) -> np.ndarray:
 
 def variant(pixels: np.ndarray, copy: int, sha256: str, cfg: Config) -> np.ndarray:
     """Copy ``copy`` > 0: the policy on the whole decoded prepared image, seeded by (seed, image, copy)."""
-    return offline_variant(offline_policy(cfg.model.input_size, cfg.augment), pixels,
-                           variant_seed(cfg.seed, sha256, copy))
+    return offline_variant(
+        offline_policy(cfg.model.input_size, cfg.augment), pixels, variant_seed(cfg.seed, sha256, copy)
+    )
 
 
 def encode_jpeg(pixels: np.ndarray) -> bytes:
@@ -183,18 +185,24 @@ def write_gallery(manifest: list[PreparedImage], cfg: Config) -> None:
     n_offline, n_online = gallery_variants(cfg)
     files = [(PREPARED_DIR / r.path).read_bytes() for r in samples]
     originals = np.stack([thumbnail(original(data, cfg), side) for data in files])
-    offline = [[thumbnail(variant(decode(data), k, r.sha256, cfg), side) for k in range(1, n_offline + 1)]
-               for data, r in zip(files, samples)]
+    offline = [
+        [thumbnail(variant(decode(data), k, r.sha256, cfg), side) for k in range(1, n_offline + 1)]
+        for data, r in zip(files, samples)
+    ]
     online = np.zeros((len(samples), 0, *originals.shape[1:]), "uint8")
     if n_online:
         batch = np.repeat(originals.astype("float32"), n_online, axis=0)
         online = online_variants(cfg, batch, side).round().clip(0, 255).astype("uint8")
         online = online.reshape(len(samples), n_online, *originals.shape[1:])
 
-    titles = ["original", *(f"offline {k}" for k in range(1, n_offline + 1)),
-              *(f"online {k}" for k in range(1, n_online + 1))]
-    fig, axes = plt.subplots(len(samples), len(titles), squeeze=False,
-                             figsize=(1.4 * len(titles), 1.4 * len(samples) + 0.5))
+    titles = [
+        "original",
+        *(f"offline {k}" for k in range(1, n_offline + 1)),
+        *(f"online {k}" for k in range(1, n_online + 1)),
+    ]
+    fig, axes = plt.subplots(
+        len(samples), len(titles), squeeze=False, figsize=(1.4 * len(titles), 1.4 * len(samples) + 0.5)
+    )
     for i, row in enumerate(samples):
         for ax, image in zip(axes[i], [originals[i], *offline[i], *online[i]]):
             ax.imshow(image)
@@ -203,8 +211,9 @@ def write_gallery(manifest: list[PreparedImage], cfg: Config) -> None:
         axes[i, 0].set_ylabel(row.label, fontsize=9)
     for ax, title in zip(axes[0], titles):
         ax.set_title(title, fontsize=9)
-    fig.suptitle(f"augment.mode={cfg.augment.mode}: offline = albumentations (augment stage), online = Keras layers",
-                 fontsize=10)
+    fig.suptitle(
+        f"augment.mode={cfg.augment.mode}: offline = albumentations (augment stage), online = Keras layers", fontsize=10
+    )
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
@@ -223,12 +232,16 @@ def main() -> None:
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create the render cache {cache} ({err.strerror}): "
-                        "set PIPELINE_CACHE_DIR to a writable folder") from None
+        raise UserError(
+            f"cannot create the render cache {cache} ({err.strerror}): set PIPELINE_CACHE_DIR to a writable folder"
+        ) from None
     if cfg.prepare.max_side < cfg.model.input_size:
-        print(f"warning: prepare.max_side {cfg.prepare.max_side} is below the input size {cfg.model.input_size}: "
-              "photos larger than that train upscaled from prepare's copy but are served downscaled from the "
-              "file; raise prepare.max_side", file=sys.stderr)
+        print(
+            f"warning: prepare.max_side {cfg.prepare.max_side} is below the input size {cfg.model.input_size}: "
+            "photos larger than that train upscaled from prepare's copy but are served downscaled from the "
+            "file; raise prepare.max_side",
+            file=sys.stderr,
+        )
     keys = fingerprints(cfg)
     with atomic_dir(AUGMENTED_DIR) as out:
         for split, label in {(r.split, r.label) for r in manifest}:
@@ -237,8 +250,10 @@ def main() -> None:
         rows, rendered = render_all([Job(r, copies.get(r.split, 0), cfg, out, cache, keys) for r in manifest])
         write_rows(out / AUGMENTED_MANIFEST.name, AugmentedImage, rows)
     write_gallery(manifest, cfg)
-    print(f"augment: {len(rows)} images at {cfg.model.input_size}px in {AUGMENTED_DIR} "
-          f"({rendered} rendered, {len(rows) - rendered} from the cache in {cache}); preview in {AUGMENT_GALLERY}")
+    print(
+        f"augment: {len(rows)} images at {cfg.model.input_size}px in {AUGMENTED_DIR} "
+        f"({rendered} rendered, {len(rows) - rendered} from the cache in {cache}); preview in {AUGMENT_GALLERY}"
+    )
 
 
 if __name__ == "__main__":

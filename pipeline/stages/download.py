@@ -62,8 +62,6 @@ from pipeline.sources.labels_table import read_labels, write_labels
 TARFILE_FIXED = {(3, 9): 24, (3, 10): 19, (3, 11): 14, (3, 12): 12, (3, 13): 6}
 
 
-
-
 # --- The stage --------------------------------------------------------------------------------
 
 
@@ -103,14 +101,27 @@ def main() -> None:
         size = sum(p.stat().st_size for p in files)
         if labels:
             write_labels(labels, staging, top.relative_to(root))
-    table_record = {"path": cfg.labels, "sha256": sha256_of(table), "rows": len(labels) - 1} if table and labels else None
-    write_json(DOWNLOAD_REPORT, {"url": redact_url(cfg.url), "sha256": sha256, "files": len(files), "bytes": size, "skipped": skipped,
-                        "labels": table_record})
+    table_record = (
+        {"path": cfg.labels, "sha256": sha256_of(table), "rows": len(labels) - 1} if table and labels else None
+    )
+    write_json(
+        DOWNLOAD_REPORT,
+        {
+            "url": redact_url(cfg.url),
+            "sha256": sha256,
+            "files": len(files),
+            "bytes": size,
+            "skipped": skipped,
+            "labels": table_record,
+        },
+    )
     for item in skipped:
         print(f"download: skipped {item['path']}: {item['reason']}", file=sys.stderr)
     pinned = f"sha256 {sha256}" if sha256 else "local folder, no archive hash"
     listed = f"; labels table {cfg.labels} ({len(labels) - 1} rows) in {LABELS_TABLE}" if labels else ""
-    print(f"download: {len(files)} files ({size / 2**20:.1f} MiB) in {RAW_DIR}; {pinned}; {len(skipped)} skipped{listed}")
+    print(
+        f"download: {len(files)} files ({size / 2**20:.1f} MiB) in {RAW_DIR}; {pinned}; {len(skipped)} skipped{listed}"
+    )
 
 
 if __name__ == "__main__":

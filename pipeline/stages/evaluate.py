@@ -61,8 +61,17 @@ GRADCAM_PER_CLASS = 2
 GRADCAM_IMAGES = 24  # at most: with many classes, one image for each of the first 24 classes
 TITLE_LABEL_CHARACTERS = 14  # two class names and a probability fit over a grid image
 TITLE_FILE_CHARACTERS = 28  # a file name (the middle cut out) fits over a grid image
-EXTRA_ARTIFACTS = [DATA_REPORT, DOWNLOAD_REPORT, AUGMENT_GALLERY, MODEL_LABELS, HISTORY, PREPARED_DIR / "quarantine.csv",
-                   PREPARED_DIR / "ignored.csv", LABEL_ISSUES_REPORT, LABEL_ISSUES_GALLERY]
+EXTRA_ARTIFACTS = [
+    DATA_REPORT,
+    DOWNLOAD_REPORT,
+    AUGMENT_GALLERY,
+    MODEL_LABELS,
+    HISTORY,
+    PREPARED_DIR / "quarantine.csv",
+    PREPARED_DIR / "ignored.csv",
+    LABEL_ISSUES_REPORT,
+    LABEL_ISSUES_GALLERY,
+]
 
 
 Pixels = Callable[[int], np.ndarray]  # test image index -> the model's input
@@ -98,8 +107,18 @@ def gradcam_examples(y_true: np.ndarray) -> np.ndarray:
     return np.array([i for c in classes[:GRADCAM_IMAGES] for i in np.flatnonzero(y_true == c)[:per_class]], dtype=int)
 
 
-def draw_plots(model, pixels: Pixels, files: list[str], y_true, probabilities, labels, report, out: Path,
-               chosen: np.ndarray, chosen_maps: np.ndarray) -> None:
+def draw_plots(
+    model,
+    pixels: Pixels,
+    files: list[str],
+    y_true,
+    probabilities,
+    labels,
+    report,
+    out: Path,
+    chosen: np.ndarray,
+    chosen_maps: np.ndarray,
+) -> None:
     """Every plot of ``plots/``; ``pixels``: a test image as the model saw it; ``files``: each one's
     name in the source; ``chosen``: the images shown with Grad-CAM, ``chosen_maps`` their feature maps."""
     y_pred = probabilities.argmax(axis=1)
@@ -112,8 +131,11 @@ def draw_plots(model, pixels: Pixels, files: list[str], y_true, probabilities, l
     mistakes = most_confident_mistakes(y_true, probabilities, TOP_LOSSES)
     plots.image_grid(
         [pixels(i) for i in mistakes],
-        [f"{plots.short(files[i], TITLE_FILE_CHARACTERS)}\n{names[y_true[i]]} → {names[y_pred[i]]} "
-         f"({probabilities[i].max():.2f})" for i in mistakes],
+        [
+            f"{plots.short(files[i], TITLE_FILE_CHARACTERS)}\n{names[y_true[i]]} → {names[y_pred[i]]} "
+            f"({probabilities[i].max():.2f})"
+            for i in mistakes
+        ],
         out / "top_losses.png",
         heading=f"The {len(mistakes)} most confident mistakes: file, true → predicted (probability)",
     )
@@ -139,42 +161,67 @@ def main() -> None:
     # One pass of the test files, as served, through the model: every probability, and the
     # backbone's feature maps of the images the Grad-CAM plot shows.
     chosen = gradcam_examples(y_true)
-    probabilities, chosen_maps = gradcam.predict_with_maps(model, served_batches(paths, size, cfg.train.batch_size),
-                                                           chosen)
+    probabilities, chosen_maps = gradcam.predict_with_maps(
+        model, served_batches(paths, size, cfg.train.batch_size), chosen
+    )
     report = metrics.classification_report(y_true, probabilities, labels, cfg.evaluate.top_k)
     if report["top_k"] < cfg.evaluate.top_k:
-        print(f"evaluate: evaluate.top_k {cfg.evaluate.top_k} is more than the {len(labels)} classes; "
-              f"reporting top_{report['top_k']}_accuracy")
+        print(
+            f"evaluate: evaluate.top_k {cfg.evaluate.top_k} is more than the {len(labels)} classes; "
+            f"reporting top_{report['top_k']}_accuracy"
+        )
 
     EVAL_DIR.mkdir(exist_ok=True)
     write_json(METRICS, report)
     write_test_probabilities(probabilities, paths)
-    write_manifest(PREDICTIONS, ["path", "actual", "predicted", "confidence"],
-                   [[path, labels[t], labels[p.argmax()], f"{p.max():.4f}"]
-                    for path, t, p in zip(paths, y_true, probabilities, strict=True)])
+    write_manifest(
+        PREDICTIONS,
+        ["path", "actual", "predicted", "confidence"],
+        [
+            [path, labels[t], labels[p.argmax()], f"{p.max():.4f}"]
+            for path, t, p in zip(paths, y_true, probabilities, strict=True)
+        ],
+    )
     with atomic_dir(PLOTS_DIR) as out:
-        draw_plots(model, lambda i: served_input(paths[i], i, size), [r.source for r in rows], y_true, probabilities,
-                   labels, report, out, chosen, chosen_maps)
+        draw_plots(
+            model,
+            lambda i: served_input(paths[i], i, size),
+            [r.source for r in rows],
+            y_true,
+            probabilities,
+            labels,
+            report,
+            out,
+            chosen,
+            chosen_maps,
+        )
     html.write_report(cfg, REPORT)
 
     recorded = tracking.recorded_run()
     with tracking.resume_run(recorded):
-        tracking.log_test_metrics(report, [model["model_id"] for model in recorded["models"].values()],
-                                  tracking.logged_dataset(recorded["run_id"], "test"))
+        tracking.log_test_metrics(
+            report,
+            [model["model_id"] for model in recorded["models"].values()],
+            tracking.logged_dataset(recorded["run_id"], "test"),
+        )
         tracking.log_plots(PLOTS_DIR)
         tracking.log_reports([METRICS, PREDICTIONS, REPORT, *EXTRA_ARTIFACTS])
     tracking.tag_versions(recorded["models"], tracking.scored_tags(report))
 
     interval = report["accuracy_ci95"]
-    print(f"evaluate: test accuracy {report['accuracy']:.3f} (95 % interval {interval['low']:.3f}-"
-          f"{interval['high']:.3f}) on {report['test_images']} images (macro F1 {report['macro']['f1']:.3f}); plots in {PLOTS_DIR}")
+    print(
+        f"evaluate: test accuracy {report['accuracy']:.3f} (95 % interval {interval['low']:.3f}-"
+        f"{interval['high']:.3f}) on {report['test_images']} images (macro F1 {report['macro']['f1']:.3f}); plots in {PLOTS_DIR}"
+    )
     warning = metrics.interval_warning(report)
     if warning:
         print(f"evaluate: {warning}")
     gate = cfg.evaluate.min_accuracy
     if gate is not None and report["accuracy"] < gate:
-        raise UserError(f"test accuracy {report['accuracy']:.4f} is below evaluate.min_accuracy {gate}; "
-                        "@champion stays where it was")
+        raise UserError(
+            f"test accuracy {report['accuracy']:.4f} is below evaluate.min_accuracy {gate}; "
+            "@champion stays where it was"
+        )
     ship(recorded, report, cfg.mlflow.champion_metric)
 
 
@@ -188,8 +235,10 @@ def ship(recorded: dict, report: dict, metric: str) -> None:
             print(f"evaluate: @champion is now {', '.join(promoted)}")
         return
     experiment = tracking.dvc_experiment()
-    print(f"evaluate: this run's versions stay @candidate: {reason}; "
-          f"make promote{f' EXP={experiment}' if experiment else ''} ships them")
+    print(
+        f"evaluate: this run's versions stay @candidate: {reason}; "
+        f"make promote{f' EXP={experiment}' if experiment else ''} ships them"
+    )
 
 
 if __name__ == "__main__":

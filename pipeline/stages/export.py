@@ -69,8 +69,10 @@ def convert_to_tflite(saved_model: Path, variant: str) -> bytes:
         with stderr_filtered(lambda line: not line.endswith(CONVERTER_NOISE)):
             return converter.convert()
     except Exception as err:  # ConverterError and friends; the converter has logged the details above
-        raise UserError(f"export: TFLite {variant} conversion failed ({first_line(err)[:200]}); "
-                        "leave the variant out of export.tflite") from None
+        raise UserError(
+            f"export: TFLite {variant} conversion failed ({first_line(err)[:200]}); "
+            "leave the variant out of export.tflite"
+        ) from None
 
 
 def saved_model_runner(path: Path) -> Runner:
@@ -98,8 +100,10 @@ class ParityCheck:
         outputs = np.concatenate([runner(batch) for batch in self.batches])
         per_image = np.abs(outputs - self.reference).max(axis=1)
         worst = int(per_image.argmax())
-        figures = {"max_abs_diff": float(f"{per_image[worst]:.3g}"),
-                   "top1_agreement": round(float(np.mean(outputs.argmax(axis=1) == self.reference.argmax(axis=1))), 4)}
+        figures = {
+            "max_abs_diff": float(f"{per_image[worst]:.3g}"),
+            "top1_agreement": round(float(np.mean(outputs.argmax(axis=1) == self.reference.argmax(axis=1))), 4),
+        }
         allowed = getattr(self.tolerance, precision)
         if per_image[worst] > allowed:
             raise UserError(
@@ -119,8 +123,11 @@ def timed(write: Callable[[], object]) -> float:
 def described(name: str, path: Path, seconds: float, figures: dict) -> dict:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     entry = {**figures, "size_mb": round(sum(p.stat().st_size for p in files) / 1e6, 2)}
-    print(f"export: {name}: {entry['size_mb']} MB, written in {seconds:.1f}s; largest probability difference "
-          f"{figures['max_abs_diff']:.3g}, top-1 agreement {figures['top1_agreement']:.2%}", flush=True)
+    print(
+        f"export: {name}: {entry['size_mb']} MB, written in {seconds:.1f}s; largest probability difference "
+        f"{figures['max_abs_diff']:.3g}, top-1 agreement {figures['top1_agreement']:.2%}",
+        flush=True,
+    )
     return entry
 
 
@@ -143,11 +150,14 @@ def main() -> None:
     with atomic_dir(EXPORT_DIR) as out:
         saved_model = out / "saved_model"
         seconds = timed(lambda: export_saved_model(model, saved_model))
-        report["saved_model"] = described("saved_model", saved_model, seconds,
-                                          check("saved_model", saved_model_runner(saved_model), "float32"))
+        report["saved_model"] = described(
+            "saved_model", saved_model, seconds, check("saved_model", saved_model_runner(saved_model), "float32")
+        )
         for variant in cfg.export.tflite:
             name, path = f"tflite_{variant}", out / f"model_{variant}.tflite"
-            seconds = timed(lambda path=path, variant=variant: path.write_bytes(convert_to_tflite(saved_model, variant)))  # type: ignore[misc]
+            seconds = timed(
+                lambda path=path, variant=variant: path.write_bytes(convert_to_tflite(saved_model, variant))  # type: ignore[misc]
+            )
             report[name] = described(name, path, seconds, check(name, tflite_runner(path), variant))
         shutil.copy(MODEL_LABELS, out / MODEL_LABELS.name)
     write_json(EXPORT_REPORT, report)

@@ -68,12 +68,14 @@ def on_every_replica(network: keras.Model, strategy: tf.distribute.Strategy) -> 
     return run
 
 
-def extract(run: Callable, strategy: tf.distribute.Strategy, paths: list[str], per_replica: int,
-            desc: str) -> Iterator[list[np.ndarray]]:
+def extract(
+    run: Callable, strategy: tf.distribute.Strategy, paths: list[str], per_replica: int, desc: str
+) -> Iterator[list[np.ndarray]]:
     """The network's outputs for the images at ``paths``, a global batch at a time, in order. Each
     worker reads and decodes only its replicas' images."""
     batches = strategy.distribute_datasets_from_function(
-        lambda context: image_batches([paths[i] for i in replica_rows(len(paths), per_replica, context)], per_replica))
+        lambda context: image_batches([paths[i] for i in replica_rows(len(paths), per_replica, context)], per_replica)
+    )
     starts = range(0, len(paths), per_replica * strategy.num_replicas_in_sync)
     # zip stops at the last start without asking for one more batch: a mirrored iterator takes
     # seconds to find its end. replica_rows gave each replica exactly len(starts) batches.
@@ -108,10 +110,12 @@ def main() -> None:
             features = feature_store.new_features(out, split, len(rows), dim)
             activations = None
             if cut and split in ACTIVATION_SPLITS:
-                activations = feature_store.new_activations(out, split, (len(rows), *network.output_shape[1][1:]),
-                                                            storage)
-            batches = extract(run, strategy, [str(AUGMENTED_DIR / r.path) for r in rows], backbone_batch,
-                              desc=f"features {split}")
+                activations = feature_store.new_activations(
+                    out, split, (len(rows), *network.output_shape[1][1:]), storage
+                )
+            batches = extract(
+                run, strategy, [str(AUGMENTED_DIR / r.path) for r in rows], backbone_batch, desc=f"features {split}"
+            )
             start = 0
             for values, *cut_values in batches:
                 if activations is not None:
@@ -126,13 +130,25 @@ def main() -> None:
         seconds = time.perf_counter() - started
         networks.backbone_of(extractor).save_weights(out / feature_store.BACKBONE_WEIGHTS)
         shutil.copy(PREPARED_LABELS, out / feature_store.LABELS)
-        feature_store.write_meta(out, Meta(
-            backbone=cfg.model.backbone, weights=cfg.model.weights, image_size=cfg.model.input_size,
-            precision=policy, dim=dim, activation_cut=cut, activation_dtype=storage if cut else None,
-            images=len(manifest), seconds=round(seconds, 2)))
+        feature_store.write_meta(
+            out,
+            Meta(
+                backbone=cfg.model.backbone,
+                weights=cfg.model.weights,
+                image_size=cfg.model.input_size,
+                precision=policy,
+                dim=dim,
+                activation_cut=cut,
+                activation_dtype=storage if cut else None,
+                images=len(manifest),
+                seconds=round(seconds, 2),
+            ),
+        )
     cached = f"; activations at {cut} cached for fine-tuning" if cut else ""
-    print(f"features: {len(manifest)} images -> {dim}-d features in {seconds:.1f}s "
-          f"({len(manifest) / seconds:.1f} images/s, {policy}, {devices.replicas_and_workers(strategy)}){cached}")
+    print(
+        f"features: {len(manifest)} images -> {dim}-d features in {seconds:.1f}s "
+        f"({len(manifest) / seconds:.1f} images/s, {policy}, {devices.replicas_and_workers(strategy)}){cached}"
+    )
 
 
 if __name__ == "__main__":

@@ -91,9 +91,14 @@ class HeldOut:
     processes: int
 
     def summary(self) -> str:
-        sample = (f"stratified samples of {self.fit_images} of {self.fold_images} images (label_issues.max_fit_images)"
-                  if self.fit_images < self.fold_images else f"{self.fit_images} images")
-        return f"{self.fits} fits ({self.folds} folds x {len(REGULARIZATION)} C) on {sample}, {self.processes} processes"
+        sample = (
+            f"stratified samples of {self.fit_images} of {self.fold_images} images (label_issues.max_fit_images)"
+            if self.fit_images < self.fold_images
+            else f"{self.fit_images} images"
+        )
+        return (
+            f"{self.fits} fits ({self.folds} folds x {len(REGULARIZATION)} C) on {sample}, {self.processes} processes"
+        )
 
 
 def stratified_sample(indices: np.ndarray, labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -108,8 +113,9 @@ def stratified_sample(indices: np.ndarray, labels: np.ndarray, limit: int, seed:
     return np.sort(shuffled[keep])
 
 
-def fit_and_predict(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
-                    c: float) -> np.ndarray:
+def fit_and_predict(
+    features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, c: float
+) -> np.ndarray:
     """The head's model at strength ``c`` trained on the ``train`` rows: its probabilities for the ``test`` rows."""
     # One BLAS thread: the same sums, so the same flags, on any number of cores; and faster, as
     # these matrices are too thin to share out (flowers: 11 s, 80 s with 2 threads on a busy 2-core machine).
@@ -118,8 +124,9 @@ def fit_and_predict(features: np.ndarray, labels: np.ndarray, train: np.ndarray,
         return model.fit(features[train], labels[train]).predict_proba(features[test])
 
 
-def held_out_probabilities(features: np.ndarray, labels: np.ndarray, folds: int, seed: int,
-                           max_fit_images: int, processes: int | None = None) -> HeldOut:
+def held_out_probabilities(
+    features: np.ndarray, labels: np.ndarray, folds: int, seed: int, max_fit_images: int, processes: int | None = None
+) -> HeldOut:
     """Each image's class probabilities from the head's model trained on the other folds only
     (k capped at the smallest class, so that every class is in every fold; each fold's model on a
     stratified sample of at most ``max_fit_images`` of their images, so that a fit costs the same
@@ -128,22 +135,32 @@ def held_out_probabilities(features: np.ndarray, labels: np.ndarray, folds: int,
     cores by default: processes, as lbfgs holds the GIL between BLAS calls); the result is the
     same for any number."""
     k = min(folds, np.bincount(labels).min())
-    splits = [(stratified_sample(train, labels, max_fit_images, seed + fold), test) for fold, (train, test)
-              in enumerate(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(features, labels))]
+    splits = [
+        (stratified_sample(train, labels, max_fit_images, seed + fold), test)
+        for fold, (train, test) in enumerate(
+            StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(features, labels)
+        )
+    ]
     jobs = list(itertools.product(range(len(REGULARIZATION)), splits))
     processes = min(processes or joblib.cpu_count(), len(jobs))
     with joblib.parallel_config(backend="loky", n_jobs=processes):
         fitted = joblib.Parallel(return_as="generator")(
             joblib.delayed(fit_and_predict)(features, labels, train, test, REGULARIZATION[c])
-            for c, (train, test) in jobs)
+            for c, (train, test) in jobs
+        )
         predictions = list(progress(fitted, len(jobs), "label_issues", "fit"))
     # In the predictions' dtype (float32 features: float32), which log_loss's check of the sums goes by.
     candidates = np.empty((len(REGULARIZATION), len(labels), predictions[0].shape[1]), predictions[0].dtype)
     for (c, (_, test)), predicted in zip(jobs, predictions, strict=True):
         candidates[c, test] = predicted
-    return HeldOut(min(candidates, key=lambda probabilities: log_loss(labels, probabilities)), k,
-                   fold_images=max(len(labels) - len(test) for _, test in splits),
-                   fit_images=max(len(train) for train, _ in splits), fits=len(jobs), processes=processes)
+    return HeldOut(
+        min(candidates, key=lambda probabilities: log_loss(labels, probabilities)),
+        k,
+        fold_images=max(len(labels) - len(test) for _, test in splits),
+        fit_images=max(len(train) for train, _ in splits),
+        fits=len(jobs),
+        processes=processes,
+    )
 
 
 def ranked_issues(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
@@ -166,22 +183,37 @@ def main() -> None:
     feature_store.read_meta()  # stops in one line when the features stage has not run
     classes = read_labels(FEATURES_DIR / feature_store.LABELS)
     features, labels, rows = original_images()
-    held_out = held_out_probabilities(features, labels, cfg.label_issues.folds, cfg.seed,
-                                      cfg.label_issues.max_fit_images)
+    held_out = held_out_probabilities(
+        features, labels, cfg.label_issues.folds, cfg.seed, cfg.label_issues.max_fit_images
+    )
     probabilities = held_out.probabilities
     issues = ranked_issues(labels, probabilities)
 
     # The augmented manifest's source is the prepared image; the prepared manifest's, the raw file.
     raw_file = {r.path: r.source for r in read_rows(PREPARED_MANIFEST, PreparedImage)}
-    suspects = [(raw_file[rows[i].source], rows[i].split, classes[labels[i]],
-                 classes[probabilities[i].argmax()], probabilities[i, labels[i]]) for i in issues]
+    suspects = [
+        (
+            raw_file[rows[i].source],
+            rows[i].split,
+            classes[labels[i]],
+            classes[probabilities[i].argmax()],
+            probabilities[i, labels[i]],
+        )
+        for i in issues
+    ]
     write_manifest(LABEL_ISSUES_REPORT, COLUMNS, [[*suspect[:-1], f"{suspect[-1]:.4f}"] for suspect in suspects])
     shown = issues[: cfg.label_issues.gallery]
-    write_gallery([PREPARED_DIR / rows[i].source for i in shown],
-                  [f"{plots.short(Path(source).name)}\n{plots.short(given)} → {plots.short(suggested)} ({score:.2f})"
-                   for source, _, given, suggested, score in suspects[: len(shown)]])
-    print(f"label_issues: {len(issues)} of {len(labels)} images flagged as likely mislabelled ({LABEL_ISSUES_REPORT}); "
-          f"{held_out.summary()}")
+    write_gallery(
+        [PREPARED_DIR / rows[i].source for i in shown],
+        [
+            f"{plots.short(Path(source).name)}\n{plots.short(given)} → {plots.short(suggested)} ({score:.2f})"
+            for source, _, given, suggested, score in suspects[: len(shown)]
+        ],
+    )
+    print(
+        f"label_issues: {len(issues)} of {len(labels)} images flagged as likely mislabelled ({LABEL_ISSUES_REPORT}); "
+        f"{held_out.summary()}"
+    )
 
 
 if __name__ == "__main__":

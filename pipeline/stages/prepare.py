@@ -133,8 +133,13 @@ def normalize(job: tuple[Path, Path, PrepareParams]) -> dict | str:
     sha256 = hashlib.sha256(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
     image = shorter_side_at_most(image, params.max_side)
     save_jpeg(image, pending)
-    return {"sha256": sha256, "width": pixels.shape[1], "height": pixels.shape[0], **fingerprints(image),
-            "profile": profile}
+    return {
+        "sha256": sha256,
+        "width": pixels.shape[1],
+        "height": pixels.shape[0],
+        **fingerprints(image),
+        "profile": profile,
+    }
 
 
 def usable_shape(params: PrepareParams) -> Callable[[Image.Image], None]:
@@ -150,11 +155,15 @@ def usable_shape(params: PrepareParams) -> Callable[[Image.Image], None]:
             raise Quarantined(f"too small: {size}, below prepare.min_side={params.min_side}")
         ratio = max(width, height) / min(width, height)
         if ratio > params.max_aspect_ratio:
-            raise Quarantined(f"too elongated: {size}, one side {ratio:.1f} times the other, above "
-                              f"prepare.max_aspect_ratio={params.max_aspect_ratio:g} (the model sees the central square)")
+            raise Quarantined(
+                f"too elongated: {size}, one side {ratio:.1f} times the other, above "
+                f"prepare.max_aspect_ratio={params.max_aspect_ratio:g} (the model sees the central square)"
+            )
         if width * height > params.max_pixels:
-            raise Quarantined(f"too large: {size} ({width * height / 1e6:.1f} megapixels), larger "
-                              f"than {params.max_pixels / 1e6:g} megapixels (prepare.max_pixels={params.max_pixels})")
+            raise Quarantined(
+                f"too large: {size} ({width * height / 1e6:.1f} megapixels), larger "
+                f"than {params.max_pixels / 1e6:g} megapixels (prepare.max_pixels={params.max_pixels})"
+            )
 
     return check
 
@@ -173,8 +182,7 @@ def reason(err: Exception, path: Path) -> str:
     return f"unreadable: {type(err).__name__}: {message}"
 
 
-def decode_all(candidates: list[tuple[str, Path, str]], pending: Path,
-               cfg: Config) -> tuple[list[Record], list[tuple]]:
+def decode_all(candidates: list[tuple[str, Path, str]], pending: Path, cfg: Config) -> tuple[list[Record], list[tuple]]:
     pending.mkdir()
     jobs = [(path, pending / f"{i}.jpg", cfg.prepare) for i, (_, path, _) in enumerate(candidates)]
     with ProcessPoolExecutor() as pool:
@@ -204,8 +212,16 @@ def by_reason(reasons: list[str]) -> dict[str, int]:
     return dict(sorted(Counter(r.split(":")[0] for r in reasons).items()))
 
 
-def report(found: Found, images: list[Record], per_class: dict, quarantine: list[tuple], exact: list[list],
-           groups: list[list[Record]], leakage: dict[str, int], unsearched: int) -> dict:
+def report(
+    found: Found,
+    images: list[Record],
+    per_class: dict,
+    quarantine: list[tuple],
+    exact: list[list],
+    groups: list[list[Record]],
+    leakage: dict[str, int],
+    unsearched: int,
+) -> dict:
     near = [g for g in groups if len(g) > 1]
     return {
         "layout": found.layout,
@@ -224,34 +240,45 @@ def report(found: Found, images: list[Record], per_class: dict, quarantine: list
         "cross_split": leakage,
         "ignored_files": len(found.ignored),
         "ignored_by_reason": by_reason([r for _, r, _ in found.ignored]),
-        "colour_profiles": {"converted": sum(i.profile == "converted" for i in images),
-                            "unusable": sum(i.profile.startswith("unusable") for i in images)},
+        "colour_profiles": {
+            "converted": sum(i.profile == "converted" for i in images),
+            "unusable": sum(i.profile.startswith("unusable") for i in images),
+        },
     }
 
 
 def warn_about_names(found: Found) -> None:
     """Class names that look alike: merged Unicode forms (one class), names apart only by case (two)."""
     if found.merged:
-        merges = [f"'{label}' from {' and '.join(ascii(form) for form in forms)}"
-                  for label, forms in found.merged.items()]
-        print(f"warning: {len(merges)} class(es) merge names that differ only in their Unicode form (NFC/NFD, one "
-              f"name to Unicode and to macOS): {named(merges)}; rename one if they are different classes",
-              file=sys.stderr)
+        merges = [
+            f"'{label}' from {' and '.join(ascii(form) for form in forms)}" for label, forms in found.merged.items()
+        ]
+        print(
+            f"warning: {len(merges)} class(es) merge names that differ only in their Unicode form (NFC/NFD, one "
+            f"name to Unicode and to macOS): {named(merges)}; rename one if they are different classes",
+            file=sys.stderr,
+        )
     cases = defaultdict(list)
     for label in found.classes:
         cases[label.casefold()].append(label)
     alike = [" and ".join(f"'{label}'" for label in labels) for labels in cases.values() if len(labels) > 1]
     if alike:
-        print(f"warning: {len(alike)} group(s) of classes differ only in case and stay apart: {named(alike)} (a "
-              "case-insensitive file system, macOS or Windows, would merge their folders)", file=sys.stderr)
+        print(
+            f"warning: {len(alike)} group(s) of classes differ only in case and stay apart: {named(alike)} (a "
+            "case-insensitive file system, macOS or Windows, would merge their folders)",
+            file=sys.stderr,
+        )
 
 
 def note_unusable_profiles(images: list[Record]) -> None:
     unusable = sorted((i.source, i.profile) for i in images if i.profile.startswith("unusable"))
     if unusable:
-        print(f"note: {len(unusable)} images have a colour profile that cannot be used (the first: "
-              f"{unusable[0][1].removeprefix('unusable: ')}); "
-              f"their pixels are taken as sRGB: {named([source for source, _ in unusable])}", file=sys.stderr)
+        print(
+            f"note: {len(unusable)} images have a colour profile that cannot be used (the first: "
+            f"{unusable[0][1].removeprefix('unusable: ')}); "
+            f"their pixels are taken as sRGB: {named([source for source, _ in unusable])}",
+            file=sys.stderr,
+        )
 
 
 def main() -> None:
@@ -278,28 +305,37 @@ def main() -> None:
         write_rows(out / PREPARED_MANIFEST.name, PreparedImage, [i.row() for i in images])
         write_manifest(out / "quarantine.csv", ["source", "reason"], sorted(quarantine))
         write_manifest(out / "ignored.csv", ["source", "reason"], sorted((s, r) for s, r, _ in found.ignored))
-        write_manifest(out / "duplicates.csv", ["source", "label", "kind", "same_as"],
-                       sorted(exact + near_duplicate_rows(groups)))
+        write_manifest(
+            out / "duplicates.csv", ["source", "label", "kind", "same_as"], sorted(exact + near_duplicate_rows(groups))
+        )
         write_json(out / PREPARED_LABELS.name, found.classes)
     summary = report(found, images, per_class, quarantine, exact, groups, cross_split(groups), unsearched)
     write_json(DATA_REPORT, summary)
     note_unusable_profiles(images)
     if unsearched:
-        print(f"note: {unsearched} of {len(images)} images have too little detail for their perceptual hash to tell "
-              "near-copies from other pictures (flat images, or hashes shared by many: digits, documents, plain "
-              "backgrounds): they are not searched for near-duplicates; exact copies are still found", file=sys.stderr)
+        print(
+            f"note: {unsearched} of {len(images)} images have too little detail for their perceptual hash to tell "
+            "near-copies from other pictures (flat images, or hashes shared by many: digits, documents, plain "
+            "backgrounds): they are not searched for near-duplicates; exact copies are still found",
+            file=sys.stderr,
+        )
     leak = summary["cross_split"]
     if leak["groups"]:
-        print(f"warning: {leak['groups']} near-duplicate groups ({leak['images']} images; exact copies: "
-              f"{leak['exact']}) span the splits the source gives; they stay where they are, so val and test scores "
-              f"may be optimistic (kind cross_split in {PREPARED_DIR / 'duplicates.csv'})", file=sys.stderr)
-    print(f"prepare: {found.described}: {summary['images']} images in {summary['classes']} classes "
-          f"({', '.join(f'{s} {n}' for s, n in summary['per_split'].items())}); "
-          f"{summary['quarantined']} quarantined (see {PREPARED_DIR / 'quarantine.csv'}), "
-          f"{summary['duplicates_dropped']} exact duplicates dropped, "
-          f"{summary['near_duplicate_groups']} near-duplicate groups, {summary['ignored_files']} files ignored "
-          f"(see {PREPARED_DIR / 'ignored.csv'}), {summary['colour_profiles']['converted']} colour profiles converted "
-          "to sRGB")
+        print(
+            f"warning: {leak['groups']} near-duplicate groups ({leak['images']} images; exact copies: "
+            f"{leak['exact']}) span the splits the source gives; they stay where they are, so val and test scores "
+            f"may be optimistic (kind cross_split in {PREPARED_DIR / 'duplicates.csv'})",
+            file=sys.stderr,
+        )
+    print(
+        f"prepare: {found.described}: {summary['images']} images in {summary['classes']} classes "
+        f"({', '.join(f'{s} {n}' for s, n in summary['per_split'].items())}); "
+        f"{summary['quarantined']} quarantined (see {PREPARED_DIR / 'quarantine.csv'}), "
+        f"{summary['duplicates_dropped']} exact duplicates dropped, "
+        f"{summary['near_duplicate_groups']} near-duplicate groups, {summary['ignored_files']} files ignored "
+        f"(see {PREPARED_DIR / 'ignored.csv'}), {summary['colour_profiles']['converted']} colour profiles converted "
+        "to sRGB"
+    )
 
 
 if __name__ == "__main__":

@@ -90,8 +90,10 @@ from pipeline.report import metrics, tracking
 MLP_L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
 PLATEAU_FACTOR = 0.2  # lr_schedule plateau: multiply the learning rate by this...
 PLATEAU_PATIENCE = 2  # ...after this many epochs without val_loss progress
-RESUME_ON_CLUSTER = ("start it and rerun the stage on every worker (dvc repro on the chief): "
-                     "training goes on from the chief's last checkpoint")
+RESUME_ON_CLUSTER = (
+    "start it and rerun the stage on every worker (dvc repro on the chief): "
+    "training goes on from the chief's last checkpoint"
+)
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,7 @@ def row_examples(rows: np.ndarray, labels: np.ndarray, n_classes: int, bfloat16_
         x = tf.ensure_shape(tf.cast(x, "float32"), (None, *rows.shape[1:]))
         return x, tf.gather(one_hot, indices)
 
-    return Examples(lambda indices, size: indices.batch(size).map(gather, num_parallel_calls=tf.data.AUTOTUNE),
-                    labels)
+    return Examples(lambda indices, size: indices.batch(size).map(gather, num_parallel_calls=tf.data.AUTOTUNE), labels)
 
 
 def activation_examples(split: str, cut: str, n_classes: int) -> Examples:
@@ -172,8 +173,9 @@ def image_examples(split: str, n_classes: int, size: int) -> Examples:
         image = tf.io.decode_jpeg(tf.io.read_file(tf.gather(paths, i)), channels=3)
         return tf.cast(tf.ensure_shape(image, (size, size, 3)), "float32"), tf.gather(one_hot, i)
 
-    return Examples(lambda indices, batch_size: indices.map(example, num_parallel_calls=tf.data.AUTOTUNE)
-                    .batch(batch_size), labels)
+    return Examples(
+        lambda indices, batch_size: indices.map(example, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size), labels
+    )
 
 
 def shuffled_epochs(examples: Examples, batch_size: int, seed: int, epochs: range) -> tf.data.Dataset:
@@ -181,8 +183,9 @@ def shuffled_epochs(examples: Examples, batch_size: int, seed: int, epochs: rang
     so that a resumed run sees exactly the batches an uninterrupted one would have."""
 
     def one_epoch(epoch):
-        order = tf.random.experimental.stateless_shuffle(tf.range(examples.count, dtype=tf.int64),
-                                                         seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(examples.count, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
         return examples.batches(tf.data.Dataset.from_tensor_slices(order), batch_size)
 
     epoch_numbers = tf.data.Dataset.from_tensor_slices(np.arange(epochs.start, epochs.stop, dtype="int64"))
@@ -249,9 +252,11 @@ class StopOnNaN(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
-            raise UserError(f"the training loss became {loss} in epoch {self.epoch} ({self.phase.name} phase): "
-                            f"{self.phase.learning_rate_param}={self.phase.learning_rate:g} is probably too high; "
-                            "lower it")
+            raise UserError(
+                f"the training loss became {loss} in epoch {self.epoch} ({self.phase.name} phase): "
+                f"{self.phase.learning_rate_param}={self.phase.learning_rate:g} is probably too high; "
+                "lower it"
+            )
 
 
 def compile_for(model: keras.Model, phase: Phase, steps_per_epoch: int, cfg: Config) -> None:
@@ -269,16 +274,23 @@ def stopping_and_schedule(cfg: Config) -> list[keras.callbacks.Callback]:
     """Early stopping and the plateau schedule as ``train`` sets them (callbacks with state to checkpoint)."""
     stateful = []
     if cfg.train.early_stopping_patience:
-        stateful.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.train.early_stopping_patience,
-                                                      restore_best_weights=True, verbose=1))
+        stateful.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=cfg.train.early_stopping_patience, restore_best_weights=True, verbose=1
+            )
+        )
     if cfg.train.lr_schedule == "plateau":
-        stateful.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=PLATEAU_FACTOR,
-                                                          patience=PLATEAU_PATIENCE, verbose=1))
+        stateful.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, verbose=1
+            )
+        )
     return stateful
 
 
-def callbacks_for(phase: Phase, cfg: Config, role: Role) -> tuple[list[keras.callbacks.Callback],
-                                                                   checkpoints.EpochCheckpoint]:
+def callbacks_for(
+    phase: Phase, cfg: Config, role: Role
+) -> tuple[list[keras.callbacks.Callback], checkpoints.EpochCheckpoint]:
     stateful = stopping_and_schedule(cfg)
     # After the others: saves what they did this epoch, before it is logged, so a tracking store that
     # stopped answering loses no epoch.
@@ -287,8 +299,7 @@ def callbacks_for(phase: Phase, cfg: Config, role: Role) -> tuple[list[keras.cal
     return [EpochStats(), StopOnNaN(phase), *stateful, checkpoint, *logging], checkpoint
 
 
-def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, cfg: Config,
-              role: Role) -> list[dict]:
+def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, cfg: Config, role: Role) -> list[dict]:
     """Train ``model`` through ``phase``, from where a killed run stopped if it left a checkpoint."""
     callbacks, checkpoint = callbacks_for(phase, cfg, role)
     steps_per_epoch = math.ceil(train.count / phase.batch_size)
@@ -333,72 +344,121 @@ def train_model(cfg: Config, n_classes: int, replicas: int, role: Role) -> tuple
         networks.unfreeze_top(base, cast(int, top_start))  # set when fine-tuning
         network, train, val = fine_tune_inputs(cfg, extractor, head, n_classes)
         batch_size = fine_tune.batch_size * replicas
-        phase = Phase("fine_tune", "finetune_", history[-1]["epoch"], fine_tune.epochs, batch_size,
-                      fine_tune.learning_rate, "train.fine_tune.learning_rate")
+        phase = Phase(
+            "fine_tune",
+            "finetune_",
+            history[-1]["epoch"],
+            fine_tune.epochs,
+            batch_size,
+            fine_tune.learning_rate,
+            "train.fine_tune.learning_rate",
+        )
         history += fit_phase(network, phase, train, val, cfg, role)
     if cfg.train.temperature_scaling:
         calibrate(head, network, val, batch_size, role)
     return exported(cfg.model, extractor, head), history
 
 
-def train_head(cfg: Config, n_classes: int, replicas: int, val: Examples,
-               role: Role) -> tuple[keras.Model, list[dict]]:
+def train_head(cfg: Config, n_classes: int, replicas: int, val: Examples, role: Role) -> tuple[keras.Model, list[dict]]:
     """The head phase: the linear head solved (:func:`solved_head`), an MLP head trained
     (:func:`trained_mlp_head`); its model and history rows."""
     x_train, y_train = feature_store.features("train"), feature_store.labels("train")
     stats = networks.standardization(x_train)
     if not cfg.model.head.dense_units:
-        return solved_head(cfg, stats, (x_train, y_train), (feature_store.features("val"), val.labels), n_classes,
-                           role)
+        return solved_head(cfg, stats, (x_train, y_train), (feature_store.features("val"), val.labels), n_classes, role)
     return trained_mlp_head(cfg, stats, row_examples(x_train, y_train, n_classes), val, n_classes, replicas, role)
 
 
-def linear_head_model(cfg: Config, stats: networks.Standardization, train: tuple[np.ndarray, np.ndarray],
-                      val: tuple[np.ndarray, np.ndarray], n_classes: int) -> tuple[keras.Model, linear_head.Solution]:
+def linear_head_model(
+    cfg: Config,
+    stats: networks.Standardization,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+) -> tuple[keras.Model, linear_head.Solution]:
     """The linear head at the optimum of its problem, its L2 strength chosen on the val split
     (``pipeline.model.linear_head``), and the path that chose it: the same whatever the seed."""
     (x_train, y_train), (x_val, y_val) = train, val
     solution = linear_head.regularization_path(
-        linear_head.standardized(x_train, *stats), y_train, linear_head.standardized(x_val, *stats), y_val,
-        n_classes, class_weights(y_train, n_classes, cfg.train.class_weight))
+        linear_head.standardized(x_train, *stats),
+        y_train,
+        linear_head.standardized(x_val, *stats),
+        y_val,
+        n_classes,
+        class_weights(y_train, n_classes, cfg.train.class_weight),
+    )
     head = networks.head(stats, n_classes, cfg.model.head, l2=solution.chosen.l2)
     head.get_layer("probabilities").set_weights([solution.kernel, solution.bias])
     return head, solution
 
 
-def solved_head(cfg: Config, stats: networks.Standardization, train: tuple[np.ndarray, np.ndarray],
-                val: tuple[np.ndarray, np.ndarray], n_classes: int, role: Role) -> tuple[keras.Model, list[dict]]:
+def solved_head(
+    cfg: Config,
+    stats: networks.Standardization,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+    role: Role,
+) -> tuple[keras.Model, list[dict]]:
     """:func:`linear_head_model`, with one history row per L2 strength of the path, numbered like
     epochs (``epoch``: fine-tuning's epochs are numbered on from the last), logged to MLflow alike."""
     head, solution = linear_head_model(cfg, stats, train, val, n_classes)
-    rows: list[dict[str, Any]] = [{"phase": "head", "epoch": number, "l2": step.l2, "loss": step.loss, "accuracy": step.accuracy,
-             "val_loss": step.val_loss, "val_accuracy": step.val_accuracy, "seconds": step.seconds}
-            for number, step in enumerate(solution.path, 1)]
+    rows: list[dict[str, Any]] = [
+        {
+            "phase": "head",
+            "epoch": number,
+            "l2": step.l2,
+            "loss": step.loss,
+            "accuracy": step.accuracy,
+            "val_loss": step.val_loss,
+            "val_accuracy": step.val_accuracy,
+            "seconds": step.seconds,
+        }
+        for number, step in enumerate(solution.path, 1)
+    ]
     if role.logs_to_mlflow:
         log_head_rows(rows, solution.chosen.l2)
     unconverged = [f"{step.l2:.3g}" for step in solution.path if not step.converged]
     edge = solution.chosen.l2 in (linear_head.L2_GRID[0], linear_head.L2_GRID[-1])
-    print(f"train: head solved at {len(rows)} L2 strengths in {sum(r['seconds'] for r in rows):.2f} s, "
-          f"l2={solution.chosen.l2:.3g} kept (val log loss {solution.chosen.val_loss:.4f}, "
-          f"val_accuracy {solution.chosen.val_accuracy:.3f})"
-          + (", the end of the grid: the best strength may lie beyond" if edge else "")
-          + (f"; L-BFGS stopped at {linear_head.MAX_ITERATIONS} iterations for l2={unconverged}" if unconverged else ""))
+    print(
+        f"train: head solved at {len(rows)} L2 strengths in {sum(r['seconds'] for r in rows):.2f} s, "
+        f"l2={solution.chosen.l2:.3g} kept (val log loss {solution.chosen.val_loss:.4f}, "
+        f"val_accuracy {solution.chosen.val_accuracy:.3f})"
+        + (", the end of the grid: the best strength may lie beyond" if edge else "")
+        + (f"; L-BFGS stopped at {linear_head.MAX_ITERATIONS} iterations for l2={unconverged}" if unconverged else "")
+    )
     return head, rows
 
 
-def trained_mlp_head(cfg: Config, stats: networks.Standardization, train: Examples, val: Examples, n_classes: int,
-                     replicas: int, role: Role) -> tuple[keras.Model, list[dict]]:
+def trained_mlp_head(
+    cfg: Config,
+    stats: networks.Standardization,
+    train: Examples,
+    val: Examples,
+    n_classes: int,
+    replicas: int,
+    role: Role,
+) -> tuple[keras.Model, list[dict]]:
     """An MLP head trained with Keras once per L2 strength of ``MLP_L2_GRID`` (strongest first,
     early stopping on val_loss in each); the one with the lowest val log loss is kept, with its
     epochs as the history rows. The path ends at the first strength that does no better."""
     best: tuple[float, keras.Model, list[dict]] | None = None
     for l2 in MLP_L2_GRID:
         head = networks.head(stats, n_classes, cfg.model.head, l2=l2)
-        phase = Phase("head", f"head_l2_{l2:g}_", 0, cfg.train.epochs, cfg.train.batch_size * replicas,
-                      cfg.train.learning_rate, "train.learning_rate", checkpoint=f"head-l2-{l2:g}")
+        phase = Phase(
+            "head",
+            f"head_l2_{l2:g}_",
+            0,
+            cfg.train.epochs,
+            cfg.train.batch_size * replicas,
+            cfg.train.learning_rate,
+            "train.learning_rate",
+            checkpoint=f"head-l2-{l2:g}",
+        )
         rows = [{**row, "l2": l2} for row in fit_phase(head, phase, train, val, cfg, role)]
-        val_loss = log_loss(val.labels, head.predict(in_order(val, phase.batch_size), verbose=0),
-                            labels=range(n_classes))
+        val_loss = log_loss(
+            val.labels, head.predict(in_order(val, phase.batch_size), verbose=0), labels=range(n_classes)
+        )
         print(f"train: MLP head with l2={l2:g}: val log loss {val_loss:.4f}")
         if best is not None and val_loss >= best[0]:
             break
@@ -428,15 +488,18 @@ def calibrate(head: keras.Model, network: keras.Model, val: Examples, batch_size
     print(f"train: temperature scaling on the val split: logits divided by {temperature:.3f}")
 
 
-def fine_tune_inputs(cfg: Config, extractor: keras.Model, head: keras.Model,
-                     n_classes: int) -> tuple[keras.Model, Examples, Examples]:
+def fine_tune_inputs(
+    cfg: Config, extractor: keras.Model, head: keras.Model, n_classes: int
+) -> tuple[keras.Model, Examples, Examples]:
     """The model fine-tuning trains and its train and val examples: the unfrozen top on the cached
     activations when the features stage stored them, else the whole network on the images."""
     cut = cfg.activation_cut
     if cut:
         print(f"train: fine-tuning on the activations at {cut} cached by the features stage")
-        return (networks.on_activations(extractor, head, cut),
-                *(activation_examples(split, cut, n_classes) for split in ("train", "val")))
+        return (
+            networks.on_activations(extractor, head, cut),
+            *(activation_examples(split, cut, n_classes) for split in ("train", "val")),
+        )
     size = cfg.model.input_size
     augmentation = online_augmentation(cfg) if cfg.augment.mode in ("online", "both") else None
     train, val = (image_examples(split, n_classes, size) for split in ("train", "val"))
@@ -471,8 +534,10 @@ def history_summary(history: list[dict]) -> str:
         rows = [row for row in history if row["phase"] == phase]
         if "learning_rate" not in rows[0]:  # the linear head's path
             kept = min(rows, key=lambda row: row["val_loss"])
-            parts.append(f"{phase} {len(rows)} L2 strengths ({sum(r['seconds'] for r in rows):.2f} s), "
-                         f"val_accuracy {kept['val_accuracy']:.3f} at l2={kept['l2']:.3g}")
+            parts.append(
+                f"{phase} {len(rows)} L2 strengths ({sum(r['seconds'] for r in rows):.2f} s), "
+                f"val_accuracy {kept['val_accuracy']:.3f} at l2={kept['l2']:.3g}"
+            )
             continue
         timing = f"first {rows[0]['seconds']:.2f} s"
         if len(rows) > 1:
@@ -518,19 +583,23 @@ def train_and_write(cfg: Config, strategy: tf.distribute.Strategy) -> None:
         write_history(history, HISTORY)
         # The model is on disk before anything more goes to MLflow: a logging failure loses no
         # training (and the checkpoints stay, so a rerun only logs again).
-        about = tracking.About(cfg.dataset_name, redact_url(cfg.data.url),
-                               f"{cfg.model.architecture} at {cfg.model.input_size} px")
+        about = tracking.About(
+            cfg.dataset_name, redact_url(cfg.data.url), f"{cfg.model.architecture} at {cfg.model.input_size} px"
+        )
         try:
             logged = tracking.log_model(model, MODEL_DIR, cfg.registered_model_name, about)
         except Exception as err:  # MLflow raises many types (HTTP, database, artifact store)
-            raise UserError(f"training finished and the model is in {MODEL_DIR}, but logging it to MLflow "
-                            f"failed ({error_summary(err)[:200]}); "
-                            "rerun dvc repro once the tracking store is back") from None
+            raise UserError(
+                f"training finished and the model is in {MODEL_DIR}, but logging it to MLflow "
+                f"failed ({error_summary(err)[:200]}); "
+                "rerun dvc repro once the tracking store is back"
+            ) from None
         tracking.record_run(run, logged, cfg.mlflow.system_metrics)
     checkpoints.remove()
     devices.barrier(strategy)  # the other workers leave now: a worker gone sooner reads as crashed to the rest
-    print(f"train: {history_summary(history)}; model in {MODEL_DIR}, MLflow run '{run.info.run_name}' "
-          f"({run.info.run_id})")
+    print(
+        f"train: {history_summary(history)}; model in {MODEL_DIR}, MLflow run '{run.info.run_name}' ({run.info.run_id})"
+    )
 
 
 def train_in_step(cfg: Config, strategy: tf.distribute.Strategy) -> None:

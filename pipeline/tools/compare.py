@@ -99,9 +99,17 @@ def mlflow_run_ids(experiment_name: str) -> dict[str, str]:
 def table(rows: list[Row], width: int) -> list[str]:
     """Fixed columns, then the changed params cut to what is left of ``width``."""
     header = ["experiment", "accuracy (95% CI)", "macro F1", "ECE", "test imgs", "MLflow run"]
-    cells = [[r.name, f"{r.metrics['accuracy']:.3f}{interval(r.metrics, 'accuracy')}",
-              f"{r.metrics['macro']['f1']:.3f}", f"{r.metrics['ece']:.3f}", str(r.metrics["test_images"]), r.run[:8]]
-             for r in rows]
+    cells = [
+        [
+            r.name,
+            f"{r.metrics['accuracy']:.3f}{interval(r.metrics, 'accuracy')}",
+            f"{r.metrics['macro']['f1']:.3f}",
+            f"{r.metrics['ece']:.3f}",
+            str(r.metrics["test_images"]),
+            r.run[:8],
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
     rest = max(width - sum(widths) - 2 * len(widths), 10)
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  changed params"]

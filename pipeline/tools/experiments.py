@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     failed = run_grid(parse_grid(args.grid))
     url = load_config().data.url
-    rows = [r for r in compare.rows_of(compare.dvc_experiments()) if r.name != "workspace" and r.params[compare.GROUPED_BY] == url]
+    rows = [
+        r
+        for r in compare.rows_of(compare.dvc_experiments())
+        if r.name != "workspace" and r.params[compare.GROUPED_BY] == url
+    ]
     best = min(rows, key=lambda r: r.rank, default=None)
     if best is not None:
         subprocess.run(["dvc", "exp", "apply", best.name], check=True, capture_output=True)

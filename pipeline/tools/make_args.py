@@ -27,7 +27,7 @@ from pipeline.cli import UserError, run_stage
 # A params.yaml key (dotted path of names) = any value: what `dvc exp run -S` takes.
 KEY_VALUE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*=.*", re.DOTALL)
 USAGE = {
-    "SET": 'make run SET="train.epochs=5 data.url=\'/data/my photos\'"',
+    "SET": "make run SET=\"train.epochs=5 data.url='/data/my photos'\"",
     "PATHS": 'make predict PATHS="photo.jpg \'my photos/\'" [ARGS="--top-k 5 --json"]',
 }
 
@@ -55,8 +55,10 @@ def run_command() -> list[str]:
     overrides = items("SET")
     bad = [item for item in overrides if not KEY_VALUE.fullmatch(item)]
     if bad:
-        raise UserError(f"SET: {bad[0]!r} is not key=value (a params.yaml key, e.g. train.epochs=5); "
-                        f"quote values with spaces{usage('SET')}")
+        raise UserError(
+            f"SET: {bad[0]!r} is not key=value (a params.yaml key, e.g. train.epochs=5); "
+            f"quote values with spaces{usage('SET')}"
+        )
     if not overrides:
         return ["dvc", "repro"]
     return ["dvc", "exp", "run", *(arg for item in overrides for arg in ("-S", item))]
@@ -73,8 +75,19 @@ def serve_command() -> list[str]:
     from pipeline.config import load_config
 
     model = os.environ.get("MODEL") or f"models:/{load_config().registered_model_name}@champion"
-    return ["mlflow", "models", "serve", "-m", model, "--env-manager", "local", "--host", "127.0.0.1",
-            "--port", port("SERVE_PORT")]
+    return [
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port("SERVE_PORT"),
+    ]
 
 
 def ui_command() -> list[str]:
@@ -83,8 +96,11 @@ def ui_command() -> list[str]:
 
     listening = port("MLFLOW_PORT")
     tracking.use_project_store()
-    print(f"MLflow UI, this project's runs: "
-          f"{tracking.training_runs_url(f'http://127.0.0.1:{listening}', load_config().experiment_name)}", flush=True)
+    print(
+        f"MLflow UI, this project's runs: "
+        f"{tracking.training_runs_url(f'http://127.0.0.1:{listening}', load_config().experiment_name)}",
+        flush=True,
+    )
     return ["mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", "127.0.0.1", "--port", listening]
 
 
@@ -100,8 +116,15 @@ def compare_command() -> list[str]:
     return [sys.executable, "-m", "pipeline.tools.compare", *items("ARGS")]
 
 
-COMMANDS = {"run": run_command, "predict": predict_command, "serve": serve_command, "ui": ui_command,
-            "exp": exp_command, "compare": compare_command, "promote": promote_command}
+COMMANDS = {
+    "run": run_command,
+    "predict": predict_command,
+    "serve": serve_command,
+    "ui": ui_command,
+    "exp": exp_command,
+    "compare": compare_command,
+    "promote": promote_command,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

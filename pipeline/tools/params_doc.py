@@ -77,8 +77,9 @@ def type_text(prop: dict[str, Any]) -> str:
     if kind == "array":
         return f"list, each {type_text(prop['items'])}"
     if kind == "string":
-        return "string" + (f" matching `{prop['pattern']}`" if "pattern" in prop else
-                           ", not empty" if prop.get("minLength") else "")
+        return "string" + (
+            f" matching `{prop['pattern']}`" if "pattern" in prop else ", not empty" if prop.get("minLength") else ""
+        )
     if kind == "boolean":
         return "true or false"
     return f"{kind}{bounds(prop)}"
@@ -99,25 +100,32 @@ def bounds(prop: dict[str, Any]) -> str:
 
 def backbones_table() -> str:
     rows = [backbone_row(b) for b in BACKBONES.values()]
-    return "\n".join([
-        "## Backbones", "",
-        "`model.backbone` takes these `keras.applications` networks (pipeline/model/backbones.py). "
-        "\"Native\" is the size the ImageNet weights were trained at (`model.image_size: null`), \"min\" the "
-        "smallest input the architecture takes. `train.fine_tune.blocks: N` unfreezes the last N blocks; "
-        "`model.alpha` takes the widths listed, the default in bold. bfloat16: whether `model.precision: "
-        "auto` computes in mixed_bfloat16 on CPUs with bfloat16 units (measured faster than float32 there).", "",
-        "| `model.backbone` | Keras application | native / min size | `preprocess_input` | blocks, bottom to top "
-        "| `model.alpha` | bfloat16 |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        *rows, "",
-    ])
+    return "\n".join(
+        [
+            "## Backbones",
+            "",
+            "`model.backbone` takes these `keras.applications` networks (pipeline/model/backbones.py). "
+            '"Native" is the size the ImageNet weights were trained at (`model.image_size: null`), "min" the '
+            "smallest input the architecture takes. `train.fine_tune.blocks: N` unfreezes the last N blocks; "
+            "`model.alpha` takes the widths listed, the default in bold. bfloat16: whether `model.precision: "
+            "auto` computes in mixed_bfloat16 on CPUs with bfloat16 units (measured faster than float32 there).",
+            "",
+            "| `model.backbone` | Keras application | native / min size | `preprocess_input` | blocks, bottom to top "
+            "| `model.alpha` | bfloat16 |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    )
 
 
 def backbone_row(b: Backbone) -> str:
     blocks = f"{len(b.blocks)}: `{b.blocks[0]}`, `{b.blocks[1]}` ... `{b.blocks[-1]}`"
     alphas = ", ".join(f"**{a}**" if a == b.alphas[0] else str(a) for a in sorted(b.alphas)) or "none"
-    return (f"| `{b.name}` | `{b.application}` | {b.native_size} / {b.min_size} | {PREPROCESSING[b.preprocessing]} "
-            f"| {blocks} | {alphas} | {'yes' if b.cpu_bfloat16 else 'no'} |")
+    return (
+        f"| `{b.name}` | `{b.application}` | {b.native_size} / {b.min_size} | {PREPROCESSING[b.preprocessing]} "
+        f"| {blocks} | {alphas} | {'yes' if b.cpu_bfloat16 else 'no'} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,14 +50,24 @@ IMAGENET_CLASS_INDEX_MD5 = "c2c37ea517e94d9795004a39431a14cb"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tools.predict", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
-    parser.add_argument("--model", default=str(MODEL_FILE),
-                        help=f"a .keras file or an MLflow model URI (default: {MODEL_FILE})")
+    parser.add_argument(
+        "--model", default=str(MODEL_FILE), help=f"a .keras file or an MLflow model URI (default: {MODEL_FILE})"
+    )
     parser.add_argument("--labels", type=Path, help="JSON list of class names (default: beside the model)")
-    parser.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K,
-                        help=f"labels per image, at most the number of classes (default: {DEFAULT_TOP_K})")
+    parser.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=DEFAULT_TOP_K,
+        help=f"labels per image, at most the number of classes (default: {DEFAULT_TOP_K})",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--imagenet", nargs="?", const="imagenet", metavar="WEIGHTS",
-                        help="the backbone's own ImageNet classes instead (WEIGHTS: imagenet or a with-top file)")
+    parser.add_argument(
+        "--imagenet",
+        nargs="?",
+        const="imagenet",
+        metavar="WEIGHTS",
+        help="the backbone's own ImageNet classes instead (WEIGHTS: imagenet or a with-top file)",
+    )
     return parser.parse_args(argv)
 
 
@@ -69,16 +79,23 @@ def positive_int(text: str) -> int:
 
 def load_model(source: str, labels_path: Path | None) -> tuple[keras.Model, list[str]]:
     if Path(source).is_file():
-        model, labels = load_keras_file(Path(source)), read_labels(labels_path or Path(source).with_name(MODEL_LABELS.name))
+        model, labels = (
+            load_keras_file(Path(source)),
+            read_labels(labels_path or Path(source).with_name(MODEL_LABELS.name)),
+        )
     elif ":/" in source or Path(source).is_dir():  # an MLflow URI, or a local MLflow model folder
         model, labels = load_mlflow_model(source, labels_path)
     else:
-        raise UserError(f"no model at {source}: run the pipeline first (dvc repro) "
-                        "or pass --model <file.keras | runs:/<run_id>/model>")
+        raise UserError(
+            f"no model at {source}: run the pipeline first (dvc repro) "
+            "or pass --model <file.keras | runs:/<run_id>/model>"
+        )
     n_classes = model.output_shape[-1]
     if len(labels) != n_classes:
-        raise UserError(f"the model has {n_classes} classes but the labels list {len(labels)}: "
-                        "pass the labels.json made with this model (--labels)")
+        raise UserError(
+            f"the model has {n_classes} classes but the labels list {len(labels)}: "
+            "pass the labels.json made with this model (--labels)"
+        )
     return model, labels
 
 
@@ -95,8 +112,10 @@ def load_mlflow_model(uri: str, labels_path: Path | None) -> tuple[keras.Model, 
     except Exception as err:  # MLflow raises MlflowException, OSError, ... for unknown URIs
         raise UserError(f"--model {uri}: {error_summary(err)}") from None
     if "keras" not in info.flavors:
-        raise UserError(f"--model {uri} is not a Keras model (flavors: {', '.join(info.flavors)}); "
-                        f"use the run's Keras model, runs:/{info.run_id}/model")
+        raise UserError(
+            f"--model {uri} is not a Keras model (flavors: {', '.join(info.flavors)}); "
+            f"use the run's Keras model, runs:/{info.run_id}/model"
+        )
     model = tracking.load_keras_model(uri)
     if labels_path:
         return model, read_labels(labels_path)
@@ -125,8 +144,13 @@ def image_files(paths: list[Path]) -> Iterator[tuple[Path, str | None]]:
     (path, why) when a path has nothing to predict."""
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             yield from ((p, None) for p in found) if found else [(path, "no image files in this folder")]
         elif not path.exists():
             yield path, "no such file or folder"
@@ -151,8 +175,9 @@ def predictions(model: keras.Model, paths: list[Path]) -> Iterator[tuple[Path, n
 
 def format_line(path: Path, ranked: list[tuple[str, float]], as_json: bool) -> str:
     if as_json:
-        return json.dumps({"path": str(path), "predictions": [{"label": label, "probability": round(p, 6)}
-                                                               for label, p in ranked]})
+        return json.dumps(
+            {"path": str(path), "predictions": [{"label": label, "probability": round(p, 6)} for label, p in ranked]}
+        )
     return "\t".join([str(path), *(f"{label} {p:.3f}" for label, p in ranked)])
 
 
@@ -161,8 +186,16 @@ def imagenet_labels() -> list[str]:
     cached), or ``class <n>`` when it cannot be had (offline)."""
     try:
         with contextlib.redirect_stdout(sys.stderr):  # Keras announces its download on stdout, where answers go
-            index = read_json(Path(keras.utils.get_file("imagenet_class_index.json", IMAGENET_CLASS_INDEX,
-                                                        cache_subdir="models", file_hash=IMAGENET_CLASS_INDEX_MD5)))
+            index = read_json(
+                Path(
+                    keras.utils.get_file(
+                        "imagenet_class_index.json",
+                        IMAGENET_CLASS_INDEX,
+                        cache_subdir="models",
+                        file_hash=IMAGENET_CLASS_INDEX_MD5,
+                    )
+                )
+            )
         return [index[str(i)][1] for i in range(1000)]
     except Exception as err:  # no network: urllib's and Keras's errors alike
         print(f"note: no ImageNet class names ({error_summary(err)[:120]}): showing class numbers", file=sys.stderr)
@@ -176,8 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model, labels = load_model(args.model, args.labels)
     if args.top_k > len(labels):
-        print(f"note: --top-k {args.top_k} is more than the model's {len(labels)} classes; showing all of them",
-              file=sys.stderr)
+        print(
+            f"note: --top-k {args.top_k} is more than the model's {len(labels)} classes; showing all of them",
+            file=sys.stderr,
+        )
     failed = 0
     for path, outcome in predictions(model, args.paths):
         if isinstance(outcome, str):

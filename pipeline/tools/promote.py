@@ -26,7 +26,9 @@ def dvc(*args: str) -> subprocess.CompletedProcess:
 def dvc_error(result: subprocess.CompletedProcess) -> str:
     """DVC's own message: its first ``ERROR:`` line (else its last line)."""
     lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-    return next((line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR")), lines[-1] if lines else "")
+    return next(
+        (line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR")), lines[-1] if lines else ""
+    )
 
 
 def apply(name: str) -> None:
@@ -35,36 +37,46 @@ def apply(name: str) -> None:
     if listed.returncode != 0:
         raise UserError(f"dvc exp list failed: {dvc_error(listed)}")
     if name not in listed.stdout.split():
-        raise UserError(f"no DVC experiment named '{name}': `dvc exp list --all-commits` lists them "
-                        "(a queued one must have run: dvc queue status)")
+        raise UserError(
+            f"no DVC experiment named '{name}': `dvc exp list --all-commits` lists them "
+            "(a queued one must have run: dvc queue status)"
+        )
     applied = dvc("exp", "apply", name)
     if applied.returncode != 0:
-        raise UserError(f"dvc exp apply {name} failed: {dvc_error(applied)} "
-                        "(outputs of an experiment run elsewhere: dvc exp pull <remote> first)")
+        raise UserError(
+            f"dvc exp apply {name} failed: {dvc_error(applied)} "
+            "(outputs of an experiment run elsewhere: dvc exp pull <remote> first)"
+        )
 
 
 def promote_workspace_model() -> list[str]:
     """Point @champion at the versions of the model in data/model; their URIs."""
     if not MLFLOW_RUN_FILE.is_file():
-        raise UserError(f"{MLFLOW_RUN_FILE} is missing: there is no trained model in {MODEL_DIR} "
-                        "(dvc repro, or dvc pull)")
+        raise UserError(
+            f"{MLFLOW_RUN_FILE} is missing: there is no trained model in {MODEL_DIR} (dvc repro, or dvc pull)"
+        )
     recorded = tracking.recorded_run()
     if tracking.servable(recorded) is None:
-        raise UserError(f"the model in {MODEL_DIR} was not registered (mlflow.register_model was false): "
-                        "there is no version to promote")
+        raise UserError(
+            f"the model in {MODEL_DIR} was not registered (mlflow.register_model was false): "
+            "there is no version to promote"
+        )
     store = tracking.use_project_store()
     try:
         return tracking.promote(recorded)
     except mlflow.exceptions.MlflowException as err:
-        raise UserError(f"the MLflow store {store} lacks the versions of the model in {MODEL_DIR} (it was "
-                        f"logged to {recorded['tracking_uri']}): set MLFLOW_TRACKING_URI to that store "
-                        f"({error_summary(err)[:150]})") from None
+        raise UserError(
+            f"the MLflow store {store} lacks the versions of the model in {MODEL_DIR} (it was "
+            f"logged to {recorded['tracking_uri']}): set MLFLOW_TRACKING_URI to that store "
+            f"({error_summary(err)[:150]})"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tools.promote", description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", nargs="?", help="a DVC experiment's name (dvc exp show); "
-                        "none: the model in the workspace")
+    parser.add_argument(
+        "experiment", nargs="?", help="a DVC experiment's name (dvc exp show); none: the model in the workspace"
+    )
     args = parser.parse_args(argv)
     if args.experiment:
         apply(args.experiment)

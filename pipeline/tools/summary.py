@@ -21,9 +21,11 @@ def lines() -> list[str]:
     if not METRICS.is_file():
         raise UserError(f"{METRICS} is missing: run the pipeline first (make run)")
     scores = read_json(METRICS)
-    out = [f"test accuracy {with_interval(scores['accuracy'], scores['accuracy_ci95'])}, macro F1 "
-           f"{with_interval(scores['macro']['f1'], scores['macro_f1_ci95'])}, ECE {scores['ece']:.3f} "
-           f"on {scores['test_images']} test images (95 % intervals; {METRICS}, all metrics: dvc metrics show)"]
+    out = [
+        f"test accuracy {with_interval(scores['accuracy'], scores['accuracy_ci95'])}, macro F1 "
+        f"{with_interval(scores['macro']['f1'], scores['macro_f1_ci95'])}, ECE {scores['ece']:.3f} "
+        f"on {scores['test_images']} test images (95 % intervals; {METRICS}, all metrics: dvc metrics show)"
+    ]
     warning = interval_warning(scores)
     if warning:
         out.append(warning)
@@ -35,13 +37,17 @@ def lines() -> list[str]:
     if MLFLOW_RUN_FILE.is_file():
         run = read_json(MLFLOW_RUN_FILE)
         model = f"; model {cfg.registered_model_name} (make serve)" if cfg.registered_model_name else ""
-        out.append(f"MLflow: run {run['run_id']} in experiment '{cfg.experiment_name}'{model}; "
-                   "browse with make ui (http://127.0.0.1:5000)")
+        out.append(
+            f"MLflow: run {run['run_id']} in experiment '{cfg.experiment_name}'{model}; "
+            "browse with make ui (http://127.0.0.1:5000)"
+        )
     out += settings_lines(cfg.flat())
     if STAGE_TIMES.is_file():
         times = read_json(STAGE_TIMES)
-        out.append("stage wall times (each stage's last run; DVC skips unchanged ones): "
-                   + ", ".join(f"{stage} {entry['seconds']:.1f} s" for stage, entry in times.items()))
+        out.append(
+            "stage wall times (each stage's last run; DVC skips unchanged ones): "
+            + ", ".join(f"{stage} {entry['seconds']:.1f} s" for stage, entry in times.items())
+        )
     return out
 
 
@@ -53,12 +59,16 @@ def settings_lines(params: dict[str, Any]) -> list[str]:
         return ["settings: params.yaml (not committed to git yet: commit it to compare later runs against it)"]
     changed = differences(params, committed)
     if not changed:
-        return ["settings: the committed params.yaml; next: make run SET=\"train.learning_rate=0.0003\" "
-                "(one experiment) or make exp (a grid), then make compare"]
+        return [
+            'settings: the committed params.yaml; next: make run SET="train.learning_rate=0.0003" '
+            "(one experiment) or make exp (a grid), then make compare"
+        ]
     shown = ", ".join(f"{key}={value} (committed {before})" for key, (value, before) in changed.items())
-    return [f"settings that differ from the committed params.yaml: {shown}",
-            "they stay for later runs (git checkout params.yaml to go back); next: make compare, "
-            "make promote EXP=<name> to serve the best, make predict PATHS=photo.jpg"]
+    return [
+        f"settings that differ from the committed params.yaml: {shown}",
+        "they stay for later runs (git checkout params.yaml to go back); next: make compare, "
+        "make promote EXP=<name> to serve the best, make predict PATHS=photo.jpg",
+    ]
 
 
 def with_interval(value: float, interval: dict[str, float]) -> str:
