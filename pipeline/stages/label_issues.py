@@ -92,7 +92,8 @@ class HeldOut:
     def summary(self) -> str:
         sample = (f"stratified samples of {self.fit_images} of {self.fold_images} images (label_issues.max_fit_images)"
                   if self.fit_images < self.fold_images else f"{self.fit_images} images")
-        return f"{self.fits} fits ({self.folds} folds x {len(REGULARIZATION)} C) on {sample}, {self.processes} processes"
+        processes = f"{self.processes} process{'es' if self.processes > 1 else ''}"
+        return f"{self.fits} fits ({self.folds} folds x {len(REGULARIZATION)} C) on {sample}, {processes}"
 
 
 def stratified_sample(indices: np.ndarray, labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
