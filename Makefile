@@ -119,7 +119,7 @@ promote: setup
 # weights on the whole archive (~45 min more; only with BENCH_WEIGHTS); writes bench/results.md.
 # Then appends the warm loop (bench/warm_loop.py, ~5 min) and a 12-experiment sweep on the slice
 # (bench/sweep.py, ~30 min), each stage's seconds per 1,000 generated images at 1k, 10k and 100k
-# (bench/scaling.py, ~45 min) and,
+# (bench/scaling.py, ~45 min), label_issues' fits at 70,000 images (bench/label_issues_fits.py, ~3 min) and,
 # with BENCH_WEIGHTS, memory and disk per run on the whole archive (bench/footprint.py, ~10 min) and
 # the head vs logistic regression vs nearest centroid over split seeds (bench/head_quality.py, ~25 min).
 #   make bench BENCH_ARCHIVE=/path/to/flower_photos.tgz BENCH_WEIGHTS=/path/to/mobilenet_v2_1.0_224_imagenet_no_top.h5
@@ -135,6 +135,7 @@ bench: setup
 	python bench/sweep.py --archive $(BENCH_ARCHIVE) --per-class $(BENCH_PER_CLASS) --append bench/results.md
 	python bench/precision.py --append bench/results.md
 	python bench/scaling.py --append bench/results.md
+	python bench/label_issues_fits.py --append bench/results.md
 	$(if $(BENCH_WEIGHTS),python bench/footprint.py --archive $(BENCH_ARCHIVE) --weights $(BENCH_WEIGHTS) --append bench/results.md)
 	$(if $(BENCH_WEIGHTS),python bench/head_quality.py --archive $(BENCH_ARCHIVE) --weights $(BENCH_WEIGHTS) --append bench/results.md)
 

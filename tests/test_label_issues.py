@@ -171,7 +171,7 @@ def test_stage_reports_the_flipped_originals_of_every_split(workdir, capsys):
     processes = min(joblib.cpu_count(), 5 * len(label_issues.REGULARIZATION))
     assert capsys.readouterr().out.strip().splitlines()[-1] == (  # 3 x 46 images; 4/5 of them train each fold
         "label_issues: 3 of 138 images flagged as likely mislabelled (reports/label_issues.csv); "
-        f"20 fits (5 folds x 4 C) on 111 images, {processes} processes"
+        f"20 fits (5 folds x 4 C) on 111 images, {processes} process{'es' if processes > 1 else ''}"
     )
     with Image.open(workdir / "reports" / "label_issues.png") as gallery:
         assert gallery.format == "PNG" and gallery.width > 200

@@ -9,6 +9,7 @@ A worker that dies or cannot be reached ends the stage on every other worker in 
 """
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -120,18 +121,17 @@ def cluster_failures(resume: str) -> Iterator[None]:
         ) from None
 
 
+@functools.cache  # once per process
 def fit_on_several_workers() -> None:
     """Let ``keras.Model.fit`` and ``evaluate`` run under MultiWorkerMirroredStrategy: Keras 3.15
-    reduces across workers the way MirroredStrategy takes (keras-team/keras#20585,
-    tensorflow/tensorflow#72388), so without this it stops at the first batch. Two of its functions
-    are replaced, for multi-worker strategies only:
+    reduces values across replicas in two ways that strategy refuses (keras-team/keras#20585,
+    tensorflow/tensorflow#72388), so that fit stops at its first batch. Both are replaced, for
+    multi-worker strategies only (tests/test_train.py trains on two workers):
     - a batch of data is all-reduced, only to learn the shapes to build the model with: a nest,
       which that reduce does not take, and the shares of a short last batch differ in shape;
       the worker's own share gives the shapes;
     - each step's loss and metrics (per-replica scalars) are averaged along axis 0, which a scalar
       has not; averaged across replicas instead, as MirroredStrategy does."""
-    if getattr(trainer, "fit_on_several_workers", False):
-        return
     reduce_per_replica, symbolic_build = trainer.reduce_per_replica, trainer.TensorFlowTrainer._maybe_symbolic_build
 
     def mean_across_replicas(values, strategy, reduction):
@@ -151,4 +151,3 @@ def fit_on_several_workers() -> None:
 
     trainer.reduce_per_replica = mean_across_replicas
     trainer.TensorFlowTrainer._maybe_symbolic_build = build_on_own_share
-    trainer.fit_on_several_workers = True

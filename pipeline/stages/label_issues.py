@@ -96,9 +96,8 @@ class HeldOut:
             if self.fit_images < self.fold_images
             else f"{self.fit_images} images"
         )
-        return (
-            f"{self.fits} fits ({self.folds} folds x {len(REGULARIZATION)} C) on {sample}, {self.processes} processes"
-        )
+        processes = f"{self.processes} process{'es' if self.processes > 1 else ''}"
+        return f"{self.fits} fits ({self.folds} folds x {len(REGULARIZATION)} C) on {sample}, {processes}"
 
 
 def stratified_sample(indices: np.ndarray, labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
