@@ -36,6 +36,7 @@ EXPERIMENTS = {
 }
 
 
+@pytest.mark.e2e
 def test_queued_experiments_leave_champion_on_the_best_and_make_promote_ships_another(tmp_path):
     project = new_project(tmp_path / "project", make_images(tmp_path / "images", {"red": 20, "green": 20, "blue": 20}))
     set_params(project, **SETTINGS)

@@ -61,7 +61,8 @@ def test_a_reader_that_stops_early_gets_no_traceback(workdir):
     """`python -m pipeline.tools.summary | head -1`: head exits after one line, later writes meet a closed pipe."""
     (workdir / "eval").mkdir()
     (workdir / "eval" / "metrics.json").write_text(
-        '{"accuracy": 0.9, "macro": {"f1": 0.8}, "ece": 0.05, "test_images": 10}'
+        '{"accuracy": 0.9, "macro": {"f1": 0.8}, "ece": 0.05, "test_images": 10, '
+        '"accuracy_ci95": {"low": 0.6, "high": 0.98}, "macro_f1_ci95": {"low": 0.5, "high": 0.95}}'
     )
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before anything is written

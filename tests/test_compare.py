@@ -23,6 +23,7 @@ def test_grid_is_split_like_dvc_sweeps_without_a_shell():
             parse_grid(bad)
 
 
+@pytest.mark.e2e
 def test_grid_after_a_first_run_reuses_its_data_and_compares_best_first(project):
     set_params(project, **SMALL_BACKBONE)
     run(["git", "add", "-A"], project)

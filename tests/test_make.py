@@ -95,6 +95,11 @@ def test_serve_model_and_port_are_text(project):
 
 def test_exp_grid_is_split_without_a_shell(project):
     marker = project / "ran"
-    make_in(project, "exp", EXP_GRID=f"-S 'train.epochs=1,2' `touch {marker}`")
-    assert arguments(project, "dvc")[:6] == ["exp", "run", "--queue", "-S", "train.epochs=1,2", "`touch"]
-    assert not marker.exists()
+    result = make_in(project, "exp", EXP_GRID=f"-S 'train.epochs=1,2' `touch {marker}`")
+    # The grid reaches pipeline.tools.experiments as typed, which splits it like DVC's sweeps and refuses
+    # what is not -S key=value in one line, before DVC runs.
+    assert result.returncode != 0 and not marker.exists()
+    assert any(
+        line.startswith("error: EXP_GRID: expected '-S key=value1,value2' pairs") for line in result.stderr.splitlines()
+    )
+    assert arguments(project, "dvc") is None

@@ -7,12 +7,15 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import pytest
 from test_experiments import wait_until_up
 from test_train import kill_after_epoch, start_in_own_group
 
 from conftest import free_port, make_images, new_project, project_env, run, set_params
 from pipeline.config import load_config
 from pipeline.paths import HISTORY, METRICS
+
+pytestmark = pytest.mark.e2e  # whole pipelines: out of make test-fast
 
 # ResNet50 at 32 px: random weights whose features still carry the images' colours, so that the
 # trained model depends on its initial weights (MobileNet's vanish: 1e-17, and every seed gives

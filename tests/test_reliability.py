@@ -239,7 +239,7 @@ def test_two_first_mlflow_runs_at_once_share_one_new_store(tmp_path):
     for folder in folders:
         folder.mkdir(parents=True)
     start = WHEN_GO.replace("print(", "import mlflow; from pipeline.report import tracking; print(") + (
-        "with tracking.start_new_run('parallel', system_metrics=False): mlflow.log_metric('x', 1)"
+        "with tracking.start_new_run('parallel', 'run', system_metrics=False): mlflow.log_metric('x', 1)"
     )
     # DVC_ROOT: the project root, which DVC points queued experiments at: one store, tmp_path/mlflow.db.
     env = {

@@ -7,10 +7,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from test_experiments import CHROMIUM_FLAGS
 
 from conftest import SMALL_BACKBONE, project_through
+
+pytestmark = pytest.mark.e2e  # whole pipelines: out of make test-fast
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess:

@@ -13,6 +13,8 @@ from PIL import Image
 
 from conftest import image_request, model_server, new_project, run, set_params
 
+pytestmark = pytest.mark.e2e  # whole pipelines: out of make test-fast
+
 CLASSES = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 # A model whose answers move with the pixels, so that any difference in how a file becomes its input
 # shows: MobileNetV2 0.35 at 32 px (0.4 M weights) with random weights, its head trained hard. Not
