@@ -95,7 +95,9 @@ def test_all_stages_run_and_write_metrics(trained):
     ]
     # Every split's originals are scored (36), not the training images' augmented copies.
     summary = next(line for line in output.splitlines() if line.startswith("label_issues: "))
-    assert summary.endswith(" of 36 images flagged as likely mislabelled (reports/label_issues.csv)")
+    assert (
+        " of 36 images flagged as likely mislabelled (reports/label_issues.csv); 20 fits (5 folds x 4 C) on " in summary
+    )
     assert (project / "reports" / "label_issues.csv").read_text().splitlines()[
         0
     ] == "source,split,given,suggested,score"
