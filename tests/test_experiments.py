@@ -1,12 +1,14 @@
 """A grid of DVC experiments logged to a real `mlflow server` on 127.0.0.1, compared with
 `pipeline.tools.compare`, and listed by the MLflow UI in headless Chromium on the page `make ui` links to."""
 
+import contextlib
 import json
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -56,17 +58,18 @@ def rendered_text(url: str, profile: Path) -> str:
     return re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", " ", dom, flags=re.S))
 
 
-@pytest.mark.e2e
-def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
+@contextlib.contextmanager
+def mlflow_server(store: Path, env: dict[str, str]) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 with its store in ``store``; yields its URI once it answers."""
     port = free_port()
     server = subprocess.Popen(
         [
             "mlflow",
             "server",
             "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
+            f"sqlite:///{store / 'server.db'}",
             "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
+            str(store / "server-artifacts"),
             "--host",
             "127.0.0.1",
             "--port",
@@ -74,7 +77,7 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
             "--workers",
             "1",
         ],
-        env=project_env(project),
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -82,6 +85,15 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{uri}/health", server)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.e2e
+def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
+    with mlflow_server(tmp_path, project_env(project)) as uri:
         env = {**project_env(project), "MLFLOW_TRACKING_URI": uri}
         set_params(project, **SMALL_BACKBONE)
         run(["git", "add", "-A"], project, env=env)
@@ -125,6 +137,3 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
         for logged in runs:
             shown = {f"{i.dataset.name} ({i.dataset.digest}) {input_split(i)}" for i in logged.inputs.dataset_inputs}
             assert len(shown) == 3 and all(dataset in page for dataset in shown), (shown, page)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

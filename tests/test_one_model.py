@@ -3,15 +3,14 @@ DVC experiment (what `make run SET=...` runs), a plain `dvc repro` logging to an
 `dvc repro` killed in the middle of training and run again; and MLflow names each run meaningfully."""
 
 import csv
-import subprocess
 from pathlib import Path
 
 import mlflow
 import pytest
-from test_experiments import wait_until_up
+from test_experiments import mlflow_server
 from test_train import kill_after_epoch, start_in_own_group
 
-from conftest import free_port, make_images, new_project, project_env, run, set_params
+from conftest import make_images, new_project, project_env, run, set_params
 from pipeline.config import load_config
 from pipeline.paths import HISTORY, METRICS
 
@@ -55,30 +54,7 @@ def test_same_params_data_and_seed_train_one_model_however_the_run_is_started(tm
 
     # The same params (the experiment left them in params.yaml), by a plain dvc repro that logs to a
     # tracking server.
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=project_env(project),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{uri}/health", server)
+    with mlflow_server(tmp_path, project_env(project)) as uri:
         env = {**project_env(project), "MLFLOW_TRACKING_URI": uri}
         forget_results(project)
         for stage in ("train", "evaluate"):
@@ -86,9 +62,6 @@ def test_same_params_data_and_seed_train_one_model_however_the_run_is_started(tm
         assert results(project) == expected
         mlflow.set_tracking_uri(uri)
         on_server = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
     # Killed in its first fine-tuning epoch, then run again: it resumes from the checkpoint.
     forget_results(project)
