@@ -21,9 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from pipeline.cli import UserError, redact_url
-from pipeline.data.images import MAX_MEGAPIXELS
 from pipeline.model.backbones import BACKBONES, Backbone
 from pipeline.paths import SPLIT_NAMES
+
+# Largest image decoded, read from the file's header before decoding: 50 Mpx is 150 MB of pixels.
+# The model server refuses larger photos (they are not scaled down) and prepare quarantines them
+# (prepare.max_pixels), so every test image is one the server answers. Here, not in
+# pipeline/data/images.py, so that the download stage, which reads this module, does not import that.
+MAX_MEGAPIXELS = 50
 
 PARAMS_FILE = Path("params.yaml")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")  # what data.url may end in besides a folder

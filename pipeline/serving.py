@@ -45,7 +45,8 @@ from mlflow.types.schema import Array, Object, Property
 from PIL import Image
 
 from pipeline.cli import error_summary
-from pipeline.data.images import FORMATS, MAX_MEGAPIXELS, model_input
+from pipeline.config import MAX_MEGAPIXELS
+from pipeline.data.images import FORMATS, model_input
 from pipeline.model.networks import input_size
 
 DEFAULT_TOP_K = 3  # labels per image unless asked for more or fewer

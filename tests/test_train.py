@@ -23,6 +23,7 @@ from conftest import finished, free_port, on_two_cpus, project_env, project_thro
 from pipeline.config import load_config
 from pipeline.model import networks
 from pipeline.paths import HISTORY
+from pipeline.stages.train import MLP_L2_GRID
 
 pytestmark = pytest.mark.slow
 
@@ -185,24 +186,21 @@ def test_two_workers_train_the_model_of_one_and_a_killed_worker_stops_them_until
     featured_template, tmp_path
 ):
     # A cluster of two processes on 127.0.0.1 (TF_CONFIG) against one process with the CPU split
-    # in two: two replicas, the same global batches either way. Head, then fine-tuning the top
-    # block on the images with online augmentation. Worker 1 is killed after the chief's first
-    # checkpoint; the chief must stop in one line, and both rerun must go on from there.
-    steps = {
-        "train.epochs": 3,
-        "train.fine_tune.blocks": 1,
-        "train.fine_tune.epochs": 2,
-        "train.early_stopping_patience": None,
-    }
+    # in two: two replicas, the same global batches either way. The linear head (solved), then
+    # fine-tuning the top block on the images with online augmentation. Worker 1 is killed after the
+    # chief's first fine-tuning checkpoint; the chief must stop in one line, and both rerun must go on from there.
+    steps = {"train.fine_tune.blocks": 1, "train.fine_tune.epochs": 3, "train.early_stopping_patience": None}
     one, chief, worker = (
         Path(shutil.copytree(featured_template, tmp_path / name, symlinks=True)) for name in ("one", "chief", "worker")
     )
     for copy in (one, chief, worker):
         set_params(copy, **steps)
     assert "train: 2 replica(s) on 1 worker(s)" in run(on_two_cpus("train"), one).stdout
+    head_steps = sum(r["phase"] == "head" for r in history(one))  # the linear head's L2 strengths
 
     processes = start_two_workers("train", chief, worker)
-    kill_after_epoch(processes[1], chief / "data" / "checkpoints" / "head" / "state.json", epoch=1)
+    checkpoint = chief / "data" / "checkpoints" / "fine_tune" / "state.json"
+    kill_after_epoch(processes[1], checkpoint, epoch=head_steps + 1)
     stopped = finished(processes[:1])[0]
     assert stopped.returncode == 2, stopped.stdout + stopped.stderr
     assert stopped.stderr.strip().splitlines()[-1] == (
@@ -216,7 +214,8 @@ def test_two_workers_train_the_model_of_one_and_a_killed_worker_stops_them_until
     for result in resumed:
         assert result.returncode == 0, result.stdout + result.stderr
         assert "train: 2 replica(s) on 2 worker(s)" in result.stdout
-        assert re.search(r"resuming the head phase after epoch [123] ", result.stdout), result.stdout
+        resumed_after = rf"resuming the fine_tune phase after epoch ({head_steps + 1}|{head_steps + 2}) "
+        assert re.search(resumed_after, result.stdout), result.stdout
     assert "the chief wrote the model and the MLflow run" in resumed[1].stdout
     assert {p.name for p in (worker / "data").iterdir()} == {p.name for p in (featured_template / "data").iterdir()}
     assert not (worker / HISTORY).exists() and not (worker / "mlflow.db").exists()  # only the chief writes
@@ -233,7 +232,8 @@ def test_two_workers_train_the_model_of_one_and_a_killed_worker_stops_them_until
         atol=1e-5,
     )
     mlflow.set_tracking_uri(f"sqlite:///{chief / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["images"], output_format="list", order_by=["start_time"])
+    experiment = load_config(chief / "params.yaml").experiment_name
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list", order_by=["start_time"])
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]  # the chief stopped with an error
 
 
@@ -454,8 +454,16 @@ def mlflow_server(store: Path, port: int) -> subprocess.Popen:
 
 
 def test_a_tracking_server_dying_mid_training_ends_it_in_one_line_and_the_rerun_resumes(featured, tmp_path):
+    # An MLP head: trained by epochs (the linear head is solved in one go), checkpointed after each.
+    epochs = 60
     set_params(
-        featured, **{"train.epochs": 300, "train.early_stopping_patience": None, "train.lr_schedule": "constant"}
+        featured,
+        **{
+            "model.head.dense_units": 8,
+            "train.epochs": epochs,
+            "train.early_stopping_patience": None,
+            "train.lr_schedule": "constant",
+        },
     )
     port, store = free_port(), tmp_path / "store"
     store.mkdir()
@@ -469,7 +477,7 @@ def test_a_tracking_server_dying_mid_training_ends_it_in_one_line_and_the_rerun_
         stderr=subprocess.PIPE,
         text=True,
     )
-    state = featured / "data" / "checkpoints" / "head" / "state.json"
+    state = featured / "data" / "checkpoints" / f"head-l2-{MLP_L2_GRID[0]:g}" / "state.json"  # the first MLP fit
     while not (state.is_file() and json.loads(state.read_text())["epoch"] >= 3):
         assert training.poll() is None, training.communicate()
         time.sleep(0.02)
@@ -487,16 +495,17 @@ def test_a_tracking_server_dying_mid_training_ends_it_in_one_line_and_the_rerun_
         "training stopped with its checkpoints kept in data/checkpoints: rerun dvc repro once the store answers" in last
     )
     stopped = json.loads(state.read_text())["epoch"]
-    assert 3 <= stopped < 300 and not (featured / "data" / "model").exists()
+    assert 3 <= stopped < epochs and not (featured / "data" / "model").exists()
 
     server = mlflow_server(store, port)  # back, with the same store
     try:
         resumed = run([sys.executable, "-m", "pipeline.stages.train"], featured, env=env)
         assert f"resuming the head phase after epoch {stopped}" in resumed.stdout
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-        runs = mlflow.search_runs(experiment_names=["images"], output_format="list", order_by=["start_time"])
+        experiment = load_config(featured / "params.yaml").experiment_name
+        runs = mlflow.search_runs(experiment_names=[experiment], output_format="list", order_by=["start_time"])
         assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
-        assert len(mlflow.MlflowClient().get_metric_history(runs[-1].info.run_id, "val_accuracy")) == 300
+        assert len(mlflow.MlflowClient().get_metric_history(runs[-1].info.run_id, "val_accuracy")) == epochs
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

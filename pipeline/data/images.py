@@ -49,10 +49,6 @@ REDUCING_GAP = 3.0
 # when that leaves at least DRAFT_MARGIN times the size a side: the Lanczos step then always does a
 # real reduction, so a photo and prepare's smaller copy of it end up within JPEG rounding of each other.
 DRAFT_MARGIN = 2
-# Largest image decoded, read from the file's header before decoding: 50 Mpx is 150 MB of pixels.
-# The model server refuses larger photos (they are not scaled down) and prepare quarantines them, so
-# every test image is one the server answers.
-MAX_MEGAPIXELS = 50
 Source = Path | BinaryIO  # a file, or its bytes in a BytesIO
 
 

@@ -44,7 +44,7 @@ Outputs in ``data/prepared/``:
   not an image, too small (``prepare.min_side``), too elongated (longer side over
   ``prepare.max_aspect_ratio`` times the shorter: the model sees a photo's central square, which
   would hold little of it), too large (``prepare.max_pixels``, at most what the model server decodes,
-  ``images.MAX_MEGAPIXELS``: checked from the file's header, so a decompression bomb is never
+  ``config.MAX_MEGAPIXELS``: checked from the file's header, so a decompression bomb is never
   decoded), pixel values out of range
   (float or 32-bit pixels outside 0..1, 0..255 or 0..65535), label conflict (the same
   image in two classes: every copy is excluded), or a bad row of the labels table. Nothing in

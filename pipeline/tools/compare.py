@@ -137,7 +137,8 @@ def readable_tables(width: int) -> list[str]:
         for row in group:
             row.run = ids.get(row.name, "")
         group.sort(key=lambda r: r.rank)
-        out += [f"{name}: {len(group)} result(s), best test accuracy first (data.url {url})", *table(group, width), ""]
+        heading = f"{name}: {len(group)} result(s), best test accuracy first"
+        out += [heading, f"  data.url {url}", *table(group, width), ""]  # a URL may be wider than the table
     out.append("details: dvc exp diff <a> <b>; serve one: make promote EXP=<name>")
     return out
 
