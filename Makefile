@@ -24,6 +24,8 @@ USER_VARIABLES := SET MLFLOW_PORT SERVE_PORT MODEL PATHS ARGS EXP_GRID EXP
 $(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v))))
 export $(USER_VARIABLES)
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+# .dvc/config's plots.html_template, relative to .dvc/ (pipeline.paths.PLOTS_PAGE)
+PLOTS_PAGE := .dvc/$(shell sed -n 's/^ *html_template *= *//p' .dvc/config)
 
 .PHONY: help setup setup-gpu run test test-fast lint format docs chromium ui serve predict exp compare promote push pull lock clean bench
 
@@ -31,8 +33,8 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum
 help:
 	@awk '/^## [a-z-]+: /{sub(/^## /, ""); i = index($$0, ": "); printf "  %-10s %s\n", substr($$0, 1, i - 1), substr($$0, i + 2)}' $(MAKEFILE_LIST)
 
-## setup: (re)create .venv from requirements.lock when the lock or pyproject.toml change
-setup: $(STAMP)
+## setup: (re)create .venv from requirements.lock when the lock or pyproject.toml change; dvc plots show's page
+setup: $(STAMP) $(PLOTS_PAGE)
 
 # The environment is rebuilt whenever the lock file or pyproject.toml change.
 $(STAMP): requirements.lock pyproject.toml
@@ -41,6 +43,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
 	touch $@
+
+# dvc plots show's page (.dvc/config's plots.html_template): Vega's libraries from the venv inside it, not
+# from a CDN, so its charts draw offline. Written again with each new venv.
+$(PLOTS_PAGE): $(STAMP)
+	python -m pipeline.tools.plots_page
 
 # On a machine with an NVIDIA GPU: the same TensorFlow version, built with CUDA.
 TF_VERSION := $(shell sed -n 's/^tensorflow-cpu==//p' requirements.lock)

@@ -69,4 +69,7 @@ SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "va
 JPEG_QUALITY = 95  # for the images stages write: high enough that re-encoding costs no accuracy
 # Not a DVC output: each stage's last wall time, for the summary (DVC's own tmp folder, git-ignored).
 STAGE_TIMES = Path(".dvc/tmp/stage_times.json")
+# Not a DVC output: `dvc plots show`'s page template with the Vega libraries inside (pipeline/tools/plots_page.py;
+# .dvc/config's plots.html_template names it, relative to .dvc/); make setup writes it.
+PLOTS_PAGE = Path(".dvc/tmp/plots_page.html")
 REPORT = EVAL_DIR / "report.html"  # evaluate: the run's one-page report (pipeline/report/html.py)

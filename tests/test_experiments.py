@@ -14,9 +14,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-from test_pipeline_e2e import free_port
 
-from conftest import SMALL_BACKBONE, input_split, project_env, run, set_params
+from conftest import SMALL_BACKBONE, free_port, input_split, project_env, run, set_params
 from pipeline.config import load_config
 
 CHROMIUM_FLAGS = [

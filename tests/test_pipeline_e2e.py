@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+from test_report import chromium
 
 from conftest import (
     free_port,
@@ -47,6 +48,7 @@ def trained(tmp_path_factory) -> tuple[Path, str]:
     # warning test_console_shows_warnings_not_tensorflow_noise expects to see.
     env = {**project_env(project), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "TF_ENABLE_ONEDNN_OPTS": "on"}
     result = run(["dvc", "repro"], project, env=env)
+    run([sys.executable, "-m", "pipeline.tools.plots_page"], project)  # as make setup does: dvc plots show's page
     return project, result.stdout + result.stderr
 
 
@@ -282,11 +284,24 @@ def test_training_curves_of_a_commit_need_no_dvc_cache(trained, tmp_path):
         assert drawn == [(row["epoch"], row["val_loss"]) for row in csv.DictReader(fh)] and len(drawn) > 3
 
 
-def test_dvc_plots_render_to_html(trained, tmp_path):
+def test_dvc_plots_render_to_html_that_draws_its_charts_offline(trained, tmp_path):
     project, _ = trained
     run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], project)
-    html = (tmp_path / "plots" / "index.html").read_text()
+    page = tmp_path / "plots" / "index.html"
+    html = page.read_text()
     assert "Test confusion matrix" in html and "Training loss" in html
+    # Every Vega chart drawn (an svg of class marks each) with no network: every http(s) request goes to a
+    # proxy that is not there. DVC's own page, which loads Vega from a CDN, draws none.
+    no_network = f"--proxy-server=127.0.0.1:{free_port()}"
+    dom = chromium(
+        no_network,
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=30000",
+        "--dump-dom",
+        page.as_uri(),
+    ).stdout
+    charts = html.count("vegaEmbed('#")
+    assert charts >= 3 and dom.count('class="marks"') == charts, dom[-3000:]
     images = list((tmp_path / "plots" / "static").glob("*.png"))
     assert any("gradcam" in p.name for p in images) and any("reliability" in p.name for p in images)
     assert any("label_issues" in p.name for p in images)
