@@ -45,11 +45,20 @@ def wait_until_up(url: str, process: subprocess.Popen, seconds: int = 180) -> No
 
 def rendered_text(url: str, profile: Path) -> str:
     """The page's text after its JavaScript ran (the MLflow UI is a single-page app), in a fresh
-    browser profile: what a first visit shows."""
+    browser profile and a laptop's window (the runs table draws only the columns in sight): what a
+    first visit shows."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is needed for this test (.ci/run installs it)"
     dom = subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=30000", "--dump-dom", url],
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--window-size=1600,1000",
+            "--virtual-time-budget=30000",
+            "--dump-dom",
+            url,
+        ],
         capture_output=True,
         text=True,
         timeout=180,
@@ -119,16 +128,21 @@ def test_experiment_grid_lands_in_mlflow_server_and_ui(project, tmp_path):
 
         experiment = mlflow.get_experiment_by_name(experiment_name)
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-        # The link `make ui` prints opens the runs table, in the UI's model-training view.
+        # The link `make ui` prints opens the runs table, in the UI's model-training view, on the
+        # experiment's saved view "Test scores": the test metrics as columns, best accuracy first.
         link = (
             run([sys.executable, "-m", "pipeline.report.tracking", uri], project, env=env)
             .stdout.strip()
             .splitlines()[-1]
         )
-        assert link == f"{uri}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+        assert link == (
+            f"{uri}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+            "&viewStateShareKey=test-scores"
+        )
         page = " ".join(rendered_text(link, tmp_path / "chromium").split())
         assert page.startswith(f"Runs - Experiment {experiment.experiment_id} - MLflow"), page[:300]
-        assert "Run Name Created Dataset" in page  # the runs table's header
+        assert "Run Name Created" in page and "Test scores" in page and "Sort: test_accuracy" in page, page
+        assert "test_accuracy test_ece test_macro_f1" in page, page  # the metric columns' headers
         assert "Model registry" in page and "Observability" not in page  # the model-training sidebar
         for name in experiments:
             assert name in page, f"run {name} not listed by the MLflow UI"

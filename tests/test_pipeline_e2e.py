@@ -33,6 +33,7 @@ from conftest import (
 )
 from pipeline.config import Config, load_config
 from pipeline.paths import HISTORY
+from pipeline.report.mlflow_ui import runs_url
 
 pytestmark = pytest.mark.e2e
 
@@ -414,6 +415,8 @@ def test_summary_says_what_the_run_scored_and_where_to_look(trained, cfg):
     assert shown[1].startswith("warning: 6 test images measure accuracy only to +-")
     recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
     assert any(recorded["run_id"] in line and f"experiment '{cfg.experiment_name}'" in line for line in shown)
+    link = runs_url("http://127.0.0.1:5000", recorded["experiment_id"])  # on the saved view of the test scores
+    assert f"runs with their test scores: make ui, then {link}" in shown
     assert len(shown) <= 9 and all(len(line) < 200 for line in shown)
     times = next(line for line in shown if line.startswith("stage wall times"))
     assert re.findall(r"(\w+) \d+\.\d s", times) == [

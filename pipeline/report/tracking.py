@@ -44,6 +44,7 @@ from pipeline.cli import UserError, error_summary, redact_url
 from pipeline.config import CHAMPION_METRICS, flatten, load_config
 from pipeline.files import exclusive, read_json, write_json
 from pipeline.paths import CHECKPOINT_DIR, DOWNLOAD_REPORT, MLFLOW_RUN_FILE, MODEL_LABELS, PREPARED_MANIFEST, SPLITS
+from pipeline.report import mlflow_ui
 
 # Per-class metric keys (test_per_class_<key>_recall). MLflow takes letters, digits, _ - . space : /
 # in a metric key, at most 250 characters (mlflow.utils.validation); a class name is any folder name.
@@ -57,9 +58,6 @@ CLASS_KEYS_ARTIFACT = f"{REPORTS_ARTIFACTS}/class_keys.json"  # per-class key ->
 # MLflow's experiment kind, a tag: the experiment is model training ("Machine learning" in the UI),
 # not a GenAI app, whose pages (traces, sessions) MLflow 3 opens by default.
 KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-# MLflow 3.17's UI still picks its pages by the browser's own "GenAI / Model training" switch (GenAI
-# until changed), not by that tag (mlflow/mlflow#24498): links to the runs page say which to show.
-TRAINING_VIEW = "workflowType=machine_learning"
 # MLflow's HTTP client, unless these are set: 3 retries, 2, 4, 8 s apart, 15 s per try at most, so a
 # server gone (refused connections) fails a call in ~15 s and one that hangs in ~75 s. MLflow's own
 # defaults (7 retries up to 120 s apart, 120 s per try) kept training waiting for a dead server for
@@ -165,8 +163,9 @@ def start_new_run(experiment_name: str, run_name: str, system_metrics: bool) -> 
     use_project_store()
     experiment = mlflow.get_experiment_by_name(experiment_name) or created_experiment(experiment_name)
     experiment_id = experiment.experiment_id
-    if KIND_TAG not in experiment.tags:  # made before this tag was set; a kind set by hand stays
-        mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
+    for key, value in experiment_tags().items():
+        if key not in experiment.tags:  # made before this tag was set; a kind or view set by hand stays
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
     with ended(
         mlflow.start_run(
             experiment_id=experiment_id,
@@ -195,13 +194,16 @@ def ended(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
 def created_experiment(name: str) -> mlflow.entities.Experiment:
     """A new model-training experiment ``name``, or the one a parallel run created a moment ago."""
     try:
-        mlflow.create_experiment(
-            name, artifact_location=artifact_location(tracking_uri()), tags={KIND_TAG: MODEL_TRAINING}
-        )
+        mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri()), tags=experiment_tags())
     except mlflow.exceptions.MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     return cast(mlflow.entities.Experiment, mlflow.get_experiment_by_name(name))  # created above, or just before
+
+
+def experiment_tags() -> dict[str, str]:
+    """A model-training experiment (KIND_TAG) whose runs the UI lists with their test scores (mlflow_ui)."""
+    return {KIND_TAG: MODEL_TRAINING, mlflow_ui.VIEW_TAG: mlflow_ui.view_tag_value()}
 
 
 def mark_killed(run_id: str) -> None:
@@ -213,10 +215,11 @@ def mark_killed(run_id: str) -> None:
 
 
 def training_runs_url(ui_url: str, experiment_name: str) -> str:
-    """The MLflow UI's page of the experiment's runs, in its model-training view."""
+    """The MLflow UI's page of the experiment's runs, with their test scores (mlflow_ui.runs_url)."""
     experiment = mlflow.get_experiment_by_name(experiment_name)
-    page = f"experiments/{experiment.experiment_id}/runs" if experiment else "experiments"
-    return f"{ui_url.rstrip('/')}/#/{page}?{TRAINING_VIEW}"
+    if experiment is None:
+        return mlflow_ui.runs_url(ui_url, None)
+    return mlflow_ui.runs_url(ui_url, experiment.experiment_id, saved_view=mlflow_ui.VIEW_TAG in experiment.tags)
 
 
 def lineage_tags() -> dict[str, str]:

@@ -14,6 +14,9 @@ from pipeline.config import committed_params, differences, load_config
 from pipeline.files import read_json
 from pipeline.paths import LABEL_ISSUES_REPORT, METRICS, MLFLOW_RUN_FILE, PLOTS_DIR, STAGE_TIMES
 from pipeline.report.metrics import interval_warning
+from pipeline.report.mlflow_ui import runs_url
+
+UI_URL = "http://127.0.0.1:5000"  # make ui's (MLFLOW_PORT's default)
 
 
 def lines() -> list[str]:
@@ -37,10 +40,8 @@ def lines() -> list[str]:
     if MLFLOW_RUN_FILE.is_file():
         run = read_json(MLFLOW_RUN_FILE)
         model = f"; model {cfg.registered_model_name} (make serve)" if cfg.registered_model_name else ""
-        out.append(
-            f"MLflow: run {run['run_id']} in experiment '{cfg.experiment_name}'{model}; "
-            "browse with make ui (http://127.0.0.1:5000)"
-        )
+        out.append(f"MLflow: run {run['run_id']} in experiment '{cfg.experiment_name}'{model}")
+        out.append(f"runs with their test scores: make ui, then {runs_url(UI_URL, run['experiment_id'])}")
     out += settings_lines(cfg.flat())
     if STAGE_TIMES.is_file():
         times = read_json(STAGE_TIMES)
