@@ -1,6 +1,7 @@
 """`make exp` then `make compare` as a user runs them after a first `make run`: the grid reuses the
 workspace's data stages, and the comparison is one readable table per dataset, best first."""
 
+import json
 import re
 import sys
 
@@ -41,6 +42,7 @@ def test_grid_after_a_first_run_reuses_its_data_and_compares_best_first(project)
     assert len(rows) == 2 and {re.search(r"train\.epochs=(\d)", r).group(1) for r in rows} == {"1", "2"}, table
     accuracies = [float(row.split()[1]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True)
+    assert all(re.fullmatch(r"[0-9a-f]{8}", run_id) for run_id in run_ids(table[header], rows)), table
     assert table[0].startswith("images: 2 result(s), best test accuracy first")
     # The workspace holds the best one, by name, with the params it ran with.
     best = rows[0].split()[0]
@@ -48,3 +50,21 @@ def test_grid_after_a_first_run_reuses_its_data_and_compares_best_first(project)
     summary = run([sys.executable, "-m", "pipeline.tools.summary"], project).stdout
     epochs = re.search(r"train\.epochs=(\d)", rows[0]).group(1)
     assert f"settings that differ from the committed params.yaml: train.epochs={epochs} (committed 3)" in summary
+
+    # Committed after a plain `dvc repro` (the run named after its params, not after an experiment),
+    # the commit's row has its MLflow run too.
+    run(["git", "checkout", "params.yaml"], project)
+    run(["dvc", "repro"], project)  # the first run's outputs, from DVC's run cache
+    run(["git", "add", "params.yaml", "dvc.lock", "eval"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    table = run([sys.executable, "-m", "pipeline.tools.compare"], project).stdout.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("experiment "))
+    rows = table[header + 1 : table.index("", header)]
+    recorded = json.loads((project / "data" / "model" / "mlflow_run.json").read_text())
+    assert len(rows) == 1 and run_ids(table[header], rows) == [recorded["run_id"][:8]], table
+
+
+def run_ids(header: str, rows: list[str]) -> list[str]:
+    """The MLflow run column of the table's rows (8 characters of each id)."""
+    start = header.index("MLflow run")
+    return [row[start : start + 8] for row in rows]

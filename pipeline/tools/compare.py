@@ -2,8 +2,9 @@
 
 Each row is an experiment (and the workspace, when it has results): its test accuracy with the 95 %
 interval evaluate wrote, macro F1, ECE, the number of test images, the params it changed against
-the committed params.yaml, and its MLflow run (runs are named after their DVC experiment). Runs of
-different datasets (``data.url``) are never ranked together. The table fits 120 columns.
+the committed params.yaml, and its MLflow run (runs are named after their DVC experiment; the
+commit's, a plain `dvc repro`, after its params: ``Config.run_name``). Runs of different datasets
+(``data.url``) are never ranked together. The table fits 120 columns.
 ``--all`` prints DVC's own wide table (``dvc exp show``) and the MLflow runs instead.
 
 Usage: python -m pipeline.tools.compare [--all] [--width 120]
@@ -86,11 +87,13 @@ def interval(metrics: dict[str, Any], name: str) -> str:
 
 
 def mlflow_run_ids(experiment_name: str) -> dict[str, str]:
-    """Run name -> run id of the finished runs of ``experiment_name``; the workspace's run from its model."""
+    """Run name -> run id of the finished runs of ``experiment_name`` (of a name run again, e.g. by
+    ``dvc repro -f``, the newest); the workspace's run from its model."""
     ids = {}
     runs = tracking.finished_runs(experiment_name, "test_accuracy", 1000)
     if runs is not None and len(runs):
-        ids = dict(zip(runs["tags.mlflow.runName"], runs["run_id"]))
+        newest_last = runs.sort_values("start_time")
+        ids = dict(zip(newest_last["tags.mlflow.runName"], newest_last["run_id"]))
     if Path(MLFLOW_RUN_FILE).is_file():
         ids["workspace"] = read_json(MLFLOW_RUN_FILE)["run_id"]
     return ids
@@ -135,7 +138,7 @@ def readable_tables(width: int) -> list[str]:
         name = cfg.dataset_name
         ids = mlflow_run_ids(cfg.experiment_name)
         for row in group:
-            row.run = ids.get(row.name, "")
+            row.run = ids.get(row.name) or ids.get(row.config.run_name, "")
         group.sort(key=lambda r: r.rank)
         heading = f"{name}: {len(group)} result(s), best test accuracy first"
         out += [heading, f"  data.url {url}", *table(group, width), ""]  # a URL may be wider than the table
