@@ -62,15 +62,20 @@ run: setup
 	@python -m pipeline.tools.make_args run
 	@python -m pipeline.tools.summary
 
+# The test files run in TEST_WORKERS processes (pytest-xdist; --dist loadfile keeps each file's tests,
+# and the module fixtures they share, in one process); their folders go under .pytest-tmp, not /tmp.
+TEST_WORKERS ?= 2
+PYTEST := pytest -n $(TEST_WORKERS) --dist loadfile --basetemp=$(CURDIR)/.pytest-tmp
+
 ## test: lint, then the whole test suite (real DVC, MLflow servers, Chromium; no network)
 test: setup lint
 	@{ command -v chromium || command -v chromium-browser; } >/dev/null && test -f /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc || $(MAKE) --no-print-directory chromium
-	pytest
+	$(PYTEST)
 
 # Tests not marked slow or e2e (pyproject.toml registers the markers): a check in a few minutes.
 ## test-fast: lint, then the tests not marked slow or e2e
 test-fast: setup lint
-	pytest -m "not slow and not e2e"
+	$(PYTEST) -m "not slow and not e2e"
 
 # Static checks (ruff and mypy: config in pyproject.toml); `make test` runs them first.
 ## lint: ruff check and mypy
@@ -164,4 +169,4 @@ lock:
 ## clean: remove the pipeline's outputs from the workspace (DVC's cache keeps them)
 clean:
 	rm -rf data/raw data/prepared data/augmented data/features data/checkpoints data/model data/test_probabilities.npz data/export eval reports
-	rm -rf .pytest_cache
+	rm -rf .pytest_cache .pytest-tmp

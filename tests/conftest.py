@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -275,6 +276,14 @@ def project_through(stage: str, root: Path, per_class: dict[str, int], params: d
     set_params(project, **params)
     run(["dvc", "repro", stage], project)
     return project
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files with the most slow or e2e tests first (a file's tests keep their order): under
+    `make test` (pytest-xdist, a file per process at a time) the longest files then start at once,
+    instead of one of them running alone at the end."""
+    heavy = Counter(item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("e2e"))
+    items.sort(key=lambda item: -heavy[item.path])
 
 
 @pytest.fixture(scope="session", autouse=True)

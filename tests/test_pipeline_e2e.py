@@ -44,6 +44,7 @@ CLASSES = {"red": 12, "green": 12, "blue": 12}
 def trained(tmp_path_factory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("e2e")
     project = new_project(tmp / "project", make_images(tmp / "images", CLASSES))
+    set_params(project, **{"export.tflite": ["float32"]})  # a TFLite file too: its converter's noise is filtered
     # System metrics every second (MLflow's own setting; 10 s by default, longer than these stages).
     # TF_ENABLE_ONEDNN_OPTS=on is no value TensorFlow takes: it warns (and keeps oneDNN on), a
     # warning test_console_shows_warnings_not_tensorflow_noise expects to see.

@@ -69,7 +69,6 @@ from sklearn.metrics import log_loss
 
 from pipeline.cli import UserError, error_summary, redact_url, run_stage
 from pipeline.config import Config, ModelParams, load_config
-from pipeline.data.augmentation import label_mixing, online_augmentation
 from pipeline.data.manifests import read_labels
 from pipeline.files import atomic_dir, atomic_file
 from pipeline.model import checkpoints, devices, feature_store, linear_head, networks
@@ -500,6 +499,9 @@ def fine_tune_inputs(
             networks.on_activations(extractor, head, cut),
             *(activation_examples(split, cut, n_classes) for split in ("train", "val")),
         )
+    # Imported here: albumentations takes ~0.5 s to import, and a head-only run never needs it.
+    from pipeline.data.augmentation import label_mixing, online_augmentation
+
     size = cfg.model.input_size
     augmentation = online_augmentation(cfg) if cfg.augment.mode in ("online", "both") else None
     train, val = (image_examples(split, n_classes, size) for split in ("train", "val"))
