@@ -32,6 +32,8 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -44,7 +46,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 from PIL import Image
 
-from pipeline.cli import error_summary
+from pipeline.cli import UserError, error_summary
 from pipeline.config import MAX_MEGAPIXELS
 from pipeline.data.images import FORMATS, model_input
 from pipeline.model.networks import input_size
@@ -132,6 +134,24 @@ def request_image_input(data: bytes | str, index: int, size: int) -> np.ndarray:
         ) from None
     except Exception as err:  # bad base64; Pillow raises many types for damaged files
         raise Refused(f"image {index} cannot be decoded ({error_summary(err)})") from None
+
+
+def file_input(path: str, index: int, size: int) -> np.ndarray:
+    """The file at ``path`` as this server makes it the model's input; a file it would refuse with
+    HTTP 400 as a one-line ``UserError`` naming it."""
+    try:
+        return request_image_input(Path(path).read_bytes(), index, size)
+    except Refused as err:
+        raise UserError(f"test image {path}: the model server refuses it: {err.message}") from None
+
+
+def file_batches(paths: list[str], size: int, batch_size: int) -> Iterator[np.ndarray]:
+    """The files' model inputs (``file_input``) in batches, decoded in threads (Pillow lets go of the
+    GIL while it decodes and resizes) a batch at a time, so memory holds one batch whatever their number."""
+    with ThreadPoolExecutor() as pool:
+        for start in range(0, len(paths), batch_size):
+            indices = range(start, min(start + batch_size, len(paths)))
+            yield np.stack(list(pool.map(lambda i: file_input(paths[i], i, size), indices)))
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from mlflow.utils.validation import _validate_metric
 from PIL import Image
 from sklearn.metrics import f1_score, top_k_accuracy_score
 
-from pipeline.report import plots, tracking
+from pipeline.report import gradcam, plots, tracking
 from pipeline.report.metrics import (
     classification_report,
     expected_calibration_error,
@@ -21,7 +21,6 @@ from pipeline.report.metrics import (
     macro_f1,
     reliability,
 )
-from pipeline.stages.evaluate import GRADCAM_IMAGES, gradcam_examples
 
 LABELS = ["cat", "dog", "fox"]
 Y_TRUE = np.array([0, 0, 1, 1, 2, 2])
@@ -220,9 +219,9 @@ def test_confusion_matrices_of_many_classes_stay_bounded(tmp_path, classes):
 
 def test_gradcam_grid_takes_two_per_class_then_one_for_each_of_the_first_classes():
     few = np.repeat(np.arange(3), 4)
-    assert few[gradcam_examples(few)].tolist() == [0, 0, 1, 1, 2, 2]
+    assert few[gradcam.examples(few)].tolist() == [0, 0, 1, 1, 2, 2]
     many = np.repeat(np.arange(100), 3)
-    assert many[gradcam_examples(many)].tolist() == list(range(GRADCAM_IMAGES))
+    assert many[gradcam.examples(many)].tolist() == list(range(gradcam.IMAGES))
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])

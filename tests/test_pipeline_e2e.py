@@ -31,8 +31,11 @@ from conftest import (
     set_params,
     stages_run,
 )
+from pipeline import serving
 from pipeline.config import Config, load_config
-from pipeline.paths import HISTORY
+from pipeline.data.manifests import read_test_probabilities, split_files
+from pipeline.model import feature_store, networks
+from pipeline.paths import HISTORY, MODEL_FILE
 from pipeline.report.mlflow_ui import runs_url
 
 pytestmark = pytest.mark.e2e
@@ -254,6 +257,18 @@ def test_make_serve_serves_the_champion_with_top_k_as_a_list(trained, cfg):
     assert served["probability"] == pytest.approx(expected["probability"], abs=1e-5)
     assert [p["label"] for p in served["top_k"]] == [p["label"] for p in expected["top_k"]]
     assert served["top_k"][0] == {"label": served["label"], "probability": served["probability"]}
+
+
+def test_evaluate_scores_with_the_head_alone_what_the_whole_model_answers(trained, monkeypatch):
+    # Not fine-tuned: evaluate ran the head on the features stage's backbone outputs for the test files
+    # as served. The whole model on the same files, decoded by the server's code, must agree.
+    project, _ = trained
+    monkeypatch.chdir(project)  # the paths below are the project's
+    _, paths = split_files("test")
+    assert feature_store.served_test(paths) is not None
+    model = networks.load(MODEL_FILE)
+    images = np.concatenate(list(serving.file_batches(paths, networks.input_size(model), 8)))
+    np.testing.assert_allclose(read_test_probabilities(paths), model.predict(images, verbose=0), atol=1e-5)
 
 
 def test_console_shows_warnings_not_tensorflow_noise(trained):

@@ -8,6 +8,13 @@ Per split (``train``, ``val``, ``test``), rows in the order of that split's rows
 - ``<split>_activations.npy`` (train and val, only when fine-tuning can use them: ``Config.activation_cut``):
   the frozen prefix's output at the cut, 16-bit (:func:`activation_storage`).
 
+And ``served_test.npz``: the test split's *original files* (``data/raw``), made the model's input
+by the model server's own code (``serving.file_batches``) and run through the backbone in float32
+as the exported model runs it: their pooled features (``features``, one row per file of ``paths``,
+in the prepared manifest's order) and, for the images Grad-CAM shows (``examples``: indices into
+``paths``, ``gradcam.examples``), the backbone's last feature maps (``maps``). Evaluate scores a
+model whose backbone was not fine-tuned on these rows with its head alone.
+
 Beside them: ``labels.json`` (the class names), ``meta.json`` (:class:`Meta`) and
 ``backbone.weights.h5``, the exact backbone weights that made the rows (with ``model.weights: none``
 a rebuilt backbone would have other random weights). Arrays are ``.npy`` files, written a batch at a
@@ -29,6 +36,7 @@ ACTIVATION_SPLITS = ("train", "val")  # the splits fine-tuning reads; test image
 BACKBONE_WEIGHTS = "backbone.weights.h5"
 LABELS = "labels.json"
 META = "meta.json"
+SERVED_TEST = "served_test.npz"
 FILE_DTYPE = {"float16": "float16", "bfloat16": "uint16"}  # activations' storage type -> the .npy's dtype
 
 
@@ -81,6 +89,12 @@ def write_labels(folder: Path, split: str, labels: list[int]) -> None:
     np.save(folder / f"{split}_labels.npy", np.array(labels, dtype="int32"))
 
 
+def write_served_test(
+    folder: Path, paths: list[str], features: np.ndarray, examples: np.ndarray, maps: np.ndarray
+) -> None:
+    np.savez(folder / SERVED_TEST, paths=np.array(paths), features=features, examples=examples, maps=maps)
+
+
 def write_meta(folder: Path, meta: Meta) -> None:
     write_json(folder / META, dataclasses.asdict(meta))
 
@@ -111,6 +125,26 @@ def activations(split: str, cut: str, folder: Path = FEATURES_DIR) -> tuple[np.n
     if meta.activation_cut != cut:
         raise UserError(f"{folder} holds no activations at {cut}: run dvc repro (the features stage)")
     return np.load(folder / f"{split}_activations.npy", mmap_mode="r"), meta.activation_dtype == "bfloat16"
+
+
+@dataclass(frozen=True)
+class ServedTest:
+    """``served_test.npz``'s rows (see the module docstring)."""
+
+    features: np.ndarray
+    examples: np.ndarray
+    maps: np.ndarray
+
+
+def served_test(paths: list[str], folder: Path = FEATURES_DIR) -> ServedTest | None:
+    """The backbone's outputs on the test files ``paths`` as served, or None when the store holds
+    none for exactly these files (a store from before it had them, or other test files)."""
+    if not (folder / SERVED_TEST).is_file():
+        return None
+    with np.load(folder / SERVED_TEST) as saved:
+        if saved["paths"].tolist() != paths:
+            return None
+        return ServedTest(saved["features"], saved["examples"], saved["maps"])
 
 
 def manifest_rows(split: str, folder: Path = FEATURES_DIR) -> list[AugmentedImage]:

@@ -111,6 +111,17 @@ def saved_feature_extractor(params: ModelParams, features_dir: Path) -> keras.Mo
     return feature_extractor(params.model_copy(update={"weights": str(features_dir / feature_store.BACKBONE_WEIGHTS)}))
 
 
+def in_float32(params: ModelParams, extractor: keras.Model) -> keras.Model:
+    """``extractor`` itself when it computes in float32, else a float32 copy with its weights: the
+    exported model's precision (16-bit is slow on many CPUs)."""
+    if extractor.dtype_policy.name == "float32":
+        return extractor
+    with dtype_policy("float32"):
+        copy = feature_extractor(params.model_copy(update={"weights": "none"}))
+    copy.set_weights(extractor.get_weights())
+    return copy
+
+
 def backbone_of(extractor: keras.Model) -> keras.Model:
     return next(layer for layer in extractor.layers if isinstance(layer, keras.Model))
 

@@ -4,7 +4,10 @@ Inputs: ``data/model/`` (``model.keras``, ``labels.json``), ``eval/history.csv``
 of ``data/prepared/manifest.csv``: each image's original file in ``data/raw``, the bytes a user would
 send. Each becomes the model's input through the model server's own function
 (``serving.request_image_input``: pipeline/data/images.py ``model_input``), so the metrics reported
-are those the served model, ``make predict`` and the exported files give on the same files.
+are those the served model, ``make predict`` and the exported files give on the same files. A
+model whose backbone was not fine-tuned has the features stage's backbone, which already ran on
+these files so (``data/features/served_test.npz``): its head alone then scores them, and export's
+parity check runs the whole exported model on the same files against what this stage recorded.
 Outputs in ``eval/`` (small, meant for git):
 - ``metrics.json``: accuracy, top-k accuracy (k capped at the number of classes), log loss, expected
   calibration error, macro and weighted precision/recall/F1, per-class precision/recall/F1/support
@@ -26,18 +29,17 @@ there is none yet); else they stay ``@candidate`` and the stage says why in one 
 (``make promote`` ships them anyway).
 """
 
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import serving
 from pipeline.cli import UserError, run_stage
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.data.manifests import read_labels, split_files, write_manifest, write_test_probabilities
 from pipeline.files import atomic_dir, write_json
-from pipeline.model import networks
+from pipeline.model import feature_store, networks
 from pipeline.paths import (
     AUGMENT_GALLERY,
     DATA_REPORT,
@@ -57,8 +59,6 @@ from pipeline.paths import (
 from pipeline.report import gradcam, html, metrics, plots, tracking
 
 TOP_LOSSES = 12
-GRADCAM_PER_CLASS = 2
-GRADCAM_IMAGES = 24  # at most: with many classes, one image for each of the first 24 classes
 TITLE_LABEL_CHARACTERS = 14  # two class names and a probability fit over a grid image
 TITLE_FILE_CHARACTERS = 28  # a file name (the middle cut out) fits over a grid image
 EXTRA_ARTIFACTS = [
@@ -77,34 +77,9 @@ EXTRA_ARTIFACTS = [
 Pixels = Callable[[int], np.ndarray]  # test image index -> the model's input
 
 
-def served_input(path: str, index: int, size: int) -> np.ndarray:
-    """Test file ``path`` as the model server makes it the model's input (its own function)."""
-    try:
-        return serving.request_image_input(Path(path).read_bytes(), index, size)
-    except serving.Refused as err:  # what the server would answer with HTTP 400
-        raise UserError(f"test image {path}: the model server refuses it: {err.message}") from None
-
-
-def served_batches(paths: list[str], size: int, batch_size: int) -> Iterator[np.ndarray]:
-    """The files' model inputs in batches, decoded in threads (Pillow lets go of the GIL while it
-    decodes and resizes) a batch at a time, so memory holds one batch whatever the test split's size."""
-    with ThreadPoolExecutor() as pool:
-        for start in range(0, len(paths), batch_size):
-            indices = range(start, min(start + batch_size, len(paths)))
-            yield np.stack(list(pool.map(lambda i: served_input(paths[i], i, size), indices)))
-
-
 def most_confident_mistakes(y_true: np.ndarray, probabilities: np.ndarray, n: int) -> np.ndarray:
     wrong = np.flatnonzero(probabilities.argmax(axis=1) != y_true)
     return wrong[np.argsort(-probabilities[wrong].max(axis=1))][:n]
-
-
-def gradcam_examples(y_true: np.ndarray) -> np.ndarray:
-    """The first GRADCAM_PER_CLASS test images of each class, fewer per class (at least one) and
-    fewer classes when that would exceed GRADCAM_IMAGES."""
-    classes = np.unique(y_true)
-    per_class = min(GRADCAM_PER_CLASS, max(1, GRADCAM_IMAGES // len(classes)))
-    return np.array([i for c in classes[:GRADCAM_IMAGES] for i in np.flatnonzero(y_true == c)[:per_class]], dtype=int)
 
 
 def draw_plots(
@@ -149,6 +124,19 @@ def draw_plots(
     )
 
 
+def scored(model, cfg: Config, paths: list[str], chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The model's probabilities on the test files as served, and the backbone's feature maps of the
+    ``chosen`` images (for Grad-CAM). Without fine-tuning the backbone is the features stage's, which
+    ran it on these files as served (``feature_store.served_test``): the head alone then finishes the
+    job. Otherwise one pass of the files through the whole model."""
+    cached = None if cfg.train.fine_tune.enabled else feature_store.served_test(paths)
+    if cached is not None and np.array_equal(cached.examples, chosen):
+        head = model.get_layer("head")
+        return head.predict(cached.features, batch_size=cfg.train.batch_size, verbose=0), cached.maps
+    batches = serving.file_batches(paths, networks.input_size(model), cfg.train.batch_size)
+    return gradcam.predict_with_maps(model, batches, chosen)
+
+
 def main() -> None:
     cfg = load_config()
     if not MODEL_FILE.is_file():
@@ -158,12 +146,8 @@ def main() -> None:
     model = networks.load(MODEL_FILE)
     size = networks.input_size(model)
     y_true = np.array([labels.index(r.label) for r in rows])
-    # One pass of the test files, as served, through the model: every probability, and the
-    # backbone's feature maps of the images the Grad-CAM plot shows.
-    chosen = gradcam_examples(y_true)
-    probabilities, chosen_maps = gradcam.predict_with_maps(
-        model, served_batches(paths, size, cfg.train.batch_size), chosen
-    )
+    chosen = gradcam.examples(y_true)
+    probabilities, chosen_maps = scored(model, cfg, paths, chosen)
     report = metrics.classification_report(y_true, probabilities, labels, cfg.evaluate.top_k)
     if report["top_k"] < cfg.evaluate.top_k:
         print(
@@ -185,7 +169,7 @@ def main() -> None:
     with atomic_dir(PLOTS_DIR) as out:
         draw_plots(
             model,
-            lambda i: served_input(paths[i], i, size),
+            lambda i: serving.file_input(paths[i], i, size),
             [r.source for r in rows],
             y_true,
             probabilities,

@@ -9,7 +9,9 @@ features and class indices, one row per row of the augmented manifest's split, i
 backbone weights that made them (the train stage builds the final model from those); and, when
 fine-tuning will train only the top blocks on offline-augmented images (``Config.activation_cut``),
 the frozen prefix's output for the train and val images in 16 bits, so that fine-tuning runs only
-the unfrozen top.
+the unfrozen top. Also the backbone's outputs on the test split's original files as the model
+server makes them its input, in float32 (``served_test.npz``): evaluate then scores a model that
+was not fine-tuned with its head alone, and reports what the served model answers on those files.
 
 The backbone runs on every device the train stage trains on (``pipeline.model.devices``: all GPUs, or
 every worker under ``TF_CONFIG``): each replica computes its share of each global batch
@@ -22,17 +24,20 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import serving
 from pipeline.cli import UserError, progress, run_stage
-from pipeline.config import load_config
-from pipeline.data.manifests import AugmentedImage, image_batches, read_labels, read_rows
+from pipeline.config import Config, load_config
+from pipeline.data.manifests import AugmentedImage, image_batches, read_labels, read_rows, split_files
 from pipeline.model import devices, feature_store, networks
 from pipeline.model.feature_store import ACTIVATION_SPLITS, Meta, activation_storage, as_stored
 from pipeline.paths import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, PREPARED_LABELS, SPLITS
+from pipeline.report import gradcam
 
 MAX_BACKBONE_BATCH = 64  # images per replica per backbone pass: Inception v3 at 299 px needs ~2 GB for 64
 
@@ -83,6 +88,21 @@ def extract(
         yield [values.numpy()[: len(paths) - start] for values in run(batch)]
 
 
+def write_served_test(cfg: Config, extractor: keras.Model, class_index: dict[str, int], out: Path) -> None:
+    """``served_test.npz`` (pipeline.model.feature_store): the test files through the model server's
+    own decoding (``serving.file_batches``) and the float32 backbone, as the exported model runs
+    them, with the last feature maps of the images Grad-CAM will show. On the chief only: the test
+    split is small next to the rest."""
+    rows, paths = split_files("test")
+    if not paths:
+        return
+    keep = gradcam.examples(np.array([class_index[r.label] for r in rows]))
+    float32 = networks.in_float32(cfg.model, extractor)
+    batches = serving.file_batches(paths, cfg.model.input_size, min(cfg.train.batch_size, MAX_BACKBONE_BATCH))
+    features, maps = gradcam.predict_with_maps(float32, (batch.astype("float32") for batch in batches), keep)
+    feature_store.write_served_test(out, paths, features, keep, maps)
+
+
 def main() -> None:
     cfg = load_config()
     manifest_path = AUGMENTED_MANIFEST
@@ -127,6 +147,8 @@ def main() -> None:
                     array.flush()
             del features, activations
             feature_store.write_labels(out, split, [class_index[r.label] for r in rows])
+        if devices.is_chief(strategy):
+            write_served_test(cfg, extractor, class_index, out)
         seconds = time.perf_counter() - started
         networks.backbone_of(extractor).save_weights(out / feature_store.BACKBONE_WEIGHTS)
         shutil.copy(PREPARED_LABELS, out / feature_store.LABELS)

@@ -512,12 +512,9 @@ def fine_tune_inputs(
 def exported(params: ModelParams, extractor: keras.Model, head: keras.Model) -> keras.Model:
     """The deliverable, in float32 even after mixed-precision training (16-bit is slow on many CPUs).
     The head is float32 already; a mixed-precision extractor is rebuilt in float32 with its weights."""
+    float32 = networks.in_float32(params, extractor)
     with networks.dtype_policy("float32"):  # the resize layer too
-        if extractor.dtype_policy.name != "float32":
-            copy = networks.feature_extractor(params.model_copy(update={"weights": "none"}))
-            copy.set_weights(extractor.get_weights())
-            extractor = copy
-        return networks.classifier(extractor, head, params.input_size)
+        return networks.classifier(float32, head, params.input_size)
 
 
 def write_history(rows: list[dict], path: Path) -> None:
