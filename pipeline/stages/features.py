@@ -39,6 +39,7 @@ from pipeline.model.feature_store import ACTIVATION_SPLITS, Meta, activation_sto
 from pipeline.paths import AUGMENTED_DIR, AUGMENTED_MANIFEST, FEATURES_DIR, PREPARED_LABELS, SPLITS
 from pipeline.report import gradcam
 
+RESUME_ON_CLUSTER = "start it and rerun the stage on every worker (dvc repro on the chief)"
 MAX_BACKBONE_BATCH = 64  # images per replica per backbone pass: Inception v3 at 299 px needs ~2 GB for 64
 
 
@@ -105,13 +106,18 @@ def write_served_test(cfg: Config, extractor: keras.Model, class_index: dict[str
 
 def main() -> None:
     cfg = load_config()
-    manifest_path = AUGMENTED_MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(f"{manifest_path} is missing: run the augment stage first (dvc repro)")
+    if not AUGMENTED_MANIFEST.is_file():
+        raise UserError(f"{AUGMENTED_MANIFEST} is missing: run the augment stage first (dvc repro)")
     strategy = devices.distribution_strategy()  # before other TF ops: MultiWorkerMirroredStrategy needs that
+    with devices.cluster_failures(RESUME_ON_CLUSTER):
+        print(write_store(cfg, strategy))
+
+
+def write_store(cfg: Config, strategy: tf.distribute.Strategy) -> str:
+    """Every output of the stage (see the module docstring), written by the chief; its summary line."""
     keras.utils.set_random_seed(cfg.seed)
     policy = networks.use_precision(cfg.model)
-    manifest = read_rows(manifest_path, AugmentedImage)
+    manifest = read_rows(AUGMENTED_MANIFEST, AugmentedImage)
     class_index = {name: i for i, name in enumerate(read_labels())}
     cut = cfg.activation_cut
     with strategy.scope():  # the weights on every replica (random ones too: copied from the first)
@@ -167,7 +173,7 @@ def main() -> None:
             ),
         )
     cached = f"; activations at {cut} cached for fine-tuning" if cut else ""
-    print(
+    return (
         f"features: {len(manifest)} images -> {dim}-d features in {seconds:.1f}s "
         f"({len(manifest) / seconds:.1f} images/s, {policy}, {devices.replicas_and_workers(strategy)}){cached}"
     )
