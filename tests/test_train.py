@@ -469,20 +469,22 @@ def test_a_tracking_server_dying_mid_training_ends_it_in_one_line_and_the_rerun_
     store.mkdir()
     env = {**project_env(featured), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
     server = mlflow_server(store, port)
-    training = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.stages.train"],
-        cwd=featured,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     state = featured / "data" / "checkpoints" / f"head-l2-{MLP_L2_GRID[0]:g}" / "state.json"  # the first MLP fit
-    while not (state.is_file() and json.loads(state.read_text())["epoch"] >= 3):
-        assert training.poll() is None, training.communicate()
-        time.sleep(0.02)
-    os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, mid-training
-    server.wait()
+    try:
+        training = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.stages.train"],
+            cwd=featured,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        while not (state.is_file() and json.loads(state.read_text())["epoch"] >= 3):
+            assert training.poll() is None, training.communicate()
+            time.sleep(0.02)
+    finally:  # mid-training; or, when the test fails, so that no server outlives it
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers
+        server.wait()
     killed_at = time.time()
     _, stderr = training.communicate(timeout=300)
     assert time.time() - killed_at < 120  # MLflow's own retries waited minutes per call
