@@ -2,6 +2,7 @@
 with two GPUs) and two worker processes under TF_CONFIG on 127.0.0.1 (MultiWorkerMirroredStrategy)
 write the same files. A MobileNet at width 0.25 and 32 px, random weights, keeps it quick."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -88,13 +89,14 @@ def kill_once_extracting(process: subprocess.Popen, chief: Path, timeout: float 
     file of the first split in its temporary output folder (files.atomic_dir): the backbone has
     every batch of every split still to run, each a collective that needs every worker."""
     deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        if list((chief / "data").glob(".features.tmp-*/train.npy")):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return
+    while not (extracting := bool(list((chief / "data").glob(".features.tmp-*/train.npy")))):
+        if time.time() > deadline or process.poll() is not None:
+            break
         time.sleep(0.02)
-    raise AssertionError(f"the chief did not start extracting:\n{process.communicate()}")
+    with contextlib.suppress(ProcessLookupError):  # in any case: a worker left running would hang the test
+        os.killpg(process.pid, signal.SIGKILL)
+    output = process.communicate()
+    assert extracting, f"the chief did not start extracting; the worker's output:\n{output}"
 
 
 def test_a_worker_killed_mid_extraction_stops_the_chief_in_one_line_without_features_until_a_rerun(
