@@ -2,9 +2,14 @@
 with two GPUs) and two worker processes under TF_CONFIG on 127.0.0.1 (MultiWorkerMirroredStrategy)
 write the same files. A MobileNet at width 0.25 and 32 px, random weights, keeps it quick."""
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +36,14 @@ def augmented(tmp_path_factory) -> Path:
     return project_through("augment", tmp_path_factory.mktemp("features"), {"red": 9, "green": 9, "blue": 9}, TINY)
 
 
+@pytest.fixture(scope="module")
+def one_process(augmented, tmp_path_factory) -> Path:
+    """A copy of ``augmented`` with the features stage done by one process on one CPU."""
+    one = copy_of(augmented, tmp_path_factory.mktemp("one"), "one")
+    assert "1 replica(s) on 1 worker(s)" in run([sys.executable, "-m", "pipeline.stages.features"], one).stdout
+    return one
+
+
 def copy_of(project: Path, root: Path, name: str) -> Path:
     return Path(shutil.copytree(project, root / name, symlinks=True))
 
@@ -51,16 +64,13 @@ def two_workers(chief: Path, worker: Path) -> list[str]:
     return [result.stdout for result in results]
 
 
-def test_every_device_count_and_worker_count_writes_the_same_features(augmented, tmp_path):
-    one, mirrored, chief, worker = (
-        copy_of(augmented, tmp_path, name) for name in ("one", "mirrored", "chief", "worker")
-    )
-    assert "1 replica(s) on 1 worker(s)" in run([sys.executable, "-m", "pipeline.stages.features"], one).stdout
+def test_every_device_count_and_worker_count_writes_the_same_features(augmented, one_process, tmp_path):
+    mirrored, chief, worker = (copy_of(augmented, tmp_path, name) for name in ("mirrored", "chief", "worker"))
     assert "2 replica(s) on 1 worker(s)" in run(on_two_cpus("features"), mirrored).stdout
     assert all("2 replica(s) on 2 worker(s)" in log for log in two_workers(chief, worker))
     assert not (worker / "data" / "features").exists()  # only the chief writes
 
-    expected = outputs(one)
+    expected = outputs(one_process)
     assert {"train_activations.npy", "val_activations.npy", "test.npy"} <= set(expected)
     features = expected["train.npy"]
     assert len(np.unique(features, axis=0)) == len(features)  # distinct rows: a shuffled or repeated one shows
@@ -71,7 +81,45 @@ def test_every_device_count_and_worker_count_writes_the_same_features(augmented,
         assert set(got) == set(expected)
         for name, rows in expected.items():
             np.testing.assert_array_equal(got[name], rows, err_msg=f"{project.name}: {name}")
-        assert meta_but_time(project) == meta_but_time(one)
+        assert meta_but_time(project) == meta_but_time(one_process)
+
+
+def kill_once_extracting(process: subprocess.Popen, chief: Path, timeout: float = 300) -> None:
+    """SIGKILL ``process`` (a worker, in a session of its own) once the chief has opened the features
+    file of the first split in its temporary output folder (files.atomic_dir): the backbone has
+    every batch of every split still to run, each a collective that needs every worker."""
+    deadline = time.time() + timeout
+    while not (extracting := bool(list((chief / "data").glob(".features.tmp-*/train.npy")))):
+        if time.time() > deadline or process.poll() is not None:
+            break
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):  # in any case: a worker left running would hang the test
+        os.killpg(process.pid, signal.SIGKILL)
+    output = process.communicate()
+    assert extracting, f"the chief did not start extracting; the worker's output:\n{output}"
+
+
+def test_a_worker_killed_mid_extraction_stops_the_chief_in_one_line_without_features_until_a_rerun(
+    augmented, one_process, tmp_path
+):
+    chief, worker = (copy_of(augmented, tmp_path, name) for name in ("chief", "worker"))
+    processes = start_two_workers("features", chief, worker)
+    kill_once_extracting(processes[1], chief)
+    stopped = finished(processes[:1], timeout=300)[0]
+    assert stopped.returncode == 2, stopped.stdout + stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "error: a worker of the cluster (TF_CONFIG) stopped or cannot be reached (TensorFlow's UnavailableError); "
+        "start it and rerun the stage on every worker (dvc repro on the chief)"
+    )
+    assert "features:" not in stopped.stdout  # no summary line: it stopped mid-extraction
+    assert not [p.name for p in (chief / "data").iterdir() if "features" in p.name]  # nor a temporary folder
+
+    two_workers(chief, worker)
+    expected, got = outputs(one_process), outputs(chief)
+    assert set(got) == set(expected)
+    for name, rows in expected.items():
+        np.testing.assert_array_equal(got[name], rows, err_msg=name)
+    assert meta_but_time(chief) == meta_but_time(one_process)
 
 
 PEAK_RSS = """
