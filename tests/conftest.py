@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +199,48 @@ def make(target: str, **variables: str) -> list[str]:
     return ["make", "-s", "-o", "setup", target, *(f"{name}={value}" for name, value in variables.items())]
 
 
+def wait_until_up(url: str, process: subprocess.Popen, log: Callable[[], str], seconds: int = 180) -> None:
+    """Returns once ``url`` answers; fails when ``process`` (the server) exits first, with what ``log``
+    reads of its output (called only then: reading a live process's pipe would block)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert process.poll() is None, f"the server of {url} exited: {log()}"
+        with contextlib.suppress(requests.RequestException):  # not listening yet, or still starting
+            if requests.get(url, timeout=2).ok:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+def start_mlflow_server(store: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:``port``, its runs and log (``server.log``) in ``store``, in
+    a process group of its own (``os.killpg`` stops its workers too); returned once it answers."""
+    log = store / "server.log"
+    with log.open("w") as out:  # a file, not a pipe nobody reads, which would fill and stop the server
+        server = subprocess.Popen(
+            [
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{store / 'server.db'}",
+                "--artifacts-destination",
+                str(store / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    wait_until_up(f"http://127.0.0.1:{port}/health", server, log.read_text)
+    return server
+
+
 @contextlib.contextmanager
 def model_server(project: Path, model_uri: str | None = None) -> Iterator[str]:
     """``make serve`` in ``project`` (``model_uri``, or by default the registered model's
@@ -216,15 +258,7 @@ def model_server(project: Path, model_uri: str | None = None) -> Iterator[str]:
         start_new_session=True,
     )  # make, the server and its workers: one process group
     try:
-        deadline = time.time() + 180
-        while True:
-            assert server.poll() is None, server.stderr.read()  # type: ignore[union-attr]  # a pipe
-            assert time.time() < deadline, f"mlflow models serve did not answer on port {port} within 180 s"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(1)
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server, server.stderr.read)  # type: ignore[union-attr]  # a pipe
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -3,19 +3,19 @@
 
 import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
-import requests
 
-from conftest import SMALL_BACKBONE, free_port, input_split, project_env, run, set_params
+from conftest import SMALL_BACKBONE, free_port, input_split, project_env, run, set_params, start_mlflow_server
 from pipeline.config import load_config
 
 CHROMIUM_FLAGS = [
@@ -28,19 +28,6 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-def wait_until_up(url: str, process: subprocess.Popen, seconds: int = 180) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        assert process.poll() is None, f"server exited: {process.stderr.read()}"  # type: ignore[union-attr]
-        try:
-            if requests.get(url, timeout=2).ok:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{url} did not come up in {seconds}s")
 
 
 def rendered_text(url: str, profile: Path) -> str:
@@ -70,32 +57,11 @@ def rendered_text(url: str, profile: Path) -> str:
 def mlflow_server(store: Path, env: dict[str, str]) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with its store in ``store``; yields its URI once it answers."""
     port = free_port()
-    server = subprocess.Popen(
-        [
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{store / 'server.db'}",
-            "--artifacts-destination",
-            str(store / "server-artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(store, port, env)
     try:
-        wait_until_up(f"{uri}/health", server)
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 

@@ -41,6 +41,7 @@ from pipeline.report.mlflow_ui import runs_url
 pytestmark = pytest.mark.e2e
 
 CLASSES = {"red": 12, "green": 12, "blue": 12}
+STAGES = ["download", "prepare", "augment", "features", "label_issues", "train", "evaluate", "export"]  # in order
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +91,7 @@ def jpeg_bytes(project: Path) -> bytes:
 
 def test_all_stages_run_and_write_metrics(trained):
     project, output = trained
-    assert stages_run(output) == [
-        "download",
-        "prepare",
-        "augment",
-        "features",
-        "label_issues",
-        "train",
-        "evaluate",
-        "export",
-    ]
+    assert stages_run(output) == STAGES
     # Every split's originals are scored (36), not the training images' augmented copies.
     summary = next(line for line in output.splitlines() if line.startswith("label_issues: "))
     assert (
@@ -435,13 +427,4 @@ def test_summary_says_what_the_run_scored_and_where_to_look(trained, cfg):
     assert f"runs with their test scores: make ui, then {link}" in shown
     assert len(shown) <= 9 and all(len(line) < 200 for line in shown)
     times = next(line for line in shown if line.startswith("stage wall times"))
-    assert re.findall(r"(\w+) \d+\.\d s", times) == [
-        "download",
-        "prepare",
-        "augment",
-        "features",
-        "label_issues",
-        "train",
-        "evaluate",
-        "export",
-    ], times
+    assert re.findall(r"(\w+) \d+\.\d s", times) == STAGES, times

@@ -1,7 +1,6 @@
 """The train stage for real: feature cache reuse through DVC, resume after a kill, fine-tuning
 flags, tf.distribute on two logical CPUs, the NaN guard. ResNet50 at 32 px keeps it quick."""
 
-import contextlib
 import csv
 import json
 import os
@@ -16,10 +15,19 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
-from conftest import finished, free_port, on_two_cpus, project_env, project_through, run, set_params, start_two_workers
+from conftest import (
+    finished,
+    free_port,
+    on_two_cpus,
+    project_env,
+    project_through,
+    run,
+    set_params,
+    start_mlflow_server,
+    start_two_workers,
+)
 from pipeline.config import load_config
 from pipeline.model import networks
 from pipeline.paths import HISTORY
@@ -421,38 +429,6 @@ def test_a_float32_extractor_goes_into_the_exported_model_as_it_is():
     } == {"float32"}
 
 
-def mlflow_server(store: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1:``port`` keeping its runs in ``store``, once it answers."""
-    server = subprocess.Popen(
-        [
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{store / 'server.db'}",
-            "--artifacts-destination",
-            str(store / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=project_env(store),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        assert server.poll() is None, "mlflow server exited"
-        with contextlib.suppress(requests.RequestException):  # not listening yet, or still starting
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
-                return server
-        time.sleep(0.5)
-    raise AssertionError("mlflow server did not answer in 180 s")
-
-
 def test_a_tracking_server_dying_mid_training_ends_it_in_one_line_and_the_rerun_resumes(featured, tmp_path):
     # An MLP head: trained by epochs (the linear head is solved in one go), checkpointed after each.
     epochs = 60
@@ -468,7 +444,7 @@ def test_a_tracking_server_dying_mid_training_ends_it_in_one_line_and_the_rerun_
     port, store = free_port(), tmp_path / "store"
     store.mkdir()
     env = {**project_env(featured), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
-    server = mlflow_server(store, port)
+    server = start_mlflow_server(store, port, project_env(store))
     state = featured / "data" / "checkpoints" / f"head-l2-{MLP_L2_GRID[0]:g}" / "state.json"  # the first MLP fit
     try:
         training = subprocess.Popen(
@@ -499,7 +475,7 @@ def test_a_tracking_server_dying_mid_training_ends_it_in_one_line_and_the_rerun_
     stopped = json.loads(state.read_text())["epoch"]
     assert 3 <= stopped < epochs and not (featured / "data" / "model").exists()
 
-    server = mlflow_server(store, port)  # back, with the same store
+    server = start_mlflow_server(store, port, project_env(store))  # back, with the same store
     try:
         resumed = run([sys.executable, "-m", "pipeline.stages.train"], featured, env=env)
         assert f"resuming the head phase after epoch {stopped}" in resumed.stdout
