@@ -165,7 +165,7 @@ def head(stats: Standardization, n_classes: int, params: HeadParams, l2: float =
     outputs = keras.layers.Dense(
         n_classes, activation="softmax", kernel_regularizer=regularizer, name="probabilities", dtype="float32"
     )(x)
-    return keras.Model(inputs, outputs, name="head")
+    return keras.Model(inputs, outputs, name="head")  # found by this name in the exported model (head_of)
 
 
 def fold_temperature(head_model: keras.Model, temperature: float) -> None:
@@ -201,6 +201,11 @@ def classifier(extractor: keras.Model, head_model: keras.Model, size: int) -> ke
     x = keras.layers.Resizing(size, size, crop_to_aspect_ratio=True, name="resize")(inputs)
     # training=False pinned: Keras 3.15 would otherwise let a plain model(x) call run Dropout.
     return keras.Model(inputs, head_model(extractor(x, training=False), training=False), name="classifier")
+
+
+def head_of(model: keras.Model) -> keras.Model:
+    """``classifier``'s head: pooled backbone features -> class probabilities."""
+    return model.get_layer("head")
 
 
 def input_size(model: keras.Model) -> int:

@@ -131,8 +131,7 @@ def scored(model, cfg: Config, paths: list[str], chosen: np.ndarray) -> tuple[np
     job. Otherwise one pass of the files through the whole model."""
     cached = None if cfg.train.fine_tune.enabled else feature_store.served_test(paths)
     if cached is not None and np.array_equal(cached.examples, chosen):
-        head = model.get_layer("head")
-        return head.predict(cached.features, batch_size=cfg.train.batch_size, verbose=0), cached.maps
+        return networks.head_of(model).predict(cached.features, batch_size=cfg.train.batch_size, verbose=0), cached.maps
     batches = serving.file_batches(paths, networks.input_size(model), cfg.train.batch_size)
     return gradcam.predict_with_maps(model, batches, chosen)
 

@@ -89,7 +89,9 @@ def extract(
         yield [values.numpy()[: len(paths) - start] for values in run(batch)]
 
 
-def write_served_test(cfg: Config, extractor: keras.Model, class_index: dict[str, int], out: Path) -> None:
+def write_served_test(
+    cfg: Config, extractor: keras.Model, class_index: dict[str, int], batch_size: int, out: Path
+) -> None:
     """``served_test.npz`` (pipeline.model.feature_store): the test files through the model server's
     own decoding (``serving.file_batches``) and the float32 backbone, as the exported model runs
     them, with the last feature maps of the images Grad-CAM will show. On the chief only: the test
@@ -99,7 +101,7 @@ def write_served_test(cfg: Config, extractor: keras.Model, class_index: dict[str
         return
     keep = gradcam.examples(np.array([class_index[r.label] for r in rows]))
     float32 = networks.in_float32(cfg.model, extractor)
-    batches = serving.file_batches(paths, cfg.model.input_size, min(cfg.train.batch_size, MAX_BACKBONE_BATCH))
+    batches = serving.file_batches(paths, cfg.model.input_size, batch_size)
     features, maps = gradcam.predict_with_maps(float32, (batch.astype("float32") for batch in batches), keep)
     feature_store.write_served_test(out, paths, features, keep, maps)
 
@@ -154,7 +156,7 @@ def write_store(cfg: Config, strategy: tf.distribute.Strategy) -> str:
             del features, activations
             feature_store.write_labels(out, split, [class_index[r.label] for r in rows])
         if devices.is_chief(strategy):
-            write_served_test(cfg, extractor, class_index, out)
+            write_served_test(cfg, extractor, class_index, backbone_batch, out)
         seconds = time.perf_counter() - started
         networks.backbone_of(extractor).save_weights(out / feature_store.BACKBONE_WEIGHTS)
         shutil.copy(PREPARED_LABELS, out / feature_store.LABELS)
