@@ -9,7 +9,8 @@ Layout (each sub-package's docstring says more):
 - ``pipeline.model``: backbones, networks, devices, feature store, checkpoints;
 - ``pipeline.report``: metrics, plots, Grad-CAM, MLflow tracking; ``pipeline.serving``: the served model;
 - ``pipeline.config`` (every param), ``pipeline.paths`` (every file a stage writes), ``pipeline.cli``
-  (how a stage process starts and ends), ``pipeline.files`` (atomic writes).
+  (how a stage process starts and ends), ``pipeline.warm`` (warm workers, ``make warm``),
+  ``pipeline.files`` (atomic writes).
 
 Stages talk only through files under ``data/`` and the validated config built from ``params.yaml``.
 """

@@ -6,6 +6,7 @@ import re
 import sys
 
 import pytest
+from test_warm import ran_warm, workers
 
 from conftest import SMALL_BACKBONE, run, set_params, stages_run
 from pipeline.cli import UserError
@@ -34,6 +35,9 @@ def test_grid_after_a_first_run_reuses_its_data_and_compares_best_first(project)
     grid = run([sys.executable, "-m", "pipeline.tools.experiments", "--grid", "-S train.epochs=1,2"], project)
     assert set(stages_run(grid.stdout)) == {"train", "evaluate", "export"}, grid.stdout
     assert grid.stdout.count("Running stage 'train'") == 2
+    # ... each TensorFlow stage in a warm worker (pipeline/warm.py), stopped with the grid.
+    assert ran_warm(project) == ["train 0", "evaluate 0", "export 0"] * 2
+    assert re.search(r"^stopped the warm worker \d+$", grid.stdout, re.M) and workers(project) == []
 
     table = run([sys.executable, "-m", "pipeline.tools.compare"], project).stdout.splitlines()
     assert table[1].startswith("  data.url ") and all(len(line) <= 120 for line in table[2:]), table

@@ -1,6 +1,7 @@
 """One seed, one model: the same params, data and seed train the same model whether the run is a
-DVC experiment (what `make run SET=...` runs), a plain `dvc repro` logging to an MLflow server, or a
-`dvc repro` killed in the middle of training and run again; and MLflow names each run meaningfully."""
+DVC experiment (what `make run SET=...` runs), a plain `dvc repro` logging to an MLflow server, a
+`dvc repro` killed in the middle of training and run again, or stages run by warm workers (`make
+warm`); and MLflow names each run meaningfully."""
 
 import csv
 from pathlib import Path
@@ -9,6 +10,7 @@ import mlflow
 import pytest
 from test_experiments import mlflow_server
 from test_train import kill_after_epoch, start_in_own_group
+from test_warm import ran_warm, warm_workers
 
 from conftest import make_images, new_project, project_env, run, set_params
 from pipeline.config import load_config
@@ -87,3 +89,11 @@ def test_same_params_data_and_seed_train_one_model_however_the_run_is_started(tm
         (name, "FINISHED"),
     ]
     assert local[0].data.tags["dvc.experiment"] == experiment and "dvc.experiment" not in local[-1].data.tags
+
+    # Each stage in a process that imported TensorFlow before it (pipeline/warm.py).
+    forget_results(project)
+    with warm_workers(project):
+        for stage in ("train", "evaluate"):
+            run(["dvc", "repro", "-f", "-s", stage], project)
+        assert ran_warm(project) == ["train 0", "evaluate 0"]
+    assert results(project) == expected

@@ -5,7 +5,8 @@ four experiments, one per combination. Each is a ``dvc exp run -S ...`` in the w
 stages its params do not touch (download, prepare, augment, features for a head param) come from
 the workspace's last run instead of running again, whether or not ``dvc.lock`` is committed. Once
 the grid is done, the workspace holds the best experiment (``dvc exp apply``, best by test accuracy,
-then log loss), and the comparison table (``pipeline.tools.compare``) is printed.
+then log loss), and the comparison table (``pipeline.tools.compare``) is printed. The grid runs with
+a warm worker waiting (``pipeline.warm``), which ends with it unless ``make warm`` started it.
 
 Usage: python -m pipeline.tools.experiments --grid "-S key=a,b [-S key=c,d ...]"
 """
@@ -16,6 +17,7 @@ import re
 import shlex
 import subprocess
 
+from pipeline import warm
 from pipeline.cli import UserError, run_stage
 from pipeline.config import load_config
 from pipeline.tools import compare
@@ -54,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tools.experiments", description=__doc__.splitlines()[0])
     parser.add_argument("--grid", required=True, help="DVC sweep overrides: '-S key=a,b -S key2=c,d'")
     args = parser.parse_args(argv)
-    failed = run_grid(parse_grid(args.grid))
+    axes = parse_grid(args.grid)
+    with warm.kept_warm():  # each experiment's TensorFlow stages start about 3.5 s sooner
+        failed = run_grid(axes)
     url = load_config().data.url
     rows = [
         r

@@ -1,0 +1,391 @@
+"""Warm workers: a stage handed to a Python process that has already imported TensorFlow, Keras and MLflow.
+
+Every stage process pays about 3.5 s before its first line of work: the interpreter, then
+TensorFlow, Keras and MLflow imported. The warm loop (a head param changed, ``dvc exp run``) runs
+three such stages (train, evaluate, export), so this fixed cost is about 10 s of it (bench/results.md,
+"Warm loop"). ``make warm`` (``python -m pipeline.warm start``) starts one worker for the project,
+which imports those libraries and waits on the socket ``SOCKET``. A stage started while it waits,
+by ``dvc repro``, ``dvc exp run`` or by hand (``python -m pipeline.stages.<stage>``, the command
+stays as it is), hands itself to the worker from ``pipeline/stages/__init__.py``: its module name,
+working directory, environment, and its standard input, output and error themselves. The stage then
+runs in the worker and prints where it would have printed. The stage process waits for the worker's
+exit status and exits with it; it passes Ctrl-C and other signals on to the worker.
+
+Each worker runs one stage and then exits. When it takes a stage, it first starts its successor
+for the next stage, which imports in the background while this stage works. So a stage runs in a
+process as fresh as one of its own: the same seed gives the same model (tests/test_one_model.py).
+The pipeline's own code is imported by the stage, not before: an edited module takes effect
+at once. A worker refuses a stage whose environment differs from its own in anything but DVC's
+and make's per-run variables (``PER_RUN_VARIABLES``); the stage then runs in its own process,
+and a successor with the stage's environment takes over, so the next stage is warm again.
+
+The last worker exits after ``--idle-minutes`` (``IDLE_MINUTES``) without a stage, or at
+``make cold``. What each worker did is appended to ``LOG``. A waiting worker holds about 0.5 GiB
+of memory. Written by hand (standard library only): DVC runs each stage as a new process and
+has no persistent runner, and tools that pre-load interpreters (e.g. nailgun) are for the JVM.
+"""
+
+import argparse
+import atexit
+import contextlib
+import importlib
+import io
+import json
+import os
+import re
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+# Relative to the project root, where DVC runs every stage (a Unix socket's path is limited to 107
+# bytes, which a deep project folder could exceed); .dvc/tmp is DVC's own git-ignored scratch folder.
+SOCKET = Path(".dvc/tmp/warm/worker.sock")
+LOG = SOCKET.with_name("worker.log")
+IDLE_MINUTES = 30.0
+# What the TensorFlow stages import, the heavy part (the stages still import all they use themselves).
+PRELOADED = (
+    "tensorflow",
+    "keras",
+    "mlflow",
+    "mlflow.pyfunc",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "sklearn.linear_model",
+    "sklearn.metrics",
+    "matplotlib.pyplot",
+    "PIL.Image",
+)
+# Environment variables that may differ between a worker's start and the stage it runs without
+# changing what an import does: DVC's (DVC_EXP_NAME, ...), make's and the shell's bookkeeping (a prompt).
+PER_RUN_VARIABLES = re.compile(r"DVC_\w*|MAKE\w*|MFLAGS|PWD|OLDPWD|SHLVL|PS[1-4]|_")
+# The stages that import TensorFlow anyway (tests/test_warm.py checks): the others start in a fraction
+# of a second, and a process that has imported TensorFlow is not one to fork worker pools from.
+WARM_STAGES = ("augment", "features", "train", "evaluate", "export")
+REPLY_TIMEOUT_S = 120  # a worker still importing answers within seconds; one that does not is stuck
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} worker {os.getpid()}: {message}", file=sys.stderr, flush=True)
+
+
+# --- the stage's side ----------------------------------------------------------------------------
+
+
+def stage_module() -> str | None:
+    """``pipeline.stages.train`` when this process was started as ``python -m pipeline.stages.train``
+    with no further argument (``--help`` and refused arguments are answered by the stage itself)."""
+    argv = sys.orig_argv
+    if len(argv) != 3 or argv[1] != "-m" or not re.fullmatch(r"pipeline\.stages\.\w+", argv[2]):
+        return None
+    return argv[2]
+
+
+def hand_over_stage() -> None:
+    """Run this stage process's stage in the project's warm worker, if one is waiting, and exit with
+    its exit status; return (the stage runs here) when there is none, or it refused the stage."""
+    module = stage_module()
+    if module is None or module.rpartition(".")[2] not in WARM_STAGES or not SOCKET.exists():
+        return
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(SOCKET))
+        request = {"module": module, "cwd": os.getcwd(), "executable": sys.executable, "env": dict(os.environ)}
+        socket.send_fds(client, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+        client.settimeout(REPLY_TIMEOUT_S)
+        replies = client.makefile("rb")
+        reply = json.loads(replies.readline() or b"{}")
+    except (OSError, ValueError):  # no worker behind a stale socket, or it went away: run here
+        client.close()
+        return
+    if "pid" not in reply:
+        client.close()
+        return
+    client.settimeout(None)
+    exit_with_worker(reply["pid"], replies)
+
+
+def exit_with_worker(pid: int, replies) -> None:
+    """Wait for the worker ``pid`` running this stage, passing signals on to it, and exit as it did."""
+    forwarded: list[int] = []
+
+    def forward(signum, frame) -> None:
+        forwarded.append(signum)
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
+    line = replies.readline()
+    if line:
+        os._exit(json.loads(line)["exit"])
+    if forwarded:  # the worker died of the signal: so does this process, as if the stage had run here
+        signal.signal(forwarded[-1], signal.SIG_DFL)
+        os.kill(os.getpid(), forwarded[-1])
+    print(f"error: the warm worker (pid {pid}) running this stage died; its log: {LOG}", file=sys.stderr)
+    os._exit(1)
+
+
+# --- the worker's side ---------------------------------------------------------------------------
+
+
+def serve(idle_minutes: float) -> None:
+    """Import PRELOADED, then wait for one stage (or ``stop``) at SOCKET; exit when idle too long."""
+    listening = listen()
+    if listening is None:
+        return
+    listener, inode = listening
+    own_env = dict(os.environ)
+    started = time.monotonic()
+    for name in PRELOADED:
+        importlib.import_module(name)
+    log(f"ready in {time.monotonic() - started:.1f} s")
+    listener.settimeout(idle_minutes * 60)
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            log(f"idle for {idle_minutes:g} min: exiting")
+            release(listener, inode)
+            return
+        message, fds = receive(connection)
+        if message.get("stop"):
+            log("stopped")
+            release(listener, inode)
+            connection.sendall(json.dumps({"stopped": os.getpid()}).encode() + b"\n")
+            return
+        if "module" not in message:  # `start` waiting for this worker, or a worker checking it is alive
+            with contextlib.suppress(OSError):
+                connection.sendall(json.dumps({"ready": os.getpid()}).encode() + b"\n")
+            connection.close()
+            continue
+        release(listener, inode)
+        refusal = mismatch(message, own_env)
+        start_worker(message["env"], idle_minutes)  # the successor, for the next stage
+        if refusal:
+            log(f"refused {message['module']}: {refusal}; its successor starts with the stage's environment")
+            connection.sendall(json.dumps({"refused": refusal}).encode() + b"\n")
+            return
+        run_stage(connection, message, fds, own_env)
+
+
+def listen() -> tuple[socket.socket, int] | None:
+    """The listening socket at SOCKET and the socket file's inode, or None when another worker
+    already listens there."""
+    SOCKET.parent.mkdir(parents=True, exist_ok=True)
+    SOCKET.parent.chmod(0o700)  # whoever can connect runs stages as this user
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(SOCKET))
+    except OSError:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(SOCKET))
+            log("another worker is waiting: exiting")
+            return None
+        except OSError:  # a socket file left by a worker that was killed
+            SOCKET.unlink(missing_ok=True)
+            listener.bind(str(SOCKET))
+        finally:
+            probe.close()
+    listener.listen(8)
+    return listener, SOCKET.stat().st_ino
+
+
+def release(listener: socket.socket, inode: int) -> None:
+    """Stop listening and remove SOCKET (the file of inode ``inode``), unless it is already a successor's."""
+    try:
+        if SOCKET.stat().st_ino == inode:
+            SOCKET.unlink()
+    except FileNotFoundError:
+        pass
+    listener.close()
+
+
+def receive(connection: socket.socket) -> tuple[dict, list[int]]:
+    """A request (one JSON line) and the file descriptors sent with it."""
+    data, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+    while data and not data.endswith(b"\n"):
+        more = connection.recv(1 << 20)
+        if not more:
+            break
+        data += more
+    return (json.loads(data) if data.strip() else {}), fds
+
+
+def mismatch(message: dict, own_env: dict[str, str]) -> str:
+    """Why this worker cannot run the stage as its own process would, or ''."""
+    if message["executable"] != sys.executable:
+        return f"another Python ({message['executable']})"
+    if message["cwd"] != os.getcwd():
+        return f"another folder ({message['cwd']})"
+    env = message["env"]
+    differ = sorted(
+        k for k in env.keys() | own_env.keys() if env.get(k) != own_env.get(k) and not PER_RUN_VARIABLES.fullmatch(k)
+    )
+    return f"environment variables differ: {', '.join(differ)}" if differ else ""
+
+
+def start_worker(env: dict[str, str], idle_minutes: float) -> None:
+    """A new worker in its own session (a stage's Ctrl-C is not its), logging to LOG."""
+    LOG.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOG, "a") as log_file:
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline.warm", "serve", "--idle-minutes", str(idle_minutes)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+
+
+def run_stage(connection: socket.socket, message: dict, fds: list[int], own_env: dict[str, str]) -> None:
+    """Become the stage process: its standard streams and environment, its module run as ``__main__``;
+    report its exit status and exit."""
+    module, pid, started = message["module"], os.getpid(), time.monotonic()
+    connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    log(f"runs {module}")
+    threading.Thread(target=die_with_stage_process, args=(connection,), daemon=True).start()
+    real_exit = os._exit
+
+    def exit_reporting(status: int) -> NoReturn:  # every way out of the stage ends here (cli.exit_without_teardown too)
+        if os.getpid() == pid:  # not a process the stage forked
+            with open(LOG, "a") as log_file:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                print(
+                    f"{stamp} worker {pid}: {module} exited {status} after {time.monotonic() - started:.1f} s",
+                    file=log_file,
+                )
+            connection.sendall(json.dumps({"exit": status}).encode() + b"\n")
+        real_exit(status)
+
+    os._exit = exit_reporting
+    # The environment a stage process of its own would have: the stage's, plus what the imports set.
+    imported = {k: v for k, v in os.environ.items() if k not in own_env}
+    os.environ.clear()
+    os.environ.update({**imported, **message["env"]})
+    for stream, fd in zip((0, 1, 2), fds):
+        os.dup2(fd, stream)
+        os.close(fd)
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    if isinstance(sys.stdout, io.TextIOWrapper):  # as Python sets it up for a process of its own
+        sys.stdout.reconfigure(line_buffering=unbuffered or sys.stdout.isatty(), write_through=unbuffered)
+    for name in [m for m in sys.modules if m == "pipeline" or m.startswith("pipeline.")]:
+        del sys.modules[name]  # the stage imports the pipeline's code as it is now
+    sys.argv = ["-m"]
+    code = 0
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as end:
+        code = exit_code(end)
+    except KeyboardInterrupt:  # as Python ends on one: the traceback, then death by SIGINT
+        traceback.print_exc()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(pid, signal.SIGINT)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    threading._shutdown()  # type: ignore[attr-defined]  # as the interpreter exits: pools' exit hooks, then a join of the threads left
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def exit_code(end: SystemExit) -> int:
+    """The exit status Python gives ``sys.exit(arg)``: a message is printed and means 1."""
+    if end.code is None or isinstance(end.code, int):
+        return end.code or 0
+    print(end.code, file=sys.stderr)
+    return 1
+
+
+def die_with_stage_process(connection: socket.socket) -> None:
+    """The stage process never writes after its request: end of file means it was killed, and the
+    stage dies with it, as it would have."""
+    try:
+        connection.recv(1)
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- make warm / make cold -----------------------------------------------------------------------
+
+
+def start(idle_minutes: float) -> None:
+    """Start a worker for the project (unless one waits already) and return once it is ready."""
+    started = time.monotonic()
+    start_worker(dict(os.environ), idle_minutes)
+    while time.monotonic() - started < REPLY_TIMEOUT_S:
+        reply = ask({"ready?": True})
+        if "ready" in reply:
+            print(
+                f"warm worker {reply['ready']} ready in {time.monotonic() - started:.1f} s: the stages of "
+                f"{', '.join(WARM_STAGES)} run in warm workers until {idle_minutes:g} min pass without one "
+                f"or `make cold` (log: {LOG})"
+            )
+            return
+        time.sleep(0.2)
+    sys.exit(f"error: no warm worker answered within {REPLY_TIMEOUT_S} s; see {LOG}")
+
+
+@contextlib.contextmanager
+def kept_warm() -> Iterator[None]:
+    """Warm workers while the block runs (``make exp``'s grid): one is started unless one waits
+    already, and stopped afterwards unless it was already waiting."""
+    waiting = "ready" in ask({"ready?": True})
+    if not waiting:
+        start(IDLE_MINUTES)
+    try:
+        yield
+    finally:
+        if not waiting:
+            stop()
+
+
+def ask(message: dict) -> dict:
+    """Send ``message`` to the worker at SOCKET: its reply, or {} when none answers."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(SOCKET))
+        client.sendall(json.dumps(message).encode() + b"\n")
+        client.settimeout(REPLY_TIMEOUT_S)
+        return json.loads(client.makefile("rb").readline() or b"{}")
+    except (OSError, ValueError):
+        return {}
+    finally:
+        client.close()
+
+
+def stop() -> None:
+    reply = ask({"stop": True})
+    print(f"stopped the warm worker {reply['stopped']}" if "stopped" in reply else "no warm worker was waiting")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("start", "stop", "serve"), help="serve: be the worker (start runs it)")
+    parser.add_argument("--idle-minutes", type=float, default=IDLE_MINUTES, help="exit after this long without a stage")
+    args = parser.parse_args()
+    if args.action == "start":
+        start(args.idle_minutes)
+    elif args.action == "stop":
+        stop()
+    else:
+        serve(args.idle_minutes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Warm workers (pipeline/warm.py, `make warm`): a stage handed to a process that has imported
+TensorFlow already behaves as the stage's own process would — output, exit status, signals, the
+code as it is now — and runs only where the worker's environment is the stage's. That it trains
+the same model is tests/test_one_model.py's."""
+
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import REPO, make_images, new_project, project_env, run
+from pipeline.warm import LOG, SOCKET, WARM_STAGES
+
+pytestmark = pytest.mark.e2e  # real workers, real stages: out of make test-fast
+
+
+@contextlib.contextmanager
+def warm_workers(project: Path, env: dict[str, str] | None = None, idle_minutes: float = 5) -> Iterator[None]:
+    """A warm worker waiting for the project's stages (`make warm`), and none left afterwards."""
+    command = [sys.executable, "-m", "pipeline.warm"]
+    run([*command, "start", "--idle-minutes", str(idle_minutes)], project, env=env)
+    try:
+        yield
+    finally:
+        run([*command, "stop"], project, env=env)
+        for worker in workers(project):  # one still running a stage (a test failed in the middle)
+            worker.kill()
+
+
+def workers(project: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        if process.info["cwd"] == str(project) and "pipeline.warm" in (process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def ran_warm(project: Path) -> list[str]:
+    """The stages the project's workers ran, in order, with their exit status: ``train 0``."""
+    log = (project / LOG).read_text() if (project / LOG).is_file() else ""
+    return [f"{m[1]} {m[2]}" for m in re.finditer(r"pipeline\.stages\.(\w+) exited (-?\d+) after", log)]
+
+
+def wait_for(condition, what: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A tiny project through label_issues: train, evaluate and export are left to run."""
+    root = tmp_path_factory.mktemp("warm")
+    project = new_project(root / "project", make_images(root / "images", {"red": 12, "green": 12, "blue": 12}))
+    run(["dvc", "repro", "label_issues"], project)
+    return project
+
+
+def test_the_warm_stages_are_the_stages_that_import_tensorflow():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    importing = []
+    for stage in stages:
+        check = f"import sys, pipeline.stages.{stage}; print('tensorflow' in sys.modules)"
+        if run([sys.executable, "-c", check], REPO).stdout.strip() == "True":
+            importing.append(stage)
+    assert tuple(importing) == WARM_STAGES
+
+
+def test_a_stage_in_a_warm_worker_answers_as_in_its_own_process(project):
+    # A user mistake: export before any model. Same line, same exit status, warm or not.
+    cold = run([sys.executable, "-m", "pipeline.stages.export"], project, check=False)
+    with warm_workers(project):
+        warm = run([sys.executable, "-m", "pipeline.stages.export"], project, check=False)
+        assert ran_warm(project) == ["export 2"]
+    assert (warm.returncode, warm.stdout, warm.stderr) == (cold.returncode, cold.stdout, cold.stderr)
+    assert cold.returncode == 2 and cold.stderr.startswith("error: ") and cold.stderr.count("\n") == 1
+
+    # A stage that works prints its summary where the stage process would.
+    with warm_workers(project):
+        trained = run([sys.executable, "-m", "pipeline.stages.train"], project)
+        assert ran_warm(project)[-1] == "train 0"
+    assert trained.stdout.startswith("train: ") and "data/model" in trained.stdout
+
+
+def test_a_killed_stage_process_takes_its_stage_along_and_the_next_worker_waits(project):
+    with warm_workers(project):
+        stage = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.stages.train"],
+            cwd=project,
+            env=project_env(project),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: "runs pipeline.stages.train" in (project / LOG).read_text(), "the worker to take train")
+        [pid] = re.findall(r"worker (\d+): runs pipeline\.stages\.train", (project / LOG).read_text())
+        stage.send_signal(signal.SIGTERM)  # passed on to the worker: both end as the stage would
+        assert stage.wait(60) == -signal.SIGTERM
+        wait_for(lambda: not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == "zombie", "its end")
+        assert ran_warm(project) == []  # killed, not finished
+
+        stage = subprocess.Popen([sys.executable, "-m", "pipeline.stages.train"], cwd=project, env=project_env(project))
+        wait_for(lambda: len(re.findall("runs pipeline.stages.train", (project / LOG).read_text())) == 2, "the next")
+        [_, pid] = re.findall(r"worker (\d+): runs pipeline\.stages\.train", (project / LOG).read_text())
+        stage.kill()  # SIGKILL cannot be passed on: the worker sees its stage process gone
+        stage.wait()
+        wait_for(lambda: not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == "zombie", "its end")
+        assert ran_warm(project) == []
+        assert (project / SOCKET).exists()  # the successor waits for the next stage
+    assert not (project / SOCKET).exists() and workers(project) == []
+
+
+def test_a_stage_from_another_environment_runs_in_its_own_process_and_the_next_is_warm(project):
+    other = {**project_env(project), "TF_ENABLE_ONEDNN_OPTS": "0"}  # read when TensorFlow loads
+    with warm_workers(project):
+        run([sys.executable, "-m", "pipeline.stages.train"], project, env=other)
+        assert ran_warm(project) == []
+        assert (
+            "refused pipeline.stages.train: environment variables differ: TF_ENABLE_ONEDNN_OPTS"
+            in (project / LOG).read_text()
+        )
+        run([sys.executable, "-m", "pipeline.stages.train"], project, env=other)  # the successor has its env
+        assert ran_warm(project) == ["train 0"]
+
+
+def test_the_stage_runs_the_code_as_edited_after_its_worker_started(project):
+    # The worker imported only pipeline/__init__.py and pipeline/warm.py; the stage imports the
+    # package afresh, so an edit shows: here once in the stage process, once in the worker for the stage.
+    package = project / "pipeline" / "__init__.py"
+    original = package.read_text()
+    with warm_workers(project):
+        try:
+            package.write_text(original + '\nimport sys\n\nprint("pipeline as edited", file=sys.stderr)\n')
+            edited = run([sys.executable, "-m", "pipeline.stages.export"], project, check=False)
+        finally:
+            package.write_text(original)
+        assert [line.split()[0] for line in ran_warm(project)] == ["export"]
+    assert edited.stderr.count("pipeline as edited\n") == 2
+
+
+def test_a_worker_exits_when_stopped_or_idle(project):
+    env = project_env(project)
+    start = run([sys.executable, "-m", "pipeline.warm", "start", "--idle-minutes", "0.05"], project, env=env)
+    assert re.match(r"warm worker \d+ ready in [\d.]+ s", start.stdout)
+    wait_for(lambda: not (project / SOCKET).exists() and not workers(project), "the idle worker to exit", 30)
+    assert "idle for 0.05 min: exiting" in (project / LOG).read_text()
+
+    with warm_workers(project):
+        assert (project / SOCKET).exists() and len(workers(project)) == 1
+    assert not (project / SOCKET).exists() and not workers(project)
+    stopped = run([sys.executable, "-m", "pipeline.warm", "stop"], project, env=env)
+    assert stopped.stdout == "no warm worker was waiting\n"
+
+
+@pytest.fixture(autouse=True)
+def fresh_log(project):
+    """Each test reads only its own workers' lines."""
+    (project / LOG).unlink(missing_ok=True)
+    yield
+    assert not workers(project), "a warm worker outlived its test"
