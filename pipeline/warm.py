@@ -8,21 +8,27 @@ which imports those libraries and waits on the socket ``SOCKET``. A stage starte
 by ``dvc repro``, ``dvc exp run`` or by hand (``python -m pipeline.stages.<stage>``, the command
 stays as it is), hands itself to the worker from ``pipeline/stages/__init__.py``: its module name,
 working directory, environment, and its standard input, output and error themselves. The stage then
-runs in the worker and prints where it would have printed. The stage process waits for the worker's
-exit status and exits with it; it passes Ctrl-C and other signals on to the worker.
+runs in the worker and prints where it would have printed, with the stage process's umask, CPUs
+and signal handling. The stage process waits for the worker's exit status and exits with it; it
+passes Ctrl-C and other signals on to the worker (not Ctrl-Z). A worker that dies without one (the
+kernel's out-of-memory killer) ends the stage with exit status 1 and a line naming ``LOG``.
 
 Each worker runs one stage and then exits. When it takes a stage, it first starts its successor
-for the next stage, which imports in the background while this stage works. So a stage runs in a
-process as fresh as one of its own: the same seed gives the same model (tests/test_one_model.py).
-The pipeline's own code is imported by the stage, not before: an edited module takes effect
-at once. A worker refuses a stage whose environment differs from its own in anything but DVC's
-and make's per-run variables (``PER_RUN_VARIABLES``); the stage then runs in its own process,
-and a successor with the stage's environment takes over, so the next stage is warm again.
+for the next stage, handing it the listening socket (a stage that comes meanwhile waits in the
+socket's queue), and the successor imports in the background while this stage works. So a stage
+runs in a process as fresh as one of its own: the same seed gives the same model
+(tests/test_one_model.py). The pipeline's own code is imported by the stage, not before: an edited
+module takes effect at once. A worker refuses a stage from another Python or folder, or whose
+environment differs from its own in anything but DVC's, make's and the shell's per-run variables
+(``PER_RUN_VARIABLES``); the stage then runs in its own process, and a successor with the stage's
+Python and environment takes over, so the next stage is warm again. Only a process of the same
+user is answered (the socket's folder is private, and the peer's user id is checked).
 
 The last worker exits after ``--idle-minutes`` (``IDLE_MINUTES``) without a stage, or at
 ``make cold``. What each worker did is appended to ``LOG``. A waiting worker holds about 0.5 GiB
-of memory. Written by hand (standard library only): DVC runs each stage as a new process and
-has no persistent runner, and tools that pre-load interpreters (e.g. nailgun) are for the JVM.
+of memory, and while a stage runs in one, its successor holds as much. Written by hand (standard
+library only): DVC runs each stage as a new process and has no persistent runner, and tools that
+pre-load interpreters (e.g. nailgun) are for the JVM.
 """
 
 import argparse
@@ -36,6 +42,7 @@ import re
 import runpy
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -69,6 +76,7 @@ PER_RUN_VARIABLES = re.compile(r"DVC_\w*|MAKE\w*|MFLAGS|PWD|OLDPWD|SHLVL|PS[1-4]
 # of a second, and a process that has imported TensorFlow is not one to fork worker pools from.
 WARM_STAGES = ("augment", "features", "train", "evaluate", "export")
 REPLY_TIMEOUT_S = 120  # a worker still importing answers within seconds; one that does not is stuck
+RECEIVE_TIMEOUT_S = 10  # a stage process sends its request at once
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -94,12 +102,22 @@ def hand_over_stage() -> None:
     module = stage_module()
     if module is None or module.rpartition(".")[2] not in WARM_STAGES or not SOCKET.exists():
         return
+    umask = os.umask(0)
+    os.umask(umask)
+    request = {
+        "module": module,
+        "cwd": os.getcwd(),
+        "executable": sys.executable,
+        "prefix": sys.prefix,
+        "env": dict(os.environ),
+        "umask": umask,
+        "cpus": sorted(os.sched_getaffinity(0)),
+    }
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(REPLY_TIMEOUT_S)
     try:
         client.connect(str(SOCKET))
-        request = {"module": module, "cwd": os.getcwd(), "executable": sys.executable, "env": dict(os.environ)}
         socket.send_fds(client, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
-        client.settimeout(REPLY_TIMEOUT_S)
         replies = client.makefile("rb")
         reply = json.loads(replies.readline() or b"{}")
     except (OSError, ValueError):  # no worker behind a stale socket, or it went away: run here
@@ -112,25 +130,25 @@ def hand_over_stage() -> None:
     exit_with_worker(reply["pid"], replies)
 
 
-def exit_with_worker(pid: int, replies) -> None:
+def exit_with_worker(pid: int, replies) -> NoReturn:
     """Wait for the worker ``pid`` running this stage, passing signals on to it, and exit as it did."""
     forwarded: list[int] = []
 
     def forward(signum, frame) -> None:
         forwarded.append(signum)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
     line = replies.readline()
-    if line:
-        os._exit(json.loads(line)["exit"])
-    if forwarded:  # the worker died of the signal: so does this process, as if the stage had run here
-        signal.signal(forwarded[-1], signal.SIG_DFL)
-        os.kill(os.getpid(), forwarded[-1])
+    ended = json.loads(line) if line else {}
+    if "exit" in ended:
+        os._exit(ended["exit"])
+    died_of = ended.get("signal") or (forwarded[-1] if forwarded else None)
+    if died_of:  # as a stage process of its own would: killed by the signal
+        signal.signal(died_of, signal.SIG_DFL)
+        os.kill(os.getpid(), died_of)
     print(f"error: the warm worker (pid {pid}) running this stage died; its log: {LOG}", file=sys.stderr)
     os._exit(1)
 
@@ -138,12 +156,15 @@ def exit_with_worker(pid: int, replies) -> None:
 # --- the worker's side ---------------------------------------------------------------------------
 
 
-def serve(idle_minutes: float) -> None:
-    """Import PRELOADED, then wait for one stage (or ``stop``) at SOCKET; exit when idle too long."""
-    listening = listen()
+def serve(idle_minutes: float, listen_fd: int | None) -> None:
+    """Import PRELOADED, then wait for one stage (or ``stop``) at SOCKET; exit when idle too long.
+    A successor gets its predecessor's listening socket (``listen_fd``), so that SOCKET never goes
+    missing between two workers: a stage that comes meanwhile waits in the socket's queue."""
+    listening = (socket.socket(fileno=listen_fd), socket_inode()) if listen_fd is not None else listen()
     if listening is None:
         return
     listener, inode = listening
+    listener.settimeout(None)
     own_env = dict(os.environ)
     started = time.monotonic()
     for name in PRELOADED:
@@ -157,32 +178,54 @@ def serve(idle_minutes: float) -> None:
             log(f"idle for {idle_minutes:g} min: exiting")
             release(listener, inode)
             return
-        message, fds = receive(connection)
-        if message.get("stop"):
-            log("stopped")
-            release(listener, inode)
-            connection.sendall(json.dumps({"stopped": os.getpid()}).encode() + b"\n")
-            return
-        if "module" not in message:  # `start` waiting for this worker, or a worker checking it is alive
-            with contextlib.suppress(OSError):
-                connection.sendall(json.dumps({"ready": os.getpid()}).encode() + b"\n")
+        try:
+            message, fds = receive(connection)
+            stage = answer(connection, message, listener, inode, own_env, idle_minutes)
+        except (OSError, ValueError, KeyError, TypeError) as err:  # a client that went away or spoke nonsense
+            log(f"dropped a request: {type(err).__name__}: {err}")
             connection.close()
             continue
-        release(listener, inode)
-        refusal = mismatch(message, own_env)
-        start_worker(message["env"], idle_minutes)  # the successor, for the next stage
-        if refusal:
-            log(f"refused {message['module']}: {refusal}; its successor starts with the stage's environment")
-            connection.sendall(json.dumps({"refused": refusal}).encode() + b"\n")
+        if stage == "done":
             return
-        run_stage(connection, message, fds, own_env)
+        if stage == "run":
+            run_stage(connection, message, fds, own_env)
+
+
+def answer(
+    connection: socket.socket, message: dict, listener: socket.socket, inode: int, own_env: dict, idle_minutes: float
+) -> str:
+    """Answer one request: "run" (the stage is this worker's), "done" (stopped, or a successor took
+    over) or "next" (keep waiting)."""
+    if message.get("stop"):
+        log("stopped")
+        release(listener, inode)
+        reply(connection, {"stopped": os.getpid()})
+        return "done"
+    if "module" not in message:  # `start` waiting for this worker to be ready
+        reply(connection, {"ready": os.getpid()})
+        connection.close()
+        return "next"
+    refusal = mismatch(message, own_env)
+    # The successor, for the next stage, with this stage's Python and environment: after a refusal
+    # the next stage like this one is warm.
+    start_worker(message["executable"], message["env"], idle_minutes, listener.fileno())
+    listener.close()
+    if refusal:
+        log(f"refused {message['module']}: {refusal}; its successor starts with the stage's environment")
+        reply(connection, {"refused": refusal})
+        return "done"
+    return "run"
+
+
+def reply(connection: socket.socket, message: dict) -> None:
+    connection.sendall(json.dumps(message).encode() + b"\n")
 
 
 def listen() -> tuple[socket.socket, int] | None:
     """The listening socket at SOCKET and the socket file's inode, or None when another worker
     already listens there."""
     SOCKET.parent.mkdir(parents=True, exist_ok=True)
-    SOCKET.parent.chmod(0o700)  # whoever can connect runs stages as this user
+    SOCKET.parent.chmod(0o700)  # whoever can connect runs stages as this user (checked again: same_user)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(str(SOCKET))
@@ -201,32 +244,51 @@ def listen() -> tuple[socket.socket, int] | None:
     return listener, SOCKET.stat().st_ino
 
 
-def release(listener: socket.socket, inode: int) -> None:
-    """Stop listening and remove SOCKET (the file of inode ``inode``), unless it is already a successor's."""
+def socket_inode() -> int:
+    """SOCKET's inode, or -1 when it is gone (a user removed .dvc/tmp)."""
     try:
+        return SOCKET.stat().st_ino
+    except FileNotFoundError:
+        return -1
+
+
+def release(listener: socket.socket, inode: int) -> None:
+    """Stop listening and remove SOCKET (the file of inode ``inode``), unless another worker's is there now."""
+    with contextlib.suppress(FileNotFoundError):
         if SOCKET.stat().st_ino == inode:
             SOCKET.unlink()
-    except FileNotFoundError:
-        pass
     listener.close()
 
 
 def receive(connection: socket.socket) -> tuple[dict, list[int]]:
-    """A request (one JSON line) and the file descriptors sent with it."""
+    """A request (one JSON line) and the file descriptors sent with it, from a process of this user."""
+    connection.settimeout(RECEIVE_TIMEOUT_S)
+    uid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+    if uid != os.getuid():
+        raise ValueError(f"a request from user id {uid}")
     data, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
     while data and not data.endswith(b"\n"):
         more = connection.recv(1 << 20)
         if not more:
             break
         data += more
-    return (json.loads(data) if data.strip() else {}), fds
+    connection.settimeout(None)
+    message = json.loads(data) if data.strip() else {}
+    if "module" in message and (stage_name(message["module"]) not in WARM_STAGES or len(fds) != 3):
+        raise ValueError(f"not a stage this worker runs: {message['module']}")
+    return message, fds
+
+
+def stage_name(module: str) -> str:
+    return module.removeprefix("pipeline.stages.") if module.startswith("pipeline.stages.") else ""
 
 
 def mismatch(message: dict, own_env: dict[str, str]) -> str:
     """Why this worker cannot run the stage as its own process would, or ''."""
-    if message["executable"] != sys.executable:
+    # .venv/bin/python and .venv/bin/python3 are one Python: the same interpreter in the same environment.
+    if (os.path.realpath(message["executable"]), message["prefix"]) != (os.path.realpath(sys.executable), sys.prefix):
         return f"another Python ({message['executable']})"
-    if message["cwd"] != os.getcwd():
+    if not os.path.samefile(message["cwd"], "."):
         return f"another folder ({message['cwd']})"
     env = message["env"]
     differ = sorted(
@@ -235,45 +297,86 @@ def mismatch(message: dict, own_env: dict[str, str]) -> str:
     return f"environment variables differ: {', '.join(differ)}" if differ else ""
 
 
-def start_worker(env: dict[str, str], idle_minutes: float) -> None:
-    """A new worker in its own session (a stage's Ctrl-C is not its), logging to LOG."""
+def start_worker(executable: str, env: dict[str, str], idle_minutes: float, listen_fd: int | None = None) -> None:
+    """A new worker in its own session (a stage's Ctrl-C is not its), logging to LOG; ``listen_fd``:
+    the listening socket it takes over."""
     LOG.parent.mkdir(parents=True, exist_ok=True)
+    command = [executable, "-m", "pipeline.warm", "serve", "--idle-minutes", str(idle_minutes)]
     with open(LOG, "a") as log_file:
         subprocess.Popen(
-            [sys.executable, "-m", "pipeline.warm", "serve", "--idle-minutes", str(idle_minutes)],
+            [*command, "--listen-fd", str(listen_fd)] if listen_fd is not None else command,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
             start_new_session=True,
+            pass_fds=[listen_fd] if listen_fd is not None else [],
         )
 
 
-def run_stage(connection: socket.socket, message: dict, fds: list[int], own_env: dict[str, str]) -> None:
-    """Become the stage process: its standard streams and environment, its module run as ``__main__``;
-    report its exit status and exit."""
-    module, pid, started = message["module"], os.getpid(), time.monotonic()
-    connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+def run_stage(connection: socket.socket, message: dict, fds: list[int], own_env: dict[str, str]) -> NoReturn:
+    """Become the stage process: its standard streams, environment, umask, CPUs and signal handling,
+    its module run as ``__main__``; report its exit status and exit."""
+    module, pid, started, log_path = message["module"], os.getpid(), time.monotonic(), LOG.resolve()
+    reply(connection, {"pid": pid})
     log(f"runs {module}")
     threading.Thread(target=die_with_stage_process, args=(connection,), daemon=True).start()
+    os.register_at_fork(after_in_child=connection.close)  # the stage's own children do not report
     real_exit = os._exit
+
+    def report(ending: dict) -> None:
+        with contextlib.suppress(OSError):
+            with open(log_path, "a") as log_file:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                how = f"exited {ending['exit']}" if "exit" in ending else f"died of signal {ending['signal']}"
+                print(f"{stamp} worker {pid}: {module} {how} after {time.monotonic() - started:.1f} s", file=log_file)
+            reply(connection, ending)
 
     def exit_reporting(status: int) -> NoReturn:  # every way out of the stage ends here (cli.exit_without_teardown too)
         if os.getpid() == pid:  # not a process the stage forked
-            with open(LOG, "a") as log_file:
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-                print(
-                    f"{stamp} worker {pid}: {module} exited {status} after {time.monotonic() - started:.1f} s",
-                    file=log_file,
-                )
-            connection.sendall(json.dumps({"exit": status}).encode() + b"\n")
+            report({"exit": status})
         real_exit(status)
 
     os._exit = exit_reporting
-    # The environment a stage process of its own would have: the stage's, plus what the imports set.
+    code, died_of = 0, 0
+    try:
+        become_stage_process(message, fds, own_env)
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as end:
+        code = exit_code(end)
+    except KeyboardInterrupt:  # as Python ends on one: the traceback, the exit handlers, then death by SIGINT
+        traceback.print_exc()
+        died_of = signal.SIGINT
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    threading._shutdown()  # type: ignore[attr-defined]  # as the interpreter exits: pools' exit hooks, then a join of the threads left
+    atexit._run_exitfuncs()
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    if died_of:
+        report({"signal": died_of})
+        signal.signal(died_of, signal.SIG_DFL)
+        os.kill(pid, died_of)
+    os._exit(code)
+
+
+def become_stage_process(message: dict, fds: list[int], own_env: dict[str, str]) -> None:
+    """This process, as a stage process of its own would be, before the stage's module runs."""
+    # The stage's environment, plus what the imports added (as they would have in its own process).
     imported = {k: v for k, v in os.environ.items() if k not in own_env}
     os.environ.clear()
     os.environ.update({**imported, **message["env"]})
+    os.chdir(message["cwd"])
+    sys.executable = message["executable"]
+    os.umask(message["umask"])
+    os.sched_setaffinity(0, message["cpus"])  # TensorFlow sizes its thread pools by them
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in FORWARDED_SIGNALS[1:]:
+        signal.signal(signum, signal.SIG_DFL)
+    sys.stdout.flush()
+    sys.stderr.flush()
     for stream, fd in zip((0, 1, 2), fds):
         os.dup2(fd, stream)
         os.close(fd)
@@ -283,24 +386,6 @@ def run_stage(connection: socket.socket, message: dict, fds: list[int], own_env:
     for name in [m for m in sys.modules if m == "pipeline" or m.startswith("pipeline.")]:
         del sys.modules[name]  # the stage imports the pipeline's code as it is now
     sys.argv = ["-m"]
-    code = 0
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as end:
-        code = exit_code(end)
-    except KeyboardInterrupt:  # as Python ends on one: the traceback, then death by SIGINT
-        traceback.print_exc()
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(pid, signal.SIGINT)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    threading._shutdown()  # type: ignore[attr-defined]  # as the interpreter exits: pools' exit hooks, then a join of the threads left
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def exit_code(end: SystemExit) -> int:
@@ -314,40 +399,38 @@ def exit_code(end: SystemExit) -> int:
 def die_with_stage_process(connection: socket.socket) -> None:
     """The stage process never writes after its request: end of file means it was killed, and the
     stage dies with it, as it would have."""
-    try:
+    with contextlib.suppress(OSError):
         connection.recv(1)
-    except OSError:
-        pass
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- make warm / make cold -----------------------------------------------------------------------
 
 
-def start(idle_minutes: float) -> None:
-    """Start a worker for the project (unless one waits already) and return once it is ready."""
+def start(idle_minutes: float) -> int | None:
+    """Start a worker for the project, unless one waits already; its pid once it is ready, or None
+    when none answered within REPLY_TIMEOUT_S."""
     started = time.monotonic()
-    start_worker(dict(os.environ), idle_minutes)
+    start_worker(sys.executable, dict(os.environ), idle_minutes)
     while time.monotonic() - started < REPLY_TIMEOUT_S:
-        reply = ask({"ready?": True})
-        if "ready" in reply:
+        ready = ask({"ready?": True}).get("ready")
+        if ready:
             print(
-                f"warm worker {reply['ready']} ready in {time.monotonic() - started:.1f} s: the stages of "
-                f"{', '.join(WARM_STAGES)} run in warm workers until {idle_minutes:g} min pass without one "
-                f"or `make cold` (log: {LOG})"
+                f"warm worker {ready} ready in {time.monotonic() - started:.1f} s: the stages {', '.join(WARM_STAGES)} "
+                f"run in warm workers until {idle_minutes:g} min pass without one, or `make cold` (log: {LOG})"
             )
-            return
+            return ready
         time.sleep(0.2)
-    sys.exit(f"error: no warm worker answered within {REPLY_TIMEOUT_S} s; see {LOG}")
+    return None
 
 
 @contextlib.contextmanager
 def kept_warm() -> Iterator[None]:
     """Warm workers while the block runs (``make exp``'s grid): one is started unless one waits
-    already, and stopped afterwards unless it was already waiting."""
+    already, and stopped afterwards unless it was already waiting. Without one, the stages run as usual."""
     waiting = "ready" in ask({"ready?": True})
-    if not waiting:
-        start(IDLE_MINUTES)
+    if not waiting and start(IDLE_MINUTES) is None:
+        print(f"no warm worker started (see {LOG}): the stages start their own processes")
     try:
         yield
     finally:
@@ -358,10 +441,10 @@ def kept_warm() -> Iterator[None]:
 def ask(message: dict) -> dict:
     """Send ``message`` to the worker at SOCKET: its reply, or {} when none answers."""
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(REPLY_TIMEOUT_S)
     try:
         client.connect(str(SOCKET))
         client.sendall(json.dumps(message).encode() + b"\n")
-        client.settimeout(REPLY_TIMEOUT_S)
         return json.loads(client.makefile("rb").readline() or b"{}")
     except (OSError, ValueError):
         return {}
@@ -374,17 +457,30 @@ def stop() -> None:
     print(f"stopped the warm worker {reply['stopped']}" if "stopped" in reply else "no warm worker was waiting")
 
 
+def minutes(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of minutes")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("start", "stop", "serve"), help="serve: be the worker (start runs it)")
-    parser.add_argument("--idle-minutes", type=float, default=IDLE_MINUTES, help="exit after this long without a stage")
+    parser.add_argument(
+        "--idle-minutes", type=minutes, default=IDLE_MINUTES, help="exit after this long without a stage"
+    )
+    parser.add_argument("--listen-fd", type=int, help="serve: the listening socket, from the predecessor")
     args = parser.parse_args()
     if args.action == "start":
-        start(args.idle_minutes)
+        if start(args.idle_minutes) is None:
+            sys.exit(f"error: no warm worker answered within {REPLY_TIMEOUT_S} s; see {LOG}")
     elif args.action == "stop":
         stop()
     else:
-        serve(args.idle_minutes)
+        serve(args.idle_minutes, args.listen_fd)
+        sys.stderr.flush()
+        os._exit(0)  # at once: tearing down TensorFlow takes a second, and `stop` has been answered
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ the same model is tests/test_one_model.py's."""
 
 import contextlib
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,10 +18,19 @@ import psutil
 import pytest
 import yaml
 
-from conftest import REPO, make_images, new_project, project_env, run
+from conftest import REPO, make_images, new_project, project_env, run, set_params
 from pipeline.warm import LOG, SOCKET, WARM_STAGES
 
 pytestmark = pytest.mark.e2e  # real workers, real stages: out of make test-fast
+# Small and quick, with a fine-tuning phase (checkpointed each epoch) to interrupt in the middle.
+SETTINGS = {
+    "model.backbone": "resnet50",
+    "model.image_size": 32,
+    "train.fine_tune.blocks": 1,
+    "train.fine_tune.epochs": 2,
+    "train.early_stopping_patience": None,
+    "export.tflite": [],
+}
 
 
 @contextlib.contextmanager
@@ -31,8 +42,10 @@ def warm_workers(project: Path, env: dict[str, str] | None = None, idle_minutes:
         yield
     finally:
         run([*command, "stop"], project, env=env)
-        for worker in workers(project):  # one still running a stage (a test failed in the middle)
+        _, alive = psutil.wait_procs(workers(project), timeout=30)  # the last stage's worker exits after it reports
+        for worker in alive:  # one still running a stage: a test failed in the middle
             worker.kill()
+        psutil.wait_procs(alive, timeout=30)
 
 
 def workers(project: Path) -> list[psutil.Process]:
@@ -62,6 +75,7 @@ def project(tmp_path_factory) -> Path:
     """A tiny project through label_issues: train, evaluate and export are left to run."""
     root = tmp_path_factory.mktemp("warm")
     project = new_project(root / "project", make_images(root / "images", {"red": 12, "green": 12, "blue": 12}))
+    set_params(project, **SETTINGS)
     run(["dvc", "repro", "label_issues"], project)
     return project
 
@@ -92,30 +106,46 @@ def test_a_stage_in_a_warm_worker_answers_as_in_its_own_process(project):
     assert trained.stdout.startswith("train: ") and "data/model" in trained.stdout
 
 
-def test_a_killed_stage_process_takes_its_stage_along_and_the_next_worker_waits(project):
-    with warm_workers(project):
-        stage = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.stages.train"],
-            cwd=project,
-            env=project_env(project),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(lambda: "runs pipeline.stages.train" in (project / LOG).read_text(), "the worker to take train")
-        [pid] = re.findall(r"worker (\d+): runs pipeline\.stages\.train", (project / LOG).read_text())
-        stage.send_signal(signal.SIGTERM)  # passed on to the worker: both end as the stage would
-        assert stage.wait(60) == -signal.SIGTERM
-        wait_for(lambda: not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == "zombie", "its end")
-        assert ran_warm(project) == []  # killed, not finished
+def test_ctrl_c_reaches_the_stage_and_a_killed_stage_process_takes_its_stage_along(project):
+    params = (project / "params.yaml").read_text()
+    set_params(project, **{"train.fine_tune.epochs": 60})  # long enough to be stopped in the middle
+    try:
+        with warm_workers(project):
+            # Ctrl-C (SIGINT) in the middle of fine-tuning: the stage process passes it on, and the
+            # stage ends as in its own process, with "interrupted" and exit status 130.
+            stage = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.stages.train"],
+                cwd=project,
+                env=project_env(project),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            state = project / "data" / "checkpoints" / "fine_tune" / "state.json"
+            wait_for(lambda: state.is_file() or stage.poll() is not None, "the first fine-tuning checkpoint", 600)
+            stage.send_signal(signal.SIGINT)
+            output = stage.communicate(timeout=120)[0]
+            assert stage.returncode == 130 and "interrupted" in output, output
+            assert ran_warm(project) == ["train 130"]
 
-        stage = subprocess.Popen([sys.executable, "-m", "pipeline.stages.train"], cwd=project, env=project_env(project))
-        wait_for(lambda: len(re.findall("runs pipeline.stages.train", (project / LOG).read_text())) == 2, "the next")
-        [_, pid] = re.findall(r"worker (\d+): runs pipeline\.stages\.train", (project / LOG).read_text())
-        stage.kill()  # SIGKILL cannot be passed on: the worker sees its stage process gone
-        stage.wait()
-        wait_for(lambda: not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == "zombie", "its end")
-        assert ran_warm(project) == []
-        assert (project / SOCKET).exists()  # the successor waits for the next stage
+            # SIGKILL cannot be passed on: the worker sees its stage process gone, and ends too.
+            stage = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.stages.train"], cwd=project, env=project_env(project)
+            )
+            wait_for(
+                lambda: len(re.findall("runs pipeline.stages.train", (project / LOG).read_text())) == 2, "the next"
+            )
+            [_, pid] = re.findall(r"worker (\d+): runs pipeline\.stages\.train", (project / LOG).read_text())
+            stage.kill()
+            stage.wait()
+            wait_for(
+                lambda: not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == "zombie", "its end"
+            )
+            assert ran_warm(project) == ["train 130"]
+            assert (project / SOCKET).exists()  # the successor waits for the next stage
+    finally:
+        (project / "params.yaml").write_text(params)
+        shutil.rmtree(project / "data" / "checkpoints", ignore_errors=True)
     assert not (project / SOCKET).exists() and workers(project) == []
 
 
@@ -159,6 +189,19 @@ def test_a_worker_exits_when_stopped_or_idle(project):
     assert not (project / SOCKET).exists() and not workers(project)
     stopped = run([sys.executable, "-m", "pipeline.warm", "stop"], project, env=env)
     assert stopped.stdout == "no warm worker was waiting\n"
+
+
+def test_a_socket_left_by_a_killed_worker_is_run_past_then_replaced(project, monkeypatch):
+    monkeypatch.chdir(project)  # SOCKET is relative to the project (a Unix socket's path is short)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(SOCKET))  # bound, never listening: what a SIGKILLed worker leaves
+    stale.close()
+    cold = run([sys.executable, "-m", "pipeline.stages.export"], project, check=False)
+    assert cold.stderr.startswith("error: ") or cold.returncode == 0, cold.stderr
+    assert ran_warm(project) == []
+    with warm_workers(project):
+        run([sys.executable, "-m", "pipeline.stages.export"], project, check=False)
+        assert [line.split()[0] for line in ran_warm(project)] == ["export"]
 
 
 @pytest.fixture(autouse=True)
