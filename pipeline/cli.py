@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from types import ModuleType
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -156,15 +155,14 @@ def run_stage(main: Callable[[], None]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     if as_program:
-        if not inspect.signature(main).parameters:  # a DVC stage: the summary shows its wall time
-            record_stage_time(sys.modules["__main__"], time.monotonic() - started)
+        spec = sys.modules["__main__"].__spec__
+        if spec and spec.name.startswith("pipeline.stages."):  # a DVC stage: the summary shows its wall time
+            record_stage_time(spec.name.rpartition(".")[2], time.monotonic() - started)
         exit_without_teardown()
 
 
-def record_stage_time(module: ModuleType, seconds: float) -> None:
-    """Note how long the stage ``module`` took, in STAGE_TIMES (``make run``'s summary prints them)."""
-    spec = module.__spec__
-    stage = spec.name.rpartition(".")[2] if spec else "stage"
+def record_stage_time(stage: str, seconds: float) -> None:
+    """Note how long the stage ``stage`` took, in STAGE_TIMES (``make run``'s summary prints them)."""
     times = read_json(STAGE_TIMES) if STAGE_TIMES.is_file() else {}
     times[stage] = {"seconds": round(seconds, 1), "finished": datetime.now(UTC).isoformat(timespec="seconds")}
     STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)

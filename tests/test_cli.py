@@ -39,7 +39,7 @@ def run_stage_program(tmp_path, **env) -> tuple[subprocess.CompletedProcess, str
         [sys.executable, "-c", STAGE],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=tmp_path,  # where it notes its wall time (.dvc/tmp/stage_times.json), as a stage in its project
         env={**os.environ, "PYTHONPATH": str(REPO), "MARKER": str(marker), **env},
     )
     return result, marker.read_text() if marker.exists() else ""
