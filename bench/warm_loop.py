@@ -42,7 +42,8 @@ def loop(project: Path, overrides: dict, target: list[str], expected: list[str])
 @contextlib.contextmanager
 def warm_worker(project: Path):
     """A warm worker waiting for the project's stages (make warm) while the block runs, then stopped (make cold)."""
-    for action in ("start", "stop"):
+
+    def warm(action: str) -> None:
         subprocess.run(
             [sys.executable, "-m", "pipeline.warm", action],
             cwd=project,
@@ -50,8 +51,12 @@ def warm_worker(project: Path):
             check=True,
             capture_output=True,
         )
-        if action == "start":
-            yield
+
+    warm("start")
+    try:
+        yield
+    finally:
+        warm("stop")
 
 
 def run(project: Path, loops: int, modes: tuple[str, ...]) -> list[tuple[str, str]]:

@@ -100,7 +100,7 @@ def hand_over_stage() -> None:
     """Run this stage process's stage in the project's warm worker, if one is waiting, and exit with
     its exit status; return (the stage runs here) when there is none, or it refused the stage."""
     module = stage_module()
-    if module is None or module.rpartition(".")[2] not in WARM_STAGES or not SOCKET.exists():
+    if module is None or stage_name(module) not in WARM_STAGES or not SOCKET.exists():
         return
     umask = os.umask(0)
     os.umask(umask)
@@ -164,7 +164,6 @@ def serve(idle_minutes: float, listen_fd: int | None) -> None:
     if listening is None:
         return
     listener, inode = listening
-    listener.settimeout(None)
     own_env = dict(os.environ)
     started = time.monotonic()
     for name in PRELOADED:
@@ -225,7 +224,7 @@ def listen() -> tuple[socket.socket, int] | None:
     """The listening socket at SOCKET and the socket file's inode, or None when another worker
     already listens there."""
     SOCKET.parent.mkdir(parents=True, exist_ok=True)
-    SOCKET.parent.chmod(0o700)  # whoever can connect runs stages as this user (checked again: same_user)
+    SOCKET.parent.chmod(0o700)  # whoever can connect runs stages as this user (receive checks it again)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(str(SOCKET))
@@ -241,7 +240,7 @@ def listen() -> tuple[socket.socket, int] | None:
         finally:
             probe.close()
     listener.listen(8)
-    return listener, SOCKET.stat().st_ino
+    return listener, socket_inode()
 
 
 def socket_inode() -> int:
@@ -254,9 +253,8 @@ def socket_inode() -> int:
 
 def release(listener: socket.socket, inode: int) -> None:
     """Stop listening and remove SOCKET (the file of inode ``inode``), unless another worker's is there now."""
-    with contextlib.suppress(FileNotFoundError):
-        if SOCKET.stat().st_ino == inode:
-            SOCKET.unlink()
+    if socket_inode() == inode:
+        SOCKET.unlink(missing_ok=True)
     listener.close()
 
 
