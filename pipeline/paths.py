@@ -13,7 +13,7 @@ AUGMENT_GALLERY = Path("reports/augment_gallery.png")  # augment: preview of the
 FEATURES_DIR = Path("data/features")  # features: the feature store (pipeline/model/feature_store.py)
 LABEL_ISSUES_REPORT = Path("reports/label_issues.csv")  # label_issues: likely mislabelled images, ranked
 LABEL_ISSUES_GALLERY = Path("reports/label_issues.png")  # label_issues: the top suspects
-MODEL_DIR = Path("data/model")  # train: model.keras, labels.json, mlflow_run.json
+MODEL_DIR = Path("data/model")  # train: model.keras, after_backbone.keras, labels.json, mlflow_run.json
 CHECKPOINT_DIR = Path("data/checkpoints")  # train: per-epoch state of an unfinished run (not a DVC output)
 # Small results kept in Git (cache: false), so `dvc plots diff` and `dvc metrics diff` compare revisions without
 # the DVC cache: evaluate's metrics.json, predictions.csv, plots/; train's history.csv; export's export.json.
@@ -30,6 +30,7 @@ PREPARED_MANIFEST = PREPARED_DIR / "manifest.csv"
 PREPARED_LABELS = PREPARED_DIR / "labels.json"
 AUGMENTED_MANIFEST = AUGMENTED_DIR / "manifest.csv"
 MODEL_FILE = MODEL_DIR / "model.keras"
+AFTER_BACKBONE_FILE = MODEL_DIR / "after_backbone.keras"  # MODEL_FILE's pooling and head (networks.after_backbone)
 MODEL_LABELS = MODEL_DIR / "labels.json"
 MLFLOW_RUN_FILE = MODEL_DIR / "mlflow_run.json"  # the MLflow run that made the model (train writes, evaluate reopens)
 # The folders stages write into (temporaries of a killed stage are left there: files.sweep_outputs).

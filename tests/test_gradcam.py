@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.config import HeadParams, ModelParams
+from pipeline.files import sha256_of
 from pipeline.model import networks
 from pipeline.report import gradcam
 
@@ -73,3 +74,26 @@ def test_heatmaps_are_grad_cam_through_the_whole_model(model):
     np.testing.assert_allclose(cams, expected, atol=1e-5)
     assert ((0 <= cams) & (cams <= 1)).all() and (cams.max(axis=(1, 2)) == 1).all()
     assert len(np.unique(cams.round(4))) > 4  # maps with a shape, not all 0 or 1
+
+
+def test_the_saved_layers_after_the_backbone_score_and_explain_as_the_whole_model(model, tmp_path):
+    """Evaluate, without fine-tuning, loads only networks.after_backbone's file: from the backbone's
+    maps it gives the whole model's probabilities (its head on pooled maps) and Grad-CAM heatmaps."""
+    images = np.random.default_rng(2).integers(0, 256, (4, SIZE, SIZE, 3), dtype="uint8")
+    classes = np.array([1, 0, 2, 2])
+    probabilities, maps = gradcam.predict_with_maps(model, [images], np.arange(4))
+    model.save(tmp_path / "model.keras")
+    networks.after_backbone(model, sha256_of(tmp_path / "model.keras")).save(tmp_path / "after_backbone.keras")
+    after = networks.load_after_backbone(tmp_path / "after_backbone.keras", tmp_path / "model.keras")
+    assert after is not None
+
+    pooled = maps.mean(axis=(1, 2))  # the features stage stores the pooled maps
+    np.testing.assert_allclose(networks.head_of(after).predict(pooled, verbose=0), probabilities, atol=1e-5)
+    np.testing.assert_allclose(after.predict(maps, verbose=0), probabilities, atol=1e-5)
+    np.testing.assert_allclose(
+        gradcam.heatmaps(after, maps, classes), gradcam.heatmaps(model, maps, classes), atol=1e-5
+    )
+    # Cut from another model than the one now in model.keras (replaced by hand): not used.
+    (tmp_path / "model.keras").write_bytes((tmp_path / "model.keras").read_bytes() + b"\0")
+    assert networks.load_after_backbone(tmp_path / "after_backbone.keras", tmp_path / "model.keras") is None
+    assert networks.load_after_backbone(tmp_path / "missing.keras", tmp_path / "model.keras") is None

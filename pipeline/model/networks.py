@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.cli import UserError, first_line
 from pipeline.config import FineTuneParams, HeadParams, ModelParams
+from pipeline.files import sha256_of
 from pipeline.model import feature_store
 from pipeline.model.backbones import Backbone
 
@@ -204,8 +205,28 @@ def classifier(extractor: keras.Model, head_model: keras.Model, size: int) -> ke
 
 
 def head_of(model: keras.Model) -> keras.Model:
-    """``classifier``'s head: pooled backbone features -> class probabilities."""
+    """``classifier``'s (or ``after_backbone``'s) head: pooled backbone features -> class probabilities."""
     return model.get_layer("head")
+
+
+def after_backbone(model: keras.Model, model_sha256: str) -> keras.Model:
+    """``classifier``'s layers after the backbone: its pooling, then its head (the same layers, not
+    copies): the backbone's last feature maps -> class probabilities. Saved beside the model, it
+    scores the features stage's backbone outputs without loading the backbone (evaluate). Named
+    after the sha256 of ``model``'s saved file, so that it is never taken for another model's."""
+    extractor = next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "head")
+    maps = keras.Input(shape=backbone_of(extractor).output.shape[1:], name="feature_maps")
+    pooled = extractor.get_layer("pool")(maps)
+    return keras.Model(maps, head_of(model)(pooled, training=False), name=f"after_backbone_{model_sha256}")
+
+
+def load_after_backbone(path: Path, model_file: Path) -> keras.Model | None:
+    """The model ``after_backbone`` saved in ``path``, or None when there is none or it was cut from
+    another model than ``model_file``'s (a model file replaced by hand)."""
+    if not path.is_file():
+        return None
+    after = load(path)
+    return after if after.name == f"after_backbone_{sha256_of(model_file)}" else None
 
 
 def input_size(model: keras.Model) -> int:

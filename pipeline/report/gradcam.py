@@ -43,9 +43,10 @@ def _layers_in_call_order(model: keras.Model) -> list[keras.layers.Layer]:
 
 
 def _split_at_last_map(model: keras.Model) -> tuple[list[keras.layers.Layer], list[keras.layers.Layer]]:
-    """The layers up to the last one with a 4-D output (the backbone), and the layers after it."""
+    """The layers up to the last one with a 4-D output (the backbone), and the layers after it (all
+    of them when the model takes feature maps: networks.after_backbone)."""
     layers = _layers_in_call_order(model)
-    last_map = max(i for i, layer in enumerate(layers) if len(layer.output.shape) == 4)
+    last_map = max((i for i, layer in enumerate(layers) if len(layer.output.shape) == 4), default=-1)
     return layers[: last_map + 1], layers[last_map + 1 :]
 
 

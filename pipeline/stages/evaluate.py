@@ -1,13 +1,14 @@
 """Stage 6, evaluate: score the served model on the test split's original files, draw the plots, gate on accuracy.
 
-Inputs: ``data/model/`` (``model.keras``, ``labels.json``), ``eval/history.csv``, and the test split
+Inputs: ``data/model/`` (``model.keras``, ``after_backbone.keras``, ``labels.json``), ``eval/history.csv``, and the test split
 of ``data/prepared/manifest.csv``: each image's original file in ``data/raw``, the bytes a user would
 send. Each becomes the model's input through the model server's own function
 (``serving.request_image_input``: pipeline/data/images.py ``model_input``), so the metrics reported
 are those the served model, ``make predict`` and the exported files give on the same files. A
 model whose backbone was not fine-tuned has the features stage's backbone, which already ran on
-these files so (``data/features/served_test.npz``): its head alone then scores them, and export's
-parity check runs the whole exported model on the same files against what this stage recorded.
+these files so (``data/features/served_test.npz``): the model's layers after the backbone
+(``after_backbone.keras``, without loading the backbone) then score them, and export's parity
+check runs the whole exported model on the same files against what this stage recorded.
 Outputs in ``eval/`` (small, meant for git):
 - ``metrics.json``: accuracy, top-k accuracy (k capped at the number of classes), log loss, expected
   calibration error, macro and weighted precision/recall/F1, per-class precision/recall/F1/support
@@ -32,6 +33,7 @@ there is none yet); else they stay ``@candidate`` and the stage says why in one 
 from collections.abc import Callable
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from pipeline import serving
@@ -41,6 +43,7 @@ from pipeline.data.manifests import read_labels, split_files, write_manifest, wr
 from pipeline.files import atomic_dir, write_json
 from pipeline.model import feature_store, networks
 from pipeline.paths import (
+    AFTER_BACKBONE_FILE,
     AUGMENT_GALLERY,
     DATA_REPORT,
     DOWNLOAD_REPORT,
@@ -124,16 +127,20 @@ def draw_plots(
     )
 
 
-def scored(model, cfg: Config, paths: list[str], chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The model's probabilities on the test files as served, and the backbone's feature maps of the
-    ``chosen`` images (for Grad-CAM). Without fine-tuning the backbone is the features stage's, which
-    ran it on these files as served (``feature_store.served_test``): the head alone then finishes the
-    job. Otherwise one pass of the files through the whole model."""
+def scored(cfg: Config, paths: list[str], chosen: np.ndarray) -> tuple[keras.Model, np.ndarray, np.ndarray]:
+    """The model from the backbone's last feature maps on (for Grad-CAM), the model's probabilities
+    on the test files as served, and the backbone's feature maps of the ``chosen`` images. Without
+    fine-tuning the backbone is the features stage's, which ran it on these files as served
+    (``feature_store.served_test``): the layers after it (``after_backbone.keras``, if cut from
+    ``model.keras`` as it is now) then finish the job, and the backbone is not even loaded. Otherwise one pass of the files through the whole model."""
     cached = None if cfg.train.fine_tune.enabled else feature_store.served_test(paths)
-    if cached is not None and np.array_equal(cached.examples, chosen):
-        return networks.head_of(model).predict(cached.features, batch_size=cfg.train.batch_size, verbose=0), cached.maps
+    after = None if cached is None else networks.load_after_backbone(AFTER_BACKBONE_FILE, MODEL_FILE)
+    if cached is not None and after is not None and np.array_equal(cached.examples, chosen):
+        probabilities = networks.head_of(after).predict(cached.features, batch_size=cfg.train.batch_size, verbose=0)
+        return after, probabilities, cached.maps
+    model = networks.load(MODEL_FILE)
     batches = serving.file_batches(paths, networks.input_size(model), cfg.train.batch_size)
-    return gradcam.predict_with_maps(model, batches, chosen)
+    return model, *gradcam.predict_with_maps(model, batches, chosen)
 
 
 def main() -> None:
@@ -142,11 +149,9 @@ def main() -> None:
         raise UserError(f"{MODEL_FILE} is missing: run the train stage first (dvc repro)")
     labels = read_labels(MODEL_LABELS)
     rows, paths = split_files("test")
-    model = networks.load(MODEL_FILE)
-    size = networks.input_size(model)
     y_true = np.array([labels.index(r.label) for r in rows])
     chosen = gradcam.examples(y_true)
-    probabilities, chosen_maps = scored(model, cfg, paths, chosen)
+    model, probabilities, chosen_maps = scored(cfg, paths, chosen)
     report = metrics.classification_report(y_true, probabilities, labels, cfg.evaluate.top_k)
     if report["top_k"] < cfg.evaluate.top_k:
         print(
@@ -168,7 +173,7 @@ def main() -> None:
     with atomic_dir(PLOTS_DIR) as out:
         draw_plots(
             model,
-            lambda i: serving.file_input(paths[i], i, size),
+            lambda i: serving.file_input(paths[i], i, cfg.model.input_size),
             [r.source for r in rows],
             y_true,
             probabilities,
