@@ -13,20 +13,22 @@ and signal handling. The stage process waits for the worker's exit status and ex
 passes Ctrl-C and other signals on to the worker (not Ctrl-Z). A worker that dies without one (the
 kernel's out-of-memory killer) ends the stage with exit status 1 and a line naming ``LOG``.
 
-Each worker runs one stage and then exits. When it takes a stage, it first starts its successor
-for the next stage, handing it the listening socket (a stage that comes meanwhile waits in the
-socket's queue), and the successor imports in the background while this stage works. So a stage
+Each worker runs one stage and then exits. Beside the worker listening on the socket waits its
+spare, a worker that has imported too. When the worker takes a stage, it hands the listening socket
+to the spare, its successor for the next stage (a stage that comes meanwhile waits in the socket's
+queue), which starts a spare of its own that imports while this stage works: a stage shorter than
+the imports (evaluate: about 2 s) does not leave the next one waiting for its worker. So a stage
 runs in a process as fresh as one of its own: the same seed gives the same model
 (tests/test_one_model.py). The pipeline's own code is imported by the stage, not before: an edited
 module takes effect at once. A worker refuses a stage from another Python or folder, or whose
 environment differs from its own in anything but DVC's, make's and the shell's per-run variables
 (``PER_RUN_VARIABLES``); the stage then runs in its own process, and a successor with the stage's
-Python and environment takes over, so the next stage is warm again. Only a process of the same
+Python and environment takes over (the spare exits), so the next stage is warm again. Only a process of the same
 user is answered (the socket's folder is private, and the peer's user id is checked).
 
-The last worker exits after ``--idle-minutes`` (``IDLE_MINUTES``) without a stage, or at
-``make cold``. What each worker did is appended to ``LOG``. A waiting worker holds about 0.5 GiB
-of memory, and while a stage runs in one, its successor holds as much. Written by hand (standard
+The last worker and its spare exit after ``--idle-minutes`` (``IDLE_MINUTES``) without a stage,
+or at ``make cold``. What each worker did is appended to ``LOG``. A waiting worker holds about
+0.5 GiB of memory, and so does its spare. Written by hand (standard
 library only): DVC runs each stage as a new process and has no persistent runner, and tools that
 pre-load interpreters (e.g. nailgun) are for the JVM.
 """
@@ -156,24 +158,28 @@ def exit_with_worker(pid: int, replies) -> NoReturn:
 # --- the worker's side ---------------------------------------------------------------------------
 
 
-def serve(idle_minutes: float, listen_fd: int | None) -> None:
+def serve(idle_minutes: float, listen_fd: int | None, spare_fd: int | None) -> None:
     """Import PRELOADED, then wait for one stage (or ``stop``) at SOCKET; exit when idle too long.
     A successor gets its predecessor's listening socket (``listen_fd``), so that SOCKET never goes
-    missing between two workers: a stage that comes meanwhile waits in the socket's queue."""
+    missing between two workers: a stage that comes meanwhile waits in the socket's queue. A spare
+    (``spare_fd``: its channel to the worker listening now) imports first, then waits for the socket."""
+    own_env = dict(os.environ)
+    started = time.monotonic()
+    if spare_fd is not None:
+        preload()
+        log(f"spare ready in {time.monotonic() - started:.1f} s")
+        listen_fd = wait_for_turn(socket.socket(fileno=spare_fd))
+        if listen_fd is None:
+            log("the worker before this spare stopped: exiting")
+            return
     listening = (socket.socket(fileno=listen_fd), socket_inode()) if listen_fd is not None else listen()
     if listening is None:
         return
     listener, inode = listening
-    own_env = dict(os.environ)
-    started = time.monotonic()
-    for name in PRELOADED:
-        importlib.import_module(name)
-    # MLflow's map of the installed distributions (importlib.metadata.packages_distributions, ~0.5 s
-    # of the train stage), read when a model is logged to check its requirements: made once, here.
-    from mlflow.utils import requirements_utils
-
-    requirements_utils._init_modules_to_packages_map()
-    log(f"ready in {time.monotonic() - started:.1f} s")
+    if spare_fd is None:
+        preload()
+        log(f"ready in {time.monotonic() - started:.1f} s")
+    spare = start_spare(own_env, idle_minutes)
     listener.settimeout(idle_minutes * 60)
     while True:
         try:
@@ -181,10 +187,10 @@ def serve(idle_minutes: float, listen_fd: int | None) -> None:
         except TimeoutError:
             log(f"idle for {idle_minutes:g} min: exiting")
             release(listener, inode)
-            return
+            return  # the spare sees its channel close, and exits too
         try:
             message, fds = receive(connection)
-            stage = answer(connection, message, listener, inode, own_env, idle_minutes)
+            stage = answer(connection, message, listener, inode, own_env, idle_minutes, spare)
         except (OSError, ValueError, KeyError, TypeError) as err:  # a client that went away or spoke nonsense
             log(f"dropped a request: {type(err).__name__}: {err}")
             connection.close()
@@ -195,8 +201,53 @@ def serve(idle_minutes: float, listen_fd: int | None) -> None:
             run_stage(connection, message, fds, own_env)
 
 
+def preload() -> None:
+    for name in PRELOADED:
+        importlib.import_module(name)
+    # MLflow's map of the installed distributions (importlib.metadata.packages_distributions, ~0.5 s
+    # of the train stage), read when a model is logged to check its requirements: made once, here.
+    from mlflow.utils import requirements_utils
+
+    requirements_utils._init_modules_to_packages_map()
+
+
+def start_spare(env: dict[str, str], idle_minutes: float) -> socket.socket:
+    """A worker with this one's Python and environment that imports now and takes the listening
+    socket when this one takes a stage: a stage shorter than the imports (evaluate) does not leave
+    the next one waiting for its worker. Returns this end of their channel."""
+    ours, theirs = socket.socketpair()
+    start_worker(sys.executable, env, idle_minutes, spare_fd=theirs.fileno())
+    theirs.close()
+    return ours
+
+
+def wait_for_turn(channel: socket.socket) -> int | None:
+    """The listening socket the worker before this spare hands over, or None when it closed their
+    channel instead (stopped, idle, refused a stage, or died)."""
+    with channel, contextlib.suppress(OSError):
+        _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+        if fds:
+            return fds[0]
+    return None
+
+
+def hand_over(spare: socket.socket, listener: socket.socket) -> bool:
+    """Pass the listening socket to the spare (read once it has imported); False when it is gone."""
+    try:
+        socket.send_fds(spare, [b"L"], [listener.fileno()])
+        return True
+    except OSError:
+        return False
+
+
 def answer(
-    connection: socket.socket, message: dict, listener: socket.socket, inode: int, own_env: dict, idle_minutes: float
+    connection: socket.socket,
+    message: dict,
+    listener: socket.socket,
+    inode: int,
+    own_env: dict,
+    idle_minutes: float,
+    spare: socket.socket,
 ) -> str:
     """Answer one request: "run" (the stage is this worker's), "done" (stopped, or a successor took
     over) or "next" (keep waiting)."""
@@ -210,9 +261,11 @@ def answer(
         connection.close()
         return "next"
     refusal = mismatch(message, own_env)
-    # The successor, for the next stage, with this stage's Python and environment: after a refusal
-    # the next stage like this one is warm.
-    start_worker(message["executable"], message["env"], idle_minutes, listener.fileno())
+    # The successor for the next stage: the spare, or after a refusal a new worker with this stage's
+    # Python and environment, so that the next stage like this one is warm.
+    if refusal or not hand_over(spare, listener):
+        start_worker(message["executable"], message["env"], idle_minutes, listen_fd=listener.fileno())
+    spare.close()  # a spare not handed the socket sees its channel close, and exits
     listener.close()
     if refusal:
         log(f"refused {message['module']}: {refusal}; its successor starts with the stage's environment")
@@ -300,20 +353,23 @@ def mismatch(message: dict, own_env: dict[str, str]) -> str:
     return f"environment variables differ: {', '.join(differ)}" if differ else ""
 
 
-def start_worker(executable: str, env: dict[str, str], idle_minutes: float, listen_fd: int | None = None) -> None:
+def start_worker(
+    executable: str, env: dict[str, str], idle_minutes: float, listen_fd: int | None = None, spare_fd: int | None = None
+) -> None:
     """A new worker in its own session (a stage's Ctrl-C is not its), logging to LOG; ``listen_fd``:
-    the listening socket it takes over."""
+    the listening socket it takes over; ``spare_fd``: it is a spare, and this its channel."""
     LOG.parent.mkdir(parents=True, exist_ok=True)
     command = [executable, "-m", "pipeline.warm", "serve", "--idle-minutes", str(idle_minutes)]
+    passed = {"--listen-fd": listen_fd, "--spare-fd": spare_fd}
     with open(LOG, "a") as log_file:
         subprocess.Popen(
-            [*command, "--listen-fd", str(listen_fd)] if listen_fd is not None else command,
+            [*command, *(part for flag, fd in passed.items() if fd is not None for part in (flag, str(fd)))],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
             start_new_session=True,
-            pass_fds=[listen_fd] if listen_fd is not None else [],
+            pass_fds=[fd for fd in passed.values() if fd is not None],
         )
 
 
@@ -474,6 +530,7 @@ def main() -> None:
         "--idle-minutes", type=minutes, default=IDLE_MINUTES, help="exit after this long without a stage"
     )
     parser.add_argument("--listen-fd", type=int, help="serve: the listening socket, from the predecessor")
+    parser.add_argument("--spare-fd", type=int, help="serve: be a spare; its channel to the listening worker")
     args = parser.parse_args()
     if args.action == "start":
         if start(args.idle_minutes) is None:
@@ -481,7 +538,7 @@ def main() -> None:
     elif args.action == "stop":
         stop()
     else:
-        serve(args.idle_minutes, args.listen_fd)
+        serve(args.idle_minutes, args.listen_fd, args.spare_fd)
         sys.stderr.flush()
         os._exit(0)  # at once: tearing down TensorFlow takes a second, and `stop` has been answered
 
