@@ -17,7 +17,10 @@ Each worker runs one stage and then exits. Beside the worker listening on the so
 spare, a worker that has imported too. When the worker takes a stage, it hands the listening socket
 to the spare, its successor for the next stage (a stage that comes meanwhile waits in the socket's
 queue), which starts a spare of its own that imports while this stage works: a stage shorter than
-the imports (evaluate: about 2 s) does not leave the next one waiting for its worker. So a stage
+the imports (evaluate: about 2 s) does not leave the next one waiting for its worker, as long as
+the spare had its 3.5 s to import (two short stages in a row, or a stage right after ``make warm``,
+can still wait). A spare that ends before it took the socket (out of memory) is replaced by a new
+worker, which takes the socket. So a stage
 runs in a process as fresh as one of its own: the same seed gives the same model
 (tests/test_one_model.py). The pipeline's own code is imported by the stage, not before: an edited
 module takes effect at once. A worker refuses a stage from another Python or folder, or whose
@@ -27,8 +30,9 @@ Python and environment takes over (the spare exits), so the next stage is warm a
 user is answered (the socket's folder is private, and the peer's user id is checked).
 
 The last worker and its spare exit after ``--idle-minutes`` (``IDLE_MINUTES``) without a stage,
-or at ``make cold``. What each worker did is appended to ``LOG``. A waiting worker holds about
-0.5 GiB of memory, and so does its spare. Written by hand (standard
+or at ``make cold`` (a spare still importing, once its imports are done). What each worker did is
+appended to ``LOG``. A waiting worker holds about 0.5 GiB of memory, and so does its spare: about
+1 GiB while idle, and besides a stage running in a worker. Written by hand (standard
 library only): DVC runs each stage as a new process and has no persistent runner, and tools that
 pre-load interpreters (e.g. nailgun) are for the JVM.
 """
@@ -83,7 +87,11 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 
 
 def log(message: str) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} worker {os.getpid()}: {message}", file=sys.stderr, flush=True)
+    print(stamped(message), file=sys.stderr, flush=True)
+
+
+def stamped(message: str) -> str:
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S')} worker {os.getpid()}: {message}"
 
 
 # --- the stage's side ----------------------------------------------------------------------------
@@ -188,12 +196,15 @@ def serve(idle_minutes: float, listen_fd: int | None, spare_fd: int | None) -> N
             log(f"idle for {idle_minutes:g} min: exiting")
             release(listener, inode)
             return  # the spare sees its channel close, and exits too
+        fds: list[int] = []
         try:
             message, fds = receive(connection)
             stage = answer(connection, message, listener, inode, own_env, idle_minutes, spare)
         except (OSError, ValueError, KeyError, TypeError) as err:  # a client that went away or spoke nonsense
             log(f"dropped a request: {type(err).__name__}: {err}")
             connection.close()
+            for fd in fds:  # its streams: held here, a pipe it writes to would never see its end
+                os.close(fd)
             continue
         if stage == "done":
             return
@@ -211,33 +222,69 @@ def preload() -> None:
     requirements_utils._init_modules_to_packages_map()
 
 
-def start_spare(env: dict[str, str], idle_minutes: float) -> socket.socket:
+def start_spare(env: dict[str, str], idle_minutes: float) -> socket.socket | None:
     """A worker with this one's Python and environment that imports now and takes the listening
     socket when this one takes a stage: a stage shorter than the imports (evaluate) does not leave
-    the next one waiting for its worker. Returns this end of their channel."""
+    the next one waiting for its worker. Returns this end of their channel (None: no spare started)."""
     ours, theirs = socket.socketpair()
-    start_worker(sys.executable, env, idle_minutes, spare_fd=theirs.fileno())
-    theirs.close()
+    try:
+        start_worker(sys.executable, env, idle_minutes, spare_fd=theirs.fileno())
+    except OSError as err:  # no memory or processes left to fork: successors are started as needed
+        log(f"no spare started ({err})")
+        ours.close()
+        return None
+    finally:
+        theirs.close()
     return ours
 
 
 def wait_for_turn(channel: socket.socket) -> int | None:
-    """The listening socket the worker before this spare hands over, or None when it closed their
-    channel instead (stopped, idle, refused a stage, or died)."""
-    with channel, contextlib.suppress(OSError):
-        _, fds, _, _ = socket.recv_fds(channel, 1, 1)
-        if fds:
-            return fds[0]
-    return None
+    """The listening socket the worker before this spare hands over (acknowledged on the channel),
+    or None when it closed their channel instead (stopped, idle, refused a stage, or died)."""
+    with channel:
+        try:
+            _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+        except OSError:
+            return None
+        if not fds:
+            return None
+        os.set_inheritable(fds[0], False)
+        with contextlib.suppress(OSError):  # the worker before may have ended since: the socket is ours all the same
+            channel.sendall(b"A")
+        return fds[0]
 
 
-def hand_over(spare: socket.socket, listener: socket.socket) -> bool:
-    """Pass the listening socket to the spare (read once it has imported); False when it is gone."""
+def hand_over(
+    spare: socket.socket | None, listener: socket.socket, executable: str, env: dict[str, str], idle_minutes: float
+) -> bool:
+    """Pass the listening socket to the spare; False when there is none, or it has exited. The spare
+    may still be importing: until it acknowledges, a thread of this process (soon the stage's) keeps
+    a copy of the socket, and if the spare ends first (out of memory, say) starts a new worker
+    (``executable``, ``env``) to take it."""
+    if spare is None:
+        return False
     try:
         socket.send_fds(spare, [b"L"], [listener.fileno()])
-        return True
     except OSError:
         return False
+    kept = listener.dup()
+    args = (spare, kept, executable, env, idle_minutes, LOG.resolve())
+    threading.Thread(target=see_it_taken, args=args, daemon=True).start()
+    return True
+
+
+def see_it_taken(
+    spare: socket.socket, kept: socket.socket, executable: str, env: dict[str, str], idle_minutes: float, log_path: Path
+) -> None:
+    with spare, kept:
+        try:
+            taken = spare.recv(1) == b"A"
+        except OSError:
+            taken = False
+        if not taken:
+            with open(log_path, "a") as log_file:  # this process's stderr is the stage's by now
+                print(stamped("the spare ended before it took the socket: a new worker takes it"), file=log_file)
+            start_worker(executable, env, idle_minutes, listen_fd=kept.fileno())
 
 
 def answer(
@@ -247,7 +294,7 @@ def answer(
     inode: int,
     own_env: dict,
     idle_minutes: float,
-    spare: socket.socket,
+    spare: socket.socket | None,
 ) -> str:
     """Answer one request: "run" (the stage is this worker's), "done" (stopped, or a successor took
     over) or "next" (keep waiting)."""
@@ -263,9 +310,10 @@ def answer(
     refusal = mismatch(message, own_env)
     # The successor for the next stage: the spare, or after a refusal a new worker with this stage's
     # Python and environment, so that the next stage like this one is warm.
-    if refusal or not hand_over(spare, listener):
+    if refusal or not hand_over(spare, listener, message["executable"], message["env"], idle_minutes):
         start_worker(message["executable"], message["env"], idle_minutes, listen_fd=listener.fileno())
-    spare.close()  # a spare not handed the socket sees its channel close, and exits
+        if spare is not None:
+            spare.close()  # the spare sees its channel close, and exits
     listener.close()
     if refusal:
         log(f"refused {message['module']}: {refusal}; its successor starts with the stage's environment")
@@ -323,15 +371,20 @@ def receive(connection: socket.socket) -> tuple[dict, list[int]]:
     if uid != os.getuid():
         raise ValueError(f"a request from user id {uid}")
     data, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
-    while data and not data.endswith(b"\n"):
-        more = connection.recv(1 << 20)
-        if not more:
-            break
-        data += more
-    connection.settimeout(None)
-    message = json.loads(data) if data.strip() else {}
-    if "module" in message and (stage_name(message["module"]) not in WARM_STAGES or len(fds) != 3):
-        raise ValueError(f"not a stage this worker runs: {message['module']}")
+    try:
+        while data and not data.endswith(b"\n"):
+            more = connection.recv(1 << 20)
+            if not more:
+                break
+            data += more
+        connection.settimeout(None)
+        message = json.loads(data) if data.strip() else {}
+        if "module" in message and (stage_name(message["module"]) not in WARM_STAGES or len(fds) != 3):
+            raise ValueError(f"not a stage this worker runs: {message['module']}")
+    except (OSError, ValueError):
+        for fd in fds:
+            os.close(fd)
+        raise
     return message, fds
 
 
@@ -385,10 +438,9 @@ def run_stage(connection: socket.socket, message: dict, fds: list[int], own_env:
 
     def report(ending: dict) -> None:
         with contextlib.suppress(OSError):
-            with open(log_path, "a") as log_file:
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            with open(log_path, "a") as log_file:  # this process's stderr is the stage's
                 how = f"exited {ending['exit']}" if "exit" in ending else f"died of signal {ending['signal']}"
-                print(f"{stamp} worker {pid}: {module} {how} after {time.monotonic() - started:.1f} s", file=log_file)
+                print(stamped(f"{module} {how} after {time.monotonic() - started:.1f} s"), file=log_file)
             reply(connection, ending)
 
     def exit_reporting(status: int) -> NoReturn:  # every way out of the stage ends here (cli.exit_without_teardown too)

@@ -7,7 +7,6 @@ import pytest
 import tensorflow as tf
 
 from pipeline.config import HeadParams, ModelParams
-from pipeline.files import sha256_of
 from pipeline.model import networks
 from pipeline.report import gradcam
 
@@ -83,8 +82,11 @@ def test_the_saved_layers_after_the_backbone_score_and_explain_as_the_whole_mode
     classes = np.array([1, 0, 2, 2])
     probabilities, maps = gradcam.predict_with_maps(model, [images], np.arange(4))
     model.save(tmp_path / "model.keras")
-    networks.after_backbone(model, sha256_of(tmp_path / "model.keras")).save(tmp_path / "after_backbone.keras")
-    after = networks.load_after_backbone(tmp_path / "after_backbone.keras", tmp_path / "model.keras")
+    _, _, backbone, _, _ = parts(model)
+    backbone.save_weights(tmp_path / "backbone.weights.h5")  # the features store's copy of the backbone
+    files = (tmp_path / "model.keras", tmp_path / "backbone.weights.h5")
+    networks.after_backbone(model, networks.after_backbone_lineage(*files)).save(tmp_path / "after_backbone.keras")
+    after = networks.load_after_backbone(tmp_path / "after_backbone.keras", networks.after_backbone_lineage(*files))
     assert after is not None
 
     pooled = maps.mean(axis=(1, 2))  # the features stage stores the pooled maps
@@ -93,7 +95,11 @@ def test_the_saved_layers_after_the_backbone_score_and_explain_as_the_whole_mode
     np.testing.assert_allclose(
         gradcam.heatmaps(after, maps, classes), gradcam.heatmaps(model, maps, classes), atol=1e-5
     )
-    # Cut from another model than the one now in model.keras (replaced by hand): not used.
-    (tmp_path / "model.keras").write_bytes((tmp_path / "model.keras").read_bytes() + b"\0")
-    assert networks.load_after_backbone(tmp_path / "after_backbone.keras", tmp_path / "model.keras") is None
-    assert networks.load_after_backbone(tmp_path / "missing.keras", tmp_path / "model.keras") is None
+    # Not used beside another model.keras (one replaced by hand) or another backbone (features rerun).
+    for changed in files:
+        kept = changed.read_bytes()
+        changed.write_bytes(kept + b"\0")
+        lineage = networks.after_backbone_lineage(*files)
+        assert networks.load_after_backbone(tmp_path / "after_backbone.keras", lineage) is None
+        changed.write_bytes(kept)
+    assert networks.load_after_backbone(tmp_path / "missing.keras", networks.after_backbone_lineage(*files)) is None

@@ -56,6 +56,16 @@ def workers(project: Path) -> list[psutil.Process]:
     return found
 
 
+def gone(process: psutil.Process) -> bool:
+    return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+
+def spare(project: Path) -> psutil.Process:
+    """The spare beside the worker `make warm` started (the one worker started as a spare so far)."""
+    [found] = [process for process in workers(project) if "--spare-fd" in process.info["cmdline"]]
+    return found
+
+
 def ran_warm(project: Path) -> list[str]:
     """The stages the project's workers ran, in order, with their exit status: ``train 0``."""
     log = (project / LOG).read_text() if (project / LOG).is_file() else ""
@@ -152,12 +162,14 @@ def test_ctrl_c_reaches_the_stage_and_a_killed_stage_process_takes_its_stage_alo
 def test_a_stage_from_another_environment_runs_in_its_own_process_and_the_next_is_warm(project):
     other = {**project_env(project), "TF_ENABLE_ONEDNN_OPTS": "0"}  # read when TensorFlow loads
     with warm_workers(project):
+        spare_with_our_environment = spare(project)
         run([sys.executable, "-m", "pipeline.stages.train"], project, env=other)
         assert ran_warm(project) == []
         assert (
             "refused pipeline.stages.train: environment variables differ: TF_ENABLE_ONEDNN_OPTS"
             in (project / LOG).read_text()
         )
+        wait_for(lambda: gone(spare_with_our_environment), "the spare with the other environment to exit", 60)
         run([sys.executable, "-m", "pipeline.stages.train"], project, env=other)  # the successor has its env
         assert ran_warm(project) == ["train 0"]
 
@@ -184,11 +196,27 @@ def test_a_worker_exits_when_stopped_or_idle(project):
     wait_for(lambda: not (project / SOCKET).exists() and not workers(project), "the idle worker to exit", 30)
     assert "idle for 0.05 min: exiting" in (project / LOG).read_text()
 
-    with warm_workers(project):
-        assert (project / SOCKET).exists() and len(workers(project)) == 2  # the worker waiting and its spare
-    assert not (project / SOCKET).exists() and not workers(project)
+    run([sys.executable, "-m", "pipeline.warm", "start"], project, env=env)
+    assert (project / SOCKET).exists() and len(workers(project)) == 2  # the worker waiting and its spare
+    assert run([sys.executable, "-m", "pipeline.warm", "stop"], project, env=env).stdout.startswith("stopped")
+    wait_for(lambda: not (project / SOCKET).exists() and not workers(project), "the worker and its spare to exit", 60)
     stopped = run([sys.executable, "-m", "pipeline.warm", "stop"], project, env=env)
     assert stopped.stdout == "no warm worker was waiting\n"
+
+
+def test_a_spare_that_dies_before_it_takes_the_socket_is_replaced(project):
+    with warm_workers(project):
+        dying = spare(project)
+        dying.suspend()  # held in its imports: it cannot take the socket before it is killed
+        stage = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.stages.export"], cwd=project, env=project_env(project)
+        )
+        wait_for(lambda: "runs pipeline.stages.export" in (project / LOG).read_text(), "the worker to take the stage")
+        dying.kill()
+        stage.wait(timeout=300)
+        wait_for(lambda: "the spare ended before it took the socket" in (project / LOG).read_text(), "the stand-in")
+        run([sys.executable, "-m", "pipeline.stages.export"], project, check=False)  # warm again
+        assert [line.split()[0] for line in ran_warm(project)] == ["export", "export"]
 
 
 def test_a_socket_left_by_a_killed_worker_is_run_past_then_replaced(project, monkeypatch):

@@ -9,6 +9,7 @@ extractor is ``preprocess -> backbone -> pool`` and the head a chain ending in `
 """
 
 import contextlib
+import hashlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,24 +210,32 @@ def head_of(model: keras.Model) -> keras.Model:
     return model.get_layer("head")
 
 
-def after_backbone(model: keras.Model, model_sha256: str) -> keras.Model:
+def after_backbone(model: keras.Model, lineage: str) -> keras.Model:
     """``classifier``'s layers after the backbone: its pooling, then its head (the same layers, not
-    copies): the backbone's last feature maps -> class probabilities. Saved beside the model, it
-    scores the features stage's backbone outputs without loading the backbone (evaluate). Named
-    after the sha256 of ``model``'s saved file, so that it is never taken for another model's."""
+    copies): the backbone's last feature maps -> class probabilities. Saved beside a model whose
+    backbone is the features stage's, it scores that stage's backbone outputs without loading the
+    backbone (evaluate). Named after ``lineage`` (:func:`after_backbone_lineage`), so that it is
+    never taken for another model's head, nor used on another backbone's outputs."""
     extractor = next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "head")
     maps = keras.Input(shape=backbone_of(extractor).output.shape[1:], name="feature_maps")
     pooled = extractor.get_layer("pool")(maps)
-    return keras.Model(maps, head_of(model)(pooled, training=False), name=f"after_backbone_{model_sha256}")
+    return keras.Model(maps, head_of(model)(pooled, training=False), name=f"after_backbone_{lineage}")
 
 
-def load_after_backbone(path: Path, model_file: Path) -> keras.Model | None:
-    """The model ``after_backbone`` saved in ``path``, or None when there is none or it was cut from
-    another model than ``model_file``'s (a model file replaced by hand)."""
+def after_backbone_lineage(model_file: Path, backbone_weights: Path) -> str:
+    """The saved model and the backbone weights (the features store's) an ``after_backbone`` goes
+    with, by their sha256 (one digest of both)."""
+    return hashlib.sha256(f"{sha256_of(model_file)} {sha256_of(backbone_weights)}".encode()).hexdigest()
+
+
+def load_after_backbone(path: Path, lineage: str) -> keras.Model | None:
+    """The model ``after_backbone`` saved in ``path``, or None when there is none or it goes with
+    another model or backbone than ``lineage`` says (a model file replaced by hand, features rerun
+    without train)."""
     if not path.is_file():
         return None
     after = load(path)
-    return after if after.name == f"after_backbone_{sha256_of(model_file)}" else None
+    return after if after.name == f"after_backbone_{lineage}" else None
 
 
 def input_size(model: keras.Model) -> int:

@@ -48,6 +48,7 @@ from pipeline.paths import (
     DATA_REPORT,
     DOWNLOAD_REPORT,
     EVAL_DIR,
+    FEATURES_DIR,
     HISTORY,
     LABEL_ISSUES_GALLERY,
     LABEL_ISSUES_REPORT,
@@ -131,13 +132,16 @@ def scored(cfg: Config, paths: list[str], chosen: np.ndarray) -> tuple[keras.Mod
     """The model from the backbone's last feature maps on (for Grad-CAM), the model's probabilities
     on the test files as served, and the backbone's feature maps of the ``chosen`` images. Without
     fine-tuning the backbone is the features stage's, which ran it on these files as served
-    (``feature_store.served_test``): the layers after it (``after_backbone.keras``, if cut from
-    ``model.keras`` as it is now) then finish the job, and the backbone is not even loaded. Otherwise one pass of the files through the whole model."""
+    (``feature_store.served_test``): the layers after it (``after_backbone.keras``, if it goes with
+    ``model.keras`` and the store's backbone as they are now) then finish the job, and the backbone
+    is not even loaded. Otherwise one pass of the files through the whole model."""
     cached = None if cfg.train.fine_tune.enabled else feature_store.served_test(paths)
-    after = None if cached is None else networks.load_after_backbone(AFTER_BACKBONE_FILE, MODEL_FILE)
-    if cached is not None and after is not None and np.array_equal(cached.examples, chosen):
-        probabilities = networks.head_of(after).predict(cached.features, batch_size=cfg.train.batch_size, verbose=0)
-        return after, probabilities, cached.maps
+    if cached is not None and np.array_equal(cached.examples, chosen):
+        lineage = networks.after_backbone_lineage(MODEL_FILE, FEATURES_DIR / feature_store.BACKBONE_WEIGHTS)
+        after = networks.load_after_backbone(AFTER_BACKBONE_FILE, lineage)
+        if after is not None:
+            probabilities = networks.head_of(after).predict(cached.features, batch_size=cfg.train.batch_size, verbose=0)
+            return after, probabilities, cached.maps
     model = networks.load(MODEL_FILE)
     batches = serving.file_batches(paths, networks.input_size(model), cfg.train.batch_size)
     return model, *gradcam.predict_with_maps(model, batches, chosen)

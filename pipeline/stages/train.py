@@ -33,9 +33,9 @@ A tracking server that stops answering ends the stage in one line after a bounde
 (``tracking.HTTP_LIMITS``), the checkpoints kept: the rerun goes on from there.
 
 Outputs in ``data/model/``: ``model.keras`` (raw uint8 images of any size -> class probabilities,
-float32), ``after_backbone.keras`` (its pooling and head: the backbone's feature maps -> class
-probabilities, which evaluate scores the features stage's backbone outputs with), ``labels.json``
-and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
+float32), without fine-tuning ``after_backbone.keras`` (its pooling and head: the backbone's
+feature maps -> class probabilities, which evaluate scores the features stage's backbone outputs
+with), ``labels.json`` and ``mlflow_run.json``; and ``eval/history.csv`` (phase, epoch, seconds,
 metrics; the linear head: one row per L2 strength tried, ``l2`` its strength), kept in Git for
 ``dvc plots``.
 The MLflow run (named after the DVC experiment, else ``<dataset>-params-<hash>``) gets every param,
@@ -72,7 +72,7 @@ from sklearn.metrics import log_loss
 from pipeline.cli import UserError, error_summary, redact_url, run_stage
 from pipeline.config import Config, ModelParams, load_config
 from pipeline.data.manifests import read_labels
-from pipeline.files import atomic_dir, atomic_file, sha256_of
+from pipeline.files import atomic_dir, atomic_file
 from pipeline.model import checkpoints, devices, feature_store, linear_head, networks
 from pipeline.paths import (
     AFTER_BACKBONE_FILE,
@@ -581,7 +581,11 @@ def train_and_write(cfg: Config, strategy: tf.distribute.Strategy) -> None:
             model, history = train_model(cfg, len(labels), strategy.num_replicas_in_sync, CHIEF)
         with atomic_dir(MODEL_DIR) as out:
             model.save(out / MODEL_FILE.name)
-            networks.after_backbone(model, sha256_of(out / MODEL_FILE.name)).save(out / AFTER_BACKBONE_FILE.name)
+            if not cfg.train.fine_tune.enabled:  # the backbone is the features stage's: its outputs are known
+                lineage = networks.after_backbone_lineage(
+                    out / MODEL_FILE.name, FEATURES_DIR / feature_store.BACKBONE_WEIGHTS
+                )
+                networks.after_backbone(model, lineage).save(out / AFTER_BACKBONE_FILE.name)
             shutil.copy(FEATURES_DIR / feature_store.LABELS, out / MODEL_LABELS.name)
         write_history(history, HISTORY)
         # The model is on disk before anything more goes to MLflow: a logging failure loses no
