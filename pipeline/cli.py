@@ -156,9 +156,15 @@ def run_stage(main: Callable[[], None]) -> None:
         sys.exit(130)
     if as_program:
         spec = sys.modules["__main__"].__spec__
-        if spec and spec.name.startswith("pipeline.stages."):  # a DVC stage: the summary shows its wall time
-            record_stage_time(spec.name.rpartition(".")[2], time.monotonic() - started)
+        stage = stage_name(spec.name) if spec else ""
+        if stage:  # a DVC stage: the summary shows its wall time
+            record_stage_time(stage, time.monotonic() - started)
         exit_without_teardown()
+
+
+def stage_name(module: str) -> str:
+    """``train`` for the stage module ``pipeline.stages.train``; '' for any other module."""
+    return module.removeprefix("pipeline.stages.") if module.startswith("pipeline.stages.") else ""
 
 
 def record_stage_time(stage: str, seconds: float) -> None:

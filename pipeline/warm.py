@@ -20,21 +20,21 @@ queue), which starts a spare of its own that imports while this stage works: a s
 the imports (evaluate: about 2 s) does not leave the next one waiting for its worker, as long as
 the spare had its 3.5 s to import (two short stages in a row, or a stage right after ``make warm``,
 can still wait). A spare that ends before it took the socket (out of memory) is replaced by a new
-worker, which takes the socket. So a stage
-runs in a process as fresh as one of its own: the same seed gives the same model
-(tests/test_one_model.py). The pipeline's own code is imported by the stage, not before: an edited
-module takes effect at once. A worker refuses a stage from another Python or folder, or whose
-environment differs from its own in anything but DVC's, make's and the shell's per-run variables
-(``PER_RUN_VARIABLES``); the stage then runs in its own process, and a successor with the stage's
-Python and environment takes over (the spare exits), so the next stage is warm again. Only a process of the same
-user is answered (the socket's folder is private, and the peer's user id is checked).
+worker, which takes the socket. So a stage runs in a process as fresh as one of its own: the same
+seed gives the same model (tests/test_one_model.py). The pipeline's own code is imported by the
+stage, not before: an edited module takes effect at once. A worker refuses a stage from another
+Python or folder, or whose environment differs from its own in anything but DVC's, make's and the
+shell's per-run variables (``PER_RUN_VARIABLES``); the stage then runs in its own process, and a
+successor with the stage's Python and environment takes over (the spare exits), so the next stage
+is warm again. Only a process of the same user is answered (the socket's folder is private, and the
+peer's user id is checked).
 
 The last worker and its spare exit after ``--idle-minutes`` (``IDLE_MINUTES``) without a stage,
 or at ``make cold`` (a spare still importing, once its imports are done). What each worker did is
 appended to ``LOG``. A waiting worker holds about 0.5 GiB of memory, and so does its spare: about
-1 GiB while idle, and besides a stage running in a worker. Written by hand (standard
-library only): DVC runs each stage as a new process and has no persistent runner, and tools that
-pre-load interpreters (e.g. nailgun) are for the JVM.
+1 GiB while idle, and besides a stage running in a worker. Written by hand (standard library only):
+DVC runs each stage as a new process and has no persistent runner, and tools that pre-load
+interpreters (e.g. nailgun) are for the JVM.
 """
 
 import argparse
@@ -57,6 +57,8 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
+
+from pipeline.cli import stage_name
 
 # Relative to the project root, where DVC runs every stage (a Unix socket's path is limited to 107
 # bytes, which a deep project folder could exceed); .dvc/tmp is DVC's own git-ignored scratch folder.
@@ -386,10 +388,6 @@ def receive(connection: socket.socket) -> tuple[dict, list[int]]:
             os.close(fd)
         raise
     return message, fds
-
-
-def stage_name(module: str) -> str:
-    return module.removeprefix("pipeline.stages.") if module.startswith("pipeline.stages.") else ""
 
 
 def mismatch(message: dict, own_env: dict[str, str]) -> str:

@@ -146,11 +146,10 @@ def test_ctrl_c_reaches_the_stage_and_a_killed_stage_process_takes_its_stage_alo
                 lambda: len(re.findall("runs pipeline.stages.train", (project / LOG).read_text())) == 2, "the next"
             )
             [_, pid] = re.findall(r"worker (\d+): runs pipeline\.stages\.train", (project / LOG).read_text())
+            worker = psutil.Process(int(pid))
             stage.kill()
             stage.wait()
-            wait_for(
-                lambda: not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == "zombie", "its end"
-            )
+            wait_for(lambda: gone(worker), "its end")
             assert ran_warm(project) == ["train 130"]
             assert (project / SOCKET).exists()  # the successor waits for the next stage
     finally:
