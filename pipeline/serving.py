@@ -49,7 +49,7 @@ from PIL import Image
 from pipeline.cli import UserError, error_summary
 from pipeline.config import MAX_MEGAPIXELS
 from pipeline.data.images import FORMATS, model_input
-from pipeline.model.networks import input_size
+from pipeline.model import networks
 
 DEFAULT_TOP_K = 3  # labels per image unless asked for more or fewer
 # One image decoded and predicted at a time per server process, however many requests arrive at
@@ -170,7 +170,10 @@ def memory_returned() -> Iterator[None]:
 def load_keras_model(uri: str):
     """The Keras flavor of the logged model at ``uri``. MLflow copies the model out of the store to
     load it, by default into a folder of the temp dir it never removes (a whole model per load):
-    here into one removed once the model is in memory."""
+    here into one removed once the model is in memory. In the process logging it, the model in memory
+    (``networks.logging_as``)."""
+    if uri in networks.LOGGING:
+        return networks.LOGGING[uri]
     with tempfile.TemporaryDirectory(prefix="keras-model-") as scratch:
         return mlflow.keras.load_model(uri, dst_path=scratch)
 
@@ -179,7 +182,7 @@ class ImageClassifier(PythonModel):
     def load_context(self, context):
         self.model = load_keras_model(context.model_config["keras_model"])
         self.labels = context.model_config["labels"]
-        self.size = input_size(self.model)
+        self.size = networks.input_size(self.model)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))

@@ -363,6 +363,22 @@ def dtype_policy(name: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
+# The Keras models this process is logging to MLflow, by model URI (``logging_as``). MLflow checks a
+# logged model by loading it and predicting its input example; ``serving.load_keras_model`` then
+# takes the model from here rather than read a second copy back from the store (~0.6 s of train).
+LOGGING: dict[str, keras.Model] = {}
+
+
+@contextlib.contextmanager
+def logging_as(uri: str, model: keras.Model) -> Iterator[None]:
+    """While the block runs, ``model`` is what loading the logged model ``uri`` in this process gives."""
+    LOGGING[uri] = model
+    try:
+        yield
+    finally:
+        del LOGGING[uri]
+
+
 def load(path: Path) -> keras.Model:
     """Load a .keras file in Keras safe mode: a file carrying Python code (Lambda layers) is refused."""
     try:

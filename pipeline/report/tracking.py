@@ -43,6 +43,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from pipeline.cli import UserError, error_summary, redact_url
 from pipeline.config import CHAMPION_METRICS, flatten, load_config
 from pipeline.files import exclusive, read_json, write_json
+from pipeline.model import networks
 from pipeline.paths import CHECKPOINT_DIR, DOWNLOAD_REPORT, MLFLOW_RUN_FILE, MODEL_LABELS, PREPARED_MANIFEST, SPLITS
 from pipeline.report import mlflow_ui
 
@@ -415,18 +416,20 @@ def log_model(model: keras.Model, model_dir: Path, registered_name: str | None, 
         registered_model_name=f"{registered_name}-keras" if registered_name else None,
         pip_requirements=requirements,
     )
-    classifier = mlflow.pyfunc.log_model(
-        name="image_classifier",
-        python_model=serving.__file__,
-        model_config={"keras_model": weights.model_uri, "labels": labels},
-        code_paths=[
-            str(Path(__file__).parents[1])
-        ],  # the pipeline package: serving.py imports pipeline.data.images, pipeline.cli
-        signature=serving.SIGNATURE,
-        input_example=serving.example_request(),
-        registered_model_name=registered_name,
-        pip_requirements=requirements,
-    )
+    # MLflow predicts the input example with the logged model, loaded: the Keras model is this one.
+    with networks.logging_as(weights.model_uri, model):
+        classifier = mlflow.pyfunc.log_model(
+            name="image_classifier",
+            python_model=serving.__file__,
+            model_config={"keras_model": weights.model_uri, "labels": labels},
+            code_paths=[
+                str(Path(__file__).parents[1])
+            ],  # the pipeline package: serving.py imports pipeline.data.images, pipeline.cli
+            signature=serving.SIGNATURE,
+            input_example=serving.example_request(),
+            registered_model_name=registered_name,
+            pip_requirements=requirements,
+        )
     models = {
         "model": registered(weights, f"{registered_name}-keras" if registered_name else None),
         "image_classifier": registered(classifier, registered_name),

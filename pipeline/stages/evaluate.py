@@ -140,7 +140,11 @@ def scored(cfg: Config, paths: list[str], chosen: np.ndarray) -> tuple[keras.Mod
         lineage = networks.after_backbone_lineage(MODEL_FILE, FEATURES_DIR / feature_store.BACKBONE_WEIGHTS)
         after = networks.load_after_backbone(AFTER_BACKBONE_FILE, lineage)
         if after is not None:
-            probabilities = networks.head_of(after).predict(cached.features, batch_size=cfg.train.batch_size, verbose=0)
+            head, size = networks.head_of(after), cfg.train.batch_size
+            # Called batch by batch: predict() would build a tf.data pipeline and trace the head
+            # first (~0.25 s), for a few small matrix products per batch.
+            chunks = (cached.features[start : start + size] for start in range(0, len(cached.features), size))
+            probabilities = np.concatenate([keras.ops.convert_to_numpy(head(c, training=False)) for c in chunks])
             return after, probabilities, cached.maps
     model = networks.load(MODEL_FILE)
     batches = serving.file_batches(paths, networks.input_size(model), cfg.train.batch_size)
