@@ -173,6 +173,35 @@ def test_served_model_caps_top_k_at_the_classes_and_refuses_below_1(tmp_path, st
         assert refused.value.get_http_status_code() == 400
 
 
+def test_mlflow_checks_the_logged_classifier_on_its_example_with_the_model_in_memory(
+    tmp_path, model_dir, model, monkeypatch
+):
+    """Logging the image_classifier, MLflow loads it and predicts its input example (it only warns if
+    that fails): the Keras model it gets is the one being logged, not a copy read back from the
+    store, and the prediction runs; the example is kept with the model for users."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("check", artifact_location=(tmp_path / "artifacts").as_uri())
+    looked_up: list[str] = []
+    predicted: list[tuple] = []
+
+    class Recorded(dict):
+        def __getitem__(self, uri):
+            looked_up.append(uri)
+            return super().__getitem__(uri)
+
+    monkeypatch.setattr(networks, "LOGGING", Recorded())
+    monkeypatch.setattr(mlflow.keras, "load_model", lambda *args, **kwargs: pytest.fail("read back from the store"))
+    predict_on_batch = model.predict_on_batch
+    monkeypatch.setattr(model, "predict_on_batch", lambda x: predicted.append(x.shape) or predict_on_batch(x))
+    with mlflow.start_run(experiment_id=experiment):
+        logged = tracking.log_model(model, model_dir, None, tracking.About("d", "/d", "tiny"))
+    keras_model = mlflow.get_logged_model(logged["model"]["model_id"])
+    assert looked_up == [f"models:/{keras_model.model_id}"] and predicted == [(1, 32, 32, 3)]
+    assert networks.LOGGING == {}  # only while logging
+    classifier = mlflow.pyfunc.load_model(f"models:/{logged['image_classifier']['model_id']}")
+    assert classifier.input_example is not None
+
+
 def test_served_model_hands_back_the_memory_of_large_images(tmp_path, store):
     """8 requests at once of a 49-Mpx photo, each in a thread of its own as the scoring server runs
     them: the decoded copies (gigabytes) must not stay with the process (3.9 GiB more after, before)."""
