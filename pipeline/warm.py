@@ -16,19 +16,18 @@ kernel's out-of-memory killer) ends the stage with exit status 1 and a line nami
 Each worker runs one stage and then exits. Beside the worker listening on the socket waits its
 spare, a worker that has imported too. When the worker takes a stage, it hands the listening socket
 to the spare, its successor for the next stage (a stage that comes meanwhile waits in the socket's
-queue), which starts a spare of its own that imports while this stage works (in a thread at the
-lowest CPU priority, so that it leaves the CPU to the stage; its own stage later runs at the usual
-one): a stage shorter than the imports (evaluate: about 2 s) does not leave the next one waiting
-for its worker, as long as the spare had its 3.5 s to import (two short stages in a row, or a stage
-right after ``make warm``, can still wait). A spare that ends before it took the socket (out of
-memory) is replaced by a new worker, which takes the socket. So a stage runs in a process as fresh
-as one of its own: the same seed gives the same model (tests/test_one_model.py). The pipeline's own
-code is imported by the stage, not before: an edited module takes effect at once. A worker refuses
-a stage from another Python or folder, or whose environment differs from its own in anything but
-DVC's, make's and the shell's per-run variables (``PER_RUN_VARIABLES``); the stage then runs in its
-own process, and a successor with the stage's Python and environment takes over (the spare exits),
-so the next stage is warm again. Only a process of the same user is answered (the socket's folder
-is private, and the peer's user id is checked).
+queue), which starts a spare of its own that imports while this stage works: a stage shorter than
+the imports (evaluate: about 2 s) does not leave the next one waiting for its worker, as long as
+the spare had its 3.5 s to import (two short stages in a row, or a stage right after ``make warm``,
+can still wait). A spare that ends before it took the socket (out of memory) is replaced by a new
+worker, which takes the socket. So a stage runs in a process as fresh as one of its own: the same
+seed gives the same model (tests/test_one_model.py). The pipeline's own code is imported by the
+stage, not before: an edited module takes effect at once. A worker refuses a stage from another
+Python or folder, or whose environment differs from its own in anything but DVC's, make's and the
+shell's per-run variables (``PER_RUN_VARIABLES``); the stage then runs in its own process, and a
+successor with the stage's Python and environment takes over (the spare exits), so the next stage
+is warm again. Only a process of the same user is answered (the socket's folder is private, and the
+peer's user id is checked).
 
 The last worker and its spare exit after ``--idle-minutes`` (``IDLE_MINUTES``) without a stage,
 or at ``make cold`` (a spare still importing, once its imports are done). What each worker did is
@@ -78,7 +77,6 @@ PRELOADED = (
     "matplotlib.pyplot",
     "PIL.Image",
 )
-LOWEST_PRIORITY = 19  # the nice value a spare imports at
 # Environment variables that may differ between a worker's start and the stage it runs without
 # changing what an import does: DVC's (DVC_EXP_NAME, ...), make's and the shell's bookkeeping (a prompt).
 PER_RUN_VARIABLES = re.compile(r"DVC_\w*|MAKE\w*|MFLAGS|PWD|OLDPWD|SHLVL|PS[1-4]|_")
@@ -178,7 +176,7 @@ def serve(idle_minutes: float, listen_fd: int | None, spare_fd: int | None) -> N
     own_env = dict(os.environ)
     started = time.monotonic()
     if spare_fd is not None:
-        preload_at_low_priority()
+        preload()
         log(f"spare ready in {time.monotonic() - started:.1f} s")
         listen_fd = wait_for_turn(socket.socket(fileno=spare_fd))
         if listen_fd is None:
@@ -224,30 +222,6 @@ def preload() -> None:
     from mlflow.utils import requirements_utils
 
     requirements_utils._init_modules_to_packages_map()
-
-
-def preload_at_low_priority() -> None:
-    """``preload`` in a thread at the lowest CPU priority (nice 19, for that thread and the threads
-    it starts): a spare imports while a stage runs, and at the stage's priority it took CPU from it.
-    NumPy is imported first, at the process's priority: its BLAS threads, which stages compute on,
-    start when it is imported. The spare itself keeps its priority for its own stage."""
-    import numpy  # noqa: F401
-
-    failed: list[BaseException] = []
-
-    def imports() -> None:
-        with contextlib.suppress(OSError):  # a system without per-thread priorities: imports at full priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)
-        try:
-            preload()
-        except BaseException as err:  # raised in the worker's own thread, as without this one
-            failed.append(err)
-
-    thread = threading.Thread(target=imports, name="preload")
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
 
 
 def start_spare(env: dict[str, str], idle_minutes: float) -> socket.socket | None:

@@ -4,14 +4,12 @@ code as it is now — and runs only where the worker's environment is the stage'
 the same model is tests/test_one_model.py's."""
 
 import contextlib
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,6 @@ import pytest
 import yaml
 
 from conftest import REPO, make_images, new_project, project_env, run, set_params
-from pipeline import warm
 from pipeline.warm import LOG, SOCKET, WARM_STAGES
 
 pytestmark = pytest.mark.e2e  # real workers, real stages: out of make test-fast
@@ -219,30 +216,6 @@ def test_a_spare_that_dies_before_it_takes_the_socket_is_replaced(project):
         wait_for(lambda: "the spare ended before it took the socket" in (project / LOG).read_text(), "the stand-in")
         run([sys.executable, "-m", "pipeline.stages.export"], project, check=False)  # warm again
         assert [line.split()[0] for line in ran_warm(project)] == ["export", "export"]
-
-
-def test_a_spare_imports_at_the_lowest_priority_and_runs_its_stage_at_the_usual_one(project, monkeypatch):
-    seen = []
-
-    def preload():
-        seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
-
-    monkeypatch.setattr(warm, "preload", preload)
-    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    warm.preload_at_low_priority()
-    assert seen == [("preload", warm.LOWEST_PRIORITY)] and own < warm.LOWEST_PRIORITY
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
-
-    def broken():
-        raise ImportError("No module named 'tensorflow'")
-
-    monkeypatch.setattr(warm, "preload", broken)
-    with pytest.raises(ImportError, match="tensorflow"):  # as if imported in the worker's own thread
-        warm.preload_at_low_priority()
-
-    with warm_workers(project):  # a real spare: its main thread, which will run a stage, kept our priority
-        wait_for(lambda: "spare ready" in (project / LOG).read_text(), "the spare's imports")
-        assert spare(project).nice() == psutil.Process().nice()
 
 
 def test_a_socket_left_by_a_killed_worker_is_run_past_then_replaced(project, monkeypatch):
