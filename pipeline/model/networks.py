@@ -382,7 +382,7 @@ def logging_as(uri: str, model: keras.Model) -> Iterator[None]:
 def load(path: Path) -> keras.Model:
     """Load a .keras file in Keras safe mode: a file carrying Python code (Lambda layers) is refused."""
     try:
-        return keras.saving.load_model(path, safe_mode=True)
+        return keras.saving.load_model(path, safe_mode=True, compile=False)  # to predict, not to train on
     except ValueError as err:
         if "safe_mode" not in str(err):
             raise

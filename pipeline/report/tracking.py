@@ -35,10 +35,12 @@ import numpy as np
 import pandas as pd
 import requests
 import tensorflow as tf
+from mlflow.entities import Metric
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.time import get_current_time_millis
 
 from pipeline.cli import UserError, error_summary, redact_url
 from pipeline.config import CHAMPION_METRICS, flatten, load_config
@@ -300,11 +302,24 @@ def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
 
 @keeps_global_random_state
 def log_epoch(logs: dict[str, float], epoch: int, prefix: str = "") -> None:
-    """One epoch's metrics, each name with ``prefix``, at step ``epoch`` (counted from 1). A store
-    that no longer answers (after HTTP_LIMITS' retries) ends training with a UserError saying so."""
+    """One epoch's metrics, each name with ``prefix``, at step ``epoch`` (counted from 1)."""
+    log_epochs([(logs, epoch)], prefix)
+
+
+@keeps_global_random_state
+def log_epochs(epochs: Sequence[tuple[dict[str, float], int]], prefix: str = "") -> None:
+    """Several epochs' metrics (``(metrics, epoch)`` pairs) in one request, not one per epoch. A
+    store that no longer answers (after HTTP_LIMITS' retries) ends training with a UserError saying so."""
+    run_id, now = mlflow.active_run().info.run_id, get_current_time_millis()  # type: ignore[union-attr]
+    metrics = [
+        Metric(f"{prefix}{key}", float(value), now, epoch, run_id=run_id)
+        for logs, epoch in epochs
+        for key, value in logs.items()
+    ]
     try:
-        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
+        mlflow.MlflowClient().log_batch(run_id, metrics=metrics)
     except Exception as err:  # MLflow raises many types (HTTP, database)
+        epoch = epochs[-1][1]
         raise UserError(
             f"the MLflow tracking store {redact_url(tracking_uri())} stopped answering in epoch {epoch} "
             f"({error_summary(err)[:200]}); training stopped with its checkpoints kept in "
@@ -416,8 +431,10 @@ def log_model(model: keras.Model, model_dir: Path, registered_name: str | None, 
         registered_model_name=f"{registered_name}-keras" if registered_name else None,
         pip_requirements=requirements,
     )
-    # MLflow predicts the input example with the logged model, loaded: the Keras model is this one.
-    with networks.logging_as(weights.model_uri, model):
+    # MLflow predicts the input example with the logged model, loaded: the Keras model is this one,
+    # unless it belongs to a cluster's workers (its prediction would wait for theirs: a fresh copy).
+    clustered = isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    with contextlib.nullcontext() if clustered else networks.logging_as(weights.model_uri, model):
         classifier = mlflow.pyfunc.log_model(
             name="image_classifier",
             python_model=serving.__file__,

@@ -311,8 +311,11 @@ def fit_phase(model: keras.Model, phase: Phase, train: Examples, val: Examples, 
     end = start if checkpoint.stopped else phase.last_epoch
     if checkpoint.epochs_done:
         print(f"train: resuming the {phase.name} phase after epoch {start} (checkpoint in {CHECKPOINT_DIR})")
-    for row in checkpoint.history if role.logs_to_mlflow else []:  # the killed run's epochs, into this run
-        tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]), phase.metric_prefix)
+    if role.logs_to_mlflow and checkpoint.history:  # the killed run's epochs, into this run
+        tracking.log_epochs(
+            [({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"])) for row in checkpoint.history],
+            phase.metric_prefix,
+        )
     model.fit(
         shuffled_epochs(train, phase.batch_size, cfg.seed, range(start, end)),
         validation_data=in_order(val, phase.batch_size),
@@ -474,8 +477,7 @@ def trained_mlp_head(
 
 def log_head_rows(rows: list[dict[str, Any]], l2: float) -> None:
     """The head phase's history rows (one per L2 strength or epoch) and the L2 strength kept, to MLflow."""
-    for row in rows:
-        tracking.log_epoch({k: v for k, v in row.items() if k not in ("phase", "epoch")}, row["epoch"])
+    tracking.log_epochs([({k: v for k, v in row.items() if k not in ("phase", "epoch")}, row["epoch"]) for row in rows])
     tracking.log_head_l2(l2)
 
 
