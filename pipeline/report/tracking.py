@@ -300,7 +300,6 @@ def log_epoch_metrics(prefix: str = "") -> keras.callbacks.Callback:
     return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: log_epoch(logs, epoch + 1, prefix))
 
 
-@keeps_global_random_state
 def log_epoch(logs: dict[str, float], epoch: int, prefix: str = "") -> None:
     """One epoch's metrics, each name with ``prefix``, at step ``epoch`` (counted from 1)."""
     log_epochs([(logs, epoch)], prefix)
